@@ -1,0 +1,270 @@
+"""Load a Qwen3-TTS CustomVoice model once and synthesize batches of requests with it.
+
+No BentoML here: the service wraps this, and tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tts_service.audio import encode_wav
+from tts_service.settings import Settings
+from tts_service.tiny_checkpoint import ensure_tiny_checkpoint
+from tts_service.voices import SPEAKERS_BY_KEY
+
+logger = logging.getLogger(__name__)
+
+FRAME_RATE_HZ = 12.5  # codec frames per second of the 12 Hz tokenizer
+
+
+class ModelLoadError(RuntimeError):
+    """The configured model cannot be loaded; the message says what to do."""
+
+
+class UnknownVoiceError(ValueError):
+    """A speaker or language the loaded model does not have."""
+
+    def __init__(self, field: str, value: str, allowed: Sequence[str]) -> None:
+        self.field, self.value, self.allowed = field, value, list(allowed)
+        super().__init__(f"unknown {field} {value!r}; allowed: {', '.join(self.allowed)}")
+
+
+@dataclass(frozen=True)
+class SynthesisRequest:
+    """One validated item of a batch; speaker and language are the model's own (lower-case) keys."""
+
+    text: str
+    speaker: str
+    language: str = "auto"
+    instruct: str = ""
+
+
+@dataclass(frozen=True)
+class SynthesisResult:
+    wav: bytes
+    sample_rate: int
+    num_samples: int
+    frames: int
+    truncated: bool  # stopped by the frame budget rather than by end-of-speech
+    batch_size: int
+
+    @property
+    def duration_s(self) -> float:
+        return self.num_samples / self.sample_rate
+
+
+def _is_logographic(char: str) -> bool:
+    name = unicodedata.name(char, "")
+    return name.startswith(("CJK", "HIRAGANA", "KATAKANA", "HANGUL"))
+
+
+def frame_budget(text: str, ceiling: int) -> int:
+    """Most codec frames a text may take, so a missed end-of-speech token cannot run to the ceiling.
+
+    Allows 2 s plus 2.5x a slow reading (4 CJK/kana/hangul or 12 other characters per second).
+    """
+    logographic = sum(1 for ch in text if _is_logographic(ch))
+    seconds = 2.0 + 2.5 * (logographic / 4.0 + (len(text) - logographic) / 12.0)
+    return max(1, min(ceiling, math.ceil(seconds * FRAME_RATE_HZ)))
+
+
+def _hub_error(spec: str, exc: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"Could not fetch TTS_MODEL={spec!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
+        "Without network access, download it elsewhere (huggingface-cli download "
+        f"{spec} --local-dir DIR), copy DIR here and set TTS_MODEL=DIR, or set TTS_MODEL=tiny for the "
+        "offline test model."
+    )
+
+
+def check_model_source(spec: str) -> None:
+    """Fail fast, before any worker starts, on the common mistakes: a wrong path, an unreachable hub."""
+    spec = spec.strip()
+    if spec.lower() == "tiny":
+        return
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"TTS_MODEL={spec!r} has no config.json: it is not a Qwen3-TTS checkpoint folder.")
+        return
+    if spec.startswith(("/", ".", "~")) or path.exists() or spec.count("/") != 1:
+        raise ModelLoadError(
+            f"TTS_MODEL={spec!r} is neither a checkpoint folder nor a Hugging Face repo id (owner/name). "
+            "Point it at a folder holding config.json, or use TTS_MODEL=tiny for the offline test model."
+        )
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(spec, "config.json"), str):
+        return
+    try:
+        HfApi().model_info(spec, timeout=10)
+    except Exception as exc:
+        raise _hub_error(spec, exc) from exc
+
+
+def resolve_model_source(settings: Settings) -> str:
+    """Turn TTS_MODEL into a local checkpoint folder, building or downloading it if needed."""
+    spec = settings.model.strip()
+    if spec.lower() == "tiny":
+        return str(ensure_tiny_checkpoint(settings.cache_dir))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        check_model_source(spec)
+        return str(path)
+    check_model_source(spec)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(spec)
+    except Exception as exc:  # network, auth, unknown repo: all mean the same to the operator
+        raise _hub_error(spec, exc) from exc
+
+
+def _torch_options(settings: Settings) -> dict[str, Any]:
+    import torch
+
+    device = settings.device
+    if device == "auto":
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda":
+        device = "cuda:0"
+    on_cuda = device.startswith("cuda")
+    if on_cuda and not torch.cuda.is_available():
+        raise ModelLoadError(f"TTS_DEVICE={settings.device} but no CUDA device is visible to torch.")
+
+    dtype_name = settings.dtype if settings.dtype != "auto" else ("bfloat16" if on_cuda else "float32")
+    attn = settings.attn_implementation
+    if attn == "auto":
+        attn = "sdpa"
+        if on_cuda:
+            try:
+                import flash_attn  # noqa: F401
+
+                attn = "flash_attention_2"
+            except ImportError:
+                pass
+    return {"device_map": device, "dtype": getattr(torch, dtype_name), "attn_implementation": attn}
+
+
+class TTSEngine:
+    """The loaded model plus the rules for turning requests into one batched generate call."""
+
+    def __init__(self, model: Any, settings: Settings, model_id: str) -> None:
+        self.model = model
+        self.settings = settings
+        self.model_id = model_id
+        self._speaker_keys = sorted(model.get_supported_speakers() or [])
+        self._language_keys = sorted(model.get_supported_languages() or ["auto"])
+        if not self._speaker_keys:
+            raise ModelLoadError(f"{model_id} has no built-in speakers: only CustomVoice models are served.")
+        self.sample_rate = int(model.model.speech_tokenizer.get_output_sample_rate())
+        self.samples_per_frame = int(model.model.speech_tokenizer.get_decode_upsample_rate())
+        # Silences the "Setting pad_token_id" warning that transformers prints on every call.
+        model.model.talker.generation_config.pad_token_id = model.model.config.talker_config.codec_pad_id
+
+    @classmethod
+    def load(cls, settings: Settings) -> TTSEngine:
+        source = resolve_model_source(settings)
+        options = _torch_options(settings)
+        from qwen_tts import Qwen3TTSModel
+
+        started = time.perf_counter()
+        try:
+            model = Qwen3TTSModel.from_pretrained(source, **options)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"Could not load a Qwen3-TTS checkpoint from {source} ({type(exc).__name__}: {exc}). "
+                "Check that the folder is a complete CustomVoice checkpoint, or use TTS_MODEL=tiny."
+            ) from exc
+        engine = cls(model, settings, settings.model)
+        logger.info(
+            "loaded %s from %s on %s as %s (%s attention) in %.1f s; %d speakers, %d languages",
+            settings.model,
+            source,
+            options["device_map"],
+            str(options["dtype"]).removeprefix("torch."),
+            options["attn_implementation"],
+            time.perf_counter() - started,
+            len(engine._speaker_keys),
+            len(engine._language_keys),
+        )
+        return engine
+
+    @property
+    def speakers(self) -> list[str]:
+        """Display names (e.g. 'Uncle_Fu') of the loaded model's speakers."""
+        return [SPEAKERS_BY_KEY[k].name if k in SPEAKERS_BY_KEY else k for k in self._speaker_keys]
+
+    @property
+    def languages(self) -> list[str]:
+        return list(self._language_keys)
+
+    @property
+    def supports_instruct(self) -> bool:
+        return self.model.model.tts_model_size not in "0b6"  # qwen-tts's own test, verbatim
+
+    def resolve_speaker(self, name: str) -> str:
+        key = name.strip().lower()
+        if key not in self._speaker_keys:
+            raise UnknownVoiceError("speaker", name, self.speakers)
+        return key
+
+    def resolve_language(self, name: str | None) -> str:
+        key = (name or "auto").strip().lower() or "auto"
+        if key not in self._language_keys:
+            raise UnknownVoiceError("language", name or "", self.languages)
+        return key
+
+    def frame_budget(self, text: str) -> int:
+        return frame_budget(text, self.settings.max_new_tokens)
+
+    def synthesize(self, requests: Sequence[SynthesisRequest]) -> list[SynthesisResult]:
+        """Run all requests in one generate_custom_voice call; each result is a complete WAV file."""
+        if not requests:
+            return []
+        budgets = [self.frame_budget(r.text) for r in requests]
+        kwargs: dict[str, Any] = {"max_new_tokens": max(budgets) + 1}  # the last step yields no frame
+        if self.settings.greedy:
+            kwargs.update(do_sample=False, subtalker_dosample=False)
+        started = time.perf_counter()
+        wavs, sample_rate = self.model.generate_custom_voice(
+            text=[r.text for r in requests],
+            speaker=[r.speaker for r in requests],
+            language=[r.language for r in requests],
+            instruct=[r.instruct for r in requests],
+            **kwargs,
+        )
+        results = []
+        for wav, budget in zip(wavs, budgets, strict=True):
+            frames = len(wav) // self.samples_per_frame
+            truncated = frames >= budget
+            # The codec decoder is causal, so cutting the waveform equals decoding the cut codes.
+            wav = wav[: min(frames, budget) * self.samples_per_frame]
+            results.append(
+                SynthesisResult(
+                    wav=encode_wav(wav, sample_rate),
+                    sample_rate=sample_rate,
+                    num_samples=len(wav),
+                    frames=len(wav) // self.samples_per_frame,
+                    truncated=truncated,
+                    batch_size=len(requests),
+                )
+            )
+        elapsed = time.perf_counter() - started
+        audio_s = sum(r.duration_s for r in results)
+        logger.info(
+            "synthesized batch of %d: %.2f s of audio in %.2f s (%.2f audio s per wall s), %d cut by frame budget",
+            len(requests),
+            audio_s,
+            elapsed,
+            audio_s / elapsed if elapsed else 0.0,
+            sum(r.truncated for r in results),
+        )
+        return results

@@ -1,0 +1,107 @@
+"""Pydantic models at the HTTP boundary and between the front and the synthesizer service."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, StringConstraints
+
+MAX_INSTRUCT_CHARS = 1000
+
+
+def text_type(max_chars: int) -> Any:
+    """The `text` field's type; its limit is configuration, hence built at start-up."""
+    return Annotated[
+        str,
+        StringConstraints(strip_whitespace=True, min_length=1, max_length=max_chars),
+        Field(
+            description=f"Text to speak: 1 to {max_chars} characters after trimming whitespace.",
+            examples=["Hello! Welcome to the virtual gallery."],
+        ),
+    ]
+
+
+Speaker = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=64),
+    Field(description="One of GET /v1/tts/speakers (case-insensitive).", examples=["Ryan"]),
+]
+Language = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, max_length=64),
+    Field(description="One of GET /v1/tts/languages (case-insensitive); 'auto' detects it.", examples=["english"]),
+]
+Instruct = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, max_length=MAX_INSTRUCT_CHARS),
+    Field(
+        description="Optional natural-language style instruction (honoured by 1.7B CustomVoice models).",
+        examples=["Speak warmly and a little slower."],
+    ),
+]
+
+
+class SynthesisJob(BaseModel):
+    """One request as the front service hands it to the batching synthesizer."""
+
+    text: str
+    speaker: str
+    language: str = "auto"
+    instruct: str = ""
+
+
+class SynthesisOutcome(BaseModel):
+    """A job's audio, or the reason it was refused (per item, so one bad item never fails a batch)."""
+
+    wav: bytes | None = None
+    sample_rate: int = 0
+    num_samples: int = 0
+    frames: int = 0
+    truncated: bool = False
+    batch_size: int = 0
+    error_field: str | None = None
+    error: str | None = None
+    allowed: list[str] = []
+
+
+class SpeakerInfo(BaseModel):
+    name: str
+    description: str | None = None
+    native_language: str | None = None
+
+
+class ModelInfo(BaseModel):
+    model: str
+    speakers: list[SpeakerInfo]
+    languages: list[str]
+    sample_rate: int
+    supports_instruct: bool
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "unavailable"]
+    model_loaded: bool
+    model: str
+
+
+class SpeakersResponse(BaseModel):
+    speakers: list[str] = Field(examples=[["Aiden", "Dylan", "Eric", "Ono_Anna", "Ryan"]])
+    details: list[SpeakerInfo]
+
+
+class LanguagesResponse(BaseModel):
+    languages: list[str] = Field(examples=[["auto", "chinese", "english"]])
+
+
+class ErrorDetail(BaseModel):
+    loc: list[str]
+    msg: str
+    type: str
+    allowed: list[str] | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Same shape as BentoML's own validation errors, so clients parse one format."""
+
+    error: str
+    detail: list[ErrorDetail] = []

@@ -1,0 +1,50 @@
+"""All configuration, read once from `TTS_*` environment variables (documented in README)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODEL = "Qwen/Qwen3-TTS-12Hz-1.7B-CustomVoice"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TTS_", extra="ignore")
+
+    model: str = Field(DEFAULT_MODEL, description="Hugging Face repo id, local checkpoint folder, or 'tiny'.")
+    device: str = Field("auto", description="'auto' (cuda:0 when available, else cpu), 'cpu', 'cuda', 'cuda:N'.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    cache_dir: Path = Field(Path.home() / ".cache" / "tts_service", description="Where the tiny checkpoint is built.")
+
+    max_text_chars: int = Field(4096, ge=1, le=100_000)
+    max_new_tokens: int = Field(2048, ge=2, description="Ceiling on codec frames per request (12.5 per second).")
+    greedy: bool = Field(False, description="Greedy decoding (deterministic) instead of the model's sampling.")
+
+    max_batch_size: int = Field(8, ge=1, le=256)
+    max_latency_ms: int = Field(120_000, ge=100, description="Longest a request may wait and run in the batcher.")
+    request_timeout_s: int = Field(300, ge=1)
+    max_concurrency: int = Field(64, ge=1, description="Requests in flight per worker beyond which 429 is answered.")
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535)
+    cors_origins: Annotated[list[str], NoDecode] = ["*"]
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")

@@ -1,0 +1,49 @@
+"""Stop the whole server when the model cannot be loaded.
+
+BentoML's process manager respawns a worker whose start-up fails, forever, printing a traceback each
+time. A model that cannot load will not load on the next try either, so the synthesizer worker logs
+one clear message and asks its parent `bentoml serve` process to shut down; a container then exits
+and its restart policy (not a tight loop) decides what happens next.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from typing import NoReturn
+
+import psutil
+
+from tts_service.engine import ModelLoadError, check_model_source
+
+logger = logging.getLogger(__name__)
+STOP_SIGNAL = signal.SIGTERM
+
+
+def abort_serving(message: str) -> NoReturn:
+    logger.error("TTS service cannot start: %s", message)
+    try:
+        parent = psutil.Process(os.getppid())
+        cmdline = " ".join(parent.cmdline())
+    except psutil.Error:
+        cmdline = ""
+    # Only ever signal a BentoML server, never e.g. a test runner that imported the service.
+    if "bentoml" in cmdline and " serve" in cmdline:
+        logger.error("stopping the server (pid %d)", parent.pid)
+        os.kill(parent.pid, STOP_SIGNAL)
+    os._exit(1)  # no traceback: the message above is the whole story
+
+
+def preflight(model: str) -> None:
+    """In the `bentoml serve` command itself, refuse to start with a model that cannot load."""
+    argv = sys.argv
+    if not (argv and "bentoml" in os.path.basename(argv[0]) or argv[0].endswith("bentoml/__main__.py")):
+        return
+    if "serve" not in argv[1:2]:
+        return  # `bentoml build` and friends import the service without serving it
+    try:
+        check_model_source(model)
+    except ModelLoadError as exc:
+        raise SystemExit(f"TTS service cannot start: {exc}") from None

@@ -1,0 +1,193 @@
+"""The HTTP API of a real `bentoml serve` process on the tiny checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+
+import httpx
+import pytest
+import soundfile as sf
+
+from tests.conftest import LiveServer
+
+SPEAKERS = ["Aiden", "Dylan", "Eric", "Ono_Anna", "Ryan", "Serena", "Sohee", "Uncle_Fu", "Vivian"]
+SYNTH = "/v1/tts/synthesize"
+
+
+def assert_wav(response: httpx.Response) -> sf._SoundFileInfo:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "audio/wav"
+    info = sf.info(io.BytesIO(response.content))
+    assert (info.samplerate, info.channels, info.subtype) == (24000, 1, "PCM_16")
+    assert info.frames > 0 and info.frames % 1920 == 0
+    assert float(response.headers["x-tts-audio-seconds"]) == pytest.approx(info.frames / 24000, abs=1e-3)
+    return info
+
+
+def test_synthesize_returns_a_wav(client: httpx.Client) -> None:
+    response = client.post(SYNTH, json={"text": "Hello from the Quest.", "speaker": "Ryan"})
+    assert_wav(response)
+    assert response.headers["x-tts-sample-rate"] == "24000"
+    assert response.headers["x-tts-truncated"] == "false"
+
+
+def test_all_fields_and_case_insensitive_names(client: httpx.Client) -> None:
+    response = client.post(
+        SYNTH,
+        json={"text": "Bonjour à tous.", "speaker": "uncle_FU", "language": "French", "instruct": "Whisper softly."},
+    )
+    assert_wav(response)
+
+
+def test_greedy_service_output_is_reproducible(client: httpx.Client) -> None:
+    body = {"text": "Same text twice.", "speaker": "Serena", "language": "english"}
+    assert client.post(SYNTH, json=body).content == client.post(SYNTH, json=body).content
+
+
+def test_health_speakers_languages(client: httpx.Client) -> None:
+    assert client.get("/health").json() == {"status": "ok", "model_loaded": True, "model": "tiny"}
+    speakers = client.get("/v1/tts/speakers").json()
+    assert speakers["speakers"] == SPEAKERS
+    assert {d["name"]: d["native_language"] for d in speakers["details"]}["Ono_Anna"] == "Japanese"
+    languages = client.get("/v1/tts/languages").json()["languages"]
+    assert languages[0] == "auto" and len(languages) == 11 and "english" in languages
+
+
+def test_bentoml_builtin_endpoints_keep_working(client: httpx.Client) -> None:
+    assert client.get("/livez").status_code == 200
+    assert client.get("/readyz").status_code == 200
+    assert "bentoml_service_request_total" in client.get("/metrics").text
+    assert "<html" in client.get("/").text.lower()
+
+
+def test_openapi_documents_every_endpoint_with_schema_and_example(client: httpx.Client) -> None:
+    spec = client.get("/docs.json").json()
+    paths = spec["paths"]
+    for path in ("/health", "/v1/tts/speakers", "/v1/tts/languages"):
+        assert "get" in paths[path], path
+    synth = paths[SYNTH]["post"]
+    assert "audio/wav" in synth["responses"]["200"]["content"]
+    schema = synth["requestBody"]["content"]["application/json"]["schema"]
+    if "$ref" in schema:
+        schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    assert set(schema["required"]) == {"text", "speaker"}
+    assert schema["properties"]["text"]["maxLength"] == 300
+    assert schema["properties"]["speaker"]["examples"] == ["Ryan"]
+
+
+def test_cors_preflight_from_a_foreign_origin(client: httpx.Client) -> None:
+    response = client.options(
+        SYNTH,
+        headers={
+            "Origin": "http://quest.local:5173",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] in ("*", "http://quest.local:5173")
+    assert "POST" in response.headers["access-control-allow-methods"]
+    simple = client.post(SYNTH, json={"text": "Hi", "speaker": "Ryan"}, headers={"Origin": "http://quest.local"})
+    assert simple.headers["access-control-allow-origin"] in ("*", "http://quest.local")
+    assert "x-tts-audio-seconds" in simple.headers["access-control-expose-headers"].lower()
+
+
+def error_locs(response: httpx.Response) -> list[str]:
+    return [".".join(str(p) for p in d["loc"]) for d in response.json()["detail"]]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"text": "", "speaker": "Ryan"}, "text"),
+        ({"text": "   \n\t ", "speaker": "Ryan"}, "text"),
+        ({"text": "x" * 301, "speaker": "Ryan"}, "text"),
+        ({"speaker": "Ryan"}, "text"),
+        ({"text": "hi"}, "speaker"),
+        ({"text": 5, "speaker": "Ryan"}, "text"),
+        ({"text": "hi", "speaker": ["Ryan"]}, "speaker"),
+        ({"text": "hi", "speaker": "Ryan", "language": None}, "language"),
+    ],
+)
+def test_bad_fields_get_400_naming_the_field(client: httpx.Client, body: dict, field: str) -> None:
+    response = client.post(SYNTH, json=body)
+    assert response.status_code == 400, response.text
+    assert field in error_locs(response)
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "allowed"),
+    [
+        ({"text": "hi", "speaker": "Bob"}, "speaker", SPEAKERS),
+        ({"text": "hi", "speaker": "../../etc/passwd"}, "speaker", SPEAKERS),
+        ({"text": "hi", "speaker": "Ryan", "language": "klingon"}, "language", None),
+    ],
+)
+def test_unknown_voices_get_400_with_the_allowed_values(client: httpx.Client, body, field, allowed) -> None:
+    response = client.post(SYNTH, json=body)
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/json"
+    [detail] = response.json()["detail"]
+    assert detail["loc"] == [field]
+    assert detail["allowed"] == (allowed or client.get("/v1/tts/languages").json()["languages"])
+    assert body[field] in detail["msg"]
+
+
+@pytest.mark.parametrize("raw", [b'{"text": "hi"', b"not json", b"", b"[1, 2]", b"\xff\xfe"])
+def test_invalid_json_bodies_get_400(client: httpx.Client, raw: bytes) -> None:
+    response = client.post(SYNTH, content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert "error" in response.json()
+
+
+def test_server_keeps_serving_after_bad_input(client: httpx.Client) -> None:
+    for body in ({"text": ""}, {"text": "hi", "speaker": "Bob"}, {"text": 1}):
+        assert client.post(SYNTH, json=body).status_code == 400
+    assert_wav(client.post(SYNTH, json={"text": "Still here.", "speaker": "Aiden"}))
+
+
+def batch_size_histogram(metrics: str) -> dict[str, float]:
+    """Cumulative bucket counts of BentoML's adaptive batch size histogram for synthesize_batch."""
+    buckets = {}
+    for line in metrics.splitlines():
+        if line.startswith("bentoml_service_adaptive_batch_size_bucket") and "synthesize_batch" in line:
+            buckets[re.search(r'le="([^"]+)"', line).group(1)] = float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def test_concurrent_requests_are_served_in_batches(server: LiveServer, client: httpx.Client) -> None:
+    # BentoML's dispatcher calibrates on its first ~11 calls, one at a time; get past that first.
+    for i in range(12):
+        assert client.post(SYNTH, json={"text": f"Warm up {i}.", "speaker": "Ryan"}).status_code == 200
+    before = batch_size_histogram(client.get("/metrics").text)
+
+    async def burst() -> list[httpx.Response]:
+        speakers = ["Ryan", "Vivian", "Eric", "Sohee"]
+        languages = ["english", "chinese", "auto", "korean"]
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+            return await asyncio.gather(
+                *[
+                    http.post(
+                        SYNTH,
+                        json={
+                            "text": f"Concurrent request number {i}.",
+                            "speaker": speakers[i % 4],
+                            "language": languages[i % 4],
+                            "instruct": "calm" if i % 2 else "",
+                        },
+                    )
+                    for i in range(8)
+                ]
+            )
+
+    responses = asyncio.run(burst())
+    for response in responses:
+        assert_wav(response)
+    sizes = [int(r.headers["x-tts-batch-size"]) for r in responses]
+    assert max(sizes) > 1, sizes
+    after = batch_size_histogram(client.get("/metrics").text)
+    assert after["+Inf"] - before["+Inf"] < 8  # fewer generate calls than requests
+    assert (after["+Inf"] - after["1.0"]) > (before["+Inf"] - before["1.0"])  # a batch larger than one ran
+    assert "synthesized batch of" in server.log()  # the engine's own log line

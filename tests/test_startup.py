@@ -1,0 +1,46 @@
+"""`bentoml serve` with a model that cannot load stops with one clear message instead of looping."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import start_server, stop_server
+
+
+def serve_until_exit(env: dict[str, str], log: Path, timeout_s: float = 90) -> tuple[int, str]:
+    server = start_server(env, log)
+    try:
+        code = server.process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        stop_server(server)
+        pytest.fail(f"server kept running with a broken model:\n{server.log()[-3000:]}")
+    return code, server.log()
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("/no/such/checkpoint", "is neither a checkpoint folder nor a Hugging Face repo id"),
+        ("Qwen/Qwen3-TTS-12Hz-1.7B-CustomVoice", "Could not fetch TTS_MODEL='Qwen/Qwen3-TTS-12Hz-1.7B-CustomVoice'"),
+    ],
+)
+def test_unreachable_model_refuses_to_start(model: str, message: str, tmp_path: Path) -> None:
+    code, log = serve_until_exit({"TTS_MODEL": model, "HF_HUB_CACHE": str(tmp_path / "hub")}, tmp_path / "log")
+    assert code != 0
+    assert message in log and "TTS_MODEL=tiny" in log
+    assert "Traceback" not in log
+
+
+def test_corrupt_checkpoint_stops_the_server(tiny_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in tiny_dir.iterdir():
+        if item.is_file():
+            (broken / item.name).write_bytes(item.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    code, log = serve_until_exit({"TTS_MODEL": str(broken)}, tmp_path / "log")
+    assert log.count("TTS service cannot start: Could not load a Qwen3-TTS checkpoint") == 1
+    assert "stopping the server" in log
