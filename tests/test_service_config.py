@@ -1,0 +1,35 @@
+"""What service.py declares to BentoML: GPU on the model owner only, batching, bind address, CORS."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+
+@pytest.fixture()
+def service_module(monkeypatch: pytest.MonkeyPatch):
+    for name in list(__import__("os").environ):
+        if name.startswith("TTS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("TTS_MAX_BATCH_SIZE", "12")
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    sys.modules.pop("service", None)
+    yield importlib.import_module("service")
+    sys.modules.pop("service", None)
+
+
+def test_declarations(service_module) -> None:
+    front, synth = service_module.TTSService, service_module.Synthesizer
+    assert synth.config["resources"] == {"gpu": 1}
+    assert "resources" not in front.config  # a second gpu:1 service would see no GPU
+    batch_api = synth.apis["synthesize_batch"]
+    assert batch_api.batchable and batch_api.max_batch_size == 12
+    assert front.apis["synthesize"].route == "/v1/tts/synthesize"
+    http = front.config["http"]
+    assert (http["host"], http["port"]) == ("0.0.0.0", 8000)
+    assert http["cors"]["enabled"] and http["cors"]["access_control_allow_origins"] == ["*"]
+    assert front.dependencies["synthesizer"].on is synth
