@@ -22,7 +22,6 @@ from tts_service.schemas import (
     LanguagesResponse,
     ModelInfo,
     Speaker,
-    SpeakerInfo,
     SpeakersResponse,
     SynthesisJob,
     SynthesisOutcome,
@@ -30,7 +29,6 @@ from tts_service.schemas import (
 )
 from tts_service.settings import Settings
 from tts_service.startup import abort_serving, preflight
-from tts_service.voices import SPEAKERS_BY_KEY
 
 settings = Settings()
 preflight(settings.model)
@@ -72,22 +70,7 @@ class Synthesizer:
 
     @bentoml.api
     def model_info(self) -> ModelInfo:
-        engine = self.engine
-        details = [
-            SpeakerInfo(
-                name=name,
-                description=getattr(SPEAKERS_BY_KEY.get(name.lower()), "description", None),
-                native_language=getattr(SPEAKERS_BY_KEY.get(name.lower()), "native_language", None),
-            )
-            for name in engine.speakers
-        ]
-        return ModelInfo(
-            model=engine.model_id,
-            speakers=details,
-            languages=engine.languages,
-            sample_rate=engine.sample_rate,
-            supports_instruct=engine.supports_instruct,
-        )
+        return self.engine.describe()
 
 
 info_app = FastAPI(title="Qwen3-TTS service information")

@@ -169,3 +169,10 @@ def test_corrupt_checkpoint_fails_with_a_clear_message(tiny_dir: Path, tmp_path:
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ModelLoadError, match="Could not load a Qwen3-TTS checkpoint"):
         TTSEngine.load(Settings(model=str(broken)))
+
+
+def test_describe_lists_voices_with_details(engine: TTSEngine) -> None:
+    info = engine.describe()
+    assert [s.name for s in info.speakers] == engine.speakers
+    assert {s.name: s.native_language for s in info.speakers}["Sohee"] == "Korean"
+    assert (info.sample_rate, info.supports_instruct, info.languages[0]) == (24000, True, "auto")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tts_service.audio import encode_wav
+from tts_service.schemas import ModelInfo, SpeakerInfo
 from tts_service.settings import Settings
 from tts_service.tiny_checkpoint import ensure_tiny_checkpoint
 from tts_service.voices import SPEAKERS_BY_KEY
@@ -209,6 +210,26 @@ class TTSEngine:
     @property
     def supports_instruct(self) -> bool:
         return self.model.model.tts_model_size not in "0b6"  # qwen-tts's own test, verbatim
+
+    def describe(self) -> ModelInfo:
+        """What clients need to build a request: voices (with descriptions where known) and languages."""
+        speakers = []
+        for name in self.speakers:
+            known = SPEAKERS_BY_KEY.get(name.lower())
+            speakers.append(
+                SpeakerInfo(
+                    name=name,
+                    description=known.description if known else None,
+                    native_language=known.native_language if known else None,
+                )
+            )
+        return ModelInfo(
+            model=self.model_id,
+            speakers=speakers,
+            languages=self.languages,
+            sample_rate=self.sample_rate,
+            supports_instruct=self.supports_instruct,
+        )
 
     def resolve_speaker(self, name: str) -> str:
         key = name.strip().lower()
