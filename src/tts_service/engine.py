@@ -85,7 +85,7 @@ def _hub_error(spec: str, exc: Exception) -> ModelLoadError:
     )
 
 
-def check_model_source(spec: str) -> None:
+def check_model_source(spec: str, *, reach_hub: bool = True) -> None:
     """Fail fast, before any worker starts, on the common mistakes: a wrong path, an unreachable hub."""
     spec = spec.strip()
     if spec.lower() == "tiny":
@@ -100,6 +100,8 @@ def check_model_source(spec: str) -> None:
             f"TTS_MODEL={spec!r} is neither a checkpoint folder nor a Hugging Face repo id (owner/name). "
             "Point it at a folder holding config.json, or use TTS_MODEL=tiny for the offline test model."
         )
+    if not reach_hub:
+        return
     from huggingface_hub import HfApi, try_to_load_from_cache
 
     if isinstance(try_to_load_from_cache(spec, "config.json"), str):
@@ -115,11 +117,10 @@ def resolve_model_source(settings: Settings) -> str:
     spec = settings.model.strip()
     if spec.lower() == "tiny":
         return str(ensure_tiny_checkpoint(settings.cache_dir))
+    check_model_source(spec, reach_hub=False)  # snapshot_download below reports hub trouble itself
     path = Path(spec).expanduser()
     if path.is_dir():
-        check_model_source(spec)
         return str(path)
-    check_model_source(spec)
     try:
         from huggingface_hub import snapshot_download
 
