@@ -9,10 +9,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from tts_service.engine import TTSEngine
@@ -49,6 +50,7 @@ class LiveServer:
     url: str
     process: subprocess.Popen
     log_path: Path
+    workers: list[psutil.Process] = field(default_factory=list)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -76,6 +78,8 @@ def wait_ready(server: LiveServer, timeout_s: float = 180) -> None:
             raise RuntimeError(f"bentoml serve exited with {server.process.returncode}:\n{server.log()[-4000:]}")
         try:
             if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                # Workers run in sessions of their own; remember them so that none outlives the test.
+                server.workers = psutil.Process(server.process.pid).children(recursive=True)
                 return
         except httpx.HTTPError:
             pass
@@ -84,13 +88,23 @@ def wait_ready(server: LiveServer, timeout_s: float = 180) -> None:
 
 
 def stop_server(server: LiveServer) -> None:
+    """SIGTERM to `bentoml serve`, which stops its workers; kill whatever is left after 10 s.
+
+    BentoML 1.4.39's entry worker does not finish a graceful shutdown if /readyz was polled while the
+    synthesizer was still loading (as this fixture does, and as container health checks do).
+    """
     if server.process.poll() is None:
-        os.killpg(server.process.pid, signal.SIGTERM)
+        server.process.send_signal(signal.SIGTERM)
         try:
-            server.process.wait(timeout=30)
+            server.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.kill()
             server.process.wait()
+    for worker in server.workers:
+        try:
+            worker.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 @pytest.fixture(scope="session")
