@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -50,7 +50,6 @@ class LiveServer:
     url: str
     process: subprocess.Popen
     log_path: Path
-    workers: list[psutil.Process] = field(default_factory=list)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -78,8 +77,6 @@ def wait_ready(server: LiveServer, timeout_s: float = 180) -> None:
             raise RuntimeError(f"bentoml serve exited with {server.process.returncode}:\n{server.log()[-4000:]}")
         try:
             if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                # Workers run in sessions of their own; remember them so that none outlives the test.
-                server.workers = psutil.Process(server.process.pid).children(recursive=True)
                 return
         except httpx.HTTPError:
             pass
@@ -93,6 +90,10 @@ def stop_server(server: LiveServer) -> None:
     BentoML 1.4.39's entry worker does not finish a graceful shutdown if /readyz was polled while the
     synthesizer was still loading (as this fixture does, and as container health checks do).
     """
+    try:  # workers run in sessions of their own, so a process-group kill would miss them
+        workers = psutil.Process(server.process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        workers = []
     if server.process.poll() is None:
         server.process.send_signal(signal.SIGTERM)
         try:
@@ -100,7 +101,7 @@ def stop_server(server: LiveServer) -> None:
         except subprocess.TimeoutExpired:
             server.process.kill()
             server.process.wait()
-    for worker in server.workers:
+    for worker in workers:
         try:
             worker.kill()
         except psutil.NoSuchProcess:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import pytest
@@ -12,7 +13,7 @@ from tests.conftest import REPO_ROOT
 
 @pytest.fixture()
 def service_module(monkeypatch: pytest.MonkeyPatch):
-    for name in list(__import__("os").environ):
+    for name in list(os.environ):
         if name.startswith("TTS_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("TTS_MAX_BATCH_SIZE", "12")

@@ -45,4 +45,7 @@ def synthesize_jobs(engine: TTSEngine, jobs: Sequence[SynthesisJob]) -> list[Syn
             truncated=result.truncated,
             batch_size=result.batch_size,
         )
-    return [outcome for outcome in outcomes if outcome is not None]
+    missing = [index for index, outcome in enumerate(outcomes) if outcome is None]
+    if missing:
+        raise RuntimeError(f"no outcome for jobs {missing}")  # would misalign the batcher's results
+    return outcomes  # type: ignore[return-value]  # all filled, checked above

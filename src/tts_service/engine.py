@@ -215,8 +215,8 @@ class TTSEngine:
     def describe(self) -> ModelInfo:
         """What clients need to build a request: voices (with descriptions where known) and languages."""
         speakers = []
-        for name in self.speakers:
-            known = SPEAKERS_BY_KEY.get(name.lower())
+        for key, name in zip(self._speaker_keys, self.speakers, strict=True):
+            known = SPEAKERS_BY_KEY.get(key)
             speakers.append(
                 SpeakerInfo(
                     name=name,
