@@ -3,16 +3,32 @@
 `bentoml serve` (service: TTSService) starts both. Configuration: TTS_* environment variables (README).
 """
 
+import asyncio
 import logging
 from typing import Annotated
 
 import bentoml
 from bentoml.validators import ContentType
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 
+from tts_service.audio import CONTENT_TYPES, AudioFormat, EncodedAudio, render
 from tts_service.batching import synthesize_jobs
 from tts_service.engine import ModelLoadError, TTSEngine
+from tts_service.openai_api import (
+    ModelCard,
+    ModelList,
+    OpenAIError,
+    OpenAIErrorResponse,
+    SpeechRequest,
+    VoiceList,
+    check_model,
+    list_voices,
+    resolve_voice,
+    served_model_names,
+    validation_error,
+)
 from tts_service.schemas import (
     ErrorDetail,
     ErrorResponse,
@@ -73,7 +89,31 @@ class Synthesizer:
         return self.engine.describe()
 
 
-info_app = FastAPI(title="Qwen3-TTS service information")
+info_app = FastAPI(title="Qwen3-TTS service information and OpenAI-compatible routes")
+OPENAI_ERRORS = {400: {"model": OpenAIErrorResponse}, 503: {"model": OpenAIErrorResponse}}
+# Field names of the synthesizer's refusals, as OpenAI's request calls them.
+OPENAI_PARAMS = {"text": "input", "speaker": "voice", "language": "language", "instruct": "instructions"}
+
+
+@info_app.exception_handler(RequestValidationError)
+async def openai_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """The mounted app only serves GETs and OpenAI's routes, so its validation errors use OpenAI's shape."""
+    error = validation_error(exc.errors())
+    return JSONResponse(error.body(), status_code=error.status_code)
+
+
+@info_app.exception_handler(OpenAIError)
+async def openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status_code)
+
+
+def audio_headers(outcome: SynthesisOutcome, audio: EncodedAudio) -> dict[str, str]:
+    return {
+        "X-TTS-Batch-Size": str(outcome.batch_size),
+        "X-TTS-Audio-Seconds": f"{audio.seconds:.3f}",
+        "X-TTS-Sample-Rate": str(audio.sample_rate),
+        "X-TTS-Truncated": "true" if outcome.truncated else "false",
+    }
 
 
 @bentoml.service(
@@ -105,6 +145,11 @@ class TTSService:
             self._info = ModelInfo.model_validate(await self.synthesizer.to_async.model_info())
         return self._info
 
+    async def _synthesize(self, job: SynthesisJob) -> SynthesisOutcome:
+        """One job through the shared adaptive batcher (every route uses this)."""
+        (outcome,) = await self.synthesizer.to_async.synthesize_batch([job])
+        return SynthesisOutcome.model_validate(outcome)
+
     @bentoml.api(route="/v1/tts/synthesize")
     async def synthesize(
         self,
@@ -113,11 +158,12 @@ class TTSService:
         speaker: Speaker,
         language: Language = "auto",
         instruct: Instruct = "",
+        format: AudioFormat = "wav",
     ) -> Annotated[bytes, ContentType("audio/wav")]:
-        """Speak `text` with a built-in speaker; returns a 16-bit PCM mono WAV at the model's rate."""
+        """Speak `text` with a built-in speaker. Default: 16-bit PCM mono WAV at the model's rate (24 kHz);
+        `format` also offers flac, mp3, opus (Ogg), aac (ADTS) and pcm (raw s16le)."""
         job = SynthesisJob(text=text, speaker=speaker, language=language or "auto", instruct=instruct)
-        (outcome,) = await self.synthesizer.to_async.synthesize_batch([job])
-        outcome = SynthesisOutcome.model_validate(outcome)
+        outcome = await self._synthesize(job)
         if outcome.error is not None or outcome.wav is None:
             field = outcome.error_field or "body"
             body = ErrorResponse(
@@ -128,15 +174,49 @@ class TTSService:
             )
             ctx.response.status_code = 400  # BentoML applies the context's status to returned responses too
             return JSONResponse(body.model_dump(exclude_none=True), status_code=400)
-        ctx.response.headers.update(
-            {
-                "X-TTS-Batch-Size": str(outcome.batch_size),
-                "X-TTS-Audio-Seconds": f"{outcome.num_samples / outcome.sample_rate:.3f}",
-                "X-TTS-Sample-Rate": str(outcome.sample_rate),
-                "X-TTS-Truncated": "true" if outcome.truncated else "false",
-            }
-        )
-        return outcome.wav
+        audio = await asyncio.to_thread(render, outcome.wav, format)
+        ctx.response.headers.update(audio_headers(outcome, audio))
+        if format == "wav":
+            return audio.data
+        return Response(audio.data, media_type=audio.content_type, headers=audio_headers(outcome, audio))
+
+    @info_app.post(
+        "/v1/audio/speech",
+        response_class=Response,
+        responses={200: {"content": {ct: {} for ct in CONTENT_TYPES.values()}}, **OPENAI_ERRORS},
+    )
+    async def speech(self, body: SpeechRequest) -> Response:
+        """OpenAI-compatible text to speech: the `openai` SDKs and their users call this unchanged."""
+        check_model(body.model, served_model_names(settings.model, settings.openai_model_aliases))
+        if body.stream_format != "audio":
+            raise OpenAIError("stream_format 'sse' is not supported yet; use 'audio'", "stream_format", "unsupported")
+        text = body.input.strip()
+        if not text or len(text) > settings.max_text_chars:
+            raise OpenAIError(
+                f"input must be 1 to {settings.max_text_chars} characters after trimming whitespace, got {len(text)}",
+                param="input",
+                code="invalid_input",
+            )
+        info = await self._model_info()
+        speaker = resolve_voice(body.voice_name, info, settings.openai_voice_map)
+        job = SynthesisJob(text=text, speaker=speaker, language=body.language or "auto", instruct=body.instructions)
+        outcome = await self._synthesize(job)
+        if outcome.error is not None or outcome.wav is None:
+            param = OPENAI_PARAMS.get(outcome.error_field or "", outcome.error_field)
+            raise OpenAIError(outcome.error or f"invalid {param}", param=param, code=f"invalid_{param}")
+        audio = await asyncio.to_thread(render, outcome.wav, body.response_format, body.speed)
+        return Response(audio.data, media_type=audio.content_type, headers=audio_headers(outcome, audio))
+
+    @info_app.get("/v1/models", response_model=ModelList)
+    async def models(self) -> ModelList:
+        """OpenAI's model list: the loaded model and the names accepted for it."""
+        names = served_model_names(settings.model, settings.openai_model_aliases)
+        return ModelList(data=[ModelCard(id=name) for name in names])
+
+    @info_app.get("/v1/audio/voices", response_model=VoiceList)
+    async def voices(self) -> VoiceList:
+        """Voices for /v1/audio/speech: the model's speakers and the OpenAI names mapped to each."""
+        return list_voices(await self._model_info(), settings.openai_voice_map)
 
     @info_app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     async def health(self) -> HealthResponse | JSONResponse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -9,6 +10,23 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "Qwen/Qwen3-TTS-12Hz-1.7B-CustomVoice"
+# OpenAI's built-in voices, mapped by timbre (gender, brightness) onto the CustomVoice speakers (README).
+DEFAULT_VOICE_MAP: dict[str, str] = {
+    "alloy": "Vivian",
+    "ash": "Ryan",
+    "ballad": "Aiden",
+    "coral": "Serena",
+    "echo": "Aiden",
+    "fable": "Ryan",
+    "onyx": "Uncle_Fu",
+    "nova": "Serena",
+    "sage": "Sohee",
+    "shimmer": "Ono_Anna",
+    "verse": "Ryan",
+    "marin": "Vivian",
+    "cedar": "Uncle_Fu",
+}
+DEFAULT_MODEL_ALIASES: tuple[str, ...] = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 
 
 class Settings(BaseSettings):
@@ -34,11 +52,32 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     cors_origins: Annotated[list[str], NoDecode] = ["*"]
 
-    @field_validator("cors_origins", mode="before")
+    openai_voice_map: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=lambda: dict(DEFAULT_VOICE_MAP),
+        description="OpenAI voice name -> speaker, as JSON or 'alloy=Vivian,echo=Aiden'; replaces the default table.",
+    )
+    openai_model_aliases: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_MODEL_ALIASES),
+        description="Model names /v1/audio/speech accepts besides the loaded model's id.",
+    )
+
+    @field_validator("openai_voice_map", mode="before")
     @classmethod
-    def _split_origins(cls, value: object) -> object:
+    def _parse_voice_map(cls, value: object) -> object:
         if isinstance(value, str):
-            return [origin.strip() for origin in value.split(",") if origin.strip()]
+            if value.strip().startswith("{"):
+                return json.loads(value)
+            pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+            if any(len(pair) != 2 or not pair[0].strip() or not pair[1].strip() for pair in pairs):
+                raise ValueError("expected JSON or comma-separated voice=Speaker pairs")
+            return {alias.strip().lower(): speaker.strip() for alias, speaker in pairs}
+        return value
+
+    @field_validator("cors_origins", "openai_model_aliases", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
     @field_validator("device")
