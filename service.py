@@ -228,9 +228,18 @@ class TTSService:
             logger.debug("synthesizer not reachable", exc_info=True)
             info = None
         if info is None:
-            body = HealthResponse(status="unavailable", model_loaded=False, model=settings.model)
+            body = HealthResponse(
+                status="unavailable", model_loaded=False, model=settings.model, max_text_chars=settings.max_text_chars
+            )
             return JSONResponse(body.model_dump(), status_code=503)
-        return HealthResponse(status="ok", model_loaded=True, model=info.model)
+        return HealthResponse(
+            status="ok",
+            model_loaded=True,
+            model=info.model,
+            max_text_chars=settings.max_text_chars,
+            supports_instruct=info.supports_instruct,
+            sample_rate=info.sample_rate,
+        )
 
     @info_app.get("/v1/tts/speakers", response_model=SpeakersResponse)
     async def speakers(self) -> SpeakersResponse:

@@ -47,7 +47,14 @@ def test_greedy_service_output_is_reproducible(client: httpx.Client) -> None:
 
 
 def test_health_speakers_languages(client: httpx.Client) -> None:
-    assert client.get("/health").json() == {"status": "ok", "model_loaded": True, "model": "tiny"}
+    assert client.get("/health").json() == {
+        "status": "ok",
+        "model_loaded": True,
+        "model": "tiny",
+        "max_text_chars": 300,
+        "supports_instruct": True,
+        "sample_rate": 24000,
+    }
     speakers = client.get("/v1/tts/speakers").json()
     assert speakers["speakers"] == SPEAKERS
     assert {d["name"]: d["native_language"] for d in speakers["details"]}["Ono_Anna"] == "Japanese"

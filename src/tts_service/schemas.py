@@ -79,9 +79,14 @@ class ModelInfo(BaseModel):
 
 
 class HealthResponse(BaseModel):
+    """Also what a client needs to build its form: the text limit and whether instruct is honoured."""
+
     status: Literal["ok", "unavailable"]
     model_loaded: bool
     model: str
+    max_text_chars: int
+    supports_instruct: bool | None = None
+    sample_rate: int | None = None
 
 
 class SpeakersResponse(BaseModel):
