@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 
 from tts_service.audio import CONTENT_TYPES, AudioFormat, EncodedAudio, render
 from tts_service.batching import synthesize_jobs
+from tts_service.bentoml_fixes import keep_dependency_sessions
 from tts_service.engine import ModelLoadError, TTSEngine
 from tts_service.openai_api import (
     ModelCard,
@@ -139,6 +140,7 @@ class TTSService:
 
     def __init__(self) -> None:
         self._info: ModelInfo | None = None
+        keep_dependency_sessions(self.synthesizer)  # else every 100th call aborts the calls in flight
 
     async def _model_info(self) -> ModelInfo:
         if self._info is None:

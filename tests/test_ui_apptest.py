@@ -52,6 +52,7 @@ def test_synthesis_plays_a_valid_wav_and_keeps_history(monkeypatch: pytest.Monke
     assert latest.seconds == pytest.approx(info.frames / 24000) and latest.seconds > 0
     assert (latest.speaker, latest.language, latest.instruct) == ("Sohee", "korean", "Cheerful.")
     assert [m.label for m in app.metric] == ["Audio", "Latency"]
+    assert app.subheader[0].value == "Latest: Sohee (korean)"
     assert app.metric[0].value == f"{latest.seconds:.2f} s"
 
     app.text_area(key="text").input("A second line.")

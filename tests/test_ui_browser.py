@@ -79,12 +79,12 @@ def test_pick_a_speaker_type_text_synthesize_and_play(page: Page, streamlit_url:
 
     page.get_by_role("combobox", name="Speaker").first.click()
     page.get_by_role("option", name="Vivian").click()
-    page.get_by_text("Vivian — Bright, slightly edgy young female voice").wait_for()
     page.get_by_label("Text").fill("Welcome to the gallery, traveller.")
     page.get_by_role("button", name="Synthesize").click()
 
     audio = page.locator("audio").first
     audio.wait_for(state="attached", timeout=120_000)
+    page.get_by_text("Latest: Vivian (auto)").wait_for()  # the picked speaker was the one synthesized
     source = audio.get_attribute("src")
     assert source and ".wav" in source
     # The browser itself decodes the file: metadata loads and gives a real duration.

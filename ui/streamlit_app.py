@@ -188,7 +188,7 @@ def main() -> None:
 
     history: list[Synthesis] = st.session_state.get("history", [])
     if history:
-        st.subheader("Latest")
+        st.subheader(f"Latest: {history[0].speaker} ({history[0].language})")
         show_result(history[0], "latest")
     if len(history) > 1:
         st.subheader("History")

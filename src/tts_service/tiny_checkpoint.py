@@ -61,15 +61,43 @@ class ArchSpec:
     decoder_layers: int = 1
     decoder_latent: int = 32
     decoder_dim: int = 64
+    decoder_heads: int = 2
     codebook_dim: int = 32
+    text_hidden: int | None = None  # None: the talker's hidden size
+    text_vocab: int | None = None  # None: just the tiny tokenizer's ids
     model_size: str = "1b7"  # qwen-tts drops `instruct` unless this differs from "0b6"
+    # Greedy decoding picks EOS once its logit beats the best codec id; this gain on the EOS row of the
+    # codec head makes that happen after a text-dependent 4 to 45 frames (measured on TINY).
+    eos_gain: float = 2.0
 
 
 TINY = ArchSpec()
 
-# Greedy decoding picks EOS once its logit beats the best codec id; this gain on the EOS row of the
-# codec head makes that happen after a text-dependent 4 to 45 frames (measured on TINY).
-EOS_GAIN = 2.0
+# The released sizes, for benchmarks with random weights (docs/PERFORMANCE.md gives the sources):
+# talker 28 layers, 16 query / 8 KV heads of 128, text embeddings 151936 x 2048; code predictor
+# 5 layers, hidden 1024; speech tokenizer decoder as qwen-tts's Qwen3TTSTokenizerV2DecoderConfig
+# defaults (8 layers, hidden 1024, latent 1024, decoder_dim 1536, 16 heads).
+_REAL_SHARED = dict(
+    talker_layers=28,
+    heads=16,
+    kv_heads=8,
+    head_dim=128,
+    predictor_layers=5,
+    predictor_hidden=1024,
+    predictor_intermediate=3072,
+    decoder_hidden=1024,
+    decoder_layers=8,
+    decoder_latent=1024,
+    decoder_dim=1536,
+    decoder_heads=16,
+    codebook_dim=512,
+    text_hidden=2048,
+    text_vocab=151936,
+    eos_gain=1.0,
+)
+ARCH_0_6B = ArchSpec(talker_hidden=1024, talker_intermediate=3072, model_size="0b6", **_REAL_SHARED)
+ARCH_1_7B = ArchSpec(talker_hidden=2048, talker_intermediate=6144, model_size="1b7", **_REAL_SHARED)
+ARCHS: dict[str, ArchSpec] = {"tiny": TINY, "0.6b": ARCH_0_6B, "1.7b": ARCH_1_7B}
 
 
 def _build_text_tokenizer(out_dir: Path) -> dict[str, int]:
@@ -117,8 +145,8 @@ def _talker_config(arch: ArchSpec, text_vocab: int) -> dict:
         "rope_theta": 1000000,
         "rope_scaling": {"rope_type": "default", "mrope_section": mrope, "interleaved": True},
         "num_code_groups": NUM_CODE_GROUPS,
-        "text_hidden_size": arch.talker_hidden,
-        "text_vocab_size": text_vocab,
+        "text_hidden_size": arch.text_hidden or arch.talker_hidden,
+        "text_vocab_size": max(text_vocab, arch.text_vocab or 0),
         "codec_eos_token_id": CODEC_EOS,
         "codec_think_id": CODEC_THINK,
         "codec_nothink_id": CODEC_NOTHINK,
@@ -172,9 +200,9 @@ def _speech_tokenizer_config(arch: ArchSpec) -> dict:
             "codebook_dim": arch.codebook_dim,
             "hidden_size": arch.decoder_hidden,
             "latent_dim": arch.decoder_latent,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "head_dim": arch.decoder_hidden // 2,
+            "num_attention_heads": arch.decoder_heads,
+            "num_key_value_heads": arch.decoder_heads,
+            "head_dim": arch.decoder_hidden // arch.decoder_heads,
             "intermediate_size": 2 * arch.decoder_hidden,
             "num_hidden_layers": arch.decoder_layers,
             "num_quantizers": NUM_CODE_GROUPS,
@@ -258,7 +286,7 @@ def _build_talker(arch: ArchSpec, special: dict[str, int], generator):
     _variance_preserving_init(model.talker, generator)
     with torch.no_grad():
         head = model.talker.codec_head.weight
-        head[CODEC_EOS].mul_(EOS_GAIN)
+        head[CODEC_EOS].mul_(arch.eos_gain)
     return model
 
 
@@ -272,6 +300,8 @@ def build_tiny_checkpoint(out_dir: Path | str, *, arch: ArchSpec = TINY, seed: i
 
     special_ids = _build_text_tokenizer(out)
     model = _build_talker(arch, special_ids, generator)
+    if arch != TINY:  # bf16 on disk, as released: halves the size of the real-size random checkpoints
+        model = model.to(torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)
     _build_speech_tokenizer(arch, out / "speech_tokenizer", generator)
 
@@ -302,15 +332,16 @@ def build_tiny_checkpoint(out_dir: Path | str, *, arch: ArchSpec = TINY, seed: i
     return out
 
 
-def ensure_tiny_checkpoint(cache_dir: Path | str) -> Path:
-    """Return a cached tiny checkpoint under `cache_dir`, building it once (atomically) if missing."""
-    target = Path(cache_dir) / f"tiny-v{TINY_FORMAT_VERSION}"
+def ensure_tiny_checkpoint(cache_dir: Path | str, arch: str = "tiny") -> Path:
+    """Return a cached checkpoint of `arch` (ARCHS) under `cache_dir`, building it once (atomically)."""
+    name = "tiny" if arch == "tiny" else f"random-{arch}"
+    target = Path(cache_dir) / f"{name}-v{TINY_FORMAT_VERSION}"
     if (target / "tiny_checkpoint.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
-        build_tiny_checkpoint(staging)
+        build_tiny_checkpoint(staging, arch=ARCHS[arch])
         try:
             staging.rename(target)
         except OSError:  # another process won the race; use its copy
@@ -325,9 +356,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="folder to write the checkpoint into")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="tiny", help="network sizes (default tiny)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    build_tiny_checkpoint(args.out_dir, seed=args.seed)
+    build_tiny_checkpoint(args.out_dir, arch=ARCHS[args.arch], seed=args.seed)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,465 @@
+"""Benchmarks, side by side in one run: engine batching vs plain qwen-tts, and the HTTP service with
+batching on vs off. Real-time factor (RTF) here is audio seconds per wall second: higher is better.
+
+    python scripts/bench.py engine --model tiny                      # CPU, tiny checkpoint
+    python scripts/bench.py engine --arch 1.7b --device cuda          # random weights, real 1.7B sizes
+    python scripts/bench.py service --model tiny                      # starts bentoml serve twice
+    python scripts/bench.py service --url http://127.0.0.1:8000       # an already running service
+
+docs/PERFORMANCE.md records the results and the commands that produced them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from local_server import LiveServer, start_server, stop_server, wait_ready  # noqa: E402
+
+from tts_service.engine import SynthesisRequest, TTSEngine  # noqa: E402
+from tts_service.settings import Settings  # noqa: E402
+from tts_service.tiny_checkpoint import ARCHS, CODEC_EOS, ensure_tiny_checkpoint  # noqa: E402
+
+logger = logging.getLogger("bench")
+FRAME_RATE = 12.5  # codec frames per second of audio
+
+# Long enough that the engine's text-based frame budget never cuts below --frames (up to ~500).
+LONG_TEXTS = [
+    "The east wing of the gallery opens at nine. Please keep to the marked paths, and ask any guide "
+    "if you would like to hear more about the paintings, the sculptures or the history of the house itself.",
+    "Welcome aboard. Our journey today takes us along the coast, past the old lighthouse and the fishing "
+    "villages, before we turn inland towards the mountains where the weather can change very quickly.",
+    "In the beginning the workshop made only clocks, but over the years the craftsmen learned to build "
+    "music boxes, small automatons and finally the great mechanical orchestra that still plays each noon.",
+    "Remember to drink water, stretch your legs and look away from the screen every twenty minutes; the "
+    "headset will remind you, but it is easy to forget when the game is this absorbing and the hours fly.",
+]
+VOICES = [("ryan", "english"), ("vivian", "chinese"), ("sohee", "korean"), ("aiden", "auto")]
+SERVICE_TEXTS = [
+    "Hello and welcome to the virtual gallery.",
+    "The next exhibit is just around the corner.",
+    "Please take a seat, the show starts soon.",
+    "Would you like to hear the story of this painting?",
+]
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or "?"}
+    info["cpu_cores"] = psutil.cpu_count()
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+# --- engine level ---------------------------------------------------------------------------------
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak on a GPU, else sampled resident set size (RSS)."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self.peak_mb = 0.0
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[None]:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            yield
+            torch.cuda.synchronize()
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+            return
+        process, peak, done = psutil.Process(), [0], threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], process.memory_info().rss)
+                time.sleep(0.005)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+            self.peak_mb = max(peak[0], process.memory_info().rss) / 2**20
+
+
+@contextlib.contextmanager
+def eos_suppressed(engine: TTSEngine) -> Iterator[None]:
+    """Make every item run to max_new_tokens, so runs of any batch size generate the same frame count."""
+    import torch
+
+    def mask_eos(_module: Any, _inputs: Any, logits: torch.Tensor) -> torch.Tensor:
+        logits[..., CODEC_EOS] = float("-inf")
+        return logits
+
+    handle = engine.model.model.talker.codec_head.register_forward_hook(mask_eos)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@dataclass
+class EngineRow:
+    batch_size: int
+    frames_per_item: int
+    engine_s: float
+    plain_s: float
+    engine_peak_mb: float
+    plain_peak_mb: float
+    audio_s: float = 0.0
+    rtf: float = 0.0  # audio seconds per wall second (engine), higher is better
+    frames_per_s: float = 0.0
+    vs_plain: float = 0.0  # engine wall / plain qwen-tts wall
+    throughput_vs_b1: float = 0.0
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def resolve_model(args: argparse.Namespace) -> str:
+    if args.arch != "tiny":
+        return str(ensure_tiny_checkpoint(args.cache_dir, arch=args.arch))
+    return args.model
+
+
+def run_engine(args: argparse.Namespace) -> dict[str, Any]:
+    model = resolve_model(args)
+    settings = Settings(
+        model=model,
+        device=args.device,
+        dtype=args.dtype,
+        cache_dir=args.cache_dir,
+        greedy=True,
+        max_new_tokens=args.frames,
+        max_text_chars=100_000,
+    )
+    engine = TTSEngine.load(settings)
+    device = str(engine.model.device)
+    memory = PeakMemory(device)
+    frames = args.frames
+
+    def requests(batch: int) -> list[SynthesisRequest]:
+        return [
+            SynthesisRequest(LONG_TEXTS[i % len(LONG_TEXTS)], VOICES[i % 4][0], VOICES[i % 4][1], "")
+            for i in range(batch)
+        ]
+
+    def timed(fn: Any) -> tuple[float, float, Any]:
+        sync(device)
+        with memory.measure():
+            started = time.perf_counter()
+            out = fn()
+            sync(device)
+            elapsed = time.perf_counter() - started
+        return elapsed, memory.peak_mb, out
+
+    def plain(batch: list[SynthesisRequest]) -> Any:
+        return engine.model.generate_custom_voice(
+            text=[r.text for r in batch],
+            speaker=[r.speaker for r in batch],
+            language=[r.language for r in batch],
+            instruct=[r.instruct for r in batch],
+            max_new_tokens=frames + 1,
+            do_sample=False,
+            subtalker_dosample=False,
+        )
+
+    rows: list[EngineRow] = []
+    with eos_suppressed(engine):
+        engine.synthesize(requests(1))  # warm-up: allocator, kernels
+        for batch_size in args.batch_sizes:
+            batch = requests(batch_size)
+            engine_times, plain_times, engine_peaks, plain_peaks = [], [], [], []
+            for _ in range(args.repeat):  # interleaved, so drift hits both alike
+                elapsed, peak, results = timed(lambda b=batch: engine.synthesize(b))
+                produced = {r.frames for r in results}
+                if produced != {frames}:
+                    raise RuntimeError(f"expected {frames} frames per item, got {sorted(produced)}")
+                engine_times.append(elapsed)
+                engine_peaks.append(peak)
+                elapsed, peak, (wavs, _rate) = timed(lambda b=batch: plain(b))
+                if {len(w) // engine.samples_per_frame for w in wavs} != {frames}:
+                    raise RuntimeError("plain qwen-tts produced a different frame count")
+                plain_times.append(elapsed)
+                plain_peaks.append(peak)
+            row = EngineRow(
+                batch_size,
+                frames,
+                statistics.median(engine_times),
+                statistics.median(plain_times),
+                max(engine_peaks),
+                max(plain_peaks),
+            )
+            row.audio_s = batch_size * frames / FRAME_RATE
+            row.rtf = row.audio_s / row.engine_s
+            row.frames_per_s = batch_size * frames / row.engine_s
+            row.vs_plain = row.engine_s / row.plain_s
+            rows.append(row)
+            logger.info("batch %d done: %.2f s", batch_size, row.engine_s)
+    base = next((r.rtf for r in rows if r.batch_size == 1), rows[0].rtf)
+    for row in rows:
+        row.throughput_vs_b1 = row.rtf / base
+    label = args.arch if args.arch != "tiny" else args.model
+    print(
+        f"\n## Engine: {label}, {frames} frames ({frames / FRAME_RATE:.1f} s audio) per item, "
+        f"{engine.model.model.dtype} on {device}, median of {args.repeat}\n"
+    )
+    print(
+        "RTF = audio seconds per wall second (higher is better). 'vs plain' = engine wall / plain "
+        "qwen-tts generate_custom_voice wall on the same batch. Peak memory: "
+        + ("CUDA allocator peak." if device.startswith("cuda") else "process RSS peak.")
+    )
+    print()
+    print("| batch | engine s | plain qwen-tts s | vs plain | frames/s | RTF | throughput vs batch 1 | peak MB |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(
+            f"| {r.batch_size} | {r.engine_s:.3f} | {r.plain_s:.3f} | {r.vs_plain:.2f}x | {r.frames_per_s:.1f} "
+            f"| {r.rtf:.2f} | {r.throughput_vs_b1:.2f}x | {r.engine_peak_mb:.0f} |"
+        )
+    return {"kind": "engine", "model": label, "device": device, "env": environment(), "rows": [asdict(r) for r in rows]}
+
+
+# --- service level --------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    concurrency: int
+    requests: int
+    wall_s: float
+    latencies: list[float] = field(default_factory=list)
+    audio_s: float = 0.0
+    batch_sizes: list[int] = field(default_factory=list)
+    failures: int = 0
+    failure_examples: list[str] = field(default_factory=list)
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.wall_s
+
+    @property
+    def audio_per_s(self) -> float:
+        return self.audio_s / self.wall_s
+
+    def pct(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+async def drive(url: str, concurrency: int, total: int) -> LoadResult:
+    """`concurrency` clients send `total` requests between them, each waiting for its answer."""
+    result = LoadResult(concurrency, total, 0.0)
+    counter = iter(range(total))
+
+    async def client(http: httpx.AsyncClient) -> None:
+        for index in counter:
+            body = {"text": SERVICE_TEXTS[index % len(SERVICE_TEXTS)], "speaker": VOICES[index % 4][0]}
+            started = time.perf_counter()
+            response = await http.post("/v1/tts/synthesize", json=body)
+            result.latencies.append(time.perf_counter() - started)
+            if response.status_code != 200:
+                result.failures += 1
+                if len(result.failure_examples) < 3:
+                    result.failure_examples.append(f"{response.status_code}: {response.text[:200]}")
+                continue
+            result.audio_s += float(response.headers["x-tts-audio-seconds"])
+            result.batch_sizes.append(int(response.headers["x-tts-batch-size"]))
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*[client(http) for _ in range(concurrency)])
+        result.wall_s = time.perf_counter() - started
+    return result
+
+
+def warm_up(url: str, count: int = 12) -> None:
+    """BentoML's dispatcher calibrates on its first ~11 calls, served one at a time."""
+    with httpx.Client(base_url=url, timeout=600) as http:
+        for i in range(count):
+            http.post("/v1/tts/synthesize", json={"text": SERVICE_TEXTS[i % 4], "speaker": "ryan"}).raise_for_status()
+
+
+@contextlib.contextmanager
+def served(args: argparse.Namespace, max_batch_size: int, log_dir: Path) -> Iterator[str]:
+    env = {
+        "TTS_MODEL": resolve_model(args),
+        "TTS_CACHE_DIR": str(args.cache_dir),
+        "TTS_GREEDY": "true",
+        "TTS_MAX_BATCH_SIZE": str(max_batch_size),
+        "TTS_DEVICE": args.device,
+    }
+    server: LiveServer = start_server(env, log_dir / f"serve-batch{max_batch_size}.log")
+    try:
+        wait_ready(server, timeout_s=900)
+        yield server.url
+    finally:
+        stop_server(server)
+
+
+def lone_latency(url: str, repeat: int = 5) -> float:
+    """Median latency of one request at a time (the same greedy request each time)."""
+    text, (speaker, language) = SERVICE_TEXTS[0], VOICES[0]
+    times = []
+    with httpx.Client(base_url=url, timeout=600) as http:
+        for _ in range(repeat):
+            started = time.perf_counter()
+            http.post("/v1/tts/synthesize", json={"text": text, "speaker": speaker, "language": language})
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def engine_latency(args: argparse.Namespace, repeat: int = 5) -> float:
+    """Median in-process engine time for the request lone_latency sends."""
+    text, (speaker, language) = SERVICE_TEXTS[0], VOICES[0]
+    settings = Settings(model=resolve_model(args), device=args.device, cache_dir=args.cache_dir, greedy=True)
+    engine = TTSEngine.load(settings)
+    request = [SynthesisRequest(text, speaker, language, "")]
+    engine.synthesize(request)
+    engine_times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        engine.synthesize(request)
+        engine_times.append(time.perf_counter() - started)
+    return statistics.median(engine_times)
+
+
+@dataclass
+class Series:
+    """One server's run: lone latency after warm-up, the load levels, lone latency after the load."""
+
+    lone_before_s: float
+    levels: list[LoadResult]
+    lone_after_s: float
+
+
+def series(url: str, levels: list[int], total: int) -> Series:
+    warm_up(url)
+    before = lone_latency(url)
+    results = [asyncio.run(drive(url, level, max(total, level))) for level in levels]
+    return Series(before, results, lone_latency(url))
+
+
+def print_load(title: str, results: list[LoadResult]) -> None:
+    for r in results:
+        for example in r.failure_examples:
+            logger.warning("failed request at %d clients: %s", r.concurrency, example)
+    print(f"\n### {title}\n")
+    print("| clients | requests | failed | req/s | audio s/s | p50 s | p95 s | p99 s | mean batch | max batch |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in results:
+        sizes = r.batch_sizes or [0]
+        print(
+            f"| {r.concurrency} | {r.requests} | {r.failures} | {r.rps:.2f} | {r.audio_per_s:.2f} | {r.pct(0.5):.3f} "
+            f"| {r.pct(0.95):.3f} | {r.pct(0.99):.3f} | {statistics.mean(sizes):.2f} | {max(sizes)} |"
+        )
+
+
+def run_service(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"kind": "service", "env": environment()}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.url:
+            batched, unbatched = series(args.url, args.concurrency, args.requests), None
+        else:
+            with served(args, args.max_batch_size, Path(tmp)) as url:
+                batched = series(url, args.concurrency, args.requests)
+            with served(args, 1, Path(tmp)) as url:
+                unbatched = series(url, args.concurrency, args.requests)
+    engine_s = engine_latency(args)
+    print(f"\n## Service: {args.url or args.model}, greedy, {args.requests} requests per level")
+    print_load(f"Batching on (max batch {args.max_batch_size if not args.url else 'as configured'})", batched.levels)
+    out["batched"] = [asdict(r) for r in batched.levels]
+    runs = {"batching on": batched}
+    if unbatched:
+        runs["batching off"] = unbatched
+        print_load("Batching off (TTS_MAX_BATCH_SIZE=1)", unbatched.levels)
+        print("\n### Throughput ratio, batching on / off, same load\n")
+        print("| clients | req/s ratio | audio s/s ratio | p50 latency ratio |")
+        print("| ---: | ---: | ---: | ---: |")
+        for on, off in zip(batched.levels, unbatched.levels, strict=True):
+            print(
+                f"| {on.concurrency} | {on.rps / off.rps:.2f}x | {on.audio_per_s / off.audio_per_s:.2f}x "
+                f"| {on.pct(0.5) / off.pct(0.5):.2f}x |"
+            )
+        out["unbatched"] = [asdict(r) for r in unbatched.levels]
+    print("\n### One request at a time (same greedy request, median of 5), and the HTTP overhead\n")
+    print(f"In-process engine time for this request: {engine_s * 1000:.1f} ms.\n")
+    print("| server | after warm-up ms | overhead vs engine ms | after the load above ms |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, run in runs.items():
+        print(
+            f"| {name} | {run.lone_before_s * 1000:.1f} | {(run.lone_before_s - engine_s) * 1000:.1f} "
+            f"| {run.lone_after_s * 1000:.1f} |"
+        )
+        out[f"{name} lone ms"] = {"before": run.lone_before_s * 1000, "after": run.lone_after_s * 1000}
+    out["engine_ms"] = engine_s * 1000
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("engine", "service"):
+        p = sub.add_parser(name)
+        p.add_argument("--model", default="tiny", help="TTS_MODEL: tiny, a checkpoint folder or a Hub id")
+        p.add_argument(
+            "--arch",
+            choices=sorted(ARCHS),
+            default="tiny",
+            help="build random weights at these sizes instead of --model (0.6b, 1.7b: real sizes)",
+        )
+        p.add_argument("--device", default="auto")
+        p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "tts_service")
+        p.add_argument("--json", type=Path, help="also write the results here")
+    engine = sub.choices["engine"]
+    engine.add_argument("--dtype", default="auto")
+    engine.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    engine.add_argument("--frames", type=int, default=64, help="codec frames per item (12.5 per audio second)")
+    engine.add_argument("--repeat", type=int, default=3)
+    service = sub.choices["service"]
+    service.add_argument("--url", help="drive this running service instead of starting two")
+    service.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    service.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    service.add_argument("--max-batch-size", type=int, default=16)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("tts_service").setLevel(logging.WARNING)
+    result = run_engine(args) if args.command == "engine" else run_service(args)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

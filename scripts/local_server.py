@@ -1,0 +1,87 @@
+"""Start and stop a real `bentoml serve` of this project on a loopback port (tests and benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BENTOML = str(Path(sys.executable).with_name("bentoml"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(env_overrides: dict[str, str], log_path: Path, port: int | None = None) -> LiveServer:
+    port = port or free_port()
+    env = {**os.environ, "TTS_HOST": "127.0.0.1", "BENTOML_DO_NOT_TRACK": "True", **env_overrides}
+    log = log_path.open("wb")
+    process = subprocess.Popen(
+        [BENTOML, "serve", "service:TTSService", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return LiveServer(f"http://127.0.0.1:{port}", process, log_path)
+
+
+def wait_ready(server: LiveServer, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"bentoml serve exited with {server.process.returncode}:\n{server.log()[-4000:]}")
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server not ready after {timeout_s} s:\n{server.log()[-4000:]}")
+
+
+def stop_server(server: LiveServer) -> None:
+    """SIGTERM to `bentoml serve`, which stops its workers; kill whatever is left after 10 s.
+
+    BentoML 1.4.39's entry worker does not finish a graceful shutdown if /readyz was polled while the
+    synthesizer was still loading (as wait_ready does, and as container health checks do).
+    """
+    try:  # workers run in sessions of their own, so a process-group kill would miss them
+        workers = psutil.Process(server.process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        workers = []
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            server.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait()
+    for worker in workers:
+        try:
+            worker.kill()
+        except psutil.NoSuchProcess:
+            pass

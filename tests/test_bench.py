@@ -1,0 +1,35 @@
+"""A seconds-long run of scripts/bench.py, so the benchmark cannot rot (its figures are not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO_ROOT, LiveServer
+
+BENCH = [sys.executable, str(REPO_ROOT / "scripts" / "bench.py")]
+
+
+def test_engine_benchmark_smoke(cache_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "engine.json"
+    args = ["engine", "--batch-sizes", "1", "2", "--frames", "6", "--repeat", "1", "--cache-dir", str(cache_dir)]
+    result = subprocess.run(BENCH + args + ["--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "| batch | engine s | plain qwen-tts s |" in result.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch_size"] for r in rows] == [1, 2]
+    assert all(r["frames_per_item"] == 6 and r["engine_s"] > 0 and r["plain_s"] > 0 for r in rows)
+    assert rows[1]["audio_s"] == 2 * 6 / 12.5  # both items ran to the forced frame count
+
+
+def test_service_benchmark_smoke(server: LiveServer, cache_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "service.json"
+    args = ["service", "--url", server.url, "--concurrency", "1", "2", "--requests", "4", "--cache-dir", str(cache_dir)]
+    result = subprocess.run(BENCH + args + ["--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "| server | after warm-up ms | overhead vs engine ms | after the load above ms |" in result.stdout
+    data = json.loads(out.read_text())
+    assert [r["concurrency"] for r in data["batched"]] == [1, 2]
+    assert all(r["failures"] == 0 and len(r["latencies"]) == 4 for r in data["batched"])
