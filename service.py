@@ -5,6 +5,9 @@
 
 import asyncio
 import logging
+import math
+import time
+import uuid
 from typing import Annotated
 
 import bentoml
@@ -44,6 +47,7 @@ from tts_service.schemas import (
     SynthesisOutcome,
     text_type,
 )
+from tts_service.security import ApiKeyMiddleware, RequestGuardMiddleware
 from tts_service.settings import Settings
 from tts_service.startup import abort_serving, preflight
 
@@ -105,7 +109,21 @@ async def openai_validation_error(request: Request, exc: RequestValidationError)
 
 @info_app.exception_handler(OpenAIError)
 async def openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status_code)
+    return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+
+
+class Overloaded(Exception):
+    """More requests wait for synthesis than TTS_MAX_QUEUE: refuse at once rather than pile up."""
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(f"the service is busy; retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class SynthesisFailed(Exception):
+    def __init__(self, message: str, request_id: str) -> None:
+        super().__init__(message)
+        self.request_id = request_id
 
 
 def audio_headers(outcome: SynthesisOutcome, audio: EncodedAudio) -> dict[str, str]:
@@ -140,6 +158,8 @@ class TTSService:
 
     def __init__(self) -> None:
         self._info: ModelInfo | None = None
+        self._waiting = 0  # requests of this worker now queued at or running in the synthesizer
+        self._call_s = 1.0  # moving average of a synthesizer call, for Retry-After
         keep_dependency_sessions(self.synthesizer)  # else every 100th call aborts the calls in flight
 
     async def _model_info(self) -> ModelInfo:
@@ -148,9 +168,21 @@ class TTSService:
         return self._info
 
     async def _synthesize(self, job: SynthesisJob) -> SynthesisOutcome:
-        """One job through the shared adaptive batcher (every route uses this)."""
-        (outcome,) = await self.synthesizer.to_async.synthesize_batch([job])
-        return SynthesisOutcome.model_validate(outcome)
+        """One job through the shared adaptive batcher (every route uses this), within the queue bound."""
+        if self._waiting >= settings.max_queue:
+            batches_ahead = math.ceil(self._waiting / settings.max_batch_size)
+            raise Overloaded(max(1, math.ceil(batches_ahead * self._call_s)))
+        self._waiting += 1
+        started = time.perf_counter()
+        try:
+            (outcome,) = await self.synthesizer.to_async.synthesize_batch([job])
+        finally:
+            self._waiting -= 1
+        self._call_s = 0.8 * self._call_s + 0.2 * (time.perf_counter() - started)
+        outcome = SynthesisOutcome.model_validate(outcome)
+        if outcome.error_field == "internal":
+            raise SynthesisFailed(outcome.error or "synthesis failed", job.request_id)
+        return outcome
 
     @bentoml.api(route="/v1/tts/synthesize")
     async def synthesize(
@@ -164,8 +196,21 @@ class TTSService:
     ) -> Annotated[bytes, ContentType("audio/wav")]:
         """Speak `text` with a built-in speaker. Default: 16-bit PCM mono WAV at the model's rate (24 kHz);
         `format` also offers flac, mp3, opus (Ogg), aac (ADTS) and pcm (raw s16le)."""
-        job = SynthesisJob(text=text, speaker=speaker, language=language or "auto", instruct=instruct)
-        outcome = await self._synthesize(job)
+        request_id = uuid.uuid4().hex[:16]
+        job = SynthesisJob(
+            text=text, speaker=speaker, language=language or "auto", instruct=instruct, request_id=request_id
+        )
+        try:
+            outcome = await self._synthesize(job)
+        except Overloaded as exc:
+            ctx.response.status_code = 429
+            ctx.response.headers["Retry-After"] = str(exc.retry_after_s)
+            body = ErrorResponse(error=str(exc), detail=[ErrorDetail(loc=[], msg=str(exc), type="overloaded")])
+            return JSONResponse(body.model_dump(exclude_none=True), 429, {"Retry-After": str(exc.retry_after_s)})
+        except SynthesisFailed as exc:
+            ctx.response.status_code = 500
+            body = ErrorResponse(error=str(exc), detail=[ErrorDetail(loc=[], msg=str(exc), type="internal")])
+            return JSONResponse(body.model_dump(exclude_none=True), 500, {"X-Request-ID": exc.request_id})
         if outcome.error is not None or outcome.wav is None:
             field = outcome.error_field or "body"
             body = ErrorResponse(
@@ -201,8 +246,24 @@ class TTSService:
             )
         info = await self._model_info()
         speaker = resolve_voice(body.voice_name, info, settings.openai_voice_map)
-        job = SynthesisJob(text=text, speaker=speaker, language=body.language or "auto", instruct=body.instructions)
-        outcome = await self._synthesize(job)
+        request_id = uuid.uuid4().hex[:16]
+        job = SynthesisJob(
+            text=text,
+            speaker=speaker,
+            language=body.language or "auto",
+            instruct=body.instructions,
+            request_id=request_id,
+        )
+        try:
+            outcome = await self._synthesize(job)
+        except Overloaded as exc:
+            raise OpenAIError(
+                str(exc), code="overloaded", status_code=429, headers={"Retry-After": str(exc.retry_after_s)}
+            ) from exc
+        except SynthesisFailed as exc:
+            raise OpenAIError(
+                str(exc), code="internal_error", status_code=500, headers={"X-Request-ID": request_id}
+            ) from exc
         if outcome.error is not None or outcome.wav is None:
             param = OPENAI_PARAMS.get(outcome.error_field or "", outcome.error_field)
             raise OpenAIError(outcome.error or f"invalid {param}", param=param, code=f"invalid_{param}")
@@ -254,3 +315,8 @@ class TTSService:
         """The loaded model's languages; 'auto' lets the model detect it."""
         info = await self._model_info()
         return LanguagesResponse(languages=info.languages)
+
+
+# Outermost first: refuse unauthenticated calls before reading bodies.
+TTSService.add_asgi_middleware(ApiKeyMiddleware, keys=[key.get_secret_value() for key in settings.api_keys])
+TTSService.add_asgi_middleware(RequestGuardMiddleware, max_body_bytes=settings.max_body_bytes)

@@ -101,14 +101,20 @@ def test_invalid_requests_get_openai_shaped_400s(oai: openai.OpenAI, overrides: 
 
 
 @pytest.mark.parametrize(
-    ("content", "content_type", "needle"),
-    [(b"{not json", "application/json", "not valid JSON"), (b"hello", "text/plain", "JSON object")],
+    ("content", "content_type", "status", "needle"),
+    [
+        (b"{not json", "application/json", 400, "not valid JSON"),
+        (b"[1, 2]", "application/json", 400, "JSON object"),
+        (b"hello", "text/plain", 415, "Content-Type must be application/json, got text/plain"),
+    ],
 )
-def test_malformed_bodies_get_openai_shaped_400s(server: LiveServer, content: bytes, content_type: str, needle) -> None:
+def test_malformed_bodies_get_openai_shaped_errors(
+    server: LiveServer, content: bytes, content_type: str, status: int, needle: str
+) -> None:
     response = httpx.post(
         f"{server.url}/v1/audio/speech", content=content, headers={"content-type": content_type}, timeout=30
     )
-    assert response.status_code == 400
+    assert response.status_code == status
     assert needle in response.json()["error"]["message"]
 
 

@@ -7,9 +7,9 @@ language gets an error outcome and the rest of the batch is still synthesized to
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
-from tts_service.engine import SynthesisRequest, TTSEngine, UnknownVoiceError
+from tts_service.engine import SynthesisRequest, SynthesisResult, TTSEngine, UnknownVoiceError
 from tts_service.schemas import SynthesisJob, SynthesisOutcome
 
 logger = logging.getLogger(__name__)
@@ -35,17 +35,54 @@ def synthesize_jobs(engine: TTSEngine, jobs: Sequence[SynthesisJob]) -> list[Syn
             continue
         accepted.append((index, request))
 
-    results = engine.synthesize([request for _, request in accepted])
-    for (index, _), result in zip(accepted, results, strict=True):
-        outcomes[index] = SynthesisOutcome(
-            wav=result.wav,
-            sample_rate=result.sample_rate,
-            num_samples=result.num_samples,
-            frames=result.frames,
-            truncated=result.truncated,
-            batch_size=result.batch_size,
-        )
+    for index, outcome in _generate(engine, jobs, accepted):
+        outcomes[index] = outcome
     missing = [index for index, outcome in enumerate(outcomes) if outcome is None]
     if missing:
         raise RuntimeError(f"no outcome for jobs {missing}")  # would misalign the batcher's results
     return outcomes  # type: ignore[return-value]  # all filled, checked above
+
+
+def _outcome(result: SynthesisResult) -> SynthesisOutcome:
+    return SynthesisOutcome(
+        wav=result.wav,
+        sample_rate=result.sample_rate,
+        num_samples=result.num_samples,
+        frames=result.frames,
+        truncated=result.truncated,
+        batch_size=result.batch_size,
+    )
+
+
+def _generate(
+    engine: TTSEngine, jobs: Sequence[SynthesisJob], accepted: list[tuple[int, SynthesisRequest]]
+) -> Iterator[tuple[int, SynthesisOutcome]]:
+    """One call for the whole batch; if it fails, each item alone, so one bad item fails only itself."""
+    if not accepted:
+        return
+    try:
+        results = engine.synthesize([request for _, request in accepted])
+    except Exception:
+        ids = ", ".join(jobs[index].request_id or "?" for index, _ in accepted)
+        logger.exception("generation failed for a batch of %d (requests %s)", len(accepted), ids)
+        if len(accepted) == 1:
+            yield accepted[0][0], _failure(jobs[accepted[0][0]])
+            return
+        logger.info("retrying the %d requests of the failed batch one at a time", len(accepted))
+        for index, request in accepted:
+            try:
+                (result,) = engine.synthesize([request])
+            except Exception:
+                logger.exception("generation failed for request %s", jobs[index].request_id or "?")
+                yield index, _failure(jobs[index])
+            else:
+                yield index, _outcome(result)
+        return
+    for (index, _), result in zip(accepted, results, strict=True):
+        yield index, _outcome(result)
+
+
+def _failure(job: SynthesisJob) -> SynthesisOutcome:
+    return SynthesisOutcome(
+        error_field="internal", error=f"synthesis failed (request id {job.request_id or 'unknown'})"
+    )

@@ -46,15 +46,24 @@ class SpeechRequest(BaseModel):
 class OpenAIError(Exception):
     """A 4xx answered in OpenAI's error shape."""
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = None, status_code: int = 400) -> None:
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        status_code: int = 400,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
         self.status_code = status_code
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        kind = "invalid_request_error" if self.status_code < 500 else "server_error"
+        kinds = {429: "rate_limit_error", 401: "authentication_error"}
+        kind = kinds.get(self.status_code, "invalid_request_error" if self.status_code < 500 else "server_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 

@@ -48,6 +48,7 @@ class SynthesisJob(BaseModel):
     speaker: str
     language: str = "auto"
     instruct: str = ""
+    request_id: str = ""  # ties the synthesizer's log lines to the client's error
 
 
 class SynthesisOutcome(BaseModel):
@@ -59,7 +60,7 @@ class SynthesisOutcome(BaseModel):
     frames: int = 0
     truncated: bool = False
     batch_size: int = 0
-    error_field: str | None = None
+    error_field: str | None = None  # "internal" when generation itself failed (a 500, not the client's fault)
     error: str | None = None
     allowed: list[str] = []
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "Qwen/Qwen3-TTS-12Hz-1.7B-CustomVoice"
@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=1, le=65535)
     cors_origins: Annotated[list[str], NoDecode] = ["*"]
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Comma-separated bearer keys; empty turns authentication off."
+    )
+    max_body_bytes: int = Field(262_144, ge=1024, description="Larger request bodies get 413.")
+    max_queue: int = Field(32, ge=1, description="Requests waiting for synthesis per worker beyond which 429.")
 
     openai_voice_map: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=lambda: dict(DEFAULT_VOICE_MAP),
@@ -73,7 +78,7 @@ class Settings(BaseSettings):
             return {alias.strip().lower(): speaker.strip() for alias, speaker in pairs}
         return value
 
-    @field_validator("cors_origins", "openai_model_aliases", mode="before")
+    @field_validator("cors_origins", "openai_model_aliases", "api_keys", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
