@@ -31,7 +31,7 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from local_server import LiveServer, start_server, stop_server, wait_ready  # noqa: E402
+from local_server import running_server  # noqa: E402
 
 from tts_service.engine import SynthesisRequest, TTSEngine  # noqa: E402
 from tts_service.settings import Settings  # noqa: E402
@@ -320,12 +320,8 @@ def served(args: argparse.Namespace, max_batch_size: int, log_dir: Path) -> Iter
         "TTS_MAX_BATCH_SIZE": str(max_batch_size),
         "TTS_DEVICE": args.device,
     }
-    server: LiveServer = start_server(env, log_dir / f"serve-batch{max_batch_size}.log")
-    try:
-        wait_ready(server, timeout_s=900)
+    with running_server(env, log_dir / f"serve-batch{max_batch_size}.log", ready_timeout_s=900) as server:
         yield server.url
-    finally:
-        stop_server(server)
 
 
 def lone_latency(url: str, repeat: int = 5) -> float:

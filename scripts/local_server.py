@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,3 +87,14 @@ def stop_server(server: LiveServer) -> None:
             worker.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+@contextlib.contextmanager
+def running_server(env_overrides: dict[str, str], log_path: Path, ready_timeout_s: float = 180) -> Iterator[LiveServer]:
+    """A started and ready server for the block; always stopped afterwards."""
+    server = start_server(env_overrides, log_path)
+    try:
+        wait_ready(server, ready_timeout_s)
+        yield server
+    finally:
+        stop_server(server)

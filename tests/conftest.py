@@ -8,12 +8,20 @@ from pathlib import Path
 import httpx
 import pytest
 
-from scripts.local_server import REPO_ROOT, LiveServer, free_port, start_server, stop_server, wait_ready
+from scripts.local_server import (
+    REPO_ROOT,
+    LiveServer,
+    free_port,
+    running_server,
+    start_server,
+    stop_server,
+    wait_ready,
+)
 from tts_service.engine import TTSEngine
 from tts_service.settings import Settings
 from tts_service.tiny_checkpoint import ensure_tiny_checkpoint
 
-__all__ = ["REPO_ROOT", "LiveServer", "free_port", "start_server", "stop_server", "wait_ready"]
+__all__ = ["REPO_ROOT", "LiveServer", "free_port", "running_server", "start_server", "stop_server", "wait_ready"]
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +42,7 @@ def engine(tiny_dir: Path, cache_dir: Path) -> TTSEngine:
 @pytest.fixture(scope="session")
 def server(tiny_dir: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """`bentoml serve` on the tiny checkpoint, greedy so that outputs are reproducible."""
-    live = start_server(
+    with running_server(
         {
             "TTS_MODEL": "tiny",
             "TTS_CACHE_DIR": str(cache_dir),
@@ -44,12 +52,8 @@ def server(tiny_dir: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFac
             "TTS_CORS_ORIGINS": "*",
         },
         tmp_path_factory.mktemp("logs") / "serve.log",
-    )
-    try:
-        wait_ready(live)
+    ) as live:
         yield live
-    finally:
-        stop_server(live)
 
 
 @pytest.fixture()

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import REPO_ROOT, LiveServer, start_server, stop_server, wait_ready
+from tests.conftest import REPO_ROOT, LiveServer, running_server
 
 KEYS = ("key-one-4f9a", "key-two-77c1")
 MARK = "FAULT-7c3e"
@@ -22,7 +22,7 @@ SYNTH = "/v1/tts/synthesize"
 
 @pytest.fixture(scope="module")
 def guarded(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    live = start_server(
+    with running_server(
         {
             "TTS_MODEL": "tiny",
             "TTS_CACHE_DIR": str(cache_dir),
@@ -34,12 +34,8 @@ def guarded(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             "PYTHONPATH": str(REPO_ROOT / "tests" / "faults"),
         },
         tmp_path_factory.mktemp("guarded") / "serve.log",
-    )
-    try:
-        wait_ready(live)
+    ) as live:
         yield live
-    finally:
-        stop_server(live)
 
 
 @pytest.fixture()
