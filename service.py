@@ -7,7 +7,6 @@ import asyncio
 import logging
 import math
 import time
-import uuid
 from typing import Annotated
 
 import bentoml
@@ -196,10 +195,7 @@ class TTSService:
     ) -> Annotated[bytes, ContentType("audio/wav")]:
         """Speak `text` with a built-in speaker. Default: 16-bit PCM mono WAV at the model's rate (24 kHz);
         `format` also offers flac, mp3, opus (Ogg), aac (ADTS) and pcm (raw s16le)."""
-        request_id = uuid.uuid4().hex[:16]
-        job = SynthesisJob(
-            text=text, speaker=speaker, language=language or "auto", instruct=instruct, request_id=request_id
-        )
+        job = SynthesisJob(text=text, speaker=speaker, language=language or "auto", instruct=instruct)
         try:
             outcome = await self._synthesize(job)
         except Overloaded as exc:
@@ -222,10 +218,11 @@ class TTSService:
             ctx.response.status_code = 400  # BentoML applies the context's status to returned responses too
             return JSONResponse(body.model_dump(exclude_none=True), status_code=400)
         audio = await asyncio.to_thread(render, outcome.wav, format)
-        ctx.response.headers.update(audio_headers(outcome, audio))
+        headers = audio_headers(outcome, audio)
+        ctx.response.headers.update(headers)
         if format == "wav":
             return audio.data
-        return Response(audio.data, media_type=audio.content_type, headers=audio_headers(outcome, audio))
+        return Response(audio.data, media_type=audio.content_type, headers=headers)
 
     @info_app.post(
         "/v1/audio/speech",
@@ -246,14 +243,7 @@ class TTSService:
             )
         info = await self._model_info()
         speaker = resolve_voice(body.voice_name, info, settings.openai_voice_map)
-        request_id = uuid.uuid4().hex[:16]
-        job = SynthesisJob(
-            text=text,
-            speaker=speaker,
-            language=body.language or "auto",
-            instruct=body.instructions,
-            request_id=request_id,
-        )
+        job = SynthesisJob(text=text, speaker=speaker, language=body.language or "auto", instruct=body.instructions)
         try:
             outcome = await self._synthesize(job)
         except Overloaded as exc:
@@ -262,7 +252,7 @@ class TTSService:
             ) from exc
         except SynthesisFailed as exc:
             raise OpenAIError(
-                str(exc), code="internal_error", status_code=500, headers={"X-Request-ID": request_id}
+                str(exc), code="internal_error", status_code=500, headers={"X-Request-ID": exc.request_id}
             ) from exc
         if outcome.error is not None or outcome.wav is None:
             param = OPENAI_PARAMS.get(outcome.error_field or "", outcome.error_field)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
@@ -48,7 +49,8 @@ class SynthesisJob(BaseModel):
     speaker: str
     language: str = "auto"
     instruct: str = ""
-    request_id: str = ""  # ties the synthesizer's log lines to the client's error
+    # Ties the synthesizer's log lines to the client's error.
+    request_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:16])
 
 
 class SynthesisOutcome(BaseModel):
