@@ -12,8 +12,10 @@ from typing import Annotated
 import bentoml
 from bentoml.validators import ContentType
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tts_service.audio import CONTENT_TYPES, AudioFormat, EncodedAudio, render
 from tts_service.batching import synthesize_jobs
@@ -32,6 +34,7 @@ from tts_service.openai_api import (
     served_model_names,
     validation_error,
 )
+from tts_service.openapi_docs import OpenAPIDocsMiddleware
 from tts_service.schemas import (
     ErrorDetail,
     ErrorResponse,
@@ -46,7 +49,7 @@ from tts_service.schemas import (
     SynthesisOutcome,
     text_type,
 )
-from tts_service.security import ApiKeyMiddleware, RequestGuardMiddleware
+from tts_service.security import ApiKeyMiddleware, RequestGuardMiddleware, is_openai_route
 from tts_service.settings import Settings
 from tts_service.startup import abort_serving, preflight
 
@@ -63,6 +66,9 @@ Text = text_type(settings.max_text_chars)
 
 # Response headers a browser client (the Quest app's web view, the Streamlit demo) may read.
 AUDIO_HEADERS = ["X-TTS-Batch-Size", "X-TTS-Audio-Seconds", "X-TTS-Sample-Rate", "X-TTS-Truncated"]
+ERROR_HEADERS = ["Retry-After", "X-Request-ID"]
+# Routes that take a JSON body and queue for the synthesizer.
+JSON_ROUTES = ("/v1/tts/synthesize", "/v1/audio/speech")
 
 
 @bentoml.service(
@@ -94,7 +100,7 @@ class Synthesizer:
 
 
 info_app = FastAPI(title="Qwen3-TTS service information and OpenAI-compatible routes")
-OPENAI_ERRORS = {400: {"model": OpenAIErrorResponse}, 503: {"model": OpenAIErrorResponse}}
+OPENAI_ERRORS = {400: {"model": OpenAIErrorResponse}}
 # Field names of the synthesizer's refusals, as OpenAI's request calls them.
 OPENAI_PARAMS = {"text": "input", "speaker": "voice", "language": "language", "instruct": "instructions"}
 
@@ -104,6 +110,15 @@ async def openai_validation_error(request: Request, exc: RequestValidationError)
     """The mounted app only serves GETs and OpenAI's routes, so its validation errors use OpenAI's shape."""
     error = validation_error(exc.errors())
     return JSONResponse(error.body(), status_code=error.status_code)
+
+
+@info_app.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """Errors raised by FastAPI itself (an unparseable body, a wrong method) in the route's own shape."""
+    if not is_openai_route(request.url.path):
+        return await http_exception_handler(request, exc)
+    error = OpenAIError(str(exc.detail), param="body" if exc.status_code == 400 else None, status_code=exc.status_code)
+    return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
 
 
 @info_app.exception_handler(OpenAIError)
@@ -144,7 +159,7 @@ def audio_headers(outcome: SynthesisOutcome, audio: EncodedAudio) -> dict[str, s
             "access_control_allow_origins": settings.cors_origins,
             "access_control_allow_methods": ["GET", "POST", "OPTIONS"],
             "access_control_allow_headers": ["*"],
-            "access_control_expose_headers": AUDIO_HEADERS,
+            "access_control_expose_headers": AUDIO_HEADERS + ERROR_HEADERS,
         },
     },
     traffic={"timeout": settings.request_timeout_s, "max_concurrency": settings.max_concurrency},
@@ -309,4 +324,11 @@ class TTSService:
 
 # Outermost first: refuse unauthenticated calls before reading bodies.
 TTSService.add_asgi_middleware(ApiKeyMiddleware, keys=[key.get_secret_value() for key in settings.api_keys])
-TTSService.add_asgi_middleware(RequestGuardMiddleware, max_body_bytes=settings.max_body_bytes)
+TTSService.add_asgi_middleware(RequestGuardMiddleware, max_body_bytes=settings.max_body_bytes, json_routes=JSON_ROUTES)
+TTSService.add_asgi_middleware(
+    OpenAPIDocsMiddleware,
+    json_routes=JSON_ROUTES,
+    queued_routes=JSON_ROUTES,
+    api_keys=bool(settings.api_keys),
+    audio_types=CONTENT_TYPES.values(),
+)

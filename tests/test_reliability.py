@@ -135,6 +135,21 @@ def test_a_full_queue_answers_429_at_once_and_recovers(guarded: LiveServer, http
     assert http.post(SYNTH, json={"text": "Calm again.", "speaker": "Aiden"}, headers=AUTH).status_code == 200
 
 
+def test_sustained_overload_ends_every_request_cleanly(guarded: LiveServer) -> None:
+    """5x the queue limit of clients for 20 s (scripts/overload.py runs longer ones): each request
+    gets a 200 with audio or a 429 with Retry-After within its timeout, and the service recovers."""
+    from scripts.overload import overload
+
+    clients = 5 * 2  # the guarded server's TTS_MAX_QUEUE is 2
+    result = asyncio.run(overload(guarded.url, clients=clients, seconds=20, timeout_s=90, headers=AUTH))
+    print("overload:", result)
+    assert result["unacceptable"] == {}, result
+    assert result["outcomes"].get("200", 0) >= 5 and result["outcomes"].get("429", 0) >= clients, result
+    assert result["max_s"]["429"] < 5, result  # refusals come at once, not after queueing
+    assert result["all_done_after_s"] < 20 + 90, result
+    assert result["after_status"] == 200 and result["after_is_wav"], result
+
+
 def test_a_crash_in_generation_fails_only_its_request(guarded: LiveServer) -> None:
     async def mixed() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=guarded.url, timeout=60, headers=AUTH) as client:
@@ -160,3 +175,20 @@ def test_a_crash_in_generation_fails_only_its_request(guarded: LiveServer) -> No
     )
     assert speech.status_code == 500 and speech.json()["error"]["type"] == "server_error"
     assert speech.headers["x-request-id"] in speech.json()["error"]["message"]
+
+
+def test_the_openapi_document_lists_every_error_a_route_sends(http: httpx.Client) -> None:
+    spec = http.get("/docs.json", headers=AUTH).json()
+    assert spec["components"]["securitySchemes"]["bearerAuth"] == {"type": "http", "scheme": "bearer"}
+    for path in (SYNTH, "/v1/audio/speech"):
+        operation = spec["paths"][path]["post"]
+        assert operation["requestBody"]["required"] is True
+        assert operation["security"] == [{"bearerAuth": []}]
+        responses = operation["responses"]
+        assert {"200", "400", "401", "413", "415", "429", "500"} <= set(responses), (path, sorted(responses))
+        assert "Retry-After" in responses["429"]["headers"] and "X-Request-ID" in responses["500"]["headers"]
+        assert {"audio/wav", "audio/mpeg", "audio/pcm"} <= set(responses["200"]["content"])
+    assert spec["paths"][SYNTH]["post"]["responses"]["400"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ErrorResponse"
+    }
+    assert "security" not in spec["paths"]["/readyz"]["get"]

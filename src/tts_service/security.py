@@ -31,7 +31,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def _is_openai(path: str) -> bool:
+def is_openai_route(path: str) -> bool:
     return path.startswith("/v1/audio/") or path == "/v1/models"
 
 
@@ -39,7 +39,7 @@ async def send_error(
     scope: Scope, send: Send, status: int, message: str, param: str | None = None, headers: Iterable = ()
 ) -> None:
     """An error in the shape the route's clients parse: OpenAI's for OpenAI routes, ours elsewhere."""
-    if _is_openai(scope.get("path", "")):
+    if is_openai_route(scope.get("path", "")):
         kinds = {401: "authentication_error", 429: "rate_limit_error"}
         kind = kinds.get(status, "invalid_request_error" if status < 500 else "server_error")
         body: dict[str, Any] = {"error": {"message": message, "type": kind, "param": param, "code": str(status)}}
@@ -89,16 +89,18 @@ class ApiKeyMiddleware:
 class RequestGuardMiddleware:
     """415 for POST bodies that are not JSON; 413 for bodies over `max_body_bytes`, declared or streamed.
 
+    Only on `json_routes`: a POST elsewhere goes on to the router, which answers 405 or 404.
     The body is read here first (it is small by then) and replayed to the app, so an oversized chunked
     body is refused before any route starts on it.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, json_routes: Iterable[str]) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.json_routes = frozenset(json_routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST":
+        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in self.json_routes:
             await self.app(scope, receive, send)
             return
         content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
