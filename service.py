@@ -7,20 +7,21 @@ import asyncio
 import logging
 import math
 import time
-from typing import Annotated
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Annotated, Any
 
 import bentoml
 from bentoml.validators import ContentType
-from fastapi import FastAPI, Request
-from fastapi.exception_handlers import http_exception_handler
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tts_service.audio import CONTENT_TYPES, AudioFormat, EncodedAudio, render
-from tts_service.batching import synthesize_jobs
+from tts_service.audio import CONTENT_TYPES, AudioFormat, EncodedAudio, encode, render
+from tts_service.batching import synthesize_jobs, validate_job
 from tts_service.bentoml_fixes import keep_dependency_sessions
 from tts_service.engine import ModelLoadError, TTSEngine
+from tts_service.metrics import real_time_factor, stream_step_batch_size, time_to_first_audio
 from tts_service.openai_api import (
     ModelCard,
     ModelList,
@@ -52,6 +53,8 @@ from tts_service.schemas import (
 from tts_service.security import ApiKeyMiddleware, RequestGuardMiddleware, is_openai_route
 from tts_service.settings import Settings
 from tts_service.startup import abort_serving, preflight
+from tts_service.stream_http import StreamRequest, Timing, audio_stream, check_voice, sse_stream
+from tts_service.streaming import ChunkPlan, StreamScheduler
 
 settings = Settings()
 preflight(settings.model)
@@ -68,7 +71,7 @@ Text = text_type(settings.max_text_chars)
 AUDIO_HEADERS = ["X-TTS-Batch-Size", "X-TTS-Audio-Seconds", "X-TTS-Sample-Rate", "X-TTS-Truncated"]
 ERROR_HEADERS = ["Retry-After", "X-Request-ID"]
 # Routes that take a JSON body and queue for the synthesizer.
-JSON_ROUTES = ("/v1/tts/synthesize", "/v1/audio/speech")
+JSON_ROUTES = ("/v1/tts/synthesize", "/v1/tts/stream", "/v1/audio/speech")
 
 
 @bentoml.service(
@@ -85,6 +88,9 @@ class Synthesizer:
             self.engine = TTSEngine.load(settings)
         except ModelLoadError as exc:
             abort_serving(str(exc))  # does not return
+        plan = ChunkPlan(settings.stream_first_frames, settings.stream_chunk_frames, settings.stream_left_context)
+        self.streams = StreamScheduler(self.engine, plan, settings.max_streams)
+        self.streams.on_step = stream_step_batch_size().observe
 
     @bentoml.api(
         batchable=settings.max_batch_size > 1,
@@ -98,6 +104,22 @@ class Synthesizer:
     def model_info(self) -> ModelInfo:
         return self.engine.describe()
 
+    @bentoml.api
+    def cancel_stream(self, request_id: str) -> bool:
+        return self.streams.cancel(request_id)
+
+    @bentoml.api
+    async def stream_pcm(self, job: SynthesisJob) -> AsyncGenerator[bytes, None]:
+        """16-bit PCM chunks as the streaming scheduler decodes them (the front service validated the job)."""
+        checked = validate_job(self.engine, job)
+        if isinstance(checked, SynthesisOutcome):
+            raise ValueError(checked.error)
+        handle = self.streams.submit(checked, job.request_id, asyncio.get_running_loop())
+        async for chunk in handle:
+            yield encode(chunk, self.engine.sample_rate, "pcm")
+        if handle.end is not None and handle.end.error:
+            raise RuntimeError(f"stream {job.request_id} failed: {handle.end.error}")
+
 
 info_app = FastAPI(title="Qwen3-TTS service information and OpenAI-compatible routes")
 OPENAI_ERRORS = {400: {"model": OpenAIErrorResponse}}
@@ -107,7 +129,18 @@ OPENAI_PARAMS = {"text": "input", "speaker": "voice", "language": "language", "i
 
 @info_app.exception_handler(RequestValidationError)
 async def openai_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """The mounted app only serves GETs and OpenAI's routes, so its validation errors use OpenAI's shape."""
+    """Validation errors of the mounted app's routes, in the shape of the route's clients."""
+    if not is_openai_route(request.url.path):
+        details = [
+            ErrorDetail(
+                loc=[str(part) for part in e.get("loc", ()) if part not in ("body", "query")],
+                msg=e.get("msg", ""),
+                type=e.get("type", ""),
+            )
+            for e in exc.errors()
+        ]
+        summary = "; ".join(f"{'.'.join(d.loc) or 'body'}: {d.msg}" for d in details)
+        return JSONResponse(ErrorResponse(error=summary, detail=details).model_dump(exclude_none=True), 400)
     error = validation_error(exc.errors())
     return JSONResponse(error.body(), status_code=error.status_code)
 
@@ -115,10 +148,19 @@ async def openai_validation_error(request: Request, exc: RequestValidationError)
 @info_app.exception_handler(StarletteHTTPException)
 async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
     """Errors raised by FastAPI itself (an unparseable body, a wrong method) in the route's own shape."""
-    if not is_openai_route(request.url.path):
-        return await http_exception_handler(request, exc)
-    error = OpenAIError(str(exc.detail), param="body" if exc.status_code == 400 else None, status_code=exc.status_code)
-    return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
+    path, headers = request.url.path, dict(exc.headers or {})
+    if exc.status_code == 405:  # every method of the path, not just those of the first route matched
+        methods = {m for r in info_app.routes if getattr(r, "path", None) == path for m in getattr(r, "methods", ())}
+        headers["Allow"] = ", ".join(sorted(methods))
+    if is_openai_route(path):
+        param = "body" if exc.status_code == 400 else None
+        error = OpenAIError(str(exc.detail), param=param, status_code=exc.status_code)
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=headers)
+    loc = ["body"] if exc.status_code == 400 else []
+    body = ErrorResponse(
+        error=str(exc.detail), detail=[ErrorDetail(loc=loc, msg=str(exc.detail), type=str(exc.status_code))]
+    )
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=exc.status_code, headers=headers)
 
 
 @info_app.exception_handler(OpenAIError)
@@ -138,6 +180,24 @@ class SynthesisFailed(Exception):
     def __init__(self, message: str, request_id: str) -> None:
         super().__init__(message)
         self.request_id = request_id
+
+
+def _plain_error(
+    status: int,
+    error: str,
+    field: str | None,
+    message: str,
+    allowed: list[str] | None = None,
+    headers: dict | None = None,
+) -> JSONResponse:
+    detail = ErrorDetail(loc=[field] if field else [], msg=message, type=f"invalid_{field}" if field else str(status))
+    detail.allowed = allowed
+    body = ErrorResponse(error=error, detail=[detail])
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
+
+
+def stream_headers(request_id: str, sample_rate: int) -> dict[str, str]:
+    return {"X-Request-ID": request_id, "X-TTS-Sample-Rate": str(sample_rate), "Cache-Control": "no-store"}
 
 
 def audio_headers(outcome: SynthesisOutcome, audio: EncodedAudio) -> dict[str, str]:
@@ -181,7 +241,7 @@ class TTSService:
             self._info = ModelInfo.model_validate(await self.synthesizer.to_async.model_info())
         return self._info
 
-    async def _synthesize(self, job: SynthesisJob) -> SynthesisOutcome:
+    async def _synthesize(self, job: SynthesisJob, route: str) -> SynthesisOutcome:
         """One job through the shared adaptive batcher (every route uses this), within the queue bound."""
         if self._waiting >= settings.max_queue:
             batches_ahead = math.ceil(self._waiting / settings.max_batch_size)
@@ -192,11 +252,108 @@ class TTSService:
             (outcome,) = await self.synthesizer.to_async.synthesize_batch([job])
         finally:
             self._waiting -= 1
-        self._call_s = 0.8 * self._call_s + 0.2 * (time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self._call_s = 0.8 * self._call_s + 0.2 * elapsed
         outcome = SynthesisOutcome.model_validate(outcome)
+        if outcome.num_samples:
+            time_to_first_audio().labels(route).observe(elapsed)  # not streamed: the whole file comes at once
+            real_time_factor().labels(route).observe(outcome.num_samples / outcome.sample_rate / elapsed)
         if outcome.error_field == "internal":
             raise SynthesisFailed(outcome.error or "synthesis failed", job.request_id)
         return outcome
+
+    async def _open_stream(self, job: SynthesisJob) -> tuple[bytes, AsyncIterator[bytes], Any]:
+        """Start a stream at the synthesizer and wait for its first audio, so that a failure before any
+        audio is still a proper error response. Returns the first bytes, the rest, and a closer."""
+        if self._waiting >= settings.max_queue:
+            batches_ahead = math.ceil(self._waiting / settings.max_batch_size)
+            raise Overloaded(max(1, math.ceil(batches_ahead * self._call_s)))
+        self._waiting += 1
+        chunks = self.synthesizer.to_async.stream_pcm(job)
+        state = {"closed": False, "ended": False}
+
+        async def rest() -> AsyncIterator[bytes]:
+            async for data in chunks:
+                yield data
+            state["ended"] = True
+
+        async def close() -> None:
+            if state["closed"]:
+                return
+            state["closed"] = True
+            self._waiting -= 1
+            await chunks.aclose()
+            if state["ended"]:
+                return
+            # The client left early. Closing our end does not reliably reach the synthesizer through
+            # BentoML's client, so tell it outright, which frees the stream's slot at the next step.
+            try:
+                await self.synthesizer.to_async.cancel_stream(job.request_id)
+            except Exception:
+                logger.warning("could not cancel stream %s", job.request_id, exc_info=True)
+
+        try:
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            state["ended"] = True
+            await close()
+            message = f"synthesis produced no audio (request id {job.request_id})"
+            raise SynthesisFailed(message, job.request_id) from None
+        except Exception as exc:
+            await close()
+            logger.exception("stream %s failed before its first audio", job.request_id)
+            raise SynthesisFailed(f"synthesis failed (request id {job.request_id})", job.request_id) from exc
+        return first, rest(), close
+
+    @info_app.post(
+        "/v1/tts/stream",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"audio/wav": {}, "audio/pcm": {}}}, 400: {"model": ErrorResponse}},
+    )
+    async def stream(self, body: StreamRequest) -> Response:
+        """Speak `text` as a stream: audio starts after the first few frames instead of after the whole text.
+        `wav`: one RIFF header with unknown sizes, then 16-bit PCM; `pcm`: raw s16le mono at 24 kHz."""
+        return await self._stream_response(body)
+
+    @info_app.get(
+        "/v1/tts/stream",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"audio/wav": {}, "audio/pcm": {}}}, 400: {"model": ErrorResponse}},
+    )
+    async def stream_get(self, query: Annotated[StreamRequest, Query()]) -> Response:
+        """The same stream for a URL: `<audio src="/v1/tts/stream?text=Hello&speaker=Ryan">` plays as it
+        arrives in browsers (a browser's audio element can only GET)."""
+        return await self._stream_response(query)
+
+    async def _stream_response(self, body: StreamRequest) -> Response:
+        timing = Timing("/v1/tts/stream", 0)
+        text = body.text.strip()
+        if not text or len(text) > settings.max_text_chars:
+            message = f"text must be 1 to {settings.max_text_chars} characters after trimming whitespace"
+            return _plain_error(400, "invalid text", "text", message)
+        info = await self._model_info()
+        timing.sample_rate = info.sample_rate
+        problem = check_voice(info, body.speaker, body.language)
+        if problem:
+            field, message, allowed = problem
+            return _plain_error(400, f"invalid {field}", field, message, allowed)
+        job = SynthesisJob(text=text, speaker=body.speaker, language=body.language, instruct=body.instruct)
+        try:
+            first, rest, close = await self._open_stream(job)
+        except Overloaded as exc:
+            return _plain_error(429, str(exc), None, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
+        except SynthesisFailed as exc:
+            return _plain_error(500, str(exc), None, str(exc), headers={"X-Request-ID": exc.request_id})
+        headers = {
+            "X-Request-ID": job.request_id,
+            "X-TTS-Sample-Rate": str(info.sample_rate),
+            "Cache-Control": "no-store",
+        }
+        return StreamingResponse(
+            audio_stream(first, rest, body.format, timing, close),
+            media_type=CONTENT_TYPES[body.format],
+            headers=headers,
+        )
 
     @bentoml.api(route="/v1/tts/synthesize")
     async def synthesize(
@@ -212,7 +369,7 @@ class TTSService:
         `format` also offers flac, mp3, opus (Ogg), aac (ADTS) and pcm (raw s16le)."""
         job = SynthesisJob(text=text, speaker=speaker, language=language or "auto", instruct=instruct)
         try:
-            outcome = await self._synthesize(job)
+            outcome = await self._synthesize(job, "/v1/tts/synthesize")
         except Overloaded as exc:
             ctx.response.status_code = 429
             ctx.response.headers["Retry-After"] = str(exc.retry_after_s)
@@ -247,8 +404,13 @@ class TTSService:
     async def speech(self, body: SpeechRequest) -> Response:
         """OpenAI-compatible text to speech: the `openai` SDKs and their users call this unchanged."""
         check_model(body.model, served_model_names(settings.model, settings.openai_model_aliases))
-        if body.stream_format != "audio":
-            raise OpenAIError("stream_format 'sse' is not supported yet; use 'audio'", "stream_format", "unsupported")
+        streamable = body.response_format in ("pcm", "wav") and body.speed == 1.0
+        if body.stream_format == "sse" and not streamable:
+            raise OpenAIError(
+                "stream_format 'sse' needs response_format 'pcm' or 'wav' and speed 1.0",
+                param="response_format" if body.response_format not in ("pcm", "wav") else "speed",
+                code="unsupported_for_sse",
+            )
         text = body.input.strip()
         if not text or len(text) > settings.max_text_chars:
             raise OpenAIError(
@@ -259,8 +421,13 @@ class TTSService:
         info = await self._model_info()
         speaker = resolve_voice(body.voice_name, info, settings.openai_voice_map)
         job = SynthesisJob(text=text, speaker=speaker, language=body.language or "auto", instruct=body.instructions)
+        if body.language and (problem := check_voice(info, speaker, body.language)):
+            raise OpenAIError(problem[1], param="language", code="invalid_language")
+        # Streamed when asked for: SSE, or stream_format "audio" set explicitly for pcm/wav at speed 1.
+        if body.stream_format == "sse" or (streamable and "stream_format" in body.model_fields_set):
+            return await self._speech_stream(job, body, info.sample_rate)
         try:
-            outcome = await self._synthesize(job)
+            outcome = await self._synthesize(job, "/v1/audio/speech")
         except Overloaded as exc:
             raise OpenAIError(
                 str(exc), code="overloaded", status_code=429, headers={"Retry-After": str(exc.retry_after_s)}
@@ -274,6 +441,28 @@ class TTSService:
             raise OpenAIError(outcome.error or f"invalid {param}", param=param, code=f"invalid_{param}")
         audio = await asyncio.to_thread(render, outcome.wav, body.response_format, body.speed)
         return Response(audio.data, media_type=audio.content_type, headers=audio_headers(outcome, audio))
+
+    async def _speech_stream(self, job: SynthesisJob, body: SpeechRequest, sample_rate: int) -> Response:
+        route = "/v1/audio/speech:" + body.stream_format
+        timing = Timing(route, sample_rate)
+        try:
+            first, rest, close = await self._open_stream(job)
+        except Overloaded as exc:
+            raise OpenAIError(
+                str(exc), code="overloaded", status_code=429, headers={"Retry-After": str(exc.retry_after_s)}
+            ) from exc
+        except SynthesisFailed as exc:
+            raise OpenAIError(
+                str(exc), code="internal_error", status_code=500, headers={"X-Request-ID": exc.request_id}
+            ) from exc
+        headers = stream_headers(job.request_id, sample_rate)
+        fmt = "wav" if body.response_format == "wav" else "pcm"
+        if body.stream_format == "sse":
+            body_stream = sse_stream(first, rest, fmt, timing, close, len(job.text))
+            return StreamingResponse(body_stream, media_type="text/event-stream", headers=headers)
+        return StreamingResponse(
+            audio_stream(first, rest, fmt, timing, close), media_type=CONTENT_TYPES[fmt], headers=headers
+        )
 
     @info_app.get("/v1/models", response_model=ModelList)
     async def models(self) -> ModelList:

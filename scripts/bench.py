@@ -423,10 +423,107 @@ def run_service(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def run_stream(args: argparse.Namespace) -> dict[str, Any]:
+    """Time to first audio and whole-utterance time, streamed vs not, for each concurrency, in one run."""
+    from tts_service.streaming import ChunkPlan, StreamScheduler
+
+    settings = Settings(
+        model=resolve_model(args),
+        device=args.device,
+        dtype=args.dtype,
+        cache_dir=args.cache_dir,
+        greedy=True,
+        max_new_tokens=args.frames,
+        max_text_chars=100_000,
+    )
+    engine = TTSEngine.load(settings)
+    device = str(engine.model.device)
+    scheduler = StreamScheduler(engine, ChunkPlan(args.first_frames, args.chunk_frames, args.left_context), 64)
+    frames = args.frames
+
+    def requests(count: int) -> list[SynthesisRequest]:
+        return [
+            SynthesisRequest(LONG_TEXTS[i % len(LONG_TEXTS)], VOICES[i % 4][0], VOICES[i % 4][1], "")
+            for i in range(count)
+        ]
+
+    def streamed(batch: list[SynthesisRequest]) -> tuple[list[float], list[float]]:
+        """All streams submitted at once; per stream: first chunk and last chunk times."""
+        first: list[float] = [0.0] * len(batch)
+        last: list[float] = [0.0] * len(batch)
+        sync(device)
+        started = time.perf_counter()
+        handles = [scheduler.submit(r, f"bench-{i}") for i, r in enumerate(batch)]
+
+        def drain(index: int) -> None:
+            for n, _chunk in enumerate(handles[index]):
+                if n == 0:
+                    first[index] = time.perf_counter() - started
+            last[index] = time.perf_counter() - started
+
+        threads = [threading.Thread(target=drain, args=(i,)) for i in range(len(batch))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if {h.end.frames for h in handles} != {frames}:
+            raise RuntimeError(f"expected {frames} frames per stream, got {sorted(h.end.frames for h in handles)}")
+        return first, last
+
+    def whole(batch: list[SynthesisRequest]) -> float:
+        sync(device)
+        started = time.perf_counter()
+        engine.synthesize(batch)
+        sync(device)
+        return time.perf_counter() - started
+
+    rows = []
+    with eos_suppressed(engine):
+        streamed(requests(1))  # warm-up
+        whole(requests(1))
+        for count in args.concurrency:
+            batch = requests(count)
+            ttfa, done, whole_s = [], [], []
+            for _ in range(args.repeat):  # interleaved, so drift hits both alike
+                first, last = streamed(batch)
+                ttfa.append(statistics.median(first))
+                done.append(max(last))
+                whole_s.append(whole(batch))
+            row = {
+                "streams": count,
+                "frames": frames,
+                "ttfa_ms": statistics.median(ttfa) * 1000,
+                "stream_total_s": statistics.median(done),
+                "whole_s": statistics.median(whole_s),
+            }
+            row["ttfa_vs_whole"] = row["ttfa_ms"] / 1000 / row["whole_s"]
+            row["total_vs_whole"] = row["stream_total_s"] / row["whole_s"]
+            row["stream_rtf"] = count * frames / FRAME_RATE / row["stream_total_s"]
+            rows.append(row)
+    label = args.arch if args.arch != "tiny" else args.model
+    print(
+        f"\n## Streaming: {label}, {frames} frames ({frames / FRAME_RATE:.1f} s audio) per stream, "
+        f"{engine.model.model.dtype} on {device}, chunks {args.first_frames} then {args.chunk_frames} frames, "
+        f"left context {args.left_context}, median of {args.repeat}\n"
+    )
+    print(
+        "TTFA = time to the first audio chunk (median over streams), all streams submitted at once. 'whole' = "
+        "the same requests as one non-streamed batch (its first audio comes when it ends). RTF = audio s per wall s.\n"
+    )
+    print("| streams | TTFA ms | streamed total s | whole (not streamed) s | TTFA / whole | total / whole | RTF |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(
+            f"| {r['streams']} | {r['ttfa_ms']:.0f} | {r['stream_total_s']:.2f} | {r['whole_s']:.2f} | "
+            f"{r['ttfa_vs_whole']:.3f} | {r['total_vs_whole']:.2f} | {r['stream_rtf']:.2f} |"
+        )
+    return {"environment": environment(), "model": label, "device": device, "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("engine", "service"):
+    for name in ("engine", "service", "stream"):
         p = sub.add_parser(name)
         p.add_argument("--model", default="tiny", help="TTS_MODEL: tiny, a checkpoint folder or a Hub id")
         p.add_argument(
@@ -443,6 +540,14 @@ def main(argv: list[str] | None = None) -> None:
     engine.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     engine.add_argument("--frames", type=int, default=64, help="codec frames per item (12.5 per audio second)")
     engine.add_argument("--repeat", type=int, default=3)
+    stream = sub.choices["stream"]
+    stream.add_argument("--dtype", default="auto")
+    stream.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    stream.add_argument("--frames", type=int, default=64, help="codec frames per stream (12.5 per audio second)")
+    stream.add_argument("--first-frames", type=int, default=4)
+    stream.add_argument("--chunk-frames", type=int, default=16)
+    stream.add_argument("--left-context", type=int, default=25)
+    stream.add_argument("--repeat", type=int, default=3)
     service = sub.choices["service"]
     service.add_argument("--url", help="drive this running service instead of starting two")
     service.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
@@ -452,7 +557,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("tts_service").setLevel(logging.WARNING)
-    result = run_engine(args) if args.command == "engine" else run_service(args)
+    commands = {"engine": run_engine, "service": run_service, "stream": run_stream}
+    result = commands[args.command](args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

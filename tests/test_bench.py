@@ -33,3 +33,15 @@ def test_service_benchmark_smoke(server: LiveServer, cache_dir: Path, tmp_path: 
     data = json.loads(out.read_text())
     assert [r["concurrency"] for r in data["batched"]] == [1, 2]
     assert all(r["failures"] == 0 and len(r["latencies"]) == 4 for r in data["batched"])
+
+
+def test_stream_benchmark_smoke(cache_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "stream.json"
+    args = ["stream", "--concurrency", "1", "2", "--frames", "10", "--repeat", "1", "--cache-dir", str(cache_dir)]
+    result = subprocess.run(BENCH + args + ["--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "| streams | TTFA ms | streamed total s | whole (not streamed) s |" in result.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["streams"] for r in rows] == [1, 2]
+    # The first chunk (4 frames) comes before a 10-frame utterance is complete.
+    assert all(0 < r["ttfa_ms"] / 1000 < r["stream_total_s"] for r in rows)

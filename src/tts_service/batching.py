@@ -15,25 +15,31 @@ from tts_service.schemas import SynthesisJob, SynthesisOutcome
 logger = logging.getLogger(__name__)
 
 
+def validate_job(engine: TTSEngine, job: SynthesisJob) -> SynthesisRequest | SynthesisOutcome:
+    """The engine's request for a job, or the refusal naming the field and the allowed values."""
+    text = job.text.strip()
+    if not text:
+        return SynthesisOutcome(error_field="text", error="text is empty")
+    try:
+        return SynthesisRequest(
+            text=text,
+            speaker=engine.resolve_speaker(job.speaker),
+            language=engine.resolve_language(job.language),
+            instruct=job.instruct.strip(),
+        )
+    except UnknownVoiceError as exc:
+        return SynthesisOutcome(error_field=exc.field, error=str(exc), allowed=exc.allowed)
+
+
 def synthesize_jobs(engine: TTSEngine, jobs: Sequence[SynthesisJob]) -> list[SynthesisOutcome]:
     outcomes: list[SynthesisOutcome | None] = [None] * len(jobs)
     accepted: list[tuple[int, SynthesisRequest]] = []
     for index, job in enumerate(jobs):
-        text = job.text.strip()
-        if not text:
-            outcomes[index] = SynthesisOutcome(error_field="text", error="text is empty")
-            continue
-        try:
-            request = SynthesisRequest(
-                text=text,
-                speaker=engine.resolve_speaker(job.speaker),
-                language=engine.resolve_language(job.language),
-                instruct=job.instruct.strip(),
-            )
-        except UnknownVoiceError as exc:
-            outcomes[index] = SynthesisOutcome(error_field=exc.field, error=str(exc), allowed=exc.allowed)
-            continue
-        accepted.append((index, request))
+        checked = validate_job(engine, job)
+        if isinstance(checked, SynthesisOutcome):
+            outcomes[index] = checked
+        else:
+            accepted.append((index, checked))
 
     for index, outcome in _generate(engine, jobs, accepted):
         outcomes[index] = outcome

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 import unicodedata
 from collections.abc import Sequence
@@ -162,6 +163,7 @@ class TTSEngine:
         self.model = model
         self.settings = settings
         self.model_id = model_id
+        self.lock = threading.Lock()  # one generation at a time on the model: batches and streaming steps
         self._speaker_keys = sorted(model.get_supported_speakers() or [])
         self._language_keys = sorted(model.get_supported_languages() or ["auto"])
         if not self._speaker_keys:
@@ -256,13 +258,14 @@ class TTSEngine:
         if self.settings.greedy:
             kwargs.update(do_sample=False, subtalker_dosample=False)
         started = time.perf_counter()
-        wavs, sample_rate = self.model.generate_custom_voice(
-            text=[r.text for r in requests],
-            speaker=[r.speaker for r in requests],
-            language=[r.language for r in requests],
-            instruct=[r.instruct for r in requests],
-            **kwargs,
-        )
+        with self.lock:
+            wavs, sample_rate = self.model.generate_custom_voice(
+                text=[r.text for r in requests],
+                speaker=[r.speaker for r in requests],
+                language=[r.language for r in requests],
+                instruct=[r.instruct for r in requests],
+                **kwargs,
+            )
         results = []
         for wav, budget in zip(wavs, budgets, strict=True):
             frames = len(wav) // self.samples_per_frame

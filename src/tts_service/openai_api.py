@@ -36,7 +36,11 @@ class SpeechRequest(BaseModel):
     speed: float = Field(1.0, ge=MIN_SPEED, le=MAX_SPEED, description="Tempo, pitch kept: 0.25 to 4.0.")
     instructions: str = Field("", max_length=1000, description="Tone and style instruction (1.7B models).")
     language: str = Field("auto", max_length=64, description="Extension: a language of GET /v1/tts/languages.")
-    stream_format: Literal["audio", "sse"] = Field("audio", description="'audio' (bytes); 'sse' is not served yet.")
+    stream_format: Literal["audio", "sse"] = Field(
+        "audio",
+        description="'audio': bytes (streamed as generated for pcm and wav at speed 1 when set explicitly); "
+        "'sse': speech.audio.delta events with base64 audio (pcm or wav), then speech.audio.done.",
+    )
 
     @property
     def voice_name(self) -> str:

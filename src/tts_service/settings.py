@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(262_144, ge=1024, description="Larger request bodies get 413.")
     max_queue: int = Field(32, ge=1, description="Requests waiting for synthesis per worker beyond which 429.")
+    max_streams: int = Field(16, ge=1, le=256, description="Streams generating together; more wait to join.")
+    stream_first_frames: int = Field(4, ge=1, description="Codec frames (80 ms each) in a stream's first chunk.")
+    stream_chunk_frames: int = Field(16, ge=1, description="Codec frames in each later chunk.")
+    stream_left_context: int = Field(25, ge=0, description="Frames of left context when decoding a chunk.")
 
     openai_voice_map: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=lambda: dict(DEFAULT_VOICE_MAP),

@@ -1,0 +1,48 @@
+"""Prometheus metrics of our own, shown on BentoML's `/metrics` next to its built-in ones.
+
+Created on first use, inside a worker: BentoML sets PROMETHEUS_MULTIPROC_DIR only when a worker starts,
+and a metric created earlier would be invisible to its multiprocess collector.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+SECONDS_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+RTF_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+
+
+@cache
+def time_to_first_audio() -> Any:
+    from prometheus_client import Histogram
+
+    return Histogram(
+        "tts_time_to_first_audio_seconds",
+        "From request arrival to the first audio byte handed to the client (whole file if not streamed).",
+        ["route"],
+        buckets=SECONDS_BUCKETS,
+    )
+
+
+@cache
+def real_time_factor() -> Any:
+    from prometheus_client import Histogram
+
+    return Histogram(
+        "tts_real_time_factor",
+        "Seconds of audio per wall-clock second of the whole request (above 1: faster than real time).",
+        ["route"],
+        buckets=RTF_BUCKETS,
+    )
+
+
+@cache
+def stream_step_batch_size() -> Any:
+    from prometheus_client import Histogram
+
+    return Histogram(
+        "tts_stream_step_batch_size",
+        "Streams advanced together in one decode step of the streaming scheduler.",
+        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+    )
