@@ -88,7 +88,8 @@ def test_voice_names_case_insensitive_object_form_and_extensions(oai: openai.Ope
         ({"input": "   "}, "input", "1 to 300 characters"),
         ({"input": "x" * 301}, "input", "1 to 300 characters"),
         ({"extra_body": {"language": "klingon"}}, "language", "english"),
-        ({"stream_format": "sse"}, "stream_format", "not supported"),
+        ({"stream_format": "sse", "response_format": "mp3"}, "response_format", "'pcm' or 'wav'"),
+        ({"stream_format": "chunks"}, "stream_format", "'sse'"),
     ],
 )
 def test_invalid_requests_get_openai_shaped_400s(oai: openai.OpenAI, overrides: dict, param: str, needle: str) -> None:
