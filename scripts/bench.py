@@ -423,8 +423,83 @@ def run_service(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+async def _http_stream_round(url: str, count: int) -> tuple[list[float], list[float], list[float], int]:
+    """`count` streams at once, then the same requests at once on /v1/tts/synthesize. Per request:
+    first byte and end of the stream, end of the whole file; and the audio frames of the streams."""
+    bodies = [
+        {"text": SERVICE_TEXTS[i % len(SERVICE_TEXTS)], "speaker": VOICES[i % 4][0], "language": VOICES[i % 4][1]}
+        for i in range(count)
+    ]
+    first = [0.0] * count
+    last = [0.0] * count
+    whole = [0.0] * count
+    frames = [0] * count
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=count + 2)) as http:
+
+        async def one_stream(index: int, started: float) -> None:
+            size = 0
+            async with http.stream("POST", "/v1/tts/stream", json={**bodies[index], "format": "pcm"}) as response:
+                response.raise_for_status()
+                async for chunk in response.aiter_raw():
+                    if size == 0 and chunk:
+                        first[index] = time.perf_counter() - started
+                    size += len(chunk)
+            last[index] = time.perf_counter() - started
+            frames[index] = size // 2 // 1920
+
+        async def one_whole(index: int, started: float) -> None:
+            response = await http.post("/v1/tts/synthesize", json={**bodies[index], "format": "pcm"})
+            response.raise_for_status()
+            whole[index] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        await asyncio.gather(*[one_stream(i, started) for i in range(count)])
+        started = time.perf_counter()
+        await asyncio.gather(*[one_whole(i, started) for i in range(count)])
+    return first, last, whole, sum(frames)
+
+
+def run_stream_http(args: argparse.Namespace) -> dict[str, Any]:
+    """The same comparison over HTTP against a running service: first byte of /v1/tts/stream vs the
+    answer of /v1/tts/synthesize, for the same requests sent at the same concurrency."""
+    rows = []
+    asyncio.run(_http_stream_round(args.url, 1))  # warm-up
+    for count in args.concurrency:
+        ttfa, done, whole, audio = [], [], [], []
+        for _ in range(args.repeat):
+            first, last, whole_s, frames = asyncio.run(_http_stream_round(args.url, count))
+            ttfa.append(statistics.median(first))
+            done.append(max(last))
+            whole.append(statistics.median(whole_s))
+            audio.append(frames / FRAME_RATE)
+        row = {
+            "streams": count,
+            "ttfa_ms": statistics.median(ttfa) * 1000,
+            "stream_total_s": statistics.median(done),
+            "whole_s": statistics.median(whole),
+        }
+        row["ttfa_vs_whole"] = row["ttfa_ms"] / 1000 / row["whole_s"]
+        row["stream_rtf"] = statistics.median(audio) / row["stream_total_s"]
+        rows.append(row)
+    print(f"\n## Streaming over HTTP: {args.url}, median of {args.repeat}\n")
+    print(
+        "TTFA = first byte of /v1/tts/stream (median over the concurrent streams); 'whole' = median answer time "
+        "of /v1/tts/synthesize for the same requests at the same concurrency (not streamed: its first byte).\n"
+    )
+    print("| streams | TTFA ms | streamed total s | whole (median) s | TTFA / whole | RTF |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(
+            f"| {r['streams']} | {r['ttfa_ms']:.0f} | {r['stream_total_s']:.2f} | {r['whole_s']:.2f} | "
+            f"{r['ttfa_vs_whole']:.3f} | {r['stream_rtf']:.2f} |"
+        )
+    return {"environment": environment(), "url": args.url, "rows": rows}
+
+
 def run_stream(args: argparse.Namespace) -> dict[str, Any]:
     """Time to first audio and whole-utterance time, streamed vs not, for each concurrency, in one run."""
+    if args.url:
+        return run_stream_http(args)
     from tts_service.streaming import ChunkPlan, StreamScheduler
 
     settings = Settings(
@@ -548,6 +623,7 @@ def main(argv: list[str] | None = None) -> None:
     stream.add_argument("--chunk-frames", type=int, default=16)
     stream.add_argument("--left-context", type=int, default=25)
     stream.add_argument("--repeat", type=int, default=3)
+    stream.add_argument("--url", help="measure over HTTP against this running service instead of in-process")
     service = sub.choices["service"]
     service.add_argument("--url", help="drive this running service instead of starting two")
     service.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])

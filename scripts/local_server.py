@@ -38,7 +38,16 @@ class LiveServer:
 
 def start_server(env_overrides: dict[str, str], log_path: Path, port: int | None = None) -> LiveServer:
     port = port or free_port()
-    env = {**os.environ, "TTS_HOST": "127.0.0.1", "BENTOML_DO_NOT_TRACK": "True", **env_overrides}
+    # Each server gets its own BENTOML_HOME: `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir
+    # when it starts, which would wipe the /metrics of any other server running under the same home.
+    home = log_path.parent / f"bentoml-home-{port}"
+    env = {
+        **os.environ,
+        "TTS_HOST": "127.0.0.1",
+        "BENTOML_DO_NOT_TRACK": "True",
+        "BENTOML_HOME": str(home),
+        **env_overrides,
+    }
     log = log_path.open("wb")
     process = subprocess.Popen(
         [BENTOML, "serve", "service:TTSService", "--host", "127.0.0.1", "--port", str(port)],

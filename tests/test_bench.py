@@ -45,3 +45,14 @@ def test_stream_benchmark_smoke(cache_dir: Path, tmp_path: Path) -> None:
     assert [r["streams"] for r in rows] == [1, 2]
     # The first chunk (4 frames) comes before a 10-frame utterance is complete.
     assert all(0 < r["ttfa_ms"] / 1000 < r["stream_total_s"] for r in rows)
+
+
+def test_stream_benchmark_over_http_smoke(server: LiveServer, tmp_path: Path) -> None:
+    out = tmp_path / "stream-http.json"
+    args = ["stream", "--url", server.url, "--concurrency", "1", "2", "--repeat", "1"]
+    result = subprocess.run(BENCH + args + ["--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "| streams | TTFA ms | streamed total s | whole (median) s |" in result.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["streams"] for r in rows] == [1, 2]
+    assert all(0 < r["ttfa_ms"] / 1000 <= r["stream_total_s"] and r["whole_s"] > 0 for r in rows)

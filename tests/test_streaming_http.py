@@ -185,6 +185,7 @@ def test_a_client_that_hangs_up_frees_its_stream(client: httpx.Client, server: L
 
 def test_time_to_first_audio_and_rtf_are_on_metrics(client: httpx.Client) -> None:
     client.post(STREAM, json={**BODY, "text": "Metrics, please."})
+    client.post("/v1/tts/synthesize", json={**BODY, "text": "And these."})
     metrics = client.get("/metrics").text
     assert re.search(r'tts_time_to_first_audio_seconds_count\{route="/v1/tts/stream"\} [1-9]', metrics)
     assert re.search(r'tts_real_time_factor_count\{route="/v1/tts/stream"\} [1-9]', metrics)
