@@ -209,6 +209,15 @@ def audio_headers(outcome: SynthesisOutcome, audio: EncodedAudio) -> dict[str, s
     }
 
 
+def openai_failure(exc: Overloaded | SynthesisFailed) -> OpenAIError:
+    """A refusal for load (429 with Retry-After) or a failed generation (500 with its request id), in OpenAI's shape."""
+    if isinstance(exc, Overloaded):
+        return OpenAIError(
+            str(exc), code="overloaded", status_code=429, headers={"Retry-After": str(exc.retry_after_s)}
+        )
+    return OpenAIError(str(exc), code="internal_error", status_code=500, headers={"X-Request-ID": exc.request_id})
+
+
 @bentoml.service(
     name="qwen3_tts",
     http={
@@ -428,14 +437,8 @@ class TTSService:
             return await self._speech_stream(job, body, info.sample_rate)
         try:
             outcome = await self._synthesize(job, "/v1/audio/speech")
-        except Overloaded as exc:
-            raise OpenAIError(
-                str(exc), code="overloaded", status_code=429, headers={"Retry-After": str(exc.retry_after_s)}
-            ) from exc
-        except SynthesisFailed as exc:
-            raise OpenAIError(
-                str(exc), code="internal_error", status_code=500, headers={"X-Request-ID": exc.request_id}
-            ) from exc
+        except (Overloaded, SynthesisFailed) as exc:
+            raise openai_failure(exc) from exc
         if outcome.error is not None or outcome.wav is None:
             param = OPENAI_PARAMS.get(outcome.error_field or "", outcome.error_field)
             raise OpenAIError(outcome.error or f"invalid {param}", param=param, code=f"invalid_{param}")
@@ -447,14 +450,8 @@ class TTSService:
         timing = Timing(route, sample_rate)
         try:
             first, rest, close = await self._open_stream(job)
-        except Overloaded as exc:
-            raise OpenAIError(
-                str(exc), code="overloaded", status_code=429, headers={"Retry-After": str(exc.retry_after_s)}
-            ) from exc
-        except SynthesisFailed as exc:
-            raise OpenAIError(
-                str(exc), code="internal_error", status_code=500, headers={"X-Request-ID": exc.request_id}
-            ) from exc
+        except (Overloaded, SynthesisFailed) as exc:
+            raise openai_failure(exc) from exc
         headers = stream_headers(job.request_id, sample_rate)
         fmt = "wav" if body.response_format == "wav" else "pcm"
         if body.stream_format == "sse":

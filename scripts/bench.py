@@ -173,10 +173,10 @@ def resolve_model(args: argparse.Namespace) -> str:
     return args.model
 
 
-def run_engine(args: argparse.Namespace) -> dict[str, Any]:
-    model = resolve_model(args)
+def load_bench_engine(args: argparse.Namespace) -> TTSEngine:
+    """Greedy, capped at --frames, no text limit: the in-process benchmarks compare fixed amounts of work."""
     settings = Settings(
-        model=model,
+        model=resolve_model(args),
         device=args.device,
         dtype=args.dtype,
         cache_dir=args.cache_dir,
@@ -184,7 +184,11 @@ def run_engine(args: argparse.Namespace) -> dict[str, Any]:
         max_new_tokens=args.frames,
         max_text_chars=100_000,
     )
-    engine = TTSEngine.load(settings)
+    return TTSEngine.load(settings)
+
+
+def run_engine(args: argparse.Namespace) -> dict[str, Any]:
+    engine = load_bench_engine(args)
     device = str(engine.model.device)
     memory = PeakMemory(device)
     frames = args.frames
@@ -533,16 +537,7 @@ def run_stream(args: argparse.Namespace) -> dict[str, Any]:
         return run_stream_http(args)
     from tts_service.streaming import ChunkPlan, StreamScheduler
 
-    settings = Settings(
-        model=resolve_model(args),
-        device=args.device,
-        dtype=args.dtype,
-        cache_dir=args.cache_dir,
-        greedy=True,
-        max_new_tokens=args.frames,
-        max_text_chars=100_000,
-    )
-    engine = TTSEngine.load(settings)
+    engine = load_bench_engine(args)
     device = str(engine.model.device)
     scheduler = StreamScheduler(engine, ChunkPlan(args.first_frames, args.chunk_frames, args.left_context), 64)
     frames = args.frames
