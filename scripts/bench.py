@@ -39,6 +39,7 @@ from tts_service.tiny_checkpoint import ARCHS, CODEC_EOS, ensure_tiny_checkpoint
 
 logger = logging.getLogger("bench")
 FRAME_RATE = 12.5  # codec frames per second of audio
+FRAME_BYTES = 2 * 1920  # 16-bit PCM bytes per codec frame (24 kHz / 12.5 Hz samples)
 
 # Long enough that the engine's text-based frame budget never cuts below --frames (up to ~500).
 LONG_TEXTS = [
@@ -469,13 +470,13 @@ async def _http_stream_round(url: str, count: int) -> tuple[list[float], list[fl
                         first[index] = time.perf_counter() - started
                     size += len(chunk)
             last[index] = time.perf_counter() - started
-            frames[index] = size // 2 // 1920
+            frames[index] = size // FRAME_BYTES
 
         async def one_whole(index: int, started: float) -> None:
             response = await http.post("/v1/tts/synthesize", json={**bodies[index], "format": "pcm"})
             response.raise_for_status()
             whole[index] = time.perf_counter() - started
-            whole_frames[index] = len(response.content) // 2 // 1920
+            whole_frames[index] = len(response.content) // FRAME_BYTES
 
         started = time.perf_counter()
         await asyncio.gather(*[one_stream(i, started) for i in range(count)])
