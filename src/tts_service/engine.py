@@ -1,13 +1,13 @@
-"""Load a Qwen3-TTS CustomVoice model once and synthesize batches of requests with it.
+"""Load a Qwen3-TTS CustomVoice model once; every request then runs through its step engine.
 
 No BentoML here: the service wraps this, and tests drive it directly.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
-import threading
 import time
 import unicodedata
 from collections.abc import Sequence
@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tts_service.audio import encode_wav
+import numpy as np
+
+from tts_service.scheduler import WHOLE_FILE_PLAN, ChunkPlan, Job, RequestHandle, StepScheduler
+from tts_service.segmenting import split_text
 from tts_service.schemas import ModelInfo, SpeakerInfo
 from tts_service.settings import Settings
 from tts_service.tiny_checkpoint import ensure_tiny_checkpoint
@@ -40,26 +43,43 @@ class UnknownVoiceError(ValueError):
 
 @dataclass(frozen=True)
 class SynthesisRequest:
-    """One validated item of a batch; speaker and language are the model's own (lower-case) keys."""
+    """One validated request; speaker and language are the model's own (lower-case) keys."""
 
     text: str
     speaker: str
     language: str = "auto"
     instruct: str = ""
+    seed: int | None = None  # None: a fresh random seed (greedy decoding ignores it)
 
 
 @dataclass(frozen=True)
 class SynthesisResult:
-    wav: bytes
+    """A whole request's audio, collected from its stream."""
+
+    audio: np.ndarray  # float32 mono
     sample_rate: int
-    num_samples: int
     frames: int
-    truncated: bool  # stopped by the frame budget rather than by end-of-speech
-    batch_size: int
+    truncated: bool  # some segment stopped at its frame budget rather than at end of speech
+    batch_size: int  # the largest step batch it shared
+    segments: int = 1
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.audio)
 
     @property
     def duration_s(self) -> float:
         return self.num_samples / self.sample_rate
+
+    @property
+    def wav(self) -> bytes:
+        from tts_service.audio import encode_wav  # FFmpeg bindings: only where files are encoded
+
+        return encode_wav(self.audio, self.sample_rate)
+
+
+class SynthesisError(RuntimeError):
+    """Generation failed for this request (not the client's fault)."""
 
 
 def _is_logographic(char: str) -> bool:
@@ -75,6 +95,11 @@ def frame_budget(text: str, ceiling: int) -> int:
     logographic = sum(1 for ch in text if _is_logographic(ch))
     seconds = 2.0 + 2.5 * (logographic / 4.0 + (len(text) - logographic) / 12.0)
     return max(1, min(ceiling, math.ceil(seconds * FRAME_RATE_HZ)))
+
+
+def estimated_frames(text: str) -> int:
+    """`frame_budget` without a ceiling: whether a text fits one generation."""
+    return frame_budget(text, 1 << 30)
 
 
 def _hub_error(spec: str, exc: Exception) -> ModelLoadError:
@@ -157,21 +182,28 @@ def _torch_options(settings: Settings) -> dict[str, Any]:
 
 
 class TTSEngine:
-    """The loaded model plus the rules for turning requests into one batched generate call."""
+    """The loaded model, its voice rules, and the step engine that every request goes through."""
 
     def __init__(self, model: Any, settings: Settings, model_id: str) -> None:
         self.model = model
         self.settings = settings
         self.model_id = model_id
-        self.lock = threading.Lock()  # one generation at a time on the model: batches and streaming steps
         self._speaker_keys = sorted(model.get_supported_speakers() or [])
         self._language_keys = sorted(model.get_supported_languages() or ["auto"])
         if not self._speaker_keys:
             raise ModelLoadError(f"{model_id} has no built-in speakers: only CustomVoice models are served.")
         self.sample_rate = int(model.model.speech_tokenizer.get_output_sample_rate())
         self.samples_per_frame = int(model.model.speech_tokenizer.get_decode_upsample_rate())
-        # Silences the "Setting pad_token_id" warning that transformers prints on every call.
+        # Silences the "Setting pad_token_id" warning that transformers prints on every plain qwen-tts call.
         model.model.talker.generation_config.pad_token_id = model.model.config.talker_config.codec_pad_id
+        self.scheduler = StepScheduler(
+            model,
+            slots=settings.max_batch_size,
+            max_len=settings.max_new_tokens + settings.max_prompt_tokens,
+            sampling=self.sampling_defaults(),
+            cuda_graphs=settings.cuda_graphs,
+            stream_plan=ChunkPlan(settings.stream_first_frames, settings.stream_chunk_frames, settings.stream_left_context),
+        )
 
     @classmethod
     def load(cls, settings: Settings) -> TTSEngine:
@@ -200,6 +232,13 @@ class TTSEngine:
             len(engine._language_keys),
         )
         return engine
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        """qwen-tts's generation settings (generation_config.json), greedy when TTS_GREEDY is set."""
+        merged = self.model._merge_generate_kwargs()
+        if self.settings.greedy:
+            merged.update(do_sample=False, subtalker_dosample=False)
+        return merged
 
     @property
     def speakers(self) -> list[str]:
@@ -249,47 +288,59 @@ class TTSEngine:
     def frame_budget(self, text: str) -> int:
         return frame_budget(text, self.settings.max_new_tokens)
 
-    def synthesize(self, requests: Sequence[SynthesisRequest]) -> list[SynthesisResult]:
-        """Run all requests in one generate_custom_voice call; each result is a complete WAV file."""
-        if not requests:
-            return []
-        budgets = [self.frame_budget(r.text) for r in requests]
-        kwargs: dict[str, Any] = {"max_new_tokens": max(budgets) + 1}  # the last step yields no frame
-        if self.settings.greedy:
-            kwargs.update(do_sample=False, subtalker_dosample=False)
-        started = time.perf_counter()
-        with self.lock:
-            wavs, sample_rate = self.model.generate_custom_voice(
-                text=[r.text for r in requests],
-                speaker=[r.speaker for r in requests],
-                language=[r.language for r in requests],
-                instruct=[r.instruct for r in requests],
-                **kwargs,
-            )
-        results = []
-        for wav, budget in zip(wavs, budgets, strict=True):
-            frames = len(wav) // self.samples_per_frame
-            truncated = frames >= budget
-            # The codec decoder is causal, so cutting the waveform equals decoding the cut codes.
-            wav = wav[: min(frames, budget) * self.samples_per_frame]
-            results.append(
-                SynthesisResult(
-                    wav=encode_wav(wav, sample_rate),
-                    sample_rate=sample_rate,
-                    num_samples=len(wav),
-                    frames=len(wav) // self.samples_per_frame,
-                    truncated=truncated,
-                    batch_size=len(requests),
-                )
-            )
-        elapsed = time.perf_counter() - started
-        audio_s = sum(r.duration_s for r in results)
-        logger.info(
-            "synthesized batch of %d: %.2f s of audio in %.2f s (%.2f audio s per wall s), %d cut by frame budget",
-            len(requests),
-            audio_s,
-            elapsed,
-            audio_s / elapsed if elapsed else 0.0,
-            sum(r.truncated for r in results),
+    def segments(self, text: str) -> list[str]:
+        """The text cut where needed so that each piece fits one generation (see segmenting.py)."""
+        limit = self.settings.segment_chars
+
+        def fits(piece: str) -> bool:
+            return len(piece) <= limit and estimated_frames(piece) <= self.settings.max_new_tokens
+
+        return split_text(text, fits, max_chars=max(1, min(limit, self._chars_per_generation())))
+
+    def _chars_per_generation(self) -> int:
+        """Most logographic characters whose frame budget still fits one generation (the hard-cut size)."""
+        seconds = self.settings.max_new_tokens / FRAME_RATE_HZ
+        return max(1, int((seconds - 2.0) / 2.5 * 4))
+
+    def job(self, request: SynthesisRequest, stream: bool = True) -> Job:
+        segments = tuple(self.segments(request.text))
+        instruct = request.instruct if self.supports_instruct else ""
+        return Job(
+            segments=segments,
+            speaker=request.speaker,
+            language=request.language,
+            instruct=instruct,
+            seed=StepScheduler.new_seed() if request.seed is None else request.seed,
+            plan=self.scheduler.stream_plan if stream else WHOLE_FILE_PLAN,
+            budgets=tuple(self.frame_budget(segment) for segment in segments),
         )
-        return results
+
+    def submit(
+        self,
+        request: SynthesisRequest,
+        request_id: str,
+        loop: asyncio.AbstractEventLoop | None = None,
+        stream: bool = True,
+    ) -> RequestHandle:
+        """Start a request; its audio arrives as float32 chunks through the returned handle."""
+        return self.scheduler.submit(self.job(request, stream), request_id, loop)
+
+    def cancel(self, request_id: str) -> bool:
+        return self.scheduler.cancel(request_id)
+
+    def synthesize(self, request: SynthesisRequest, request_id: str | None = None) -> SynthesisResult:
+        """A whole request, blocking: the same stream as every route, drained (tests, benchmarks)."""
+        handle = self.submit(request, request_id or f"sync-{time.monotonic_ns()}", stream=False)
+        audio = handle.collect()
+        end = handle.end
+        assert end is not None
+        if end.error:
+            raise SynthesisError(end.error)
+        return SynthesisResult(
+            audio=audio,
+            sample_rate=self.sample_rate,
+            frames=end.frames,
+            truncated=end.truncated,
+            batch_size=end.max_batch,
+            segments=end.segments,
+        )

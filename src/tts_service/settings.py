@@ -41,9 +41,15 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(4096, ge=1, le=100_000)
     max_new_tokens: int = Field(2048, ge=2, description="Ceiling on codec frames per request (12.5 per second).")
     greedy: bool = Field(False, description="Greedy decoding (deterministic) instead of the model's sampling.")
+    cuda_graphs: bool = Field(True, description="On a GPU, replay the frame step as captured CUDA graphs.")
 
-    max_batch_size: int = Field(8, ge=1, le=256)
-    max_latency_ms: int = Field(120_000, ge=100, description="Longest a request may wait and run in the batcher.")
+    max_batch_size: int = Field(
+        32, ge=1, le=256, description="Requests sharing each decode step (KV slots); more wait to join."
+    )
+    max_prompt_tokens: int = Field(1536, ge=64, description="KV room per slot for the prompt, beyond max_new_tokens.")
+    segment_chars: int = Field(
+        400, ge=20, description="Longer texts are spoken as segments of at most this many characters."
+    )
     request_timeout_s: int = Field(300, ge=1)
     max_concurrency: int = Field(64, ge=1, description="Requests in flight per worker beyond which 429 is answered.")
 
@@ -56,7 +62,6 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(262_144, ge=1024, description="Larger request bodies get 413.")
     max_queue: int = Field(32, ge=1, description="Requests waiting for synthesis per worker beyond which 429.")
-    max_streams: int = Field(16, ge=1, le=256, description="Streams generating together; more wait to join.")
     stream_first_frames: int = Field(4, ge=1, description="Codec frames (80 ms each) in a stream's first chunk.")
     stream_chunk_frames: int = Field(16, ge=1, description="Codec frames in each later chunk.")
     stream_left_context: int = Field(25, ge=0, description="Frames of left context when decoding a chunk.")

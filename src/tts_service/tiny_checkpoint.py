@@ -97,7 +97,10 @@ _REAL_SHARED = dict(
 )
 ARCH_0_6B = ArchSpec(talker_hidden=1024, talker_intermediate=3072, model_size="0b6", **_REAL_SHARED)
 ARCH_1_7B = ArchSpec(talker_hidden=2048, talker_intermediate=6144, model_size="1b7", **_REAL_SHARED)
-ARCHS: dict[str, ArchSpec] = {"tiny": TINY, "0.6b": ARCH_0_6B, "1.7b": ARCH_1_7B}
+# The released layer counts (28 talker, 5 code-predictor, 8 decoder layers) at tiny widths: the op and
+# launch counts of the real models, at a CPU-friendly cost.
+DEEP = ArchSpec(talker_layers=28, predictor_layers=5, decoder_layers=8)
+ARCHS: dict[str, ArchSpec] = {"tiny": TINY, "deep": DEEP, "0.6b": ARCH_0_6B, "1.7b": ARCH_1_7B}
 
 
 def _build_text_tokenizer(out_dir: Path) -> dict[str, int]:
@@ -300,7 +303,7 @@ def build_tiny_checkpoint(out_dir: Path | str, *, arch: ArchSpec = TINY, seed: i
 
     special_ids = _build_text_tokenizer(out)
     model = _build_talker(arch, special_ids, generator)
-    if arch != TINY:  # bf16 on disk, as released: halves the size of the real-size random checkpoints
+    if arch.talker_hidden > TINY.talker_hidden:  # bf16 on disk, as released: halves the real-size checkpoints
         model = model.to(torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)
     _build_speech_tokenizer(arch, out / "speech_tokenizer", generator)

@@ -1,0 +1,281 @@
+"""The step engine in-process, side by side with plain qwen-tts: time to first audio, real-time factor,
+throughput under staggered streams, the frame step's kernel and sync census, graphs against eager.
+
+    python scripts/bench_engine.py --arch 1.7b --device cuda            # random weights, real sizes
+    python scripts/bench_engine.py --arch deep --device cpu --streams 1 4
+
+End of speech is suppressed, so every request generates exactly `--frames` frames (12.5 = 1 s).
+Prints markdown tables; `--json FILE` also writes the raw figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from census import census  # noqa: E402
+
+from tts_service import frame_step as fs  # noqa: E402
+from tts_service.engine import TTSEngine  # noqa: E402
+from tts_service.scheduler import ChunkPlan, Job, StepScheduler  # noqa: E402
+from tts_service.settings import Settings  # noqa: E402
+from tts_service.tiny_checkpoint import CODEC_EOS, ensure_tiny_checkpoint  # noqa: E402
+
+logger = logging.getLogger("bench_engine")
+FRAME_RATE = 12.5
+TEXT = (
+    "The east wing of the gallery opens at nine. Please keep to the marked paths, and ask any guide if you "
+    "would like to hear more about the paintings, the sculptures or the history of the house itself."
+)
+VOICES = [("ryan", "english"), ("vivian", "chinese"), ("sohee", "korean"), ("aiden", "auto")]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def job(index: int, frames: int, plan: ChunkPlan) -> Job:
+    speaker, language = VOICES[index % len(VOICES)]
+    return Job((TEXT,), speaker, language, "", seed=index, plan=plan, budgets=(frames,))
+
+
+@dataclass
+class StreamTiming:
+    submitted: float
+    first_audio: float | None = None
+    ended: float | None = None
+    samples: int = 0
+
+
+def run_streams(scheduler: StepScheduler, count: int, frames: int, stagger_s: float, plan: ChunkPlan) -> dict:
+    """Submit `count` streams `stagger_s` apart and time each one's first chunk and end."""
+    timings: list[StreamTiming] = []
+    threads = []
+
+    def consume(handle, timing: StreamTiming) -> None:
+        for chunk in handle:
+            if timing.first_audio is None:
+                timing.first_audio = time.perf_counter()
+            timing.samples += len(chunk)
+        timing.ended = time.perf_counter()
+
+    started = time.perf_counter()
+    for index in range(count):
+        timing = StreamTiming(time.perf_counter())
+        handle = scheduler.submit(job(index, frames, plan), f"bench-{index}-{time.monotonic_ns()}")
+        thread = threading.Thread(target=consume, args=(handle, timing))
+        thread.start()
+        threads.append(thread)
+        timings.append(timing)
+        if stagger_s and index + 1 < count:
+            time.sleep(stagger_s)
+    for thread in threads:
+        thread.join()
+    wall = max(t.ended for t in timings) - started
+    audio = sum(t.samples for t in timings) / 24000
+    ttfa = sorted((t.first_audio - t.submitted) * 1000 for t in timings)
+    rtf = [t.samples / 24000 / (t.ended - t.submitted) for t in timings]
+    return {
+        "streams": count,
+        "frames": frames,
+        "audio_s": audio,
+        "wall_s": wall,
+        "audio_s_per_s": audio / wall,
+        "ttfa_p50_ms": statistics.median(ttfa),
+        "ttfa_p95_ms": ttfa[min(len(ttfa) - 1, int(0.95 * len(ttfa)))],
+        "rtf_min": min(rtf),
+        "rtf_median": statistics.median(rtf),
+        "batch_max": max(scheduler.step_batch_sizes, default=0),
+    }
+
+
+def plain_qwen_tts(engine: TTSEngine, batch: int, frames: int, device: str) -> dict:
+    """qwen-tts's own generate_custom_voice on the same text, greedy, `frames` frames per item."""
+    voices = [VOICES[i % len(VOICES)] for i in range(batch)]
+    kwargs = dict(do_sample=False, subtalker_dosample=False, max_new_tokens=frames + 1)
+    engine.model.generate_custom_voice(text=[TEXT], speaker=["ryan"], language=["english"], **{**kwargs, "max_new_tokens": 3})
+    sync(device)
+    started = time.perf_counter()
+    wavs, _ = engine.model.generate_custom_voice(
+        text=[TEXT] * batch, speaker=[v[0] for v in voices], language=[v[1] for v in voices], **kwargs
+    )
+    sync(device)
+    wall = time.perf_counter() - started
+    audio = sum(len(w) for w in wavs) / 24000
+    return {"batch": batch, "frames": frames, "wall_s": wall, "audio_s": audio, "rtf_per_stream": audio / batch / wall}
+
+
+def step_census(scheduler: StepScheduler, n: int, device: str) -> dict:
+    """Ops, kernels and syncs of one eager frame step at batch n, plus CUDA kernels seen by the profiler."""
+    w, s = scheduler.weights, scheduler.state
+    out: dict[str, Any] = {"batch": n}
+    with torch.inference_mode():
+        fs.frame_step(w, s, n, 256, True)
+        with census() as counted:
+            fs.frame_step(w, s, n, 256, True)
+        out.update(ops=counted.ops, kernel_ops=counted.kernels, syncs=counted.syncs, python_tensors=counted.python_tensors)
+        if device.startswith("cuda"):
+            from torch.profiler import ProfilerActivity, profile
+
+            sync(device)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fs.frame_step(w, s, n, 256, True)
+                sync(device)
+            out["cuda_kernels_eager"] = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+            step = scheduler.step_fn
+            if not isinstance(step, type(fs.frame_step)):
+                step(w, s, n, 256, True)
+                sync(device)
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    step(w, s, n, 256, True)
+                    sync(device)
+                out["cuda_kernels_graph"] = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for _ in range(3):
+                    scheduler.step_fn(w, s, n, 256, True)
+                out["sync_debug_error_mode"] = "clean"
+            except RuntimeError as exc:
+                out["sync_debug_error_mode"] = f"raised: {exc}"[:200]
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    return out
+
+
+def time_steps(step, scheduler: StepScheduler, n: int, kv_len: int, device: str, repeat: int = 20) -> float:
+    w, s = scheduler.weights, scheduler.state
+    with torch.inference_mode():
+        for _ in range(3):
+            step(w, s, n, kv_len, False)
+        sync(device)
+        started = time.perf_counter()
+        for _ in range(repeat):
+            step(w, s, n, kv_len, False)
+        sync(device)
+    return (time.perf_counter() - started) / repeat * 1000
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="1.7b")
+    parser.add_argument("--model", default=None, help="a checkpoint folder instead of --arch")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "tts_service")
+    parser.add_argument("--frames", type=int, default=250)
+    parser.add_argument("--plain-frames", type=int, default=50)
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--stagger-ms", type=float, default=50)
+    parser.add_argument("--slots", type=int, default=32)
+    parser.add_argument("--no-plain", action="store_true")
+    parser.add_argument("--no-eager", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model = args.model or str(ensure_tiny_checkpoint(args.cache_dir, args.arch))
+    settings = Settings(
+        model=model,
+        device=args.device,
+        dtype=args.dtype,
+        greedy=True,
+        max_batch_size=max(args.slots, max(args.streams)),
+        max_new_tokens=max(args.frames, 64) + 8,
+        max_prompt_tokens=256,
+        cache_dir=args.cache_dir,
+    )
+    loaded = time.perf_counter()
+    engine = TTSEngine.load(settings)
+    print(f"engine loaded (graphs captured) in {time.perf_counter() - loaded:.1f} s")
+    if args.device.startswith("cuda"):
+        print(f"GPU memory after load: {torch.cuda.memory_allocated() / 1e9:.1f} GB allocated")
+    scheduler = engine.scheduler
+    with torch.inference_mode():
+        scheduler.weights.suppress[CODEC_EOS] = True  # every request runs exactly its frame budget
+    hook = engine.model.model.talker.codec_head.register_forward_hook(
+        lambda _m, _i, out: out.index_fill(-1, torch.tensor([CODEC_EOS], device=out.device), -1e4)
+    )
+    report: dict[str, Any] = {"arch": args.arch, "device": args.device, "torch": torch.__version__}
+    if args.device.startswith("cuda"):
+        report["gpu"] = torch.cuda.get_device_name()
+
+    report["census"] = [step_census(scheduler, n, args.device) for n in (1, 8)]
+    print("\n## Frame step census\n")
+    for row in report["census"]:
+        print(row)
+
+    kv = 256
+    report["step_ms"] = []
+    for n in (1, 8, 32):
+        if n > scheduler.slots:
+            continue
+        row = {"batch": n, "eager_ms": time_steps(fs.frame_step, scheduler, n, kv, args.device)}
+        if scheduler.step_fn is not fs.frame_step:
+            row["graph_ms"] = time_steps(scheduler.step_fn, scheduler, n, kv, args.device)
+            row["speedup"] = row["eager_ms"] / row["graph_ms"]
+        report["step_ms"].append(row)
+    print("\n## Frame step time (keys 256, greedy)\n")
+    print("| batch | eager ms | graph ms | graph speed-up | frames/s at graph |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for row in report["step_ms"]:
+        g = row.get("graph_ms", float("nan"))
+        print(f"| {row['batch']} | {row['eager_ms']:.2f} | {g:.2f} | {row.get('speedup', float('nan')):.1f}x | {row['batch'] * 1000 / g:.0f} |")
+
+    plans = {"stream": scheduler.stream_plan}
+    report["load"] = []
+    modes = [("graphs", scheduler.step_fn)]
+    if not args.no_eager and scheduler.step_fn is not fs.frame_step:
+        modes.append(("eager", fs.frame_step))
+    for mode, step in modes:
+        scheduler.step_fn = step
+        run_streams(scheduler, 1, 16, 0, plans["stream"])  # warm-up
+        for count in args.streams:
+            if count > scheduler.slots:
+                continue
+            scheduler.step_batch_sizes.clear()
+            result = run_streams(scheduler, count, args.frames, args.stagger_ms / 1000 if count > 1 else 0, plans["stream"])
+            result["mode"] = mode
+            report["load"].append(result)
+            print(mode, result, flush=True)
+        scheduler.step_fn = modes[0][1]
+    print(f"\n## Streams, {args.frames} frames ({args.frames / FRAME_RATE:.0f} s) each, staggered {args.stagger_ms:.0f} ms\n")
+    print("| step | streams | audio s/s | TTFA p50 ms | TTFA p95 ms | slowest stream RTF | median RTF | max step batch |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in report["load"]:
+        print(
+            f"| {r['mode']} | {r['streams']} | {r['audio_s_per_s']:.1f} | {r['ttfa_p50_ms']:.0f} | {r['ttfa_p95_ms']:.0f} "
+            f"| {r['rtf_min']:.1f} | {r['rtf_median']:.1f} | {r['batch_max']} |"
+        )
+
+    if not args.no_plain:
+        report["plain"] = []
+        for batch in (1, 8):
+            result = plain_qwen_tts(engine, batch, args.plain_frames, args.device)
+            report["plain"].append(result)
+            print("plain", result, flush=True)
+        print(f"\n## Plain qwen-tts generate_custom_voice, {args.plain_frames} frames, greedy\n")
+        print("| batch | wall s | audio s | RTF per stream | audio s/s |")
+        print("| ---: | ---: | ---: | ---: | ---: |")
+        for r in report["plain"]:
+            print(f"| {r['batch']} | {r['wall_s']:.2f} | {r['audio_s']:.1f} | {r['rtf_per_stream']:.2f} | {r['audio_s'] / r['wall_s']:.1f} |")
+    hook.remove()
+    if args.device.startswith("cuda"):
+        report["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        print(f"\npeak GPU memory allocated: {report['peak_gpu_gb']:.1f} GB")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

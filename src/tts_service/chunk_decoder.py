@@ -1,0 +1,150 @@
+"""Codec frames to audio, off the step loop: on a GPU its own thread and CUDA stream, so talker steps never
+wait for the speech decoder; on the CPU inline (there is no second device queue to overlap with).
+
+Each window is decoded with left context (frames already sent), and only its new frames' samples are
+handed on. Windows of the same length are decoded as one batch. Per request, chunks and the request's
+end leave in the order they were submitted.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Window:
+    """`codes[context:]` are new; `codes[:context]` were sent already and only condition the decoder."""
+
+    handle: Any  # RequestHandle
+    codes: np.ndarray  # [frames, 16]
+    context: int
+
+
+@dataclass
+class Ending:
+    """Sent after a request's last window: calls `finish` (which hands the request its end)."""
+
+    handle: Any
+    finish: Callable[[], None]
+
+
+class ChunkDecoder:
+    """Queue windows (or endings) with `put`; `threaded` runs them on a worker with its own CUDA stream."""
+
+    def __init__(self, decoder: torch.nn.Module, samples_per_frame: int, device: torch.device, threaded: bool) -> None:
+        self.decoder = decoder
+        self.samples_per_frame = samples_per_frame
+        self.device = device
+        self.threaded = threaded
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.on_error: Callable[[Any, str], None] = lambda handle, error: None
+        self._queue: queue.SimpleQueue[list[Window | Ending]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.pending = 0  # batches queued or being decoded
+
+    def put(self, items: list[Window | Ending]) -> None:
+        if not items:
+            return
+        if not self.threaded:
+            self._process(items)
+            return
+        self.pending += 1
+        self._queue.put(items)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="tts-chunk-decoder", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            items = self._queue.get()
+            try:
+                self._process(items)
+            finally:
+                self.pending -= 1
+
+    def _process(self, items: list[Window | Ending]) -> None:
+        windows = [item for item in items if isinstance(item, Window) and item.handle.end is None]
+        groups: dict[int, list[Window]] = {}
+        for window in windows:
+            groups.setdefault(len(window.codes), []).append(window)
+        for group in groups.values():
+            try:
+                audio = self.decode([w.codes for w in group])
+            except Exception as exc:
+                logger.exception("decoding failed for %d requests", len(group))
+                for window in group:
+                    self.on_error(window.handle, f"{type(exc).__name__}: {exc}")
+                continue
+            spf = self.samples_per_frame
+            for window, wav in zip(group, audio, strict=True):
+                if window.handle.end is None:
+                    window.handle._put(np.ascontiguousarray(wav[window.context * spf : len(window.codes) * spf]))
+        for item in items:
+            if isinstance(item, Ending):
+                item.finish()
+
+    @torch.inference_mode()
+    def decode(self, codes: list[np.ndarray]) -> np.ndarray:
+        """Equal-length code windows [T, 16] -> float32 audio [b, T * samples_per_frame]."""
+        host = torch.from_numpy(np.stack(codes))
+        if self.stream is None:
+            return self.decoder(host.transpose(1, 2).clamp(min=0)).squeeze(1).float().numpy()
+        with torch.cuda.stream(self.stream):
+            batch = host.to(self.device).transpose(1, 2).clamp(min=0)
+            graph = self._graph_for(batch.shape[0], batch.shape[2])
+            if graph is None:
+                wav = self.decoder(batch).squeeze(1).float()
+            else:
+                static_in, static_out, graph_obj = graph
+                static_in[: batch.shape[0]].copy_(batch)
+                graph_obj.replay()
+                wav = static_out[: batch.shape[0]]
+            return wav.cpu().numpy()  # waits for this stream only
+
+    # ---- CUDA graphs of the decoder for its common window shapes -----------------------------------
+    graph_lengths: tuple[int, ...] = ()
+    graph_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    _graphs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]] | None = None
+
+    def capture(self, lengths: tuple[int, ...], batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> None:
+        """Capture the decoder for windows of these frame counts (e.g. a stream's steady chunk plus its
+        left context) at these batch sizes. Any other shape is decoded eagerly. If the decoder cannot be
+        captured (a host sync inside), it stays eager and says so."""
+        if self.stream is None:
+            return
+        self._graphs, self.graph_batches = {}, tuple(sorted(batches))
+        pool = torch.cuda.graph_pool_handle()
+        try:
+            with torch.inference_mode(), torch.cuda.stream(self.stream):
+                for length in lengths:
+                    for batch in self.graph_batches:
+                        static_in = torch.zeros(batch, 16, length, dtype=torch.long, device=self.device)
+                        for _ in range(2):
+                            self.decoder(static_in)
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph, pool=pool, stream=self.stream):
+                            static_out = self.decoder(static_in).squeeze(1).float()
+                        self._graphs[(batch, length)] = (static_in, static_out, graph)
+            self.graph_lengths = tuple(lengths)
+            logger.info("captured %d CUDA graphs of the speech decoder (windows %s)", len(self._graphs), lengths)
+        except Exception:
+            logger.warning("the speech decoder could not be captured as a CUDA graph; decoding eagerly", exc_info=True)
+            self._graphs, self.graph_lengths = None, ()
+
+    def _graph_for(self, batch: int, length: int):
+        if not self._graphs or length not in self.graph_lengths:
+            return None
+        for size in self.graph_batches:
+            if size >= batch:
+                return self._graphs.get((size, length))
+        return None

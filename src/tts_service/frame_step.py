@@ -1,0 +1,509 @@
+"""One codec frame for every request in the step batch, as plain tensor code over qwen-tts's weights.
+
+Why our own step: qwen-tts's talker forward runs HF `generate` for the 15 residual codebooks (about
+4,900 kernel launches and 15 host syncs per frame) and keeps a `DynamicCache` that must be padded,
+concatenated and re-indexed whenever a request joins or leaves. Here:
+
+- **KV slots.** The talker's K/V live in preallocated per-layer tensors `[slots, kv_heads, max_len,
+  head_dim]`. A request owns one slot from prefill to its end; its row in the step batch *is* its slot,
+  so the step reads `cache[:n]` as a view, never a gather. Join writes only the joining slot; leave
+  flips its `active` flag. No other row's cache moves. Idle slots inside the window compute into their
+  own (free) slot, which acts as the scratch row.
+- **Positions per slot**, so there is no left padding: each row attends to keys `0..position`.
+- **The code predictor** is an unrolled loop of 15 steps over a small static per-frame cache.
+- **Sampling on the device** (`sampling.py`), with per-row settings and seeds.
+
+`frame_step` has no host sync and builds no tensor from Python data, so it can be captured as one
+CUDA graph per batch size and compiles with `torch.compile(fullgraph=True)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tts_service.sampling import SamplingParams, filter_and_choose, uniform
+
+logger = logging.getLogger(__name__)
+
+NUM_CODE_GROUPS = 16
+
+
+@dataclass
+class LayerWeights:
+    """One transformer layer; q/k/v and gate/up are fused into single matrices."""
+
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    qk_norm: torch.Tensor  # [heads + kv_heads, head_dim]: q_norm's weight per query head, then k_norm's
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
+@dataclass
+class Stack:
+    """A decoder stack: its layers, sizes and the RoPE table for its positions."""
+
+    layers: list[LayerWeights]
+    norm: torch.Tensor
+    eps: float
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    cos: torch.Tensor  # [positions, head_dim], model dtype
+    sin: torch.Tensor  # the same, sign-flipped on the first half: rotate_half(x) * sin = roll(x) * this
+
+
+@dataclass
+class Weights:
+    talker: Stack
+    predictor: Stack
+    codec_embedding: torch.Tensor  # talker's codec embedding [3072, H]
+    codec_head: torch.Tensor  # [3072, H]
+    predictor_embeddings: list[torch.Tensor]  # 15 x [2048, H]
+    predictor_heads: list[torch.Tensor]  # 15 x [2048, Hc]
+    projection: torch.Tensor | None  # talker hidden -> predictor hidden (None: same size)
+    projection_bias: torch.Tensor | None
+    tts_pad: torch.Tensor  # [H]: added to every decode step's input (non-streaming text mode)
+    suppress: torch.Tensor  # [3072] bool: codec control ids the talker may never emit
+    eos_mask: torch.Tensor  # [3072] bool: only the end-of-speech id
+    eos: int
+
+
+@dataclass
+class SlotState:
+    """Everything a request keeps on the device between steps, indexed by slot."""
+
+    keys: list[torch.Tensor]  # per talker layer [slots, kv_heads, max_len, head_dim]
+    values: list[torch.Tensor]
+    predictor_keys: list[torch.Tensor]  # per predictor layer [slots, kv_heads, 16, head_dim]
+    predictor_values: list[torch.Tensor]
+    last_token: torch.Tensor  # [slots] long: the first codebook of the frame the next step completes
+    past_hidden: torch.Tensor  # [slots, H]: the talker's last (normed) hidden state
+    position: torch.Tensor  # [slots] long: where the next step writes its K/V
+    generated: torch.Tensor  # [slots] long: first-codebook tokens sampled so far
+    seen: torch.Tensor  # [slots, 3072] bool: for the repetition penalty
+    active: torch.Tensor  # [slots] bool
+    seed: torch.Tensor  # [slots] long
+    do_sample: torch.Tensor
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    repetition_penalty: torch.Tensor
+    sub_do_sample: torch.Tensor
+    sub_temperature: torch.Tensor
+    sub_top_k: torch.Tensor
+    sub_top_p: torch.Tensor
+    rows: torch.Tensor  # arange(slots)
+    key_index: torch.Tensor  # arange(max_len)
+
+    @property
+    def slots(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def max_len(self) -> int:
+        return int(self.key_index.shape[0])
+
+
+# ---- building blocks ----------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """qwen-tts's RMSNorm, operation for operation (float32 inside, weight applied in the input dtype)."""
+    if x.dtype == torch.float32:  # the casts are no-ops; skipping them saves dispatches on the CPU
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    dtype = x.dtype
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def _project_qkv(
+    x: torch.Tensor, layer: LayerWeights, stack: Stack, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, T, H] -> q [B, heads, T, D], k and v [B, kv_heads, T, D], RoPE applied. cos/sin: [B, T, 1, D].
+
+    q and k are normed and rotated together (their norms differ only in weight), and rotate_half(x)
+    is roll(x, D/2) against a sign-flipped sine: the same values as qwen-tts's, in fewer operations."""
+    batch, length, _ = x.shape
+    d = stack.head_dim
+    qkv = F.linear(rms_norm(x, layer.input_norm, stack.eps), layer.qkv, layer.qkv_bias)
+    qk, v = qkv.split([(stack.heads + stack.kv_heads) * d, stack.kv_heads * d], dim=-1)
+    qk = rms_norm(qk.view(batch, length, stack.heads + stack.kv_heads, d), layer.qk_norm, stack.eps)
+    qk = qk * cos + qk.roll(d // 2, dims=-1) * sin
+    q, k = qk.transpose(1, 2).split([stack.heads, stack.kv_heads], dim=1)
+    v = v.view(batch, length, stack.kv_heads, d).transpose(1, 2)
+    return q, k, v
+
+
+def _finish_layer(x: torch.Tensor, attn: torch.Tensor, layer: LayerWeights, stack: Stack) -> torch.Tensor:
+    """Output projection, residual, MLP (SiLU-gated), residual. attn: [B, heads, T, D]."""
+    batch, _, length, _ = attn.shape
+    attn = attn.transpose(1, 2).reshape(batch, length, -1)
+    x = x + F.linear(attn, layer.o, layer.o_bias)
+    gate, up = F.linear(rms_norm(x, layer.post_norm, stack.eps), layer.gate_up).split(stack.intermediate, dim=-1)
+    return x + F.linear(F.silu(gate) * up, layer.down)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stack: Stack, **kwargs) -> torch.Tensor:
+    return F.scaled_dot_product_attention(
+        q, k, v, scale=stack.head_dim**-0.5, enable_gqa=stack.heads != stack.kv_heads, **kwargs
+    )
+
+
+def choose_first_codebook(
+    w: Weights,
+    logits: torch.Tensor,
+    seen: torch.Tensor,
+    generated: torch.Tensor,
+    seed: torch.Tensor,
+    do_sample: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    repetition_penalty: torch.Tensor,
+    sample: bool = True,
+) -> torch.Tensor:
+    """The talker's logits rules as qwen-tts sets them for HF generate: repetition penalty over the
+    row's own codes, codec control ids suppressed, no end of speech before the second token.
+    `sample=False` (every row greedy, known to the host) skips the sampling work."""
+    penalty = repetition_penalty[:, None]
+    logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+    logits = logits.masked_fill(w.suppress[None, :], float("-inf"))
+    logits = logits.masked_fill((generated < 2)[:, None] & w.eos_mask[None, :], float("-inf"))
+    if not sample:
+        return logits.argmax(dim=-1)
+    draws = uniform(seed, generated, 0, logits.shape[-1])
+    return filter_and_choose(logits, do_sample, temperature, top_k, top_p, draws)
+
+
+# ---- the frame function -------------------------------------------------------------------------
+
+
+def _predict_codes(
+    w: Weights, s: SlotState, n: int, talker_embed: torch.Tensor, sample: bool
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The code predictor's 15 residual codebooks for rows [:n], unrolled over its per-frame cache.
+    Returns the 15 codes and their embeddings in the talker's space; writes nothing but that cache."""
+    stack = w.predictor
+    frame = s.generated[:n] - 1  # index of the frame being completed: its draws' counter
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        return x if w.projection is None else F.linear(x, w.projection, w.projection_bias)
+
+    x = project(torch.stack((s.past_hidden[:n], talker_embed), dim=1))  # [n, 2, Hc]
+    embeds: list[torch.Tensor] = []
+    codes: list[torch.Tensor] = []
+    for step in range(NUM_CODE_GROUPS - 1):
+        start, length = (0, 2) if step == 0 else (step + 1, 1)
+        cos = stack.cos[start : start + length][None, :, None]
+        sin = stack.sin[start : start + length][None, :, None]
+        for layer, keys, values in zip(stack.layers, s.predictor_keys, s.predictor_values, strict=True):
+            q, k, v = _project_qkv(x, layer, stack, cos, sin)
+            keys[:n, :, start : start + length] = k
+            values[:n, :, start : start + length] = v
+            end = start + length
+            attn = _attend(q, keys[:n, :, :end], values[:n, :, :end], stack, is_causal=step == 0)
+            x = _finish_layer(x, attn, layer, stack)
+        hidden = rms_norm(x[:, -1], stack.norm, stack.eps)
+        logits = F.linear(hidden, w.predictor_heads[step]).to(torch.float32)
+        if sample:
+            draws = uniform(s.seed[:n], frame, step + 1, logits.shape[-1])
+            code = filter_and_choose(
+                logits, s.sub_do_sample[:n], s.sub_temperature[:n], s.sub_top_k[:n], s.sub_top_p[:n], draws
+            )
+        else:
+            code = logits.argmax(dim=-1)
+        codes.append(code)
+        embed = F.embedding(code, w.predictor_embeddings[step])  # [n, H]
+        embeds.append(embed)
+        if step < NUM_CODE_GROUPS - 2:
+            x = project(embed[:, None])
+    return codes, embeds
+
+
+def frame_step(
+    w: Weights, s: SlotState, n: int, kv_len: int, sample: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advance rows (= slots) [:n] by one codec frame.
+
+    Completes each row's frame (its pending first-codebook token plus 15 predicted codes), runs one
+    talker step on it and picks the next first-codebook token. `kv_len` bounds the keys attended to and
+    must exceed every active row's position; `sample=False` when no row samples (greedy only).
+    Returns frames [n, 16] and done [n] (next token is end of speech). Rows that are not active
+    compute harmlessly inside their own slot. `n`, `kv_len` and `sample` are shapes and switches
+    the host knows; everything per row lives on the device.
+    """
+    stack = w.talker
+    token = s.last_token[:n]
+    position = s.position[:n]
+    talker_embed = F.embedding(token, w.codec_embedding)  # [n, H]
+    codes, embeds = _predict_codes(w, s, n, talker_embed, sample)
+    x = (torch.stack([talker_embed, *embeds], dim=1).sum(dim=1) + w.tts_pad)[:, None]  # [n, 1, H]
+
+    cos = stack.cos[position][:, None, None]  # [n, 1, 1, D]: one position per row
+    sin = stack.sin[position][:, None, None]
+    rows = s.rows[:n]
+    visible = (s.key_index[:kv_len][None, :] <= position[:, None])[:, None, None]  # [n, 1, 1, kv_len]
+    for layer, keys, values in zip(stack.layers, s.keys, s.values, strict=True):
+        q, k, v = _project_qkv(x, layer, stack, cos, sin)
+        keys[rows, :, position] = k[:, :, 0]
+        values[rows, :, position] = v[:, :, 0]
+        attn = _attend(q, keys[:n, :, :kv_len], values[:n, :, :kv_len], stack, attn_mask=visible)
+        x = _finish_layer(x, attn, layer, stack)
+    hidden = rms_norm(x[:, 0], stack.norm, stack.eps)  # [n, H]
+    logits = F.linear(hidden, w.codec_head).to(torch.float32)
+    generated = s.generated[:n]
+    next_token = choose_first_codebook(
+        w,
+        logits,
+        s.seen[:n],
+        generated,
+        s.seed[:n],
+        s.do_sample[:n],
+        s.temperature[:n],
+        s.top_k[:n],
+        s.top_p[:n],
+        s.repetition_penalty[:n],
+        sample,
+    )
+    frame = torch.stack([token, *codes], dim=1)
+    done = next_token == w.eos
+
+    s.last_token[:n] = next_token
+    s.past_hidden[:n] = hidden
+    s.seen[:n].scatter_(1, next_token[:, None], True)
+    s.generated[:n] = generated + 1
+    s.position[:n] = torch.clamp(position + s.active[:n].to(position.dtype), max=s.max_len - 1)
+    return frame, done
+
+
+# ---- building the weights and state from a loaded qwen-tts model ---------------------------------
+
+
+def _fuse(modules: Sequence[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight for several linears on the same input; the modules are re-pointed at views of it,
+    so qwen-tts's own forward still works and no memory is doubled."""
+    weight = torch.cat([m.weight.detach() for m in modules], dim=0)
+    has_bias = [m.bias is not None for m in modules]
+    bias = torch.cat([m.bias.detach() for m in modules], dim=0) if all(has_bias) else None
+    if any(has_bias) and bias is None:
+        raise ValueError("cannot fuse linears of which only some have a bias")
+    start = 0
+    for module in modules:
+        rows = module.weight.shape[0]
+        module.weight = torch.nn.Parameter(weight[start : start + rows], requires_grad=False)
+        if bias is not None:
+            module.bias = torch.nn.Parameter(bias[start : start + rows], requires_grad=False)
+        start += rows
+    return weight, bias
+
+
+def _layer_weights(layer: torch.nn.Module) -> LayerWeights:
+    attn, mlp = layer.self_attn, layer.mlp
+    if getattr(mlp, "act_fn", None).__class__.__name__ not in ("SiLU", "SiLUActivation"):
+        raise ValueError(f"unsupported activation {mlp.act_fn!r}: the frame step assumes SiLU")
+    qkv, qkv_bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+    gate_up, _ = _fuse([mlp.gate_proj, mlp.up_proj])
+    heads = attn.q_proj.weight.shape[0] // attn.head_dim
+    kv_heads = attn.k_proj.weight.shape[0] // attn.head_dim
+    qk_norm = torch.cat(
+        [attn.q_norm.weight.detach().expand(heads, -1), attn.k_norm.weight.detach().expand(kv_heads, -1)]
+    )
+    return LayerWeights(
+        input_norm=layer.input_layernorm.weight.detach(),
+        qkv=qkv,
+        qkv_bias=qkv_bias,
+        qk_norm=qk_norm,
+        o=attn.o_proj.weight.detach(),
+        o_bias=None if attn.o_proj.bias is None else attn.o_proj.bias.detach(),
+        post_norm=layer.post_attention_layernorm.weight.detach(),
+        gate_up=gate_up,
+        down=mlp.down_proj.weight.detach(),
+    )
+
+
+def _stack(model: torch.nn.Module, config, cos: torch.Tensor, sin: torch.Tensor) -> Stack:
+    layers = [_layer_weights(layer) for layer in model.layers]
+    half = cos.shape[-1] // 2
+    sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+    return Stack(
+        layers=layers,
+        norm=model.norm.weight.detach(),
+        eps=float(model.norm.variance_epsilon),
+        heads=int(config.num_attention_heads),
+        kv_heads=int(config.num_key_value_heads),
+        head_dim=int(getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)),
+        intermediate=int(layers[0].gate_up.shape[0] // 2),
+        cos=cos,
+        sin=sin,
+    )
+
+
+@torch.inference_mode()
+def build_weights(model: torch.nn.Module, max_len: int, tts_pad: torch.Tensor) -> Weights:
+    """Views of a loaded `Qwen3TTSForConditionalGeneration`'s weights for the frame step.
+
+    `tts_pad` is qwen-tts's projected pad text embedding ([H]), built by the prompt builder.
+    """
+    talker = model.talker
+    config = model.config.talker_config
+    dtype = talker.codec_head.weight.dtype
+    device = talker.codec_head.weight.device
+
+    # RoPE tables from the model's own rotary modules. The talker's is 3-D (MRoPE) but all three
+    # position grids are equal for text and codec tokens, so its interleaving picks equal values.
+    probe = torch.zeros(1, dtype=dtype, device=device)
+    positions = torch.arange(max_len, device=device)
+    cos3, sin3 = talker.model.rotary_emb(probe, positions.view(1, 1, -1).expand(3, 1, -1))
+    if not (torch.equal(cos3[0], cos3[1]) and torch.equal(cos3[0], cos3[2])):
+        raise ValueError("the talker's RoPE sections differ for equal positions; the frame step cannot use it")
+    predictor = talker.code_predictor
+    pcos, psin = predictor.model.rotary_emb(probe, torch.arange(NUM_CODE_GROUPS, device=device).view(1, -1))
+
+    projection = predictor.small_to_mtp_projection
+    vocab = int(config.vocab_size)
+    eos = int(config.codec_eos_token_id)
+    suppress = torch.zeros(vocab, dtype=torch.bool, device=device)
+    suppress[vocab - 1024 :] = True  # qwen-tts's suppress_tokens: the top 1024 ids, except end of speech
+    suppress[eos] = False
+    eos_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+    eos_mask[eos] = True
+    return Weights(
+        talker=_stack(talker.model, config, cos3[0, 0], sin3[0, 0]),
+        predictor=_stack(predictor.model, config.code_predictor_config, pcos[0], psin[0]),
+        codec_embedding=talker.model.codec_embedding.weight.detach(),
+        codec_head=talker.codec_head.weight.detach(),
+        predictor_embeddings=[e.weight.detach() for e in predictor.model.codec_embedding],
+        predictor_heads=[h.weight.detach() for h in predictor.lm_head],
+        projection=None if isinstance(projection, torch.nn.Identity) else projection.weight.detach(),
+        projection_bias=None if isinstance(projection, torch.nn.Identity) else projection.bias.detach(),
+        tts_pad=tts_pad.reshape(-1).detach(),
+        suppress=suppress,
+        eos_mask=eos_mask,
+        eos=eos,
+    )
+
+
+def allocate_state(w: Weights, slots: int, max_len: int) -> SlotState:
+    """Zeroed per-slot buffers; the talker's KV is the big one (see `kv_bytes_per_slot`)."""
+    t, p = w.talker, w.predictor
+    dtype, device = w.codec_head.dtype, w.codec_head.device
+    vocab = w.codec_head.shape[0]
+
+    def zeros(*shape: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        return torch.zeros(*shape, dtype=dtype, device=device)
+
+    return SlotState(
+        keys=[zeros(slots, t.kv_heads, max_len, t.head_dim, dtype=dtype) for _ in t.layers],
+        values=[zeros(slots, t.kv_heads, max_len, t.head_dim, dtype=dtype) for _ in t.layers],
+        predictor_keys=[zeros(slots, p.kv_heads, NUM_CODE_GROUPS, p.head_dim, dtype=dtype) for _ in p.layers],
+        predictor_values=[zeros(slots, p.kv_heads, NUM_CODE_GROUPS, p.head_dim, dtype=dtype) for _ in p.layers],
+        last_token=zeros(slots),
+        past_hidden=zeros(slots, w.codec_head.shape[1], dtype=dtype),
+        position=zeros(slots),
+        generated=zeros(slots),
+        seen=zeros(slots, vocab, dtype=torch.bool),
+        active=zeros(slots, dtype=torch.bool),
+        seed=zeros(slots),
+        do_sample=zeros(slots, dtype=torch.bool),
+        temperature=torch.ones(slots, device=device),
+        top_k=zeros(slots),
+        top_p=torch.ones(slots, device=device),
+        repetition_penalty=torch.ones(slots, device=device),
+        sub_do_sample=zeros(slots, dtype=torch.bool),
+        sub_temperature=torch.ones(slots, device=device),
+        sub_top_k=zeros(slots),
+        sub_top_p=torch.ones(slots, device=device),
+        rows=torch.arange(slots, device=device),
+        key_index=torch.arange(max_len, device=device),
+    )
+
+
+def kv_bytes_per_slot(w: Weights, max_len: int) -> int:
+    t = w.talker
+    return 2 * len(t.layers) * t.kv_heads * max_len * t.head_dim * w.codec_head.element_size()
+
+
+# ---- prefill: joining requests ------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def prefill(
+    w: Weights, s: SlotState, slots: Sequence[int], prompts: Sequence[torch.Tensor], params: Sequence[SamplingParams]
+) -> None:
+    """Run the talker over each joining request's prompt ([T_i, H] each), batched and right-padded,
+    writing K/V straight into its slot; pick its first token and reset its per-slot state.
+    Touches only the given slots."""
+    device, dtype = w.codec_head.device, w.codec_head.dtype
+    stack = w.talker
+    lengths = [int(p.shape[0]) for p in prompts]
+    longest = max(lengths)
+    if longest >= s.max_len:
+        raise ValueError(f"prompt of {longest} tokens does not fit the {s.max_len}-position KV slots")
+    x = torch.zeros(len(prompts), longest, prompts[0].shape[-1], dtype=dtype, device=device)
+    for row, prompt in enumerate(prompts):
+        x[row, : prompt.shape[0]] = prompt
+    index = torch.tensor(list(slots), device=device)
+    cos, sin = stack.cos[:longest][None, :, None], stack.sin[:longest][None, :, None]
+    for layer, keys, values in zip(stack.layers, s.keys, s.values, strict=True):
+        q, k, v = _project_qkv(x, layer, stack, cos, sin)
+        keys[index, :, :longest] = k  # right padding lands beyond each prompt, where no query looks
+        values[index, :, :longest] = v
+        x = _finish_layer(x, _attend(q, k, v, stack, is_causal=True), layer, stack)
+    last = torch.tensor([length - 1 for length in lengths], device=device)
+    hidden = rms_norm(x[torch.arange(len(prompts), device=device), last], stack.norm, stack.eps)
+    logits = F.linear(hidden, w.codec_head).to(torch.float32)
+
+    def column(name: str, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
+
+    per_slot = {
+        "seed": column("seed", torch.long),
+        "do_sample": column("do_sample", torch.bool),
+        "temperature": column("temperature", torch.float32),
+        "top_k": column("top_k", torch.long),
+        "top_p": column("top_p", torch.float32),
+        "repetition_penalty": column("repetition_penalty", torch.float32),
+        "sub_do_sample": column("sub_do_sample", torch.bool),
+        "sub_temperature": column("sub_temperature", torch.float32),
+        "sub_top_k": column("sub_top_k", torch.long),
+        "sub_top_p": column("sub_top_p", torch.float32),
+    }
+    for name, value in per_slot.items():
+        getattr(s, name)[index] = value
+    seen = torch.zeros(len(prompts), s.seen.shape[1], dtype=torch.bool, device=device)
+    generated = torch.zeros(len(prompts), dtype=torch.long, device=device)
+    first = choose_first_codebook(
+        w,
+        logits,
+        seen,
+        generated,
+        per_slot["seed"],
+        per_slot["do_sample"],
+        per_slot["temperature"],
+        per_slot["top_k"],
+        per_slot["top_p"],
+        per_slot["repetition_penalty"],
+    )
+    s.seen[index] = seen.scatter(1, first[:, None], True)
+    s.generated[index] = generated + 1
+    s.last_token[index] = first
+    s.past_hidden[index] = hidden
+    s.position[index] = torch.tensor(lengths, device=device)
+    s.active[index] = True
+
+
+def release(s: SlotState, slot: int) -> None:
+    """A request left: its slot stops advancing. Nothing else is touched; the next prefill resets it."""
+    s.active[slot] = False

@@ -1,0 +1,94 @@
+"""A request's talker prompt, built exactly as qwen-tts 0.1.1 builds it for `generate_custom_voice`.
+
+qwen-tts builds the prompt inside `Qwen3TTSForConditionalGeneration.generate` and hands it, left-padded
+for the batch, straight to HF `generate`. The step engine needs each request's prompt alone (its own
+slot, no padding), so this repeats that construction for one request, operation for operation, so the
+embeddings are bitwise the same (a test checks them against the arguments qwen-tts passes). Only the
+CustomVoice path in qwen-tts's default non-streaming text mode is built: the whole text is in the
+prompt, and every decode step adds the projected pad text embedding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PromptBuilder:
+    """Tokenize and embed requests with a loaded `qwen_tts.Qwen3TTSModel`'s own tokenizer and weights."""
+
+    def __init__(self, wrapper) -> None:
+        self.wrapper = wrapper
+        self.model = wrapper.model
+        self.talker = self.model.talker
+        self.config = self.model.config
+        self.honours_instruct = self.model.tts_model_size not in "0b6"  # qwen-tts's own test, verbatim
+        self._special: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _text_embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.talker.text_projection(self.talker.get_text_embeddings()(ids))
+
+    def _codec_embed(self, ids: list[list[int]], dtype: torch.dtype) -> torch.Tensor:
+        return self.talker.get_input_embeddings()(torch.tensor(ids, device=self.talker.device, dtype=dtype))
+
+    def special_embeds(self, dtype: torch.dtype = torch.long) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tts_bos, tts_eos, tts_pad), each [1, 1, H], projected together as qwen-tts does."""
+        if self._special is None:
+            ids = [[self.config.tts_bos_token_id, self.config.tts_eos_token_id, self.config.tts_pad_token_id]]
+            with torch.inference_mode():
+                embeds = self._text_embed(torch.tensor(ids, device=self.talker.device, dtype=dtype))
+            self._special = embeds.chunk(3, dim=1)
+        return self._special
+
+    @torch.inference_mode()
+    def build(self, text: str, speaker: str, language: str, instruct: str = "") -> torch.Tensor:
+        """The prompt embeddings [T, H] for one request; speaker and language are the model's keys."""
+        w = self.wrapper
+        talker_config = self.config.talker_config
+        input_id = w._tokenize_texts([w._build_assistant_text(text)])[0]
+        parts: list[torch.Tensor] = []
+        if instruct and self.honours_instruct:
+            instruct_id = w._tokenize_texts([w._build_instruct_text(instruct)])[0]
+            parts.append(self._text_embed(instruct_id))
+
+        dtype = input_id.dtype
+        speaker_embed = None
+        if speaker:
+            spk_id = talker_config.spk_id[speaker.lower()]
+            speaker_embed = self.talker.get_input_embeddings()(
+                torch.tensor(spk_id, device=self.talker.device, dtype=dtype)
+            )
+        language_id = None
+        if language.lower() != "auto":
+            language_id = talker_config.codec_language_id[language.lower()]
+        if language.lower() in ("chinese", "auto") and speaker and talker_config.spk_is_dialect[speaker.lower()]:
+            language_id = talker_config.codec_language_id[talker_config.spk_is_dialect[speaker.lower()]]
+
+        tts_bos, tts_eos, tts_pad = self.special_embeds(dtype)
+        if language_id is None:
+            tags = [[talker_config.codec_nothink_id, talker_config.codec_think_bos_id, talker_config.codec_think_eos_id]]
+        else:
+            tags = [
+                [
+                    talker_config.codec_think_id,
+                    talker_config.codec_think_bos_id,
+                    language_id,
+                    talker_config.codec_think_eos_id,
+                ]
+            ]
+        codec = [self._codec_embed(tags, dtype)]
+        if speaker_embed is not None:
+            codec.append(speaker_embed.view(1, 1, -1))
+        codec.append(self._codec_embed([[talker_config.codec_pad_id, talker_config.codec_bos_id]], dtype))
+        codec_embed = torch.cat(codec, dim=1)
+
+        role = self._text_embed(input_id[:, :3])  # <|im_start|>assistant\n
+        prefix = torch.cat((tts_pad.expand(-1, codec_embed.shape[1] - 2, -1), tts_bos), dim=1) + codec_embed[:, :-1]
+        body = self._text_embed(input_id[:, 3:-5])  # the text itself, without the closing template
+        pads = self._codec_embed([[talker_config.codec_pad_id] * (body.shape[1] + 1)], dtype)
+        start = tts_pad + self._codec_embed([[talker_config.codec_bos_id]], dtype)
+        parts.append(torch.cat([role, prefix, torch.cat((body, tts_eos), dim=1) + pads, start], dim=1))
+        return torch.cat(parts, dim=1)[0]
+
+    def pad_embed(self) -> torch.Tensor:
+        """What every decode step adds to its input in non-streaming text mode: the projected pad [H]."""
+        return self.special_embeds()[2].reshape(-1)

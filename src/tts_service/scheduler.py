@@ -1,0 +1,530 @@
+"""The engine loop: every request, streamed or not, is a row of one step batch that grows and shrinks.
+
+One thread owns the model. Each turn of its loop:
+1. rows whose client left are dropped; their slots are freed;
+2. waiting requests (and long requests starting their next text segment) are prefilled together into
+   free KV slots and join the batch;
+3. one `frame_step` advances every row by one codec frame;
+4. the frames and end-of-speech flags of the step are copied to the host (non-blocking into pinned
+   memory on CUDA) and read one step later, so the GPU never waits for the host;
+5. chunks that are due are decoded (with left context) and handed to their requests.
+
+A request's audio arrives as float32 chunks through its `RequestHandle`, iterable from a thread or an
+event loop. A whole-file request is the same stream with large chunks, drained by its caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from tts_service import frame_step as fs
+from tts_service.chunk_decoder import ChunkDecoder, Ending, Window
+from tts_service.prompt import PromptBuilder
+from tts_service.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+SEED_SPACE = 1 << 63  # seeds are non-negative int64
+_SEGMENT_SEED_STRIDE = 0x9E3779B97F4A7C15  # each later segment of a long text draws from its own sequence
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Frames per decoded chunk: a small first chunk for a fast start, larger ones for efficiency."""
+
+    first_frames: int = 4
+    frames: int = 16
+    left_context: int = 25  # qwen-tts's own chunked_decode uses 25
+
+    def target(self, decoded: int) -> int:
+        return self.first_frames if decoded == 0 else self.frames
+
+
+# qwen-tts decodes whole utterances in 300-frame chunks with 25 frames of left context; a whole-file
+# request uses the same windows, so its audio equals qwen-tts's decode of the same codes.
+WHOLE_FILE_PLAN = ChunkPlan(first_frames=300, frames=300, left_context=25)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated request as the engine runs it: segments of text, the model's voice keys, a seed."""
+
+    segments: tuple[str, ...]
+    speaker: str
+    language: str
+    instruct: str
+    seed: int
+    plan: ChunkPlan
+    budgets: tuple[int, ...]  # most frames per segment
+
+
+@dataclass(frozen=True)
+class RequestEnd:
+    """The last item of every request."""
+
+    frames: int
+    truncated: bool  # some segment stopped at its frame budget rather than at end of speech
+    steps: int  # decode steps this request took part in
+    shared_steps: int  # of those, steps shared with at least one other request
+    max_batch: int  # the largest step batch it shared
+    segments: int = 1
+    error: str | None = None
+    cancelled: bool = False
+
+
+class RequestHandle:
+    """What `StepScheduler.submit` returns: iterate it (sync or async) for float32 chunks; then `end`."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.request_id = request_id
+        self.cancelled = threading.Event()
+        self.end: RequestEnd | None = None
+        self._ending = threading.Lock()
+        self._loop = loop
+        self._async_queue: asyncio.Queue | None = asyncio.Queue() if loop else None
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+
+    def _put(self, item: np.ndarray | RequestEnd) -> None:
+        if self._loop is not None and self._async_queue is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._async_queue.put_nowait, item)
+            except RuntimeError:  # the caller's loop is gone: it is not listening any more
+                self.cancelled.set()
+        else:
+            self._queue.put(item)
+
+    def cancel(self) -> None:
+        """Stop generating for this request; its slot is freed before the next step."""
+        self.cancelled.set()
+
+    def deliver_end(self, end: RequestEnd) -> bool:
+        """Hand over the request's end, once (the engine and the decoder may both try); False if late."""
+        with self._ending:
+            if self.end is not None:
+                return False
+            self.end = end
+        self._put(end)
+        return True
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while True:
+            item = self._queue.get()
+            if isinstance(item, RequestEnd):
+                self.end = item
+                return
+            yield item
+
+    async def __aiter__(self) -> AsyncIterator[np.ndarray]:
+        assert self._async_queue is not None, "submit(..., loop=...) for async iteration"
+        try:
+            while True:
+                item = await self._async_queue.get()
+                if isinstance(item, RequestEnd):
+                    self.end = item
+                    return
+                yield item
+        finally:
+            if self.end is None:  # the consumer stopped early
+                self.cancel()
+
+    def collect(self) -> np.ndarray:
+        """Drain a synchronous handle: the whole waveform."""
+        chunks = list(self)
+        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+
+
+@dataclass(eq=False)  # rows are compared and hashed by identity
+class _Row:
+    """A request while it holds a slot (or waits to prefill its next segment into one)."""
+
+    job: Job
+    handle: RequestHandle
+    slot: int = -1
+    segment: int = 0
+    segment_frames: int = 0
+    prompt_len: int = 0  # of the current segment
+    samples: bool = False  # draws at random (else greedy throughout)
+    launched: int = 0  # steps launched for the current segment
+    codes: list[np.ndarray] = field(default_factory=list)  # every accepted frame, all segments
+    decoded: int = 0
+    truncated: bool = False
+    segment_done: bool = False
+    finished: bool = False  # no more frames will come
+    retired: bool = False  # slot given back, end sent (or queued behind its last audio)
+    steps: int = 0
+    shared_steps: int = 0
+    max_batch: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Launch:
+    """A step in flight: which row sat in which slot, and where its outputs land on the host."""
+
+    rows: list[tuple[_Row, int, int]]  # (row, slot, segment)
+    frames: Any  # host tensor [n, 16] (pinned on CUDA)
+    done: Any  # host tensor [n]
+    event: Any  # CUDA event recorded after the copy, or None
+
+
+class StepScheduler:
+    """Owns the KV slots and the loop; thread-safe `submit` and `cancel`."""
+
+    def __init__(
+        self,
+        wrapper: Any,
+        *,
+        slots: int,
+        max_len: int,
+        sampling: dict[str, Any],
+        decode_batching: bool | None = None,
+        stream_plan: ChunkPlan | None = None,
+        cuda_graphs: bool = True,
+    ) -> None:
+        self.wrapper = wrapper
+        self.model = wrapper.model
+        self.samples_per_frame = int(self.model.speech_tokenizer.get_decode_upsample_rate())
+        self.prompts = PromptBuilder(wrapper)
+        self.sampling = dict(sampling)
+        self.stream_plan = stream_plan or ChunkPlan()
+        self.device = self.model.talker.codec_head.weight.device
+        self.on_cuda = self.device.type == "cuda"
+        self.decode_batching = self.on_cuda if decode_batching is None else decode_batching
+        self.decoder = ChunkDecoder(
+            self.model.speech_tokenizer.model.decoder, self.samples_per_frame, self.device, threaded=self.on_cuda
+        )
+        self.decoder.on_error = self._decode_failed
+        if self.on_cuda and cuda_graphs:
+            plan = self.stream_plan
+            self.decoder.capture((plan.frames + plan.left_context,))
+        self.max_len = max_len
+        self.weights = fs.build_weights(self.model, max_len, self.prompts.pad_embed())
+        self.state = fs.allocate_state(self.weights, slots, max_len)
+        self.step_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+        self.step_fn = fs.frame_step
+        if self.on_cuda and cuda_graphs:
+            from tts_service.cuda_graphs import GraphedFrameStep
+
+            graphed = GraphedFrameStep(self.weights, self.state)
+            graphed.capture_all()
+            self.step_fn = graphed
+        logger.info(
+            "step engine: %d KV slots of %d positions (%.1f MB each) on %s",
+            slots,
+            max_len,
+            fs.kv_bytes_per_slot(self.weights, max_len) / 1e6,
+            self.device,
+        )
+        self._free = list(range(slots))  # a heap: the lowest free slot first keeps the window short
+        self._pending: deque[_Row] = deque()
+        self._rows: list[_Row] = []  # holding slots, or waiting for their next segment's prefill
+        self._handles: dict[str, RequestHandle] = {}
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._in_flight: _Launch | None = None
+        self._host_buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._buffer_turn = 0
+        self.step_batch_sizes: deque[int] = deque(maxlen=1000)  # recent step batch sizes, for tests
+        self.on_step: Callable[[int], None] | None = None  # e.g. a metrics histogram
+
+    # ---- public ----------------------------------------------------------------------------------
+    @property
+    def slots(self) -> int:
+        return self.state.slots
+
+    def submit(self, job: Job, request_id: str, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        handle = RequestHandle(request_id, loop)
+        with self._wake:
+            self._handles[request_id] = handle
+            self._pending.append(_Row(job=job, handle=handle))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="tts-step-engine", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+        return handle
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a request by its id (e.g. its client hung up); False if it is not running."""
+        handle = self._handles.get(request_id)
+        if handle is None:
+            return False
+        handle.cancel()
+        with self._wake:
+            self._wake.notify()
+        return True
+
+    @property
+    def active(self) -> int:
+        return len(self._rows) + len(self._pending)
+
+    def sampling_params(self, seed: int, segment: int = 0) -> SamplingParams:
+        s = self.sampling
+        return SamplingParams(
+            do_sample=bool(s["do_sample"]),
+            temperature=float(s["temperature"]),
+            top_k=int(s["top_k"] or 0),
+            top_p=float(s["top_p"]),
+            repetition_penalty=float(s["repetition_penalty"] or 1.0),
+            sub_do_sample=bool(s["subtalker_dosample"]),
+            sub_temperature=float(s["subtalker_temperature"]),
+            sub_top_k=int(s["subtalker_top_k"] or 0),
+            sub_top_p=float(s["subtalker_top_p"]),
+            seed=(seed + segment * _SEGMENT_SEED_STRIDE) % SEED_SPACE,
+        )
+
+    @staticmethod
+    def new_seed() -> int:
+        return secrets.randbits(63)
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._pending and not self._rows and self._in_flight is None:
+                    self._wake.wait()
+            try:
+                with torch.inference_mode():
+                    self._turn()
+            except Exception as exc:  # a failing step ends the requests in it, never the thread
+                logger.exception("engine step failed; ending %d requests", len(self._rows))
+                self._fail_all(f"{type(exc).__name__}: {exc}")
+
+    def _turn(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        launch = self._launch() if any(row.slot >= 0 and not row.segment_done for row in self._rows) else None
+        if self.on_cuda:  # read the previous step while this one runs
+            previous, self._in_flight = self._in_flight, launch
+            if previous is not None:
+                self._collect(previous)
+        elif launch is not None:
+            self._collect(launch)
+        self._hand_off()
+
+    # ---- admission -------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        """Prefill, as one batch, the rows starting a segment: continuing rows first, then new requests."""
+        joining = [row for row in self._rows if row.segment_done and not row.finished and row.slot >= 0]
+        with self._wake:
+            while self._pending and self._free:
+                row = self._pending.popleft()
+                if row.handle.cancelled.is_set():
+                    self._end(row, cancelled=True)
+                    continue
+                row.slot = heapq.heappop(self._free)
+                self._rows.append(row)
+                joining.append(row)
+        if not joining:
+            return
+        prompts, params, ready = [], [], []
+        for row in joining:
+            try:
+                job = row.job
+                prompts.append(self.prompts.build(job.segments[row.segment], job.speaker, job.language, job.instruct))
+                params.append(self.sampling_params(job.seed, row.segment))
+                ready.append(row)
+            except Exception as exc:  # this request's prompt cannot be built: it fails alone
+                logger.exception("request %s: could not build its prompt", row.handle.request_id)
+                self._end(row, error=f"{type(exc).__name__}: {exc}")
+        if not ready:
+            return
+        try:
+            fs.prefill(self.weights, self.state, [row.slot for row in ready], prompts, params)
+        except Exception as exc:
+            logger.exception("prefill failed for %d requests", len(ready))
+            for row in ready:
+                self._end(row, error=f"{type(exc).__name__}: {exc}")
+            return
+        for row, prompt, param in zip(ready, prompts, params, strict=True):
+            row.segment_done, row.segment_frames, row.launched = False, 0, 0
+            row.prompt_len = int(prompt.shape[0])
+            row.samples = param.do_sample or param.sub_do_sample
+
+    # ---- one step --------------------------------------------------------------------------------
+    def _launch(self) -> _Launch:
+        stepping = [row for row in self._rows if row.slot >= 0 and not row.segment_done]
+        n = max(row.slot for row in stepping) + 1
+        # Every stepping row's next write position is prompt + steps launched; keys up to it are read.
+        furthest = max(row.prompt_len + row.launched for row in stepping)
+        kv_len = min(self.max_len, -(-(furthest + 1) // 32) * 32)
+        sample = any(row.samples for row in stepping)
+        frames, done = self.step_fn(self.weights, self.state, n, kv_len, sample)
+        batch = len(stepping)
+        for row in stepping:
+            row.launched += 1
+            row.steps += 1
+            row.shared_steps += batch > 1
+            row.max_batch = max(row.max_batch, batch)
+        self.step_batch_sizes.append(batch)
+        if self.on_step is not None:
+            self.on_step(batch)
+        placed = [(row, row.slot, row.segment) for row in stepping]
+        if not self.on_cuda:
+            return _Launch(placed, frames, done, None)
+        host_frames, host_done = self._host_buffer()
+        host_frames[:n].copy_(frames, non_blocking=True)
+        host_done[:n].copy_(done, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return _Launch(placed, host_frames, host_done, event)
+
+    def _host_buffer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two pinned buffer pairs, alternating: one is being filled while the other is read."""
+        if not self._host_buffers:
+            for _ in range(2):
+                self._host_buffers.append(
+                    (
+                        torch.empty(self.slots, fs.NUM_CODE_GROUPS, dtype=torch.long, pin_memory=True),
+                        torch.empty(self.slots, dtype=torch.bool, pin_memory=True),
+                    )
+                )
+        self._buffer_turn ^= 1
+        return self._host_buffers[self._buffer_turn]
+
+    def _collect(self, launch: _Launch) -> None:
+        """Accept a finished step's frames for the rows that were in it and are still going."""
+        if launch.event is not None:
+            launch.event.synchronize()
+        frames = launch.frames.numpy()
+        done = launch.done.numpy()
+        for row, slot, segment in launch.rows:
+            if row.finished or row.segment_done or row.segment != segment or row.handle.end is not None:
+                continue  # the step ran on for a row (or segment) that had already ended: dropped
+            row.codes.append(frames[slot].copy())
+            row.segment_frames += 1
+            if bool(done[slot]):
+                self._segment_ended(row, truncated=False)
+            elif row.segment_frames >= row.job.budgets[row.segment]:
+                self._segment_ended(row, truncated=True)
+
+    def _segment_ended(self, row: _Row, truncated: bool) -> None:
+        row.truncated |= truncated
+        row.segment_done = True
+        if row.segment + 1 < len(row.job.segments):
+            row.segment += 1  # prefilled into the same slot at the next admission
+        else:
+            row.finished = True
+
+    # ---- audio out -------------------------------------------------------------------------------
+    def _windows_due(self) -> list[Window]:
+        """Windows to decode now: rows with a chunk due, plus (when decoding in batches) other streams
+        with at least half a chunk waiting, so that streams fall into step and share decoder calls."""
+        due: list[_Row] = []
+        for row in self._rows:
+            if row.retired or row.handle.cancelled.is_set() or len(row.codes) <= row.decoded:
+                continue
+            if row.finished or len(row.codes) - row.decoded >= row.job.plan.target(row.decoded):
+                due.append(row)
+        if due and self.decode_batching:
+            for row in self._rows:
+                plan = row.job.plan
+                waiting = len(row.codes) - row.decoded
+                if row not in due and plan is self.stream_plan and row.decoded > 0 and 2 * waiting >= plan.frames:
+                    due.append(row)
+        windows = []
+        lengths = {row: self._window_end(row) - row.decoded + row.job.plan.left_context for row in due}
+        longest = max((lengths[row] for row in due if row.job.plan is self.stream_plan), default=0)
+        for row in due:
+            end = self._window_end(row)
+            length = lengths[row]
+            if self.decode_batching and row.job.plan is self.stream_plan:
+                length = longest  # more left context, same window length: one decoder call for all
+            start = max(0, end - length)
+            windows.append(Window(row.handle, np.stack(row.codes[start:end]), row.decoded - start))
+            row.decoded = end
+        return windows
+
+    @staticmethod
+    def _window_end(row: _Row) -> int:
+        if row.finished:
+            return len(row.codes)
+        return min(len(row.codes), row.decoded + max(row.job.plan.target(row.decoded), len(row.codes) - row.decoded))
+
+    def _hand_off(self) -> None:
+        """Queue due windows, then the ends of requests whose last frame is queued; free their slots."""
+        items: list[Window | Ending] = list(self._windows_due())
+        for row in self._rows:
+            if row.finished and not row.retired and row.decoded >= len(row.codes):
+                end = self._retire(row)
+                items.append(Ending(row.handle, lambda row=row, end=end: self._deliver(row, end)))
+        self.decoder.put(items)
+        self._rows = [row for row in self._rows if not row.retired]
+
+    def _retire(self, row: _Row, error: str | None = None, cancelled: bool = False) -> RequestEnd:
+        """Give the slot back and say how the request ended (not yet delivered)."""
+        if row.slot >= 0:
+            fs.release(self.state, row.slot)
+            heapq.heappush(self._free, row.slot)
+            row.slot = -1
+        row.finished = row.retired = True
+        self._handles.pop(row.handle.request_id, None)
+        return RequestEnd(
+            frames=row.decoded,
+            truncated=row.truncated,
+            steps=row.steps,
+            shared_steps=row.shared_steps,
+            max_batch=row.max_batch,
+            segments=len(row.job.segments),
+            error=error,
+            cancelled=cancelled or row.handle.cancelled.is_set(),
+        )
+
+    def _deliver(self, row: _Row, end: RequestEnd) -> None:
+        """Hand the request its end and log one line (any thread)."""
+        if not row.handle.deliver_end(end):
+            return
+        outcome = "cancelled" if end.cancelled else ("failed" if end.error else "done")
+        logger.info(
+            "stream %s %s: %d frames in %.2f s, %d segments, %d decode steps, %d of them shared (batch up to %d)",
+            row.handle.request_id,
+            outcome,
+            end.frames,
+            time.perf_counter() - row.started,
+            end.segments,
+            end.steps,
+            end.shared_steps,
+            end.max_batch,
+        )
+
+    def _end(self, row: _Row, error: str | None = None, cancelled: bool = False) -> None:
+        """End a request now (failed or cancelled): no more audio is owed to it."""
+        if row.retired:
+            return
+        self._deliver(row, self._retire(row, error, cancelled))
+
+    def _decode_failed(self, handle: RequestHandle, error: str) -> None:
+        """The decoder could not turn a request's frames into audio: it fails; the engine drops its row."""
+        handle.deliver_end(RequestEnd(0, False, 0, 0, 0, error=error))
+        handle.cancel()
+
+    def _drop_cancelled(self) -> None:
+        for row in self._rows:
+            if row.handle.cancelled.is_set():
+                self._end(row, cancelled=True)
+        self._rows = [row for row in self._rows if not row.retired]
+        with self._wake:
+            waiting = [row for row in self._pending if row.handle.cancelled.is_set()]
+            for row in waiting:
+                self._pending.remove(row)
+        for row in waiting:
+            self._end(row, cancelled=True)
+
+    def _fail_all(self, error: str) -> None:
+        """After a failed step: end every request that was in it and start clean with the rest."""
+        self._in_flight = None
+        for row in self._rows:
+            self._end(row, error=error)
+        self._rows = []
