@@ -1,4 +1,4 @@
-"""Qwen3-TTS over HTTP: a front service for clients and a GPU service that batches synthesis.
+"""Qwen3-TTS over HTTP: a front service for clients and a GPU service whose step engine batches every request.
 
 `bentoml serve` (service: TTSService) starts both. Configuration: TTS_* environment variables (README).
 """
@@ -6,11 +6,13 @@
 import asyncio
 import logging
 import math
+import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any
 
 import bentoml
+import numpy as np
 from bentoml.validators import ContentType
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,9 +20,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tts_service.audio import CONTENT_TYPES, AudioFormat, EncodedAudio, encode, render
-from tts_service.batching import synthesize_jobs, validate_job
 from tts_service.bentoml_fixes import keep_dependency_sessions
-from tts_service.engine import ModelLoadError, TTSEngine
+from tts_service.engine import ModelLoadError, TTSEngine, UnknownVoiceError
 from tts_service.metrics import real_time_factor, stream_step_batch_size, time_to_first_audio
 from tts_service.openai_api import (
     ModelCard,
@@ -44,6 +45,7 @@ from tts_service.schemas import (
     Language,
     LanguagesResponse,
     ModelInfo,
+    Seed,
     Speaker,
     SpeakersResponse,
     SynthesisJob,
@@ -54,7 +56,6 @@ from tts_service.security import ApiKeyMiddleware, RequestGuardMiddleware, is_op
 from tts_service.settings import Settings
 from tts_service.startup import abort_serving, preflight
 from tts_service.stream_http import StreamRequest, Timing, audio_stream, check_voice, sse_stream
-from tts_service.streaming import ChunkPlan, StreamScheduler
 
 settings = Settings()
 preflight(settings.model)
@@ -68,7 +69,7 @@ if not logger.handlers:  # BentoML only configures its own loggers; each worker 
 Text = text_type(settings.max_text_chars)
 
 # Response headers a browser client (the Quest app's web view, the Streamlit demo) may read.
-AUDIO_HEADERS = ["X-TTS-Batch-Size", "X-TTS-Audio-Seconds", "X-TTS-Sample-Rate", "X-TTS-Truncated"]
+AUDIO_HEADERS = ["X-TTS-Batch-Size", "X-TTS-Audio-Seconds", "X-TTS-Sample-Rate", "X-TTS-Truncated", "X-TTS-Seed"]
 ERROR_HEADERS = ["Retry-After", "X-Request-ID"]
 # Routes that take a JSON body and queue for the synthesizer.
 JSON_ROUTES = ("/v1/tts/synthesize", "/v1/tts/stream", "/v1/audio/speech")
@@ -81,24 +82,45 @@ JSON_ROUTES = ("/v1/tts/synthesize", "/v1/tts/stream", "/v1/audio/speech")
     traffic={"timeout": settings.request_timeout_s},
 )
 class Synthesizer:
-    """Owns the model. BentoML's adaptive batching merges concurrent calls into one generate call."""
+    """Owns the model. Its step engine batches every request, streamed or not, at every decode step:
+    a request joins the running batch at the next step and leaves when its audio is done."""
 
     def __init__(self) -> None:
         try:
             self.engine = TTSEngine.load(settings)
         except ModelLoadError as exc:
             abort_serving(str(exc))  # does not return
-        plan = ChunkPlan(settings.stream_first_frames, settings.stream_chunk_frames, settings.stream_left_context)
-        self.streams = StreamScheduler(self.engine, plan, settings.max_streams)
-        self.streams.on_step = stream_step_batch_size().observe
+        self.engine.scheduler.on_step = stream_step_batch_size().observe
 
-    @bentoml.api(
-        batchable=settings.max_batch_size > 1,
-        max_batch_size=max(2, settings.max_batch_size),
-        max_latency_ms=settings.max_latency_ms,
-    )
-    def synthesize_batch(self, jobs: list[SynthesisJob]) -> list[SynthesisOutcome]:
-        return synthesize_jobs(self.engine, jobs)
+    def _start(self, job: SynthesisJob, stream: bool):
+        """The engine's handle for a job, or the refusal naming the field and the allowed values."""
+        try:
+            request = self.engine.request_for(job.text, job.speaker, job.language, job.instruct, job.seed)
+        except UnknownVoiceError as exc:
+            return SynthesisOutcome(error_field=exc.field, error=str(exc), allowed=exc.allowed)
+        except ValueError as exc:
+            return SynthesisOutcome(error_field="text", error=str(exc))
+        return self.engine.submit(request, job.request_id, asyncio.get_running_loop(), stream=stream)
+
+    @bentoml.api
+    async def synthesize_file(self, job: SynthesisJob) -> SynthesisOutcome:
+        """A whole request as 16-bit PCM: the same engine stream as /v1/tts/stream, drained."""
+        handle = self._start(job, stream=False)
+        if isinstance(handle, SynthesisOutcome):
+            return handle
+        chunks = [chunk async for chunk in handle]
+        end = handle.end
+        if end is None or end.error:
+            return SynthesisOutcome(error_field="internal", error=f"synthesis failed (request id {job.request_id})")
+        samples = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+        return SynthesisOutcome(
+            pcm=encode(samples, self.engine.sample_rate, "pcm"),
+            sample_rate=self.engine.sample_rate,
+            num_samples=len(samples),
+            frames=end.frames,
+            truncated=end.truncated,
+            batch_size=end.max_batch,
+        )
 
     @bentoml.api
     def model_info(self) -> ModelInfo:
@@ -106,15 +128,14 @@ class Synthesizer:
 
     @bentoml.api
     def cancel_stream(self, request_id: str) -> bool:
-        return self.streams.cancel(request_id)
+        return self.engine.cancel(request_id)
 
     @bentoml.api
     async def stream_pcm(self, job: SynthesisJob) -> AsyncGenerator[bytes, None]:
-        """16-bit PCM chunks as the streaming scheduler decodes them (the front service validated the job)."""
-        checked = validate_job(self.engine, job)
-        if isinstance(checked, SynthesisOutcome):
-            raise ValueError(checked.error)
-        handle = self.streams.submit(checked, job.request_id, asyncio.get_running_loop())
+        """16-bit PCM chunks as the engine decodes them (the front service validated the job)."""
+        handle = self._start(job, stream=True)
+        if isinstance(handle, SynthesisOutcome):
+            raise ValueError(handle.error)
         async for chunk in handle:
             yield encode(chunk, self.engine.sample_rate, "pcm")
         if handle.end is not None and handle.end.error:
@@ -196,16 +217,28 @@ def _plain_error(
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
 
 
-def stream_headers(request_id: str, sample_rate: int) -> dict[str, str]:
-    return {"X-Request-ID": request_id, "X-TTS-Sample-Rate": str(sample_rate), "Cache-Control": "no-store"}
+def new_job(text: str, speaker: str, language: str | None, instruct: str, seed: int | None) -> SynthesisJob:
+    """A job with its seed fixed here, so the client can be told it (X-TTS-Seed) and replay the line."""
+    seed = secrets.randbits(63) if seed is None else seed
+    return SynthesisJob(text=text, speaker=speaker, language=language or "auto", instruct=instruct, seed=seed)
 
 
-def audio_headers(outcome: SynthesisOutcome, audio: EncodedAudio) -> dict[str, str]:
+def stream_headers(job: SynthesisJob, sample_rate: int) -> dict[str, str]:
+    return {
+        "X-Request-ID": job.request_id,
+        "X-TTS-Sample-Rate": str(sample_rate),
+        "X-TTS-Seed": str(job.seed),
+        "Cache-Control": "no-store",
+    }
+
+
+def audio_headers(job: SynthesisJob, outcome: SynthesisOutcome, audio: EncodedAudio) -> dict[str, str]:
     return {
         "X-TTS-Batch-Size": str(outcome.batch_size),
         "X-TTS-Audio-Seconds": f"{audio.seconds:.3f}",
         "X-TTS-Sample-Rate": str(audio.sample_rate),
         "X-TTS-Truncated": "true" if outcome.truncated else "false",
+        "X-TTS-Seed": str(job.seed),
     }
 
 
@@ -250,15 +283,20 @@ class TTSService:
             self._info = ModelInfo.model_validate(await self.synthesizer.to_async.model_info())
         return self._info
 
-    async def _synthesize(self, job: SynthesisJob, route: str) -> SynthesisOutcome:
-        """One job through the shared adaptive batcher (every route uses this), within the queue bound."""
+    def _admit(self) -> None:
+        """The queue bound: beyond TTS_MAX_QUEUE requests in flight, refuse at once with a retry hint
+        (the engine serves TTS_MAX_BATCH_SIZE at a time; the rest wait their turn for a slot)."""
         if self._waiting >= settings.max_queue:
-            batches_ahead = math.ceil(self._waiting / settings.max_batch_size)
-            raise Overloaded(max(1, math.ceil(batches_ahead * self._call_s)))
+            turns_ahead = math.ceil((self._waiting + 1) / settings.max_batch_size)
+            raise Overloaded(max(1, math.ceil(turns_ahead * self._call_s)))
+
+    async def _synthesize(self, job: SynthesisJob, route: str) -> SynthesisOutcome:
+        """One whole-file job through the engine (its stream, drained), within the queue bound."""
+        self._admit()
         self._waiting += 1
         started = time.perf_counter()
         try:
-            (outcome,) = await self.synthesizer.to_async.synthesize_batch([job])
+            outcome = await self.synthesizer.to_async.synthesize_file(job)
         finally:
             self._waiting -= 1
         elapsed = time.perf_counter() - started
@@ -274,9 +312,7 @@ class TTSService:
     async def _open_stream(self, job: SynthesisJob) -> tuple[bytes, AsyncIterator[bytes], Any]:
         """Start a stream at the synthesizer and wait for its first audio, so that a failure before any
         audio is still a proper error response. Returns the first bytes, the rest, and a closer."""
-        if self._waiting >= settings.max_queue:
-            batches_ahead = math.ceil(self._waiting / settings.max_batch_size)
-            raise Overloaded(max(1, math.ceil(batches_ahead * self._call_s)))
+        self._admit()
         self._waiting += 1
         chunks = self.synthesizer.to_async.stream_pcm(job)
         state = {"closed": False, "ended": False}
@@ -346,18 +382,14 @@ class TTSService:
         if problem:
             field, message, allowed = problem
             return _plain_error(400, f"invalid {field}", field, message, allowed)
-        job = SynthesisJob(text=text, speaker=body.speaker, language=body.language, instruct=body.instruct)
+        job = new_job(text, body.speaker, body.language, body.instruct, body.seed)
         try:
             first, rest, close = await self._open_stream(job)
         except Overloaded as exc:
             return _plain_error(429, str(exc), None, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
         except SynthesisFailed as exc:
             return _plain_error(500, str(exc), None, str(exc), headers={"X-Request-ID": exc.request_id})
-        headers = {
-            "X-Request-ID": job.request_id,
-            "X-TTS-Sample-Rate": str(info.sample_rate),
-            "Cache-Control": "no-store",
-        }
+        headers = stream_headers(job, info.sample_rate)
         return StreamingResponse(
             audio_stream(first, rest, body.format, timing, close),
             media_type=CONTENT_TYPES[body.format],
@@ -373,10 +405,11 @@ class TTSService:
         language: Language = "auto",
         instruct: Instruct = "",
         format: AudioFormat = "wav",
+        seed: Seed = None,
     ) -> Annotated[bytes, ContentType("audio/wav")]:
         """Speak `text` with a built-in speaker. Default: 16-bit PCM mono WAV at the model's rate (24 kHz);
         `format` also offers flac, mp3, opus (Ogg), aac (ADTS) and pcm (raw s16le)."""
-        job = SynthesisJob(text=text, speaker=speaker, language=language or "auto", instruct=instruct)
+        job = new_job(text, speaker, language, instruct, seed)
         try:
             outcome = await self._synthesize(job, "/v1/tts/synthesize")
         except Overloaded as exc:
@@ -388,7 +421,7 @@ class TTSService:
             ctx.response.status_code = 500
             body = ErrorResponse(error=str(exc), detail=[ErrorDetail(loc=[], msg=str(exc), type="internal")])
             return JSONResponse(body.model_dump(exclude_none=True), 500, {"X-Request-ID": exc.request_id})
-        if outcome.error is not None or outcome.wav is None:
+        if outcome.error is not None or outcome.pcm is None:
             field = outcome.error_field or "body"
             body = ErrorResponse(
                 error=f"invalid {field}",
@@ -398,8 +431,8 @@ class TTSService:
             )
             ctx.response.status_code = 400  # BentoML applies the context's status to returned responses too
             return JSONResponse(body.model_dump(exclude_none=True), status_code=400)
-        audio = await asyncio.to_thread(render, outcome.wav, format)
-        headers = audio_headers(outcome, audio)
+        audio = await asyncio.to_thread(render, outcome.pcm, outcome.sample_rate, format)
+        headers = audio_headers(job, outcome, audio)
         ctx.response.headers.update(headers)
         if format == "wav":
             return audio.data
@@ -429,7 +462,7 @@ class TTSService:
             )
         info = await self._model_info()
         speaker = resolve_voice(body.voice_name, info, settings.openai_voice_map)
-        job = SynthesisJob(text=text, speaker=speaker, language=body.language or "auto", instruct=body.instructions)
+        job = new_job(text, speaker, body.language, body.instructions, body.seed)
         if body.language and (problem := check_voice(info, speaker, body.language)):
             raise OpenAIError(problem[1], param="language", code="invalid_language")
         # Streamed when asked for: SSE, or stream_format "audio" set explicitly for pcm/wav at speed 1.
@@ -439,11 +472,11 @@ class TTSService:
             outcome = await self._synthesize(job, "/v1/audio/speech")
         except (Overloaded, SynthesisFailed) as exc:
             raise openai_failure(exc) from exc
-        if outcome.error is not None or outcome.wav is None:
+        if outcome.error is not None or outcome.pcm is None:
             param = OPENAI_PARAMS.get(outcome.error_field or "", outcome.error_field)
             raise OpenAIError(outcome.error or f"invalid {param}", param=param, code=f"invalid_{param}")
-        audio = await asyncio.to_thread(render, outcome.wav, body.response_format, body.speed)
-        return Response(audio.data, media_type=audio.content_type, headers=audio_headers(outcome, audio))
+        audio = await asyncio.to_thread(render, outcome.pcm, outcome.sample_rate, body.response_format, body.speed)
+        return Response(audio.data, media_type=audio.content_type, headers=audio_headers(job, outcome, audio))
 
     async def _speech_stream(self, job: SynthesisJob, body: SpeechRequest, sample_rate: int) -> Response:
         route = "/v1/audio/speech:" + body.stream_format
@@ -452,7 +485,7 @@ class TTSService:
             first, rest, close = await self._open_stream(job)
         except (Overloaded, SynthesisFailed) as exc:
             raise openai_failure(exc) from exc
-        headers = stream_headers(job.request_id, sample_rate)
+        headers = stream_headers(job, sample_rate)
         fmt = "wav" if body.response_format == "wav" else "pcm"
         if body.stream_format == "sse":
             body_stream = sse_stream(first, rest, fmt, timing, close, len(job.text))

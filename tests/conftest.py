@@ -40,6 +40,13 @@ def engine(tiny_dir: Path, cache_dir: Path) -> TTSEngine:
 
 
 @pytest.fixture(scope="session")
+def deep_engine(cache_dir: Path) -> TTSEngine:
+    """The released layer counts (28 talker, 5 code-predictor, 8 decoder layers) at tiny widths."""
+    model = ensure_tiny_checkpoint(cache_dir, "deep")
+    return TTSEngine.load(Settings(model=str(model), cache_dir=cache_dir, greedy=True, device="cpu"))
+
+
+@pytest.fixture(scope="session")
 def server(tiny_dir: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """`bentoml serve` on the tiny checkpoint, greedy so that outputs are reproducible."""
     with running_server(
@@ -48,7 +55,6 @@ def server(tiny_dir: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFac
             "TTS_CACHE_DIR": str(cache_dir),
             "TTS_GREEDY": "true",
             "TTS_MAX_TEXT_CHARS": "300",
-            "TTS_MAX_BATCH_SIZE": "8",
             "TTS_CORS_ORIGINS": "*",
         },
         tmp_path_factory.mktemp("logs") / "serve.log",

@@ -151,11 +151,11 @@ def time_stretch(samples: np.ndarray, sample_rate: int, speed: float) -> np.ndar
     return np.pad(out[:target], (0, max(0, target - out.size)))
 
 
-def render(wav: bytes, fmt: str = "wav", speed: float = 1.0) -> EncodedAudio:
-    """The synthesizer's WAV, at the asked speed, in the asked format."""
+def render(pcm: bytes, sample_rate: int, fmt: str = "wav", speed: float = 1.0) -> EncodedAudio:
+    """The synthesizer's 16-bit PCM, at the asked speed, in the asked format (encoded once)."""
     if fmt not in CONTENT_TYPES:
         raise ValueError(f"unknown audio format {fmt!r}; allowed: {', '.join(AUDIO_FORMATS)}")
-    samples, sample_rate = decode_wav(wav)
+    samples = np.frombuffer(pcm, dtype="<i2").astype(np.int16)
     samples = time_stretch(samples, sample_rate, speed)
-    data = wav if fmt == "wav" and speed == 1.0 else encode(samples, sample_rate, fmt)
+    data = pcm if fmt == "pcm" and speed == 1.0 else encode(samples, sample_rate, fmt)
     return EncodedAudio(data, CONTENT_TYPES[fmt], sample_rate, int(samples.size))

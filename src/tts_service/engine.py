@@ -285,22 +285,39 @@ class TTSEngine:
             raise UnknownVoiceError("language", name or "", self.languages)
         return key
 
+    def request_for(
+        self, text: str, speaker: str, language: str | None = None, instruct: str = "", seed: int | None = None
+    ) -> SynthesisRequest:
+        """Check a request against the loaded model: UnknownVoiceError names the field and the allowed
+        values; ValueError means the text is empty."""
+        text = text.strip()
+        if not text:
+            raise ValueError("text is empty")
+        return SynthesisRequest(
+            text=text,
+            speaker=self.resolve_speaker(speaker),
+            language=self.resolve_language(language),
+            instruct=instruct.strip(),
+            seed=seed,
+        )
+
     def frame_budget(self, text: str) -> int:
         return frame_budget(text, self.settings.max_new_tokens)
 
     def segments(self, text: str) -> list[str]:
-        """The text cut where needed so that each piece fits one generation (see segmenting.py)."""
-        limit = self.settings.segment_chars
+        """The text cut where needed so that each piece fits one generation (see segmenting.py): at most
+        TTS_SEGMENT_CHARS characters, and a frame budget that TTS_MAX_NEW_TOKENS does not cut short. (A
+        ceiling below the budget of one short sentence is taken as a deliberate cap, not split for.)"""
+        limit, ceiling = self.settings.segment_chars, self.settings.max_new_tokens
+        by_budget = ceiling >= estimated_frames("x" * 24)
 
         def fits(piece: str) -> bool:
-            return len(piece) <= limit and estimated_frames(piece) <= self.settings.max_new_tokens
+            return len(piece) <= limit and (not by_budget or estimated_frames(piece) <= ceiling)
 
-        return split_text(text, fits, max_chars=max(1, min(limit, self._chars_per_generation())))
-
-    def _chars_per_generation(self) -> int:
-        """Most logographic characters whose frame budget still fits one generation (the hard-cut size)."""
-        seconds = self.settings.max_new_tokens / FRAME_RATE_HZ
-        return max(1, int((seconds - 2.0) / 2.5 * 4))
+        hard_cut = limit
+        if by_budget:  # the most logographic characters whose budget still fits one generation
+            hard_cut = min(limit, max(1, int((ceiling / FRAME_RATE_HZ - 2.0) / 2.5 * 4)))
+        return split_text(text, fits, max_chars=hard_cut)
 
     def job(self, request: SynthesisRequest, stream: bool = True) -> Job:
         segments = tuple(self.segments(request.text))

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from tts_service.audio import MAX_SPEED, MIN_SPEED, AudioFormat
-from tts_service.schemas import ModelInfo
+from tts_service.schemas import ModelInfo, Seed
 
 MODEL_CREATED = 1767225600  # 2026-01-01: OpenAI's model objects carry a creation time
 
@@ -36,6 +36,7 @@ class SpeechRequest(BaseModel):
     speed: float = Field(1.0, ge=MIN_SPEED, le=MAX_SPEED, description="Tempo, pitch kept: 0.25 to 4.0.")
     instructions: str = Field("", max_length=1000, description="Tone and style instruction (1.7B models).")
     language: str = Field("auto", max_length=64, description="Extension: a language of GET /v1/tts/languages.")
+    seed: Seed = None
     stream_format: Literal["audio", "sse"] = Field(
         "audio",
         description="'audio': bytes (streamed as generated for pcm and wav at speed 1 when set explicitly); "

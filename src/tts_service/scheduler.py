@@ -83,6 +83,8 @@ class RequestEnd:
     segments: int = 1
     error: str | None = None
     cancelled: bool = False
+    codes: np.ndarray | None = None  # [frames, 16]: every codec frame generated, all segments
+    slots: tuple[int, ...] = ()  # the KV slot of each segment
 
 
 class RequestHandle:
@@ -157,6 +159,7 @@ class _Row:
     segment_frames: int = 0
     prompt_len: int = 0  # of the current segment
     samples: bool = False  # draws at random (else greedy throughout)
+    slots_used: list[int] = field(default_factory=list)
     launched: int = 0  # steps launched for the current segment
     codes: list[np.ndarray] = field(default_factory=list)  # every accepted frame, all segments
     decoded: int = 0
@@ -350,6 +353,7 @@ class StepScheduler:
             return
         for row, prompt, param in zip(ready, prompts, params, strict=True):
             row.segment_done, row.segment_frames, row.launched = False, 0, 0
+            row.slots_used.append(row.slot)
             row.prompt_len = int(prompt.shape[0])
             row.samples = param.do_sample or param.sub_do_sample
 
@@ -480,6 +484,8 @@ class StepScheduler:
             segments=len(row.job.segments),
             error=error,
             cancelled=cancelled or row.handle.cancelled.is_set(),
+            codes=np.stack(row.codes) if row.codes else np.zeros((0, fs.NUM_CODE_GROUPS), dtype=np.int64),
+            slots=tuple(row.slots_used),
         )
 
     def _deliver(self, row: _Row, end: RequestEnd) -> None:

@@ -41,22 +41,35 @@ Instruct = Annotated[
     ),
 ]
 
+MAX_SEED = (1 << 63) - 1
+Seed = Annotated[
+    int | None,
+    Field(
+        ge=0,
+        le=MAX_SEED,
+        description="Optional integer 0 to 2^63-1: the same seed and input give the same audio, whoever else is "
+        "speaking at the time. Without one, a random seed is used and returned in X-TTS-Seed.",
+        examples=[42],
+    ),
+]
+
 
 class SynthesisJob(BaseModel):
-    """One request as the front service hands it to the batching synthesizer."""
+    """One request as the front service hands it to the synthesizer's engine."""
 
     text: str
     speaker: str
     language: str = "auto"
     instruct: str = ""
+    seed: int | None = None
     # Ties the synthesizer's log lines to the client's error.
     request_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:16])
 
 
 class SynthesisOutcome(BaseModel):
-    """A job's audio, or the reason it was refused (per item, so one bad item never fails a batch)."""
+    """A job's audio as 16-bit PCM, or the reason it was refused."""
 
-    wav: bytes | None = None
+    pcm: bytes | None = None
     sample_rate: int = 0
     num_samples: int = 0
     frames: int = 0

@@ -17,7 +17,7 @@ import anyio
 from pydantic import BaseModel, Field
 
 from tts_service.metrics import real_time_factor, time_to_first_audio
-from tts_service.schemas import ModelInfo
+from tts_service.schemas import ModelInfo, Seed
 
 StreamFormat = Literal["wav", "pcm"]
 UNKNOWN_SIZE = 0xFFFFFFFF  # what streaming encoders (e.g. FFmpeg) write when the length is not known yet
@@ -148,3 +148,4 @@ class StreamRequest(BaseModel):
     language: str = Field("auto", description="A language of GET /v1/tts/languages, or auto.")
     instruct: str = Field("", description="Tone and style, e.g. 'Speak warmly' (1.7B models).")
     format: StreamFormat = Field("wav", description="wav: one header of unknown length, then PCM; pcm: raw s16le.")
+    seed: Seed = None

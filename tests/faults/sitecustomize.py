@@ -1,7 +1,7 @@
 """Fault injection for tests/test_reliability.py, loaded by Python at start-up via PYTHONPATH.
 
-When TTS_TEST_FAULT_MARK is set, TTSEngine.synthesize raises for any batch holding a text with that
-mark, as a crash inside generation would; every other batch runs the real engine. Nothing in the
+When TTS_TEST_FAULT_MARK is set, building the talker prompt of a request whose text holds that mark
+raises, as a crash inside generation would; every other request runs the real engine. Nothing in the
 product reads this variable.
 """
 
@@ -13,9 +13,9 @@ import sys
 MARK = os.environ.get("TTS_TEST_FAULT_MARK")
 
 
-class _PatchEngine(importlib.abc.MetaPathFinder):
+class _PatchPrompt(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != "tts_service.engine":
+        if name != "tts_service.prompt":
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
@@ -23,18 +23,18 @@ class _PatchEngine(importlib.abc.MetaPathFinder):
 
         def patched_exec(module):
             exec_module(module)
-            real = module.TTSEngine.synthesize
+            real = module.PromptBuilder.build
 
-            def synthesize(self, requests):
-                if any(MARK in request.text for request in requests):
-                    raise RuntimeError(f"injected generation fault for a batch of {len(requests)}")
-                return real(self, requests)
+            def build(self, text, *args, **kwargs):
+                if MARK in text:
+                    raise RuntimeError("injected generation fault")
+                return real(self, text, *args, **kwargs)
 
-            module.TTSEngine.synthesize = synthesize
+            module.PromptBuilder.build = build
 
         spec.loader.exec_module = patched_exec
         return spec
 
 
 if MARK:
-    sys.meta_path.insert(0, _PatchEngine())
+    sys.meta_path.insert(0, _PatchPrompt())

@@ -1,12 +1,8 @@
-"""Streaming synthesis: an incremental generate loop with iteration-level batching.
+"""Wave 1's streaming loop, kept only as the benchmark baseline of `bench.py step` ("today's _step").
 
-qwen-tts only returns whole utterances. Here the talker advances one codec frame per step, reusing
-qwen-tts's own modules and weights: its prompt construction (captured from `generate_custom_voice`),
-its talker forward (which runs the code predictor for the 15 residual codebooks) and its KV cache.
-Every stream that is generating shares each step as one batch: a new stream is prefilled, its cache
-left-padded and joined to the running batch at a step boundary; finished or cancelled streams leave.
-Codec frames are decoded in chunks (small first, larger later) with left context, the way qwen-tts's
-own `chunked_decode` joins its 300-frame chunks, and handed to the caller as float32 arrays.
+It advanced streams with qwen-tts's own talker forward (whose code predictor runs HF `generate`) on a
+shared `DynamicCache` that is left-padded and concatenated when a stream joins and re-indexed when one
+leaves. Serving no longer uses it; see src/tts_service/frame_step.py for what replaced it.
 """
 
 from __future__ import annotations
@@ -184,7 +180,7 @@ class StreamScheduler:
                 room = self.max_streams - len(self._rows)
                 joining = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
             try:
-                with torch.inference_mode(), self.engine.lock:
+                with torch.inference_mode():
                     if joining:
                         self._admit(joining)
                     if self._rows:

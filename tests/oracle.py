@@ -1,0 +1,37 @@
+"""The correctness oracle: plain qwen-tts `generate_custom_voice` for one request, greedy, and the codec
+codes it handed to its speech decoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tts_service.engine import SynthesisRequest, TTSEngine
+
+
+def reference(engine: TTSEngine, request: SynthesisRequest, budget: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(codes [frames, 16], float32 audio) of qwen-tts generating this request alone, greedy, with at
+    most `budget` frames (the engine's text budget by default)."""
+    budget = engine.frame_budget(request.text) if budget is None else budget
+    tokenizer = engine.model.model.speech_tokenizer
+    original = tokenizer.decode
+    recorded: list[torch.Tensor] = []
+
+    def recording_decode(encoded):  # the real decoder, with the codes noted on the way
+        recorded.append(encoded[0]["audio_codes"].clone())
+        return original(encoded)
+
+    tokenizer.decode = recording_decode
+    try:
+        wavs, _ = engine.model.generate_custom_voice(
+            text=request.text,
+            speaker=request.speaker,
+            language=request.language,
+            instruct=request.instruct,
+            do_sample=False,
+            subtalker_dosample=False,
+            max_new_tokens=budget + 1,  # the last token sampled never becomes a frame
+        )
+    finally:
+        tokenizer.decode = original
+    return recorded[-1].numpy(), np.asarray(wavs[0], dtype=np.float32)

@@ -1,0 +1,135 @@
+"""Seeded sampling (the same seed gives the same audio whoever shares the batch) and long texts spoken
+whole as segments."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.oracle import reference
+from tts_service.engine import SynthesisRequest, TTSEngine
+from tts_service.sampling import filter_and_choose, uniform
+from tts_service.segmenting import split_text
+from tts_service.settings import Settings
+from tts_service.tiny_checkpoint import CODEC_EOS
+
+LINE = SynthesisRequest("The harbour master raises his lantern and calls across the water.", "uncle_fu", "english")
+OTHERS = [
+    SynthesisRequest("A robot hums a tune while it sweeps the deck.", "ryan", "english"),
+    SynthesisRequest("これは日本語のテキストです。", "ono_anna", "japanese"),
+    SynthesisRequest("Your companion laughs and points at the stars.", "serena", "auto", "Speak warmly"),
+]
+
+
+@pytest.fixture(scope="module")
+def sampling_engine(tiny_dir: Path, cache_dir: Path) -> TTSEngine:
+    """qwen-tts's own sampling settings (generation_config.json: top-k 50, temperature 0.9)."""
+    engine = TTSEngine.load(Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=False, device="cpu"))
+    assert engine.sampling_defaults()["do_sample"] and engine.sampling_defaults()["subtalker_dosample"]
+    return engine
+
+
+def pcm16(result) -> bytes:
+    return (np.clip(result.audio, -1, 1) * 32767).round().astype("<i2").tobytes()
+
+
+def test_the_same_seed_gives_the_same_bytes_alone_and_in_a_busy_batch(sampling_engine: TTSEngine) -> None:
+    seeded = SynthesisRequest(LINE.text, LINE.speaker, LINE.language, seed=1234)
+    alone = sampling_engine.synthesize(seeded)
+    assert alone.batch_size == 1 and alone.frames > 4
+    handles = [sampling_engine.submit(SynthesisRequest(o.text, o.speaker, o.language, o.instruct, seed=i), f"n{i}")
+               for i, o in enumerate(OTHERS)]
+    busy = sampling_engine.synthesize(seeded)
+    for handle in handles:
+        list(handle)
+    assert busy.batch_size >= 2  # it really shared its steps
+    assert pcm16(busy) == pcm16(alone)
+
+
+def test_a_different_seed_gives_different_audio(sampling_engine: TTSEngine) -> None:
+    first = sampling_engine.synthesize(SynthesisRequest(LINE.text, LINE.speaker, LINE.language, seed=1))
+    second = sampling_engine.synthesize(SynthesisRequest(LINE.text, LINE.speaker, LINE.language, seed=2))
+    assert pcm16(first) != pcm16(second)
+
+
+def test_sampling_draws_follow_the_filtered_distribution() -> None:
+    """Gumbel-max over top-k filtered logits: never outside the top k, and frequencies follow softmax."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]]).repeat(4000, 1)
+    rows = torch.arange(4000)
+    draws = uniform(rows, torch.zeros(4000, dtype=torch.long), 3, 5)
+    assert 0 < float(draws.min()) and float(draws.max()) < 1
+    chosen = filter_and_choose(
+        logits,
+        torch.ones(4000, dtype=torch.bool),
+        torch.ones(4000),
+        torch.full((4000,), 3),
+        torch.ones(4000),
+        draws,
+    )
+    counts = torch.bincount(chosen, minlength=5).float() / 4000
+    expected = torch.softmax(torch.tensor([2.0, 1.0, 0.5]), dim=0)
+    assert counts[3:].sum() == 0
+    assert torch.allclose(counts[:3], expected, atol=0.03), counts
+    greedy = filter_and_choose(logits[:2], torch.zeros(2, dtype=torch.bool), torch.ones(2), torch.zeros(2, dtype=torch.long), torch.ones(2), draws[:2])
+    assert greedy.tolist() == [0, 0]
+
+
+# ---- long texts -------------------------------------------------------------------------------------
+
+
+def test_split_text_cuts_at_sentences_then_clauses_and_loses_nothing() -> None:
+    text = "First sentence here. Second one, with a clause; and another! 第三句。第四句！" + " word" * 12
+    segments = split_text(text, lambda s: len(s) <= 24, max_chars=24)
+    assert all(len(s) <= 24 for s in segments)
+    assert segments[:4] == ["First sentence here.", "Second one,", "with a clause;", "and another!"]
+    assert "第三句。第四句！" in segments
+    assert re.sub(r"\s", "", "".join(segments)) == re.sub(r"\s", "", text)
+    assert split_text("Short.", lambda s: True, max_chars=10) == ["Short."]
+    assert split_text("x" * 25, lambda s: len(s) <= 10, max_chars=10) == ["x" * 10, "x" * 10, "x" * 5]
+
+
+LONG_TEXT = " ".join(
+    f"Sentence number {i} tells the visitor about room {i}, its paintings and its view." for i in range(1, 13)
+)
+
+
+@pytest.fixture()
+def segmenting_engine(tiny_dir: Path, cache_dir: Path) -> TTSEngine:
+    """A generation cap of 160 frames (12.8 s): the long text needs several generations."""
+    return TTSEngine.load(
+        Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu", max_new_tokens=160)
+    )
+
+
+def test_a_long_text_is_spoken_whole_as_segments_each_equal_to_qwen_tts(segmenting_engine: TTSEngine) -> None:
+    engine = segmenting_engine
+    request = engine.request_for(LONG_TEXT, "Ryan", "english")
+    segments = engine.segments(request.text)
+    assert len(segments) >= 3 and all(engine.frame_budget(s) < 160 for s in segments)
+    handle = engine.submit(request, "long", stream=False)
+    audio = np.concatenate(list(handle))
+    end = handle.end
+    assert end.error is None and end.segments == len(segments) and len(audio) == end.frames * 1920
+    expected = [reference(engine, SynthesisRequest(s, "ryan", "english"))[0] for s in segments]
+    np.testing.assert_array_equal(end.codes, np.concatenate(expected))
+    assert len(set(end.slots)) == 1  # every segment ran in the request's one slot
+
+
+def test_with_end_of_speech_suppressed_every_segment_runs_to_its_own_budget(segmenting_engine: TTSEngine) -> None:
+    engine = segmenting_engine
+    with torch.inference_mode():
+        engine.scheduler.weights.suppress[CODEC_EOS] = True
+    try:
+        request = engine.request_for(LONG_TEXT, "Ryan", "english")
+        result = engine.synthesize(request)
+    finally:
+        with torch.inference_mode():
+            engine.scheduler.weights.suppress[CODEC_EOS] = False
+    budgets = [engine.frame_budget(s) for s in engine.segments(LONG_TEXT)]
+    assert result.frames == sum(budgets) > 160  # far past one generation's cap, nothing cut off
+    assert result.truncated  # each segment stopped at its budget, as the header will say
+    assert result.segments == len(budgets)

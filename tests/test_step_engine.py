@@ -1,0 +1,260 @@
+"""The step engine against qwen-tts's own generate, greedy: the codec codes must be identical, however
+requests join, leave and share steps. Also: no host syncs in the frame step, join and leave touch no
+other slot, the step compiles as one graph, failures stay with their requests."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scripts.census import census
+from tests.oracle import reference
+from tts_service import frame_step as fs
+from tts_service.engine import SynthesisRequest, TTSEngine
+from tts_service.settings import Settings
+
+REQUESTS = [
+    SynthesisRequest(
+        "One two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen.",
+        "ryan",
+        "english",
+    ),
+    SynthesisRequest("これは日本語のテキストです。", "vivian", "auto"),
+    SynthesisRequest(
+        "Please keep your hands inside the vehicle at all times and enjoy the ride through the ancient forest.",
+        "vivian",
+        "english",
+        "Speak happily",
+    ),
+    SynthesisRequest("The museum opens at nine and closes at six every day except Monday.", "sohee", "korean"),
+    SynthesisRequest("Hello there, Beijing.", "dylan", "chinese"),  # ends at the earliest allowed frame
+]
+
+
+@pytest.fixture(scope="module")
+def references(engine: TTSEngine) -> dict[str, np.ndarray]:
+    return {r.text: reference(engine, r)[0] for r in REQUESTS}
+
+
+def run_all(engine: TTSEngine, requests: list[SynthesisRequest], prefix: str) -> list:
+    handles = [engine.submit(r, f"{prefix}-{i}", stream=False) for i, r in enumerate(requests)]
+    for handle in handles:
+        list(handle)
+    return [handle.end for handle in handles]
+
+
+def test_single_requests_equal_qwen_tts(engine: TTSEngine, references) -> None:
+    for index, request in enumerate(REQUESTS):
+        [end] = run_all(engine, [request], f"single-{index}")
+        assert end.error is None and end.max_batch == 1
+        np.testing.assert_array_equal(end.codes, references[request.text])
+    lengths = [len(references[r.text]) for r in REQUESTS]
+    assert lengths == [125, 8, 23, 5, 2]  # different lengths; the last stops at qwen-tts's min_new_tokens=2
+
+
+def test_whole_file_audio_equals_qwen_tts(engine: TTSEngine) -> None:
+    """Same codes and the same decode windows (300 frames, 25 of context) as qwen-tts: the same samples."""
+    request = REQUESTS[0]
+    codes, audio = reference(engine, request)
+    result = engine.synthesize(request)
+    assert result.frames == len(codes) and not result.truncated
+    np.testing.assert_array_equal(result.audio, audio)
+
+
+def test_requests_joining_at_steps_0_7_and_19_keep_their_codes(engine: TTSEngine, references) -> None:
+    """One request starts alone; others are submitted from inside the engine loop right after its 7th
+    and 19th step, so they join a running batch at those step boundaries."""
+    scheduler = engine.scheduler
+    steps = {"count": 0}
+    later: dict[int, list] = {7: [REQUESTS[2], REQUESTS[3]], 19: [REQUESTS[1], REQUESTS[4]]}
+    handles = []
+
+    def on_step(batch: int) -> None:
+        steps["count"] += 1
+        for request in later.pop(steps["count"], []):
+            handles.append(engine.submit(request, f"join-{steps['count']}-{len(handles)}", stream=False))
+
+    scheduler.on_step = on_step
+    try:
+        first = engine.submit(REQUESTS[0], "join-0", stream=False)
+        list(first)
+    finally:
+        scheduler.on_step = None
+    for handle in handles:
+        list(handle)
+    ends = [first.end] + [h.end for h in handles]
+    for end, request in zip(ends, [REQUESTS[0], REQUESTS[2], REQUESTS[3], REQUESTS[1], REQUESTS[4]], strict=True):
+        assert end.error is None
+        np.testing.assert_array_equal(end.codes, references[request.text])
+    assert first.end.max_batch == 4 and first.end.shared_steps > 0
+    assert first.end.shared_steps < first.end.steps  # it ran alone again once the others had left
+
+
+def test_a_freed_slot_is_reused_and_the_newcomer_is_exact(tiny_dir: Path, cache_dir: Path, references) -> None:
+    two_slots = TTSEngine.load(
+        Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu", max_batch_size=2)
+    )
+    order = [REQUESTS[0], REQUESTS[1], REQUESTS[3], REQUESTS[2]]  # long, short, then two waiting for a slot
+    ends = run_all(two_slots, order, "reuse")
+    assert [end.slots for end in ends[:2]] == [(0,), (1,)]
+    assert ends[2].slots == (1,) and ends[3].slots in {(0,), (1,)}  # the short one's slot, freed first
+    for end, request in zip(ends, order, strict=True):
+        np.testing.assert_array_equal(end.codes, references[request.text])
+
+
+def test_frame_budget_truncation_equals_qwen_tts(tiny_dir: Path, cache_dir: Path) -> None:
+    small = TTSEngine.load(Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu", max_new_tokens=6))
+    long_item, short_item = REQUESTS[0], SynthesisRequest("Testing one two three, testing.", "ryan", "english")
+    ends = run_all(small, [long_item, short_item], "budget")
+    assert (ends[0].frames, ends[0].truncated) == (6, True)
+    assert (ends[1].frames, ends[1].truncated) == (4, False)  # its own end of speech, within the budget
+    for end, request in zip(ends, [long_item, short_item], strict=True):
+        np.testing.assert_array_equal(end.codes, reference(small, request, budget=6)[0])
+
+
+def test_every_speaker_and_language_together_equal_qwen_tts_alone(engine: TTSEngine) -> None:
+    pairs = list(zip(engine.speakers, engine.languages * 2, strict=False))
+    pairs += [("Ryan", lang) for lang in engine.languages[len(engine.speakers) :]]
+    requests = [
+        SynthesisRequest(f"Line {i} for {speaker}.", engine.resolve_speaker(speaker), engine.resolve_language(lang))
+        for i, (speaker, lang) in enumerate(pairs)
+    ]
+    assert {r.speaker for r in requests} == {s.lower() for s in engine.speakers}
+    assert {r.language for r in requests} == set(engine.languages)
+    ends = run_all(engine, requests, "voices")
+    assert max(end.max_batch for end in ends) >= 8  # they really shared steps
+    for end, request in zip(ends, requests, strict=True):
+        np.testing.assert_array_equal(end.codes, reference(engine, request)[0], err_msg=str(request))
+
+
+def test_real_layer_counts_equal_qwen_tts(deep_engine: TTSEngine) -> None:
+    requests = [REQUESTS[1], REQUESTS[4], SynthesisRequest("Hello from the gallery.", "ryan", "english")]
+    ends = run_all(deep_engine, requests, "deep")
+    assert max(end.max_batch for end in ends) == 3
+    for end, request in zip(ends, requests, strict=True):
+        np.testing.assert_array_equal(end.codes, reference(deep_engine, request)[0])
+
+
+# ---- the frame function ---------------------------------------------------------------------------
+
+
+def _prefilled(engine: TTSEngine, slots: list[int]) -> tuple[fs.Weights, fs.SlotState]:
+    scheduler = engine.scheduler
+    prompts = [scheduler.prompts.build(REQUESTS[i % 3].text, "ryan", "english") for i in slots]
+    with torch.inference_mode():
+        fs.prefill(scheduler.weights, scheduler.state, slots, prompts, [scheduler.sampling_params(i) for i in slots])
+    return scheduler.weights, scheduler.state
+
+
+@pytest.fixture()
+def quiet_engine(tiny_dir: Path, cache_dir: Path) -> TTSEngine:
+    """An engine whose loop never runs, so tests can drive its frame step by hand."""
+    return TTSEngine.load(Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu", max_batch_size=4))
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_the_frame_step_has_no_host_sync_and_no_tensor_from_python_data(quiet_engine, sample: bool) -> None:
+    w, s = _prefilled(quiet_engine, [0, 1, 2])
+    with torch.inference_mode():
+        for n in (1, 3):
+            with census() as counted:
+                fs.frame_step(w, s, n, 64, sample)
+            assert counted.syncs == 0, counted.sync_ops
+            assert counted.python_tensors == 0
+            assert counted.kernels > 100  # it did count the step's work
+
+
+def test_join_and_leave_touch_no_other_slot(quiet_engine) -> None:
+    w, s = _prefilled(quiet_engine, [0, 2])
+    with torch.inference_mode():
+        fs.frame_step(w, s, 3, 64, False)
+        before = {
+            name: [t[0].clone() for t in value] if isinstance(value, list) else value[0].clone()
+            for name, value in vars(s).items()
+            if name not in ("rows", "key_index")
+        }
+        _prefilled(quiet_engine, [1])  # join
+        fs.release(s, 2)  # leave
+    for name, saved in before.items():
+        now = getattr(s, name)
+        if isinstance(saved, list):
+            assert all(torch.equal(a, b[0]) for a, b in zip(saved, now, strict=True)), name
+        else:
+            assert torch.equal(saved, now[0]), name
+    assert bool(s.active[1]) and not bool(s.active[2])
+
+
+def test_the_frame_step_compiles_as_one_graph_and_computes_the_same(quiet_engine) -> None:
+    w, s = _prefilled(quiet_engine, [0, 1])
+    with torch.inference_mode():
+        saved = {k: (v.clone() if isinstance(v, torch.Tensor) else [t.clone() for t in v]) for k, v in vars(s).items()}
+        eager = [fs.frame_step(w, s, 2, 64, True) for _ in range(3)]
+        for key, value in saved.items():
+            current = getattr(s, key)
+            for c, v in zip(current if isinstance(current, list) else [current], value if isinstance(value, list) else [value], strict=True):
+                c.copy_(v)
+        compiled = torch.compile(fs.frame_step, fullgraph=True, backend="aot_eager", dynamic=False)
+        graphed = [compiled(w, s, 2, 64, True) for _ in range(3)]
+    for (frames_a, done_a), (frames_b, done_b) in zip(eager, graphed, strict=True):
+        assert torch.equal(frames_a, frames_b) and torch.equal(done_a, done_b)
+
+
+# ---- failures -------------------------------------------------------------------------------------
+
+
+def test_a_failing_step_ends_only_its_requests_and_the_engine_goes_on(tiny_dir: Path, cache_dir: Path) -> None:
+    fragile = TTSEngine.load(Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu"))
+    scheduler = fragile.scheduler
+    real_step = scheduler.step_fn
+    calls = {"n": 0}
+
+    def failing_step(*args):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("injected step fault")
+        return real_step(*args)
+
+    scheduler.step_fn = failing_step
+    ends = run_all(fragile, [REQUESTS[0], REQUESTS[2]], "fault")
+    assert all(end.error and "injected step fault" in end.error for end in ends)
+    [after] = run_all(fragile, [REQUESTS[1]], "after-fault")
+    assert after.error is None and after.frames == 8
+
+
+def test_a_request_whose_prompt_cannot_be_built_fails_alone(engine: TTSEngine, references, monkeypatch) -> None:
+    real_build = engine.scheduler.prompts.build
+
+    def build(text, *args, **kwargs):
+        if "POISON" in text:
+            raise RuntimeError("injected prompt fault")
+        return real_build(text, *args, **kwargs)
+
+    monkeypatch.setattr(engine.scheduler.prompts, "build", build)
+    poisoned, healthy = run_all(engine, [SynthesisRequest("POISON here.", "ryan", "english"), REQUESTS[1]], "prompt")
+    assert poisoned.error and "injected prompt fault" in poisoned.error and poisoned.frames == 0
+    assert healthy.error is None
+    np.testing.assert_array_equal(healthy.codes, references[REQUESTS[1].text])
+
+
+def test_cancelling_frees_the_slot_and_the_neighbour_completes(engine: TTSEngine, references) -> None:
+    long_one = engine.submit(REQUESTS[0], "to-cancel", stream=True)
+    neighbour = engine.submit(REQUESTS[3], "neighbour", stream=True)
+    iterator = iter(long_one)
+    assert len(next(iterator)) == 4 * 1920
+    long_one.cancel()
+    rest = list(iterator)
+    assert long_one.end.cancelled and long_one.end.frames < 125 and len(rest) <= 2
+    list(neighbour)
+    np.testing.assert_array_equal(neighbour.end.codes, references[REQUESTS[3].text])
+    assert engine.cancel("to-cancel") is False  # gone from the books
+    done = threading.Event()
+    for _ in range(100):
+        if engine.scheduler.active == 0:
+            done.set()
+            break
+        threading.Event().wait(0.02)
+    assert done.is_set()
