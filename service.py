@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tts_service.audio import CONTENT_TYPES, AudioFormat, EncodedAudio, encode, render
 from tts_service.bentoml_fixes import keep_dependency_sessions
 from tts_service.engine import ModelLoadError, TTSEngine, UnknownVoiceError
-from tts_service.metrics import real_time_factor, stream_step_batch_size, time_to_first_audio
+from tts_service.metrics import real_time_factor, step_batch_size, time_to_first_audio
 from tts_service.openai_api import (
     ModelCard,
     ModelList,
@@ -55,7 +55,7 @@ from tts_service.schemas import (
 from tts_service.security import ApiKeyMiddleware, RequestGuardMiddleware, is_openai_route
 from tts_service.settings import Settings
 from tts_service.startup import abort_serving, preflight
-from tts_service.stream_http import StreamRequest, Timing, audio_stream, check_voice, sse_stream
+from tts_service.stream_http import StreamQuery, StreamRequest, Timing, audio_stream, check_voice, sse_stream
 
 settings = Settings()
 preflight(settings.model)
@@ -90,7 +90,7 @@ class Synthesizer:
             self.engine = TTSEngine.load(settings)
         except ModelLoadError as exc:
             abort_serving(str(exc))  # does not return
-        self.engine.scheduler.on_step = stream_step_batch_size().observe
+        self.engine.scheduler.on_step = step_batch_size().observe
 
     def _start(self, job: SynthesisJob, stream: bool):
         """The engine's handle for a job, or the refusal naming the field and the allowed values."""
@@ -365,12 +365,12 @@ class TTSService:
         response_class=StreamingResponse,
         responses={200: {"content": {"audio/wav": {}, "audio/pcm": {}}}, 400: {"model": ErrorResponse}},
     )
-    async def stream_get(self, query: Annotated[StreamRequest, Query()]) -> Response:
+    async def stream_get(self, query: Annotated[StreamQuery, Query()]) -> Response:
         """The same stream for a URL: `<audio src="/v1/tts/stream?text=Hello&speaker=Ryan">` plays as it
         arrives in browsers (a browser's audio element can only GET)."""
         return await self._stream_response(query)
 
-    async def _stream_response(self, body: StreamRequest) -> Response:
+    async def _stream_response(self, body: StreamRequest | StreamQuery) -> Response:
         timing = Timing("/v1/tts/stream", 0)
         text = body.text.strip()
         if not text or len(text) > settings.max_text_chars:

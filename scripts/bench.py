@@ -1,9 +1,12 @@
-"""Benchmarks, side by side in one run: engine batching vs plain qwen-tts, and the HTTP service with
-batching on vs off. Real-time factor (RTF) here is audio seconds per wall second: higher is better.
+"""Benchmarks, side by side in one run: the frame step against wave 1's step and plain qwen-tts, the step
+engine against plain qwen-tts, the HTTP service with one KV slot against many, bursts, and streams.
+Real-time factor (RTF) here is audio seconds per wall second: higher is better.
 
+    python scripts/bench.py step --arch deep                         # frame step: new vs old vs plain
     python scripts/bench.py engine --model tiny                      # CPU, tiny checkpoint
     python scripts/bench.py engine --arch 1.7b --device cuda          # random weights, real 1.7B sizes
     python scripts/bench.py service --model tiny                      # starts bentoml serve twice
+    python scripts/bench.py burst --model tiny                        # concurrency, recovery, stream gaps
     python scripts/bench.py service --url http://127.0.0.1:8000       # an already running service
 
 docs/PERFORMANCE.md records the results and the commands that produced them.
@@ -132,7 +135,8 @@ class PeakMemory:
 
 @contextlib.contextmanager
 def eos_suppressed(engine: TTSEngine) -> Iterator[None]:
-    """Make every item run to max_new_tokens, so runs of any batch size generate the same frame count."""
+    """Make every item run to max_new_tokens, so runs of any batch size generate the same frame count:
+    for plain qwen-tts through its codec head's output, for the step engine through its suppress mask."""
     import torch
 
     def mask_eos(_module: Any, _inputs: Any, logits: torch.Tensor) -> torch.Tensor:
@@ -140,10 +144,22 @@ def eos_suppressed(engine: TTSEngine) -> Iterator[None]:
         return logits
 
     handle = engine.model.model.talker.codec_head.register_forward_hook(mask_eos)
+    with torch.inference_mode():
+        engine.scheduler.weights.suppress[CODEC_EOS] = True
     try:
         yield
     finally:
         handle.remove()
+        with torch.inference_mode():
+            engine.scheduler.weights.suppress[CODEC_EOS] = False
+
+
+def engine_batch(engine: TTSEngine, requests: list[SynthesisRequest]) -> list[Any]:
+    """Submit all at once as whole-file requests and wait for every one; their RequestEnds."""
+    handles = [engine.submit(r, f"bench-{i}-{time.monotonic_ns()}", stream=False) for i, r in enumerate(requests)]
+    for handle in handles:
+        list(handle)
+    return [handle.end for handle in handles]
 
 
 @dataclass
@@ -174,16 +190,29 @@ def resolve_model(args: argparse.Namespace) -> str:
     return args.model
 
 
-def load_bench_engine(args: argparse.Namespace) -> TTSEngine:
-    """Greedy, capped at --frames, no text limit: the in-process benchmarks compare fixed amounts of work."""
-    settings = Settings(
+def bench_settings(args: argparse.Namespace, **overrides: Any) -> Settings:
+    """Greedy on the chosen model and device: the in-process benchmarks compare fixed amounts of work."""
+    return Settings(
         model=resolve_model(args),
         device=args.device,
-        dtype=args.dtype,
+        dtype=getattr(args, "dtype", "auto"),
         cache_dir=args.cache_dir,
         greedy=True,
+        **overrides,
+    )
+
+
+def load_bench_engine(args: argparse.Namespace) -> TTSEngine:
+    """Capped at --frames, no text limit, every text one generation."""
+    settings = bench_settings(
+        args,
         max_new_tokens=args.frames,
         max_text_chars=100_000,
+        max_batch_size=max(16, *getattr(args, "batch_sizes", [1]), *getattr(args, "concurrency", [1])),
+        segment_chars=100_000,  # the benchmark texts stay one generation each
+        stream_first_frames=getattr(args, "first_frames", 4),
+        stream_chunk_frames=getattr(args, "chunk_frames", 16),
+        stream_left_context=getattr(args, "left_context", 25),
     )
     return TTSEngine.load(settings)
 
@@ -222,12 +251,12 @@ def run_engine(args: argparse.Namespace) -> dict[str, Any]:
 
     rows: list[EngineRow] = []
     with eos_suppressed(engine):
-        engine.synthesize(requests(1))  # warm-up: allocator, kernels
+        engine_batch(engine, requests(1))  # warm-up: allocator, kernels
         for batch_size in args.batch_sizes:
             batch = requests(batch_size)
             engine_times, plain_times, engine_peaks, plain_peaks = [], [], [], []
             for _ in range(args.repeat):  # interleaved, so drift hits both alike
-                elapsed, peak, results = timed(lambda b=batch: engine.synthesize(b))
+                elapsed, peak, results = timed(lambda b=batch: engine_batch(engine, b))
                 produced = {r.frames for r in results}
                 if produced != {frames}:
                     raise RuntimeError(f"expected {frames} frames per item, got {sorted(produced)}")
@@ -367,7 +396,7 @@ def engine_latency(args: argparse.Namespace, repeat: int = 5) -> float:
     text, (speaker, language) = SERVICE_TEXTS[0], VOICES[0]
     settings = Settings(model=resolve_model(args), device=args.device, cache_dir=args.cache_dir, greedy=True)
     engine = TTSEngine.load(settings)
-    request = [SynthesisRequest(text, speaker, language, "")]
+    request = SynthesisRequest(text, speaker, language, "")
     engine.synthesize(request)
     engine_times = []
     for _ in range(repeat):
@@ -536,11 +565,8 @@ def run_stream(args: argparse.Namespace) -> dict[str, Any]:
     """Time to first audio and whole-utterance time, streamed vs not, for each concurrency, in one run."""
     if args.url:
         return run_stream_http(args)
-    from tts_service.streaming import ChunkPlan, StreamScheduler
-
     engine = load_bench_engine(args)
     device = str(engine.model.device)
-    scheduler = StreamScheduler(engine, ChunkPlan(args.first_frames, args.chunk_frames, args.left_context), 64)
     frames = args.frames
 
     def requests(count: int) -> list[SynthesisRequest]:
@@ -555,7 +581,7 @@ def run_stream(args: argparse.Namespace) -> dict[str, Any]:
         last: list[float] = [0.0] * len(batch)
         sync(device)
         started = time.perf_counter()
-        handles = [scheduler.submit(r, f"bench-{i}") for i, r in enumerate(batch)]
+        handles = [engine.submit(r, f"bench-{i}-{time.monotonic_ns()}") for i, r in enumerate(batch)]
 
         def drain(index: int) -> None:
             for n, _chunk in enumerate(handles[index]):
@@ -575,7 +601,7 @@ def run_stream(args: argparse.Namespace) -> dict[str, Any]:
     def whole(batch: list[SynthesisRequest]) -> float:
         sync(device)
         started = time.perf_counter()
-        engine.synthesize(batch)
+        engine_batch(engine, batch)
         sync(device)
         return time.perf_counter() - started
 
@@ -622,10 +648,40 @@ def run_stream(args: argparse.Namespace) -> dict[str, Any]:
     return {"environment": environment(), "model": label, "device": device, "rows": rows}
 
 
+def run_step(args: argparse.Namespace) -> dict[str, Any]:
+    from bench_step import measure_step, print_step
+
+    settings = bench_settings(
+        args,
+        cuda_graphs=False,
+        max_batch_size=max(args.batch_sizes),
+        max_new_tokens=args.steps * (args.repeat + 4),
+        max_prompt_tokens=256,
+    )
+    engine = TTSEngine.load(settings)
+    rows = measure_step(engine, args.batch_sizes, args.steps, args.repeat)
+    label = args.arch if args.arch != "tiny" else args.model
+    print_step(rows, f"{label}, {engine.model.model.dtype} on {engine.model.device}", args.steps, args.repeat)
+    return {"kind": "step", "model": label, "env": environment(), "rows": rows}
+
+
+def run_burst(args: argparse.Namespace) -> dict[str, Any]:
+    from bench_burst import measure_burst, print_burst
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.url:
+            result = measure_burst(args.url, args.repeat)
+        else:
+            with served(args, args.max_batch_size, Path(tmp)) as url:
+                result = measure_burst(url, args.repeat)
+    print_burst(result, args.url or args.model)
+    return {"kind": "burst", "env": environment(), **result}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("engine", "service", "stream"):
+    for name in ("engine", "service", "stream", "step", "burst"):
         p = sub.add_parser(name)
         p.add_argument("--model", default="tiny", help="TTS_MODEL: tiny, a checkpoint folder or a Hub id")
         p.add_argument(
@@ -651,6 +707,15 @@ def main(argv: list[str] | None = None) -> None:
     stream.add_argument("--left-context", type=int, default=25)
     stream.add_argument("--repeat", type=int, default=3)
     stream.add_argument("--url", help="measure over HTTP against this running service instead of in-process")
+    step = sub.choices["step"]
+    step.add_argument("--dtype", default="auto")
+    step.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    step.add_argument("--steps", type=int, default=10, help="frames timed per run")
+    step.add_argument("--repeat", type=int, default=3)
+    burst = sub.choices["burst"]
+    burst.add_argument("--url", help="drive this running service instead of starting one")
+    burst.add_argument("--repeat", type=int, default=3)
+    burst.add_argument("--max-batch-size", type=int, default=32)
     service = sub.choices["service"]
     service.add_argument("--url", help="drive this running service instead of starting two")
     service.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
@@ -660,7 +725,13 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("tts_service").setLevel(logging.WARNING)
-    commands = {"engine": run_engine, "service": run_service, "stream": run_stream}
+    commands = {
+        "engine": run_engine,
+        "service": run_service,
+        "stream": run_stream,
+        "step": run_step,
+        "burst": run_burst,
+    }
     result = commands[args.command](args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

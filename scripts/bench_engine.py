@@ -105,7 +105,9 @@ def plain_qwen_tts(engine: TTSEngine, batch: int, frames: int, device: str) -> d
     """qwen-tts's own generate_custom_voice on the same text, greedy, `frames` frames per item."""
     voices = [VOICES[i % len(VOICES)] for i in range(batch)]
     kwargs = dict(do_sample=False, subtalker_dosample=False, max_new_tokens=frames + 1)
-    engine.model.generate_custom_voice(text=[TEXT], speaker=["ryan"], language=["english"], **{**kwargs, "max_new_tokens": 3})
+    engine.model.generate_custom_voice(
+        text=[TEXT], speaker=["ryan"], language=["english"], **{**kwargs, "max_new_tokens": 3}
+    )
     sync(device)
     started = time.perf_counter()
     wavs, _ = engine.model.generate_custom_voice(
@@ -125,7 +127,9 @@ def step_census(scheduler: StepScheduler, n: int, device: str) -> dict:
         fs.frame_step(w, s, n, 256, True)
         with census() as counted:
             fs.frame_step(w, s, n, 256, True)
-        out.update(ops=counted.ops, kernel_ops=counted.kernels, syncs=counted.syncs, python_tensors=counted.python_tensors)
+        out.update(
+            ops=counted.ops, kernel_ops=counted.kernels, syncs=counted.syncs, python_tensors=counted.python_tensors
+        )
         if device.startswith("cuda"):
             from torch.profiler import ProfilerActivity, profile
 
@@ -230,7 +234,10 @@ def main(argv: list[str] | None = None) -> None:
     print("| ---: | ---: | ---: | ---: | ---: |")
     for row in report["step_ms"]:
         g = row.get("graph_ms", float("nan"))
-        print(f"| {row['batch']} | {row['eager_ms']:.2f} | {g:.2f} | {row.get('speedup', float('nan')):.1f}x | {row['batch'] * 1000 / g:.0f} |")
+        print(
+            f"| {row['batch']} | {row['eager_ms']:.2f} | {g:.2f} | {row.get('speedup', float('nan')):.1f}x "
+            f"| {row['batch'] * 1000 / g:.0f} |"
+        )
 
     plans = {"stream": scheduler.stream_plan}
     report["load"] = []
@@ -244,17 +251,25 @@ def main(argv: list[str] | None = None) -> None:
             if count > scheduler.slots:
                 continue
             scheduler.step_batch_sizes.clear()
-            result = run_streams(scheduler, count, args.frames, args.stagger_ms / 1000 if count > 1 else 0, plans["stream"])
+            result = run_streams(
+                scheduler, count, args.frames, args.stagger_ms / 1000 if count > 1 else 0, plans["stream"]
+            )
             result["mode"] = mode
             report["load"].append(result)
             print(mode, result, flush=True)
         scheduler.step_fn = modes[0][1]
-    print(f"\n## Streams, {args.frames} frames ({args.frames / FRAME_RATE:.0f} s) each, staggered {args.stagger_ms:.0f} ms\n")
-    print("| step | streams | audio s/s | TTFA p50 ms | TTFA p95 ms | slowest stream RTF | median RTF | max step batch |")
+    print(
+        f"\n## Streams, {args.frames} frames ({args.frames / FRAME_RATE:.0f} s) each, "
+        f"staggered {args.stagger_ms:.0f} ms\n"
+    )
+    print(
+        "| step | streams | audio s/s | TTFA p50 ms | TTFA p95 ms | slowest stream RTF | median RTF | max step batch |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in report["load"]:
         print(
-            f"| {r['mode']} | {r['streams']} | {r['audio_s_per_s']:.1f} | {r['ttfa_p50_ms']:.0f} | {r['ttfa_p95_ms']:.0f} "
+            f"| {r['mode']} | {r['streams']} | {r['audio_s_per_s']:.1f} | {r['ttfa_p50_ms']:.0f} "
+            f"| {r['ttfa_p95_ms']:.0f} "
             f"| {r['rtf_min']:.1f} | {r['rtf_median']:.1f} | {r['batch_max']} |"
         )
 
@@ -268,7 +283,10 @@ def main(argv: list[str] | None = None) -> None:
         print("| batch | wall s | audio s | RTF per stream | audio s/s |")
         print("| ---: | ---: | ---: | ---: | ---: |")
         for r in report["plain"]:
-            print(f"| {r['batch']} | {r['wall_s']:.2f} | {r['audio_s']:.1f} | {r['rtf_per_stream']:.2f} | {r['audio_s'] / r['wall_s']:.1f} |")
+            print(
+                f"| {r['batch']} | {r['wall_s']:.2f} | {r['audio_s']:.1f} | {r['rtf_per_stream']:.2f} "
+                f"| {r['audio_s'] / r['wall_s']:.1f} |"
+            )
     hook.remove()
     if args.device.startswith("cuda"):
         report["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9

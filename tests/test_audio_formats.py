@@ -58,11 +58,12 @@ def test_container_signatures_and_content_types() -> None:
 
 
 def test_pcm_is_exactly_the_wav_data_chunk() -> None:
-    wav = encode_wav(tone(0.3), RATE)
-    pcm = render(wav, "pcm").data
+    pcm = encode(tone(0.3), RATE, "pcm")
     assert len(pcm) == 2 * int(RATE * 0.3)
+    assert render(pcm, RATE, "pcm").data == pcm  # passed through, not re-encoded
+    wav = render(pcm, RATE, "wav").data
+    assert wav == encode_wav(tone(0.3), RATE)
     assert wav.endswith(pcm) and len(wav) - len(pcm) == 44  # a plain 44-byte RIFF header, then the same samples
-    assert render(wav, "wav").data == wav
 
 
 @pytest.mark.parametrize("speed", [0.25, 0.5, 0.8, 1.5, 2.0, 4.0])
@@ -73,8 +74,7 @@ def test_time_stretch_changes_duration_and_keeps_pitch(speed: float) -> None:
 
 
 def test_render_applies_speed_before_encoding() -> None:
-    wav = encode_wav(tone(2.0), RATE)
-    fast = render(wav, "flac", speed=2.0)
+    fast = render(encode(tone(2.0), RATE, "pcm"), RATE, "flac", speed=2.0)
     assert fast.content_type == "audio/flac" and fast.sample_rate == RATE
     assert fast.seconds == pytest.approx(1.0, rel=0.03)
     assert sf.info(io.BytesIO(fast.data)).frames == fast.num_samples
@@ -88,7 +88,7 @@ def test_atempo_stages_and_limits() -> None:
         with pytest.raises(ValueError, match="between 0.25 and 4.0"):
             atempo_stages(bad)
     with pytest.raises(ValueError, match="allowed: wav, flac, mp3, opus, aac, pcm"):
-        render(encode_wav(tone(0.1), RATE), "ogg")
+        render(encode(tone(0.1), RATE, "pcm"), RATE, "ogg")
 
 
 def test_empty_audio_encodes() -> None:

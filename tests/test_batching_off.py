@@ -1,4 +1,4 @@
-"""TTS_MAX_BATCH_SIZE=1 turns batching off: every request gets its own generate call, and still works."""
+"""TTS_MAX_BATCH_SIZE=1: one KV slot, so concurrent requests take turns, one per step batch, and all succeed."""
 
 from __future__ import annotations
 

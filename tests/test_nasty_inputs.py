@@ -92,11 +92,13 @@ def test_huge_json_gets_413_and_json_bombs_do_not_hurt(client: httpx.Client) -> 
 
 
 def test_only_built_in_voices_reach_qwen_tts() -> None:
-    """qwen-tts accepts paths and URLs as reference audio (voice cloning); the engine never calls that."""
-    from tts_service import engine
+    """qwen-tts accepts paths and URLs as reference audio (voice cloning); the engine never calls that: its
+    prompts are built from the checkpoint's own speaker table (spk_id) and text only."""
+    from tts_service import engine, prompt, scheduler
 
-    source = inspect.getsource(engine)
-    assert "generate_custom_voice" in source
-    for cloning in ("generate_voice_clone", "ref_audio", "create_voice_clone_prompt", "generate_voice_design"):
-        assert cloning not in source
+    assert "spk_id[speaker.lower()]" in inspect.getsource(prompt)
+    for module in (engine, prompt, scheduler):
+        source = inspect.getsource(module)
+        for cloning in ("generate_voice_clone", "ref_audio", "create_voice_clone_prompt", "generate_voice_design"):
+            assert cloning not in source, (module.__name__, cloning)
     assert "ref_audio" not in (REPO_ROOT / "service.py").read_text()

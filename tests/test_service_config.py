@@ -1,4 +1,5 @@
-"""What service.py declares to BentoML: GPU on the model owner only, batching, bind address, CORS."""
+"""What service.py declares to BentoML: GPU on the model owner only, no request-level batcher (the engine
+batches at every step), bind address, CORS."""
 
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ def test_declarations(service_module) -> None:
     front, synth = service_module.TTSService, service_module.Synthesizer
     assert synth.config["resources"] == {"gpu": 1}
     assert "resources" not in front.config  # a second gpu:1 service would see no GPU
-    batch_api = synth.apis["synthesize_batch"]
-    assert batch_api.batchable and batch_api.max_batch_size == 12
+    assert not any(api.batchable for api in synth.apis.values())  # the engine batches, per decode step
+    assert {"synthesize_file", "stream_pcm", "cancel_stream", "model_info"} <= set(synth.apis)
     assert front.apis["synthesize"].route == "/v1/tts/synthesize"
     http = front.config["http"]
     assert (http["host"], http["port"]) == ("0.0.0.0", 8000)

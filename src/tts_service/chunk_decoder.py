@@ -1,13 +1,14 @@
-"""Codec frames to audio, off the step loop: on a GPU its own thread and CUDA stream, so talker steps never
-wait for the speech decoder; on the CPU inline (there is no second device queue to overlap with).
+"""Codec frames to audio, off the step loop: a thread of its own (and on a GPU a CUDA stream of its own),
+so talker steps never wait for the speech decoder.
 
 Each window is decoded with left context (frames already sent), and only its new frames' samples are
-handed on. Windows of the same length are decoded as one batch. Per request, chunks and the request's
-end leave in the order they were submitted.
+handed on. Windows of the same length are decoded as one batch. Stream windows go before whole-file
+windows. Per request, chunks and the request's end leave in the order they were submitted.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -39,7 +40,8 @@ class Ending:
 
 
 class ChunkDecoder:
-    """Queue windows (or endings) with `put`; `threaded` runs them on a worker with its own CUDA stream."""
+    """Queue windows (or endings) with `put`; `threaded` runs them on a worker (with its own CUDA stream on
+    a GPU; with one intra-op thread on the CPU, beside the engine loop's one)."""
 
     def __init__(self, decoder: torch.nn.Module, samples_per_frame: int, device: torch.device, threaded: bool) -> None:
         self.decoder = decoder
@@ -48,25 +50,29 @@ class ChunkDecoder:
         self.threaded = threaded
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.on_error: Callable[[Any, str], None] = lambda handle, error: None
-        self._queue: queue.SimpleQueue[list[Window | Ending]] = queue.SimpleQueue()
+        self._queue: queue.PriorityQueue[tuple[int, int, list[Window | Ending]]] = queue.PriorityQueue()
+        self._order = itertools.count()
         self._thread: threading.Thread | None = None
         self.pending = 0  # batches queued or being decoded
 
-    def put(self, items: list[Window | Ending]) -> None:
+    def put(self, items: list[Window | Ending], urgent: bool = True) -> None:
+        """Queue items; urgent ones (streams) are decoded before any non-urgent ones (whole files)."""
         if not items:
             return
         if not self.threaded:
             self._process(items)
             return
         self.pending += 1
-        self._queue.put(items)
+        self._queue.put((0 if urgent else 1, next(self._order), items))
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="tts-chunk-decoder", daemon=True)
             self._thread.start()
 
     def _run(self) -> None:
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)  # OpenMP teams in a second thread are slow; one core each runs best
         while True:
-            items = self._queue.get()
+            _, _, items = self._queue.get()
             try:
                 self._process(items)
             finally:

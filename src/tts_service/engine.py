@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from tts_service.scheduler import WHOLE_FILE_PLAN, ChunkPlan, Job, RequestHandle, StepScheduler
-from tts_service.segmenting import split_text
 from tts_service.schemas import ModelInfo, SpeakerInfo
+from tts_service.segmenting import split_text
 from tts_service.settings import Settings
 from tts_service.tiny_checkpoint import ensure_tiny_checkpoint
 from tts_service.voices import SPEAKERS_BY_KEY
@@ -202,7 +202,9 @@ class TTSEngine:
             max_len=settings.max_new_tokens + settings.max_prompt_tokens,
             sampling=self.sampling_defaults(),
             cuda_graphs=settings.cuda_graphs,
-            stream_plan=ChunkPlan(settings.stream_first_frames, settings.stream_chunk_frames, settings.stream_left_context),
+            stream_plan=ChunkPlan(
+                settings.stream_first_frames, settings.stream_chunk_frames, settings.stream_left_context
+            ),
         )
 
     @classmethod

@@ -232,9 +232,7 @@ def _predict_codes(
     return codes, embeds
 
 
-def frame_step(
-    w: Weights, s: SlotState, n: int, kv_len: int, sample: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
+def frame_step(w: Weights, s: SlotState, n: int, kv_len: int, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Advance rows (= slots) [:n] by one codec frame.
 
     Completes each row's frame (its pending first-codebook token plus 15 predicted codes), runs one

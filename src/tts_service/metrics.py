@@ -38,11 +38,11 @@ def real_time_factor() -> Any:
 
 
 @cache
-def stream_step_batch_size() -> Any:
+def step_batch_size() -> Any:
     from prometheus_client import Histogram
 
     return Histogram(
-        "tts_stream_step_batch_size",
-        "Streams advanced together in one decode step of the streaming scheduler.",
-        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+        "tts_step_batch_size",
+        "Requests (streamed or not) advanced together in one decode step of the engine.",
+        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
     )

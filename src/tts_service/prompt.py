@@ -65,7 +65,9 @@ class PromptBuilder:
 
         tts_bos, tts_eos, tts_pad = self.special_embeds(dtype)
         if language_id is None:
-            tags = [[talker_config.codec_nothink_id, talker_config.codec_think_bos_id, talker_config.codec_think_eos_id]]
+            tags = [
+                [talker_config.codec_nothink_id, talker_config.codec_think_bos_id, talker_config.codec_think_eos_id]
+            ]
         else:
             tags = [
                 [

@@ -207,7 +207,7 @@ class StepScheduler:
         self.on_cuda = self.device.type == "cuda"
         self.decode_batching = self.on_cuda if decode_batching is None else decode_batching
         self.decoder = ChunkDecoder(
-            self.model.speech_tokenizer.model.decoder, self.samples_per_frame, self.device, threaded=self.on_cuda
+            self.model.speech_tokenizer.model.decoder, self.samples_per_frame, self.device, True
         )
         self.decoder.on_error = self._decode_failed
         if self.on_cuda and cuda_graphs:
@@ -294,6 +294,8 @@ class StepScheduler:
 
     # ---- the loop --------------------------------------------------------------------------------
     def _run(self) -> None:
+        if not self.on_cuda:
+            torch.set_num_threads(1)  # OpenMP teams in a non-main thread are slow; the decoder has the other core
         while True:
             with self._wake:
                 while not self._pending and not self._rows and self._in_flight is None:
@@ -458,13 +460,16 @@ class StepScheduler:
         return min(len(row.codes), row.decoded + max(row.job.plan.target(row.decoded), len(row.codes) - row.decoded))
 
     def _hand_off(self) -> None:
-        """Queue due windows, then the ends of requests whose last frame is queued; free their slots."""
+        """Queue due windows, then the ends of requests whose last frame is queued; free their slots.
+        Streams' windows are queued ahead of whole files' (a listener is waiting for them)."""
         items: list[Window | Ending] = list(self._windows_due())
         for row in self._rows:
             if row.finished and not row.retired and row.decoded >= len(row.codes):
                 end = self._retire(row)
                 items.append(Ending(row.handle, lambda row=row, end=end: self._deliver(row, end)))
-        self.decoder.put(items)
+        streams = {row.handle for row in self._rows if row.job.plan is self.stream_plan}
+        self.decoder.put([item for item in items if item.handle in streams], urgent=True)
+        self.decoder.put([item for item in items if item.handle not in streams], urgent=False)
         self._rows = [row for row in self._rows if not row.retired]
 
     def _retire(self, row: _Row, error: str | None = None, cancelled: bool = False) -> RequestEnd:

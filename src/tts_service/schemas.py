@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, Field, StrictInt, StringConstraints
 
 MAX_INSTRUCT_CHARS = 1000
 
@@ -42,16 +42,15 @@ Instruct = Annotated[
 ]
 
 MAX_SEED = (1 << 63) - 1
-Seed = Annotated[
-    int | None,
-    Field(
-        ge=0,
-        le=MAX_SEED,
-        description="Optional integer 0 to 2^63-1: the same seed and input give the same audio, whoever else is "
-        "speaking at the time. Without one, a random seed is used and returned in X-TTS-Seed.",
-        examples=[42],
-    ),
-]
+SEED_DESCRIPTION = (
+    "Optional integer 0 to 2^63-1: the same seed and input give the same audio, whoever else is speaking at "
+    "the time. Without one, a random seed is used and returned in X-TTS-Seed."
+)
+# JSON bodies: a true integer (not true/false, not "42", not 4.0, not null), as the schema says; leave it
+# out for a random seed (fields of this type default to None, which is never validated).
+Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED, description=SEED_DESCRIPTION, examples=[42])]
+# Query strings are text: "42" is the integer 42 there.
+QuerySeed = Annotated[int | None, Field(ge=0, le=MAX_SEED, description=SEED_DESCRIPTION, examples=[42])]
 
 
 class SynthesisJob(BaseModel):

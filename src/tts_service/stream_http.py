@@ -17,7 +17,7 @@ import anyio
 from pydantic import BaseModel, Field
 
 from tts_service.metrics import real_time_factor, time_to_first_audio
-from tts_service.schemas import ModelInfo, Seed
+from tts_service.schemas import ModelInfo, QuerySeed, Seed
 
 StreamFormat = Literal["wav", "pcm"]
 UNKNOWN_SIZE = 0xFFFFFFFF  # what streaming encoders (e.g. FFmpeg) write when the length is not known yet
@@ -149,3 +149,9 @@ class StreamRequest(BaseModel):
     instruct: str = Field("", description="Tone and style, e.g. 'Speak warmly' (1.7B models).")
     format: StreamFormat = Field("wav", description="wav: one header of unknown length, then PCM; pcm: raw s16le.")
     seed: Seed = None
+
+
+class StreamQuery(StreamRequest):
+    """GET /v1/tts/stream's query: the same fields, read from text."""
+
+    seed: QuerySeed = None

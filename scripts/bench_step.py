@@ -1,0 +1,111 @@
+"""The frame step alone: the step engine's `frame_step` against wave 1's step (qwen-tts's talker forward with
+HF `generate` for the code predictor, on a shared DynamicCache) and against plain qwen-tts
+`generate_custom_voice`, per frame, at several batch sizes, interleaved in one run.
+
+    python scripts/bench.py step --arch deep              # the released layer counts at tiny widths (CPU)
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from baseline_step import StreamHandle, StreamScheduler
+
+from tts_service import frame_step as fs
+from tts_service.engine import SynthesisRequest, TTSEngine
+from tts_service.tiny_checkpoint import CODEC_EOS
+
+TEXT = "The east wing of the gallery opens at nine. Please keep to the marked paths and ask any guide."
+VOICES = [("ryan", "english"), ("vivian", "chinese"), ("sohee", "korean"), ("aiden", "auto")]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_step(engine: TTSEngine, batch_sizes: list[int], steps: int, repeat: int) -> list[dict[str, Any]]:
+    """Milliseconds per frame for each batch size: new step (eager), wave 1's step, plain qwen-tts."""
+    scheduler = engine.scheduler
+    w, s = scheduler.weights, scheduler.state
+    device = w.codec_head.device
+    hook = engine.model.model.talker.codec_head.register_forward_hook(
+        lambda _m, _i, out: out.index_fill(-1, torch.tensor([CODEC_EOS], device=out.device), -1e4)
+    )
+    rows = []
+    try:
+        for n in batch_sizes:
+            requests = [SynthesisRequest(TEXT, *VOICES[i % len(VOICES)]) for i in range(n)]
+            prompts = [scheduler.prompts.build(r.text, r.speaker, r.language) for r in requests]
+            kv_len = max(p.shape[0] for p in prompts) + steps * (repeat + 2) + 8
+            new_ms, old_ms, plain_ms = [], [], []
+            for _ in range(repeat):  # interleaved, so drift hits all three alike
+                with torch.inference_mode():
+                    fs.prefill(w, s, list(range(n)), prompts, [scheduler.sampling_params(i) for i in range(n)])
+                    fs.frame_step(w, s, n, kv_len, False)
+                    _sync(device)
+                    started = time.perf_counter()
+                    for _ in range(steps):
+                        fs.frame_step(w, s, n, kv_len, False)
+                    _sync(device)
+                new_ms.append((time.perf_counter() - started) / steps * 1000)
+
+                old = StreamScheduler(engine)
+                old._emit_chunks = lambda: None  # the step alone, no decoding
+                with torch.inference_mode():
+                    old._admit([(r, StreamHandle(f"old-{i}", None)) for i, r in enumerate(requests)])
+                    for row in old._rows:
+                        row.budget = 10**9
+                    old._step()
+                    _sync(device)
+                    started = time.perf_counter()
+                    for _ in range(steps):
+                        old._step()
+                    _sync(device)
+                old_ms.append((time.perf_counter() - started) / steps * 1000)
+
+                # Plain qwen-tts: the difference between 2x and 1x `steps` frames, so its prompt and
+                # decoding cancel out.
+                walls = []
+                for frames in (steps, 2 * steps):
+                    _sync(device)
+                    started = time.perf_counter()
+                    engine.model.generate_custom_voice(
+                        text=[r.text for r in requests],
+                        speaker=[r.speaker for r in requests],
+                        language=[r.language for r in requests],
+                        do_sample=False,
+                        subtalker_dosample=False,
+                        max_new_tokens=frames + 1,
+                    )
+                    _sync(device)
+                    walls.append(time.perf_counter() - started)
+                plain_ms.append((walls[1] - walls[0]) / steps * 1000)
+            row = {
+                "batch": n,
+                "new_ms": statistics.median(new_ms),
+                "old_ms": statistics.median(old_ms),
+                "plain_ms": statistics.median(plain_ms),
+            }
+            row["vs_old"] = row["old_ms"] / row["new_ms"]
+            row["vs_plain"] = row["plain_ms"] / row["new_ms"]
+            rows.append(row)
+    finally:
+        hook.remove()
+    return rows
+
+
+def print_step(rows: list[dict[str, Any]], label: str, steps: int, repeat: int) -> None:
+    print(f"\n## Frame step: {label}, ms per frame (median of {repeat} runs of {steps} steps), greedy\n")
+    print("'new' = frame_step, eager; 'wave 1' = the streaming loop's _step (HF generate inside); 'plain' =")
+    print("qwen-tts generate_custom_voice, per frame (difference of two lengths). Speed-up = their time / new.\n")
+    print("| batch | new ms | wave 1 ms | plain qwen-tts ms | new vs wave 1 | new vs plain |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(
+            f"| {r['batch']} | {r['new_ms']:.1f} | {r['old_ms']:.1f} | {r['plain_ms']:.1f} | "
+            f"{r['vs_old']:.2f}x | {r['vs_plain']:.2f}x |"
+        )
