@@ -214,6 +214,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.device.startswith("cuda"):
         report["gpu"] = torch.cuda.get_device_name()
 
+    if scheduler.step_fn is not fs.frame_step:  # bf16: graphs replay the eager kernels, so codes must match
+        codes, graphed = {}, scheduler.step_fn
+        for name, step in (("graphs", graphed), ("eager", fs.frame_step)):
+            scheduler.step_fn = step
+            handle = scheduler.submit(job(0, 60, scheduler.stream_plan), f"equal-{name}")
+            list(handle)
+            codes[name] = handle.end.codes
+        scheduler.step_fn = graphed
+        differs = [i for i, (a, b) in enumerate(zip(codes["graphs"], codes["eager"], strict=True)) if (a != b).any()]
+        report["graphs_vs_eager_first_divergent_frame"] = differs[0] if differs else None
+        print(f"graphs vs eager, batch 1, 60 frames: first divergent frame = {differs[0] if differs else None}")
     report["census"] = [step_census(scheduler, n, args.device) for n in (1, 8)]
     print("\n## Frame step census\n")
     for row in report["census"]:

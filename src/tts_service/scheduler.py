@@ -210,9 +210,10 @@ class StepScheduler:
             self.model.speech_tokenizer.model.decoder, self.samples_per_frame, self.device, True
         )
         self.decoder.on_error = self._decode_failed
-        if self.on_cuda and cuda_graphs:
+        if self.on_cuda and cuda_graphs:  # a stream's first, second and steady windows
             plan = self.stream_plan
-            self.decoder.capture((plan.frames + plan.left_context,))
+            first, second = plan.first_frames, plan.first_frames + plan.frames
+            self.decoder.capture(tuple(sorted({first, second, plan.frames + plan.left_context})))
         self.max_len = max_len
         self.weights = fs.build_weights(self.model, max_len, self.prompts.pad_embed())
         self.state = fs.allocate_state(self.weights, slots, max_len)
