@@ -34,4 +34,4 @@ def reference(engine: TTSEngine, request: SynthesisRequest, budget: int | None =
         )
     finally:
         tokenizer.decode = original
-    return recorded[-1].numpy(), np.asarray(wavs[0], dtype=np.float32)
+    return recorded[-1].cpu().numpy(), np.asarray(wavs[0], dtype=np.float32)
