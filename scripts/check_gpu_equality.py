@@ -16,22 +16,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.oracle import ORACLE_REQUESTS as REQUESTS  # noqa: E402
 from tests.oracle import reference  # noqa: E402
 from tts_service.engine import SynthesisRequest, TTSEngine  # noqa: E402
 from tts_service.settings import Settings  # noqa: E402
 from tts_service.tiny_checkpoint import ensure_tiny_checkpoint  # noqa: E402
-
-REQUESTS = [
-    SynthesisRequest(
-        "One two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen.",
-        "ryan",
-        "english",
-    ),
-    SynthesisRequest("これは日本語のテキストです。", "vivian", "auto"),
-    SynthesisRequest("Please keep your hands inside the vehicle at all times.", "vivian", "english", "Speak happily"),
-    SynthesisRequest("The museum opens at nine and closes at six every day except Monday.", "sohee", "korean"),
-    SynthesisRequest("Hello there, Beijing.", "dylan", "chinese"),
-]
 
 
 def main() -> None:

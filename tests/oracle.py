@@ -35,3 +35,23 @@ def reference(engine: TTSEngine, request: SynthesisRequest, budget: int | None =
     finally:
         tokenizer.decode = original
     return recorded[-1].cpu().numpy(), np.asarray(wavs[0], dtype=np.float32)
+
+
+# Requests of different lengths (on the tiny checkpoint, greedy: 125, 8, 23, 5 and 2 frames), speakers,
+# languages, with and without instruct; the last ends at the earliest frame qwen-tts allows.
+ORACLE_REQUESTS = [
+    SynthesisRequest(
+        "One two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen.",
+        "ryan",
+        "english",
+    ),
+    SynthesisRequest("これは日本語のテキストです。", "vivian", "auto"),
+    SynthesisRequest(
+        "Please keep your hands inside the vehicle at all times and enjoy the ride through the ancient forest.",
+        "vivian",
+        "english",
+        "Speak happily",
+    ),
+    SynthesisRequest("The museum opens at nine and closes at six every day except Monday.", "sohee", "korean"),
+    SynthesisRequest("Hello there, Beijing.", "dylan", "chinese"),  # ends at the earliest allowed frame
+]

@@ -12,27 +12,12 @@ import pytest
 import torch
 
 from scripts.census import census
-from tests.oracle import reference
+from tests.oracle import ORACLE_REQUESTS, reference
 from tts_service import frame_step as fs
 from tts_service.engine import SynthesisRequest, TTSEngine
 from tts_service.settings import Settings
 
-REQUESTS = [
-    SynthesisRequest(
-        "One two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen.",
-        "ryan",
-        "english",
-    ),
-    SynthesisRequest("これは日本語のテキストです。", "vivian", "auto"),
-    SynthesisRequest(
-        "Please keep your hands inside the vehicle at all times and enjoy the ride through the ancient forest.",
-        "vivian",
-        "english",
-        "Speak happily",
-    ),
-    SynthesisRequest("The museum opens at nine and closes at six every day except Monday.", "sohee", "korean"),
-    SynthesisRequest("Hello there, Beijing.", "dylan", "chinese"),  # ends at the earliest allowed frame
-]
+REQUESTS = ORACLE_REQUESTS
 
 
 @pytest.fixture(scope="module")

@@ -15,16 +15,13 @@ import time
 import numpy as np
 import pytest
 
+from tests.oracle import ORACLE_REQUESTS
 from tests.oracle import reference as plain_qwen_tts
 from tts_service.engine import SynthesisRequest, TTSEngine
 
 SPF = 1920  # samples per codec frame
-# Greedy lengths on the tiny checkpoint: 125, 48, 45 and 8 frames.
-LONG = SynthesisRequest(
-    "One two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen.",
-    "ryan",
-    "english",
-)
+# Greedy lengths on the tiny checkpoint: 125, 48, 8 and 23 frames.
+LONG = ORACLE_REQUESTS[0]
 REQUESTS = [
     LONG,
     SynthesisRequest(
@@ -32,13 +29,8 @@ REQUESTS = [
         "ryan",
         "english",
     ),
-    SynthesisRequest("これは日本語のテキストです。", "vivian", "auto"),
-    SynthesisRequest(
-        "Please keep your hands inside the vehicle at all times and enjoy the ride through the ancient forest.",
-        "vivian",
-        "english",
-        "Speak happily",
-    ),
+    ORACLE_REQUESTS[1],
+    ORACLE_REQUESTS[2],
 ]
 MAX_ERROR = 0.02
 MIN_SNR_DB = 30.0
