@@ -253,3 +253,17 @@ def test_cancelling_frees_the_slot_and_the_neighbour_completes(engine: TTSEngine
             break
         threading.Event().wait(0.02)
     assert done.is_set()
+
+
+def test_a_prompt_too_long_for_its_slot_fails_alone(tiny_dir: Path, cache_dir: Path, references) -> None:
+    """Slots of 64 + 64 positions: a 300-character instruction cannot fit; its neighbour still runs."""
+    cramped = TTSEngine.load(
+        Settings(
+            model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu", max_prompt_tokens=64, max_new_tokens=64
+        )
+    )
+    wordy = SynthesisRequest("Hi.", "ryan", "english", "Speak " + "very " * 60 + "slowly.")
+    too_long, fine = run_all(cramped, [wordy, REQUESTS[4]], "cramped")
+    assert too_long.error and "TTS_MAX_PROMPT_TOKENS" in too_long.error
+    assert fine.error is None
+    np.testing.assert_array_equal(fine.codes, references[REQUESTS[4].text])

@@ -53,7 +53,6 @@ class ChunkDecoder:
         self._queue: queue.PriorityQueue[tuple[int, int, list[Window | Ending]]] = queue.PriorityQueue()
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
-        self.pending = 0  # batches queued or being decoded
 
     def put(self, items: list[Window | Ending], urgent: bool = True) -> None:
         """Queue items; urgent ones (streams) are decoded before any non-urgent ones (whole files)."""
@@ -62,7 +61,6 @@ class ChunkDecoder:
         if not self.threaded:
             self._process(items)
             return
-        self.pending += 1
         self._queue.put((0 if urgent else 1, next(self._order), items))
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="tts-chunk-decoder", daemon=True)
@@ -73,10 +71,7 @@ class ChunkDecoder:
             torch.set_num_threads(1)  # OpenMP teams in a second thread are slow; one core each runs best
         while True:
             _, _, items = self._queue.get()
-            try:
-                self._process(items)
-            finally:
-                self.pending -= 1
+            self._process(items)
 
     def _process(self, items: list[Window | Ending]) -> None:
         windows = [item for item in items if isinstance(item, Window) and item.handle.end is None]

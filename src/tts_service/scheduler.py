@@ -339,7 +339,14 @@ class StepScheduler:
         for row in joining:
             try:
                 job = row.job
-                prompts.append(self.prompts.build(job.segments[row.segment], job.speaker, job.language, job.instruct))
+                prompt = self.prompts.build(job.segments[row.segment], job.speaker, job.language, job.instruct)
+                room = self.max_len - job.budgets[row.segment] - 2
+                if prompt.shape[0] > room:  # checked here, so that it fails alone, not its prefill batch
+                    raise ValueError(
+                        f"the prompt has {prompt.shape[0]} tokens; a KV slot has room for {room} beside this "
+                        "segment's frames (raise TTS_MAX_PROMPT_TOKENS)"
+                    )
+                prompts.append(prompt)
                 params.append(self.sampling_params(job.seed, row.segment))
                 ready.append(row)
             except Exception as exc:  # this request's prompt cannot be built: it fails alone
