@@ -1,4 +1,5 @@
-"""Streams from the step engine against qwen-tts's own generate_custom_voice, on the tiny checkpoint.
+"""Streams from the step engine against qwen-tts's own generate_custom_voice, on the tiny checkpoint,
+with both stream decoders: stateful (the CPU default; equal to a whole decode) and windowed (the GPU's).
 
 Tolerance for the waveform, and why: the codec codes must be identical (greedy decoding, same model).
 The audio then differs only where a chunk was decoded with 25 frames (2 s) of left context instead of
@@ -18,6 +19,7 @@ import pytest
 from tests.oracle import ORACLE_REQUESTS
 from tests.oracle import reference as plain_qwen_tts
 from tts_service.engine import SynthesisRequest, TTSEngine
+from tts_service.settings import Settings
 
 SPF = 1920  # samples per codec frame
 # Greedy lengths on the tiny checkpoint: 125, 48, 8 and 23 frames.
@@ -63,7 +65,30 @@ def _check_audio(streamed: np.ndarray, reference: np.ndarray, seams: list[int]) 
         assert abs(jump - (reference[seam] - reference[seam - 1])) <= MAX_ERROR, seam
 
 
-def test_a_stream_equals_the_whole_utterance(engine: TTSEngine, reference) -> None:
+@pytest.fixture(scope="module")
+def window_engine(tiny_dir, cache_dir) -> TTSEngine:
+    """Streams decoded as windows with 25 frames of left context (the GPU's path)."""
+    return TTSEngine.load(
+        Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu", stream_decoder="window")
+    )
+
+
+def test_a_stateful_stream_equals_the_whole_utterance(engine: TTSEngine, reference) -> None:
+    """The CPU default: the decoder's state is carried from chunk to chunk, so a stream's audio is the
+    whole-utterance decode of its codes (float rounding aside: at most 1e-4, then 16-bit rounding)."""
+    assert engine.scheduler.stateful_streams
+    handle = engine.submit(LONG, "stateful", stream=True)
+    chunks = list(handle)
+    ref_codes, ref_audio = reference[LONG.text]
+    np.testing.assert_array_equal(handle.end.codes, ref_codes)
+    assert [len(c) // SPF for c in chunks][:3] == [4, 16, 16]
+    streamed = np.concatenate(chunks)
+    exact = np.round(np.clip(streamed, -1, 1) * 32767) / 32768
+    assert len(streamed) == len(ref_audio) and np.abs(exact - ref_audio).max() <= 1.5 / 32768
+
+
+def test_a_windowed_stream_equals_the_whole_utterance(window_engine: TTSEngine, reference) -> None:
+    engine = window_engine
     handle = engine.submit(LONG, "alone", stream=True)
     chunks = list(handle)
     ref_codes, ref_audio = reference[LONG.text]
@@ -82,7 +107,11 @@ def test_a_stream_equals_the_whole_utterance(engine: TTSEngine, reference) -> No
     _check_audio(streamed, ref_audio, seams)
 
 
-def test_streams_joining_at_different_times_share_steps_and_keep_their_codes(engine: TTSEngine, reference) -> None:
+@pytest.mark.parametrize("decoder", ["stateful", "window"])
+def test_streams_joining_at_different_times_share_steps_and_keep_their_codes(
+    engine: TTSEngine, window_engine: TTSEngine, reference, decoder: str
+) -> None:
+    engine = engine if decoder == "stateful" else window_engine
     handles = []
     for index, request in enumerate(REQUESTS):
         handles.append(engine.submit(request, f"joined-{index}", stream=True))

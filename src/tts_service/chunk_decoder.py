@@ -24,11 +24,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Window:
-    """`codes[context:]` are new; `codes[:context]` were sent already and only condition the decoder."""
+    """`codes[context:]` are new; `codes[:context]` were sent already and only condition the decoder.
+    With a `state` (a stateful stream) there is no context: the state carries the history instead."""
 
     handle: Any  # RequestHandle
     codes: np.ndarray  # [frames, 16]
     context: int
+    state: Any = None  # streaming_decoder.DecoderState
 
 
 @dataclass
@@ -44,7 +46,10 @@ class ChunkDecoder:
     a GPU; with one intra-op thread on the CPU, beside the engine loop's one)."""
 
     def __init__(self, decoder: torch.nn.Module, samples_per_frame: int, device: torch.device, threaded: bool) -> None:
+        from tts_service.streaming_decoder import StreamingDecoder
+
         self.decoder = decoder
+        self.streaming = StreamingDecoder(decoder)
         self.samples_per_frame = samples_per_frame
         self.device = device
         self.threaded = threaded
@@ -75,12 +80,15 @@ class ChunkDecoder:
 
     def _process(self, items: list[Window | Ending]) -> None:
         windows = [item for item in items if isinstance(item, Window) and item.handle.end is None]
-        groups: dict[int, list[Window]] = {}
-        for window in windows:
-            groups.setdefault(len(window.codes), []).append(window)
+        groups: dict[Any, list[Window]] = {}
+        for window in windows:  # stateful windows one by one (each its own history), the rest by length
+            groups.setdefault(id(window) if window.state is not None else len(window.codes), []).append(window)
         for group in groups.values():
             try:
-                audio = self.decode([w.codes for w in group])
+                if group[0].state is not None:
+                    audio = self.decode_stateful(group[0].state, group[0].codes)
+                else:
+                    audio = self.decode([w.codes for w in group])
             except Exception as exc:
                 logger.exception("decoding failed for %d requests", len(group))
                 for window in group:
@@ -111,6 +119,15 @@ class ChunkDecoder:
                 graph_obj.replay()
                 wav = static_out[: batch.shape[0]]
             return wav.cpu().numpy()  # waits for this stream only
+
+    @torch.inference_mode()
+    def decode_stateful(self, state: Any, codes: np.ndarray) -> np.ndarray:
+        """The next chunk of one stateful stream: [T, 16] -> float32 audio [1, T * samples_per_frame]."""
+        host = torch.from_numpy(codes[None]).transpose(1, 2)
+        if self.stream is None:
+            return self.streaming.decode(state, host).float().numpy()
+        with torch.cuda.stream(self.stream):
+            return self.streaming.decode(state, host.to(self.device)).float().cpu().numpy()
 
     # ---- CUDA graphs of the decoder for its common window shapes -----------------------------------
     graph_lengths: tuple[int, ...] = ()

@@ -159,6 +159,7 @@ class _Row:
     segment_frames: int = 0
     prompt_len: int = 0  # of the current segment
     samples: bool = False  # draws at random (else greedy throughout)
+    decoder_state: Any = None  # a stateful stream's decoder history (streaming_decoder.DecoderState)
     slots_used: list[int] = field(default_factory=list)
     launched: int = 0  # steps launched for the current segment
     codes: list[np.ndarray] = field(default_factory=list)  # every accepted frame, all segments
@@ -196,6 +197,7 @@ class StepScheduler:
         decode_batching: bool | None = None,
         stream_plan: ChunkPlan | None = None,
         cuda_graphs: bool = True,
+        stateful_streams: bool | None = None,
     ) -> None:
         self.wrapper = wrapper
         self.model = wrapper.model
@@ -206,6 +208,9 @@ class StepScheduler:
         self.device = self.model.talker.codec_head.weight.device
         self.on_cuda = self.device.type == "cuda"
         self.decode_batching = self.on_cuda if decode_batching is None else decode_batching
+        # Streams decoded with carried state (exact, no re-decoded context) or as windows with left
+        # context (batched across streams and graph-captured on a GPU, where it is the measured path).
+        self.stateful_streams = (not self.on_cuda) if stateful_streams is None else stateful_streams
         self.decoder = ChunkDecoder(
             self.model.speech_tokenizer.model.decoder, self.samples_per_frame, self.device, True
         )
@@ -449,6 +454,14 @@ class StepScheduler:
                 if row not in due and plan is self.stream_plan and row.decoded > 0 and 2 * waiting >= plan.frames:
                     due.append(row)
         windows = []
+        stateful = [row for row in due if self.stateful_streams and row.job.plan is self.stream_plan]
+        for row in stateful:
+            if row.decoder_state is None:
+                row.decoder_state = self.decoder.streaming.new_state()
+            end = self._window_end(row)
+            windows.append(Window(row.handle, np.stack(row.codes[row.decoded : end]), 0, row.decoder_state))
+            row.decoded = end
+        due = [row for row in due if row not in stateful]
         lengths = {row: self._window_end(row) - row.decoded + row.job.plan.left_context for row in due}
         longest = max((lengths[row] for row in due if row.job.plan is self.stream_plan), default=0)
         for row in due:

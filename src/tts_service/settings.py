@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     stream_first_frames: int = Field(4, ge=1, description="Codec frames (80 ms each) in a stream's first chunk.")
     stream_chunk_frames: int = Field(16, ge=1, description="Codec frames in each later chunk.")
     stream_left_context: int = Field(25, ge=0, description="Frames of left context when decoding a chunk.")
+    stream_decoder: Literal["auto", "stateful", "window"] = Field(
+        "auto",
+        description="How stream chunks are decoded: 'stateful' carries the decoder's state (audio equals a whole "
+        "decode), 'window' re-decodes left context (batched, graph-captured); auto: stateful on the CPU.",
+    )
 
     openai_voice_map: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=lambda: dict(DEFAULT_VOICE_MAP),

@@ -1,0 +1,125 @@
+"""The speech decoder run chunk by chunk with per-request state, equal to decoding the whole utterance.
+
+qwen-tts's 12 Hz decoder is causal throughout: stride-1 causal convolutions, transposed convolutions
+(upsampling), a sliding-window transformer, and per-step layers (SnakeBeta, LayerNorm, linears). So a
+chunk needs only state carried from the previous one, not re-decoded left context:
+
+- each causal convolution keeps its last `kernel - 1` input samples (zeros before the first chunk,
+  which is exactly the zero padding of a whole decode);
+- each transposed convolution keeps the `kernel - stride` output samples that the next chunk's first
+  inputs still add to (the whole decode cuts that tail off only at the very end);
+- the transformer keeps its sliding-window KV cache (HF's `DynamicCache` built from its config).
+
+Numbers differ from a whole decode only by float rounding (convolutions of different lengths).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class DecoderState:
+    """One request's decoder state between chunks."""
+
+    conv_history: dict[int, torch.Tensor] = field(default_factory=dict)
+    transposed_tail: dict[int, torch.Tensor] = field(default_factory=dict)
+    cache: Any = None  # the transformer's KV cache
+    frames: int = 0
+
+
+class StreamingDecoder:
+    """Wraps a loaded `Qwen3TTSTokenizerV2Decoder`; `decode(state, codes)` turns the next chunk of codes
+    ([batch, 16, n], the batch sharing one state history) into its samples, n * 1920 per row."""
+
+    def __init__(self, decoder: torch.nn.Module) -> None:
+        self.decoder = decoder
+        self.samples_per_frame = int(decoder.total_upsample)
+
+    def new_state(self) -> DecoderState:
+        from transformers.cache_utils import DynamicCache
+
+        return DecoderState(cache=DynamicCache(config=self.decoder.pre_transformer.config))
+
+    @torch.inference_mode()
+    def decode(self, state: DecoderState, codes: torch.Tensor) -> torch.Tensor:
+        d = self.decoder
+        hidden = d.quantizer.decode(codes.clamp(min=0))
+        hidden = self._conv(state, d.pre_conv, hidden)
+        length = hidden.shape[-1]
+        positions = torch.arange(state.frames, state.frames + length, device=hidden.device)
+        hidden = d.pre_transformer(
+            inputs_embeds=hidden.transpose(1, 2),
+            past_key_values=state.cache,
+            use_cache=True,
+            cache_position=positions,
+        ).last_hidden_state.permute(0, 2, 1)
+        state.frames += length
+        for transposed, convnext in d.upsample:
+            hidden = self._transposed(state, transposed, hidden)
+            hidden = self._convnext(state, convnext, hidden)
+        for block in d.decoder:
+            hidden = self._decoder_block(state, block, hidden)
+        return hidden.clamp(min=-1, max=1).squeeze(1)
+
+    # ---- the decoder's layers, each with its carried state -------------------------------------------
+    def _conv(self, state: DecoderState, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A stride-1 causal convolution: the previous chunk's last `padding` inputs stand in for its
+        left zero padding."""
+        pad = module.padding
+        if pad == 0:
+            return module.conv(x)
+        key = id(module)
+        history = state.conv_history.get(key)
+        if history is None:
+            history = x.new_zeros(x.shape[0], x.shape[1], pad)
+        full = torch.cat([history, x], dim=-1)
+        state.conv_history[key] = full[..., -pad:]
+        return module.conv(full)
+
+    def _transposed(self, state: DecoderState, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A transposed convolution: its outputs overlap the next chunk's by `kernel - stride` samples,
+        which are carried (without bias) and added to the next chunk's first outputs."""
+        conv = module.conv
+        stride = conv.stride[0]
+        overlap = conv.kernel_size[0] - stride
+        y = F.conv_transpose1d(x, conv.weight, None, stride=stride)
+        if overlap:
+            key = id(module)
+            tail = state.transposed_tail.get(key)
+            if tail is not None:
+                y = torch.cat([y[..., :overlap] + tail, y[..., overlap:]], dim=-1)
+            keep = x.shape[-1] * stride
+            state.transposed_tail[key] = y[..., keep:]
+            y = y[..., :keep]
+        if conv.bias is not None:
+            y = y + conv.bias[None, :, None]
+        return y
+
+    def _convnext(self, state: DecoderState, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        h = self._conv(state, block.dwconv, x).permute(0, 2, 1)
+        h = block.pwconv2(block.act(block.pwconv1(block.norm(h))))
+        return x + (block.gamma * h).permute(0, 2, 1)
+
+    def _decoder_block(self, state: DecoderState, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        name = type(block).__name__
+        if name.endswith("CausalConvNet"):
+            return self._conv(state, block, x)
+        if name == "SnakeBeta":
+            return block(x)
+        if name.endswith("DecoderBlock"):
+            for part in block.block:
+                part_name = type(part).__name__
+                if part_name == "SnakeBeta":
+                    x = part(x)
+                elif part_name.endswith("TransConvNet"):
+                    x = self._transposed(state, part, x)
+                else:  # a residual unit: act, dilated causal conv, act, 1x1 conv, plus its input
+                    h = self._conv(state, part.conv1, part.act1(x))
+                    x = x + self._conv(state, part.conv2, part.act2(h))
+            return x
+        raise TypeError(f"unexpected decoder layer {name}")
