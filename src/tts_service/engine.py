@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from tts_service.scheduler import WHOLE_FILE_PLAN, ChunkPlan, Job, RequestHandle, StepScheduler
+from tts_service.scheduler import ChunkPlan, Job, RequestHandle, StepScheduler
 from tts_service.schemas import ModelInfo, SpeakerInfo
 from tts_service.segmenting import split_text
 from tts_service.settings import Settings
@@ -331,7 +331,7 @@ class TTSEngine:
             language=request.language,
             instruct=instruct,
             seed=StepScheduler.new_seed() if request.seed is None else request.seed,
-            plan=self.scheduler.stream_plan if stream else WHOLE_FILE_PLAN,
+            plan=self.scheduler.stream_plan if stream else self.scheduler.file_plan,
             budgets=tuple(self.frame_budget(segment) for segment in segments),
         )
 

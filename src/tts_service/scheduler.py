@@ -211,6 +211,9 @@ class StepScheduler:
         # Streams decoded with carried state (exact, no re-decoded context) or as windows with left
         # context (batched across streams and graph-captured on a GPU, where it is the measured path).
         self.stateful_streams = (not self.on_cuda) if stateful_streams is None else stateful_streams
+        # Whole files: with a stateful decoder, decoded as they are generated (so only the last piece is
+        # left at the end); else in qwen-tts's own 300-frame windows with 25 frames of context.
+        self.file_plan = ChunkPlan(64, 64, 0) if self.stateful_streams else WHOLE_FILE_PLAN
         self.decoder = ChunkDecoder(
             self.model.speech_tokenizer.model.decoder, self.samples_per_frame, self.device, True
         )
@@ -454,7 +457,7 @@ class StepScheduler:
                 if row not in due and plan is self.stream_plan and row.decoded > 0 and 2 * waiting >= plan.frames:
                     due.append(row)
         windows = []
-        stateful = [row for row in due if self.stateful_streams and row.job.plan is self.stream_plan]
+        stateful = due if self.stateful_streams else []  # then every request, stream or file, carries state
         for row in stateful:
             if row.decoder_state is None:
                 row.decoder_state = self.decoder.streaming.new_state()
