@@ -42,9 +42,9 @@ def test_single_requests_equal_qwen_tts(engine: TTSEngine, references) -> None:
 
 
 def test_whole_file_audio_equals_qwen_tts(engine: TTSEngine) -> None:
-    """Same codes and the same decode windows (300 frames, 25 of context) as qwen-tts: the same samples,
-    but for float rounding (the engine's decoder thread runs convolutions on one CPU thread, qwen-tts on
-    two; measured: at most 1e-5, a third of one 16-bit step)."""
+    """Same codes as qwen-tts, and the same samples but for float rounding: on the CPU the engine decodes a
+    whole file in pieces with carried decoder state as it is generated (equal to a whole decode), on one
+    CPU thread where qwen-tts uses two (measured: at most 1e-5, a third of one 16-bit step)."""
     request = REQUESTS[0]
     codes, audio = reference(engine, request)
     result = engine.synthesize(request)
