@@ -55,6 +55,9 @@ class ChunkDecoder:
         self.threaded = threaded
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.on_error: Callable[[Any, str], None] = lambda handle, error: None
+        self.graph_lengths: tuple[int, ...] = ()  # window lengths with captured graphs (none until capture)
+        self.graph_batches: tuple[int, ...] = ()
+        self._graphs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]] | None = None
         self._queue: queue.PriorityQueue[tuple[int, int, list[Window | Ending]]] = queue.PriorityQueue()
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
@@ -130,10 +133,6 @@ class ChunkDecoder:
             return self.streaming.decode(state, host.to(self.device)).float().cpu().numpy()
 
     # ---- CUDA graphs of the decoder for its common window shapes -----------------------------------
-    graph_lengths: tuple[int, ...] = ()
-    graph_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    _graphs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]] | None = None
-
     def capture(self, lengths: tuple[int, ...], batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> None:
         """Capture the decoder for windows of these frame counts (e.g. a stream's steady chunk plus its
         left context) at these batch sizes. Any other shape is decoded eagerly. If the decoder cannot be
