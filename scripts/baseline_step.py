@@ -1,114 +1,28 @@
-"""Wave 1's streaming loop, kept only as the benchmark baseline of `bench.py step` ("today's _step").
+"""Wave 1's frame step, kept only as the benchmark baseline of `bench.py step` ("today's _step").
 
-It advanced streams with qwen-tts's own talker forward (whose code predictor runs HF `generate`) on a
-shared `DynamicCache` that is left-padded and concatenated when a stream joins and re-indexed when one
-leaves. Serving no longer uses it; see src/tts_service/frame_step.py for what replaced it.
+Wave 1 advanced streams with qwen-tts's own talker forward (whose code predictor runs HF `generate`) on
+a shared `DynamicCache` that is left-padded and concatenated when a stream joins and re-indexed when one
+leaves. This is that step, with its prompt capture and cache surgery, minus the thread, the handles and
+the audio. Serving no longer uses it; src/tts_service/frame_step.py replaced it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import queue
-import threading
-import time
-from collections import deque
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from tts_service.engine import SynthesisRequest, TTSEngine
-
-logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    """Frames per decoded chunk: a small first chunk for a fast start, larger ones for efficiency."""
-
-    first_frames: int = 4
-    frames: int = 16
-    left_context: int = 25  # qwen-tts's own chunked_decode uses 25
-
-    def target(self, decoded: int) -> int:
-        return self.first_frames if decoded == 0 else self.frames
-
-
-@dataclass(frozen=True)
-class StreamEnd:
-    """The last item of every stream."""
-
-    frames: int
-    truncated: bool
-    steps: int  # decode steps this stream took part in
-    shared_steps: int  # of those, steps shared with at least one other stream
-    max_batch: int
-    error: str | None = None
-    cancelled: bool = False
-
-
-class StreamHandle:
-    """What `StreamScheduler.submit` returns: iterate it (sync or async) for float32 chunks."""
-
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None) -> None:
-        self.request_id = request_id
-        self.cancelled = threading.Event()
-        self.end: StreamEnd | None = None
-        self._loop = loop
-        self._async_queue: asyncio.Queue | None = asyncio.Queue() if loop else None
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-
-    def _put(self, item: np.ndarray | StreamEnd) -> None:
-        if self._loop is not None and self._async_queue is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._async_queue.put_nowait, item)
-            except RuntimeError:  # the caller's loop is gone: it is not listening any more
-                self.cancelled.set()
-        else:
-            self._queue.put(item)
-
-    def cancel(self) -> None:
-        """Stop generating for this stream; its slot is freed at the next step."""
-        self.cancelled.set()
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        while True:
-            item = self._queue.get()
-            if isinstance(item, StreamEnd):
-                self.end = item
-                return
-            yield item
-
-    async def __aiter__(self) -> AsyncIterator[np.ndarray]:
-        assert self._async_queue is not None, "submit(..., loop=...) for async iteration"
-        try:
-            while True:
-                item = await self._async_queue.get()
-                if isinstance(item, StreamEnd):
-                    self.end = item
-                    return
-                yield item
-        finally:
-            if self.end is None:  # the consumer stopped early (client gone): free the slot
-                self.cancel()
 
 
 @dataclass
 class _Row:
     """One stream's place in the running batch."""
 
-    handle: StreamHandle
     budget: int
     text_hidden: Any  # [L, H]: the text to add step by step (qwen-tts streams the text in this way)
-    started: float
     generated: int = 1  # codec tokens sampled so far (the prefill samples the first)
     steps: int = 0
-    shared_steps: int = 0
-    max_batch: int = 0
     codes: list = field(default_factory=list)  # per frame: [16] codes on the CPU
-    decoded: int = 0  # frames already decoded and sent
     finished: bool = False
     truncated: bool = False
 
@@ -118,83 +32,21 @@ class _PromptCaptured(Exception):
         self.kwargs = kwargs
 
 
-class StreamScheduler:
-    """One background thread that owns every streaming generation on the engine's model."""
+class Wave1Step:
+    """`admit(requests)` prefills and joins them; `step()` advances every row by one frame, as wave 1 did."""
 
-    def __init__(self, engine: TTSEngine, plan: ChunkPlan | None = None, max_streams: int = 16) -> None:
+    def __init__(self, engine: TTSEngine) -> None:
         import torch
 
         self.engine = engine
-        self.plan = plan or ChunkPlan()
-        self.max_streams = max_streams
         self.torch = torch
         self.wrapper = engine.model  # qwen_tts.Qwen3TTSModel
         self.model = engine.model.model  # Qwen3TTSForConditionalGeneration
         self.talker = self.model.talker
-        self.decoder = self.model.speech_tokenizer.model.decoder
         self.eos = int(self.model.config.talker_config.codec_eos_token_id)
-        self._pending: deque[tuple[SynthesisRequest, StreamHandle]] = deque()
-        self._wake = threading.Condition()
         self._rows: list[_Row] = []
-        self._handles: dict[str, StreamHandle] = {}  # by request id, while generating
         self._state: dict[str, Any] = {}
-        self._thread: threading.Thread | None = None
-        self.step_batch_sizes: list[int] = []  # the last steps' batch sizes, for tests and metrics
-        self.on_step: Any = None  # optional callback(batch_size), e.g. a metrics histogram
 
-    # ---- public ----------------------------------------------------------------------------------
-    def submit(
-        self, request: SynthesisRequest, request_id: str, loop: asyncio.AbstractEventLoop | None = None
-    ) -> StreamHandle:
-        handle = StreamHandle(request_id, loop)
-        with self._wake:
-            self._handles[request_id] = handle
-            self._pending.append((request, handle))
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="tts-stream-scheduler", daemon=True)
-                self._thread.start()
-            self._wake.notify()
-        return handle
-
-    def cancel(self, request_id: str) -> bool:
-        """Cancel a stream by its request id (e.g. its client hung up); False if it is not running."""
-        handle = self._handles.get(request_id)
-        if handle is None:
-            return False
-        handle.cancel()
-        with self._wake:
-            self._wake.notify()
-        return True
-
-    @property
-    def active(self) -> int:
-        return len(self._rows) + len(self._pending)
-
-    # ---- the loop --------------------------------------------------------------------------------
-    def _run(self) -> None:
-        torch = self.torch
-        while True:
-            with self._wake:
-                while not self._pending and not self._rows:
-                    self._wake.wait()
-                room = self.max_streams - len(self._rows)
-                joining = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
-            try:
-                with torch.inference_mode():
-                    if joining:
-                        self._admit(joining)
-                    if self._rows:
-                        self._step()
-            except Exception as exc:  # a failure ends the streams it hit, never the thread
-                logger.exception("streaming step failed; ending %d streams", len(self._rows) + len(joining))
-                for row in self._rows:
-                    self._finish(row, error=f"{type(exc).__name__}: {exc}")
-                for _, handle in joining:
-                    if handle.end is None:
-                        handle._put(StreamEnd(0, False, 0, 0, 0, error=f"{type(exc).__name__}: {exc}"))
-                self._rows, self._state = [], {}
-
-    # ---- prefill and join ------------------------------------------------------------------------
     def _generation_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {}
         if self.engine.settings.greedy:
@@ -223,31 +75,21 @@ class StreamScheduler:
             del self.talker.generate
         raise RuntimeError("qwen-tts did not reach the talker's generate call")
 
-    def _admit(self, joining: list[tuple[SynthesisRequest, StreamHandle]]) -> None:
+    def admit(self, requests: list[SynthesisRequest]) -> None:
         torch = self.torch
-        for _, handle in joining:
-            if handle.cancelled.is_set():
-                handle._put(StreamEnd(0, False, 0, 0, 0, cancelled=True))
-                self._handles.pop(handle.request_id, None)
-        joining = [(r, h) for r, h in joining if not h.cancelled.is_set()]
-        if not joining:
-            return
-        prompt = self._capture_prompt([r for r, _ in joining])
+        prompt = self._capture_prompt(requests)
         self._sampling = {k: prompt[k] for k in ("do_sample", "top_k", "top_p", "temperature", "repetition_penalty")}
         self._subtalker = {k: prompt[k] for k in prompt if k.startswith("subtalker_")}
         self._suppress = torch.tensor(prompt["suppress_tokens"], device=self.talker.device, dtype=torch.long)
         self._pad_embed = prompt["tts_pad_embed"]  # [1, 1, H]
         embeds, mask = prompt["inputs_embeds"], prompt["attention_mask"]
         out = self.talker(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
-        now = time.perf_counter()
         rows = [
             _Row(
-                handle=h,
                 budget=self.engine.frame_budget(r.text),
                 text_hidden=prompt["trailing_text_hidden"][i],
-                started=now,
             )
-            for i, (r, h) in enumerate(joining)
+            for i, r in enumerate(requests)
         ]
         vocab = out.logits.shape[-1]
         seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=out.logits.device)
@@ -286,7 +128,6 @@ class StreamScheduler:
             "seen": torch.cat([a["seen"], b["seen"]]),
         }
 
-    # ---- one decode step for every stream --------------------------------------------------------
     def _sample(self, logits: Any, seen: Any, generated: Any) -> Any:
         """The talker's logits processing, per row: repetition penalty over its own codes, no codec
         special tokens, no end-of-speech before the second token, then greedy or top-k/top-p sampling."""
@@ -313,7 +154,7 @@ class StreamScheduler:
             logits = warper(None, logits)
         return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1).squeeze(1)
 
-    def _step(self) -> None:
+    def step(self) -> None:
         torch = self.torch
         state, rows = self._state, self._rows
         device = state["mask"].device
@@ -345,78 +186,20 @@ class StreamScheduler:
         token = self._sample(out.logits[:, -1, :].float(), state["seen"], generated)
         state["seen"][torch.arange(batch, device=device), token] = True
         state.update(mask=mask, last=token.unsqueeze(1), past_hidden=out.past_hidden)
-        self.step_batch_sizes = (self.step_batch_sizes + [batch])[-1000:]
-        if self.on_step is not None:
-            self.on_step(batch)
         tokens = token.tolist()
         for row, frame, next_token in zip(rows, frames, tokens, strict=True):
             row.codes.append(frame)
             row.steps += 1
             row.generated += 1
-            row.max_batch = max(row.max_batch, batch)
-            row.shared_steps += batch > 1
             if next_token == self.eos:
                 row.finished = True
             elif len(row.codes) >= row.budget:
                 row.finished, row.truncated = True, True
-        self._emit_chunks()
         self._drop_done()
-
-    # ---- audio out -------------------------------------------------------------------------------
-    def _emit_chunks(self) -> None:
-        torch = self.torch
-        plan, spf = self.plan, self.engine.samples_per_frame
-        due = [
-            row
-            for row in self._rows
-            if not row.handle.cancelled.is_set()
-            and len(row.codes) > row.decoded
-            and (row.finished or len(row.codes) - row.decoded >= plan.target(row.decoded))
-        ]
-        groups: dict[tuple[int, int], list[_Row]] = {}
-        for row in due:  # rows whose windows have the same shape are decoded as one batch
-            start = max(0, row.decoded - plan.left_context)
-            groups.setdefault((row.decoded - start, len(row.codes) - start), []).append(row)
-        for (context, window), group in groups.items():
-            codes = torch.stack([torch.stack(row.codes[len(row.codes) - window :]) for row in group])  # [b, T, 16]
-            codes = codes.transpose(1, 2).to(self.decoder.device).clamp(min=0)
-            wavs = self.decoder(codes).squeeze(1).float().cpu().numpy()
-            for row, wav in zip(group, wavs, strict=True):
-                row.handle._put(np.ascontiguousarray(wav[context * spf : window * spf]))
-                row.decoded = len(row.codes)
-
-    def _finish(self, row: _Row, error: str | None = None) -> None:
-        cancelled = row.handle.cancelled.is_set()
-        end = StreamEnd(
-            frames=row.decoded,
-            truncated=row.truncated,
-            steps=row.steps,
-            shared_steps=row.shared_steps,
-            max_batch=row.max_batch,
-            error=error,
-            cancelled=cancelled,
-        )
-        row.handle._put(end)
-        self._handles.pop(row.handle.request_id, None)
-        logger.info(
-            "stream %s %s: %d frames in %.2f s, %d decode steps, %d of them shared (batch up to %d)",
-            row.handle.request_id,
-            "cancelled" if cancelled else ("failed" if error else "done"),
-            row.decoded,
-            time.perf_counter() - row.started,
-            row.steps,
-            row.shared_steps,
-            row.max_batch,
-        )
 
     def _drop_done(self) -> None:
         torch = self.torch
-        keep = []
-        for index, row in enumerate(self._rows):
-            if row.finished or row.handle.cancelled.is_set():
-                self._finish(row)
-            else:
-                keep.append(index)
+        keep = [index for index, row in enumerate(self._rows) if not row.finished]
         if len(keep) == len(self._rows):
             return
         self._rows = [self._rows[i] for i in keep]

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 import torch
-from baseline_step import StreamHandle, StreamScheduler
+from baseline_step import Wave1Step
 
 from tts_service import frame_step as fs
 from tts_service.engine import SynthesisRequest, TTSEngine
@@ -53,17 +53,16 @@ def measure_step(engine: TTSEngine, batch_sizes: list[int], steps: int, repeat: 
                     _sync(device)
                 new_ms.append((time.perf_counter() - started) / steps * 1000)
 
-                old = StreamScheduler(engine)
-                old._emit_chunks = lambda: None  # the step alone, no decoding
+                old = Wave1Step(engine)
                 with torch.inference_mode():
-                    old._admit([(r, StreamHandle(f"old-{i}", None)) for i, r in enumerate(requests)])
+                    old.admit(requests)
                     for row in old._rows:
                         row.budget = 10**9
-                    old._step()
+                    old.step()
                     _sync(device)
                     started = time.perf_counter()
                     for _ in range(steps):
-                        old._step()
+                        old.step()
                     _sync(device)
                 old_ms.append((time.perf_counter() - started) / steps * 1000)
 

@@ -58,3 +58,15 @@ def test_stream_benchmark_over_http_smoke(server: LiveServer, tmp_path: Path) ->
     assert all(0 < r["ttfa_ms"] / 1000 <= r["stream_total_s"] and r["whole_s"] > 0 for r in rows)
     # The session server decodes greedily, so both routes produce the same audio for the same requests.
     assert all(r["stream_audio_s"] == r["whole_audio_s"] > 0 for r in rows)
+
+
+def test_step_benchmark_smoke(cache_dir: Path, tmp_path: Path) -> None:
+    """The frame step against wave 1's step and plain qwen-tts (scripts/bench_step.py, baseline_step.py)."""
+    out = tmp_path / "step.json"
+    args = ["step", "--batch-sizes", "1", "2", "--steps", "2", "--repeat", "1", "--cache-dir", str(cache_dir)]
+    result = subprocess.run(BENCH + args + ["--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "| batch | new ms | wave 1 ms | plain qwen-tts ms |" in result.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    assert all(r["new_ms"] > 0 and r["old_ms"] > 0 and r["plain_ms"] > 0 for r in rows)
