@@ -12,12 +12,18 @@ from tests.conftest import REPO_ROOT, LiveServer
 BENCH = [sys.executable, str(REPO_ROOT / "scripts" / "bench.py")]
 
 
+def run_bench(args: list[str], out: Path) -> str:
+    """Run bench.py with these arguments and --json OUT; its printed tables."""
+    result = subprocess.run(BENCH + args + ["--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
 def test_engine_benchmark_smoke(cache_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "engine.json"
     args = ["engine", "--batch-sizes", "1", "2", "--frames", "6", "--repeat", "1", "--cache-dir", str(cache_dir)]
-    result = subprocess.run(BENCH + args + ["--json", str(out)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "| batch | engine s | plain qwen-tts s |" in result.stdout
+    stdout = run_bench(args, out)
+    assert "| batch | engine s | plain qwen-tts s |" in stdout
     rows = json.loads(out.read_text())["rows"]
     assert [r["batch_size"] for r in rows] == [1, 2]
     assert all(r["frames_per_item"] == 6 and r["engine_s"] > 0 and r["plain_s"] > 0 for r in rows)
@@ -27,9 +33,8 @@ def test_engine_benchmark_smoke(cache_dir: Path, tmp_path: Path) -> None:
 def test_service_benchmark_smoke(server: LiveServer, cache_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "service.json"
     args = ["service", "--url", server.url, "--concurrency", "1", "2", "--requests", "4", "--cache-dir", str(cache_dir)]
-    result = subprocess.run(BENCH + args + ["--json", str(out)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "| server | after warm-up ms | overhead vs engine ms | after the load above ms |" in result.stdout
+    stdout = run_bench(args, out)
+    assert "| server | after warm-up ms | overhead vs engine ms | after the load above ms |" in stdout
     data = json.loads(out.read_text())
     assert [r["concurrency"] for r in data["batched"]] == [1, 2]
     assert all(r["failures"] == 0 and len(r["latencies"]) == 4 for r in data["batched"])
@@ -38,9 +43,8 @@ def test_service_benchmark_smoke(server: LiveServer, cache_dir: Path, tmp_path: 
 def test_stream_benchmark_smoke(cache_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "stream.json"
     args = ["stream", "--concurrency", "1", "2", "--frames", "10", "--repeat", "1", "--cache-dir", str(cache_dir)]
-    result = subprocess.run(BENCH + args + ["--json", str(out)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "| streams | TTFA ms | streamed total s | whole (not streamed) s |" in result.stdout
+    stdout = run_bench(args, out)
+    assert "| streams | TTFA ms | streamed total s | whole (not streamed) s |" in stdout
     rows = json.loads(out.read_text())["rows"]
     assert [r["streams"] for r in rows] == [1, 2]
     # The first chunk (4 frames) comes before a 10-frame utterance is complete.
@@ -50,9 +54,8 @@ def test_stream_benchmark_smoke(cache_dir: Path, tmp_path: Path) -> None:
 def test_stream_benchmark_over_http_smoke(server: LiveServer, tmp_path: Path) -> None:
     out = tmp_path / "stream-http.json"
     args = ["stream", "--url", server.url, "--concurrency", "1", "2", "--repeat", "1"]
-    result = subprocess.run(BENCH + args + ["--json", str(out)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "| streams | TTFA ms | streamed total s | whole s |" in result.stdout
+    stdout = run_bench(args, out)
+    assert "| streams | TTFA ms | streamed total s | whole s |" in stdout
     rows = json.loads(out.read_text())["rows"]
     assert [r["streams"] for r in rows] == [1, 2]
     assert all(0 < r["ttfa_ms"] / 1000 <= r["stream_total_s"] and r["whole_s"] > 0 for r in rows)
@@ -64,9 +67,8 @@ def test_step_benchmark_smoke(cache_dir: Path, tmp_path: Path) -> None:
     """The frame step against wave 1's step and plain qwen-tts (scripts/bench_step.py, baseline_step.py)."""
     out = tmp_path / "step.json"
     args = ["step", "--batch-sizes", "1", "2", "--steps", "2", "--repeat", "1", "--cache-dir", str(cache_dir)]
-    result = subprocess.run(BENCH + args + ["--json", str(out)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "| batch | new ms | wave 1 ms | plain qwen-tts ms |" in result.stdout
+    stdout = run_bench(args, out)
+    assert "| batch | new ms | wave 1 ms | plain qwen-tts ms |" in stdout
     rows = json.loads(out.read_text())["rows"]
     assert [r["batch"] for r in rows] == [1, 2]
     assert all(r["new_ms"] > 0 and r["old_ms"] > 0 and r["plain_ms"] > 0 for r in rows)
