@@ -7,6 +7,7 @@ import asyncio
 import logging
 import math
 import secrets
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any
@@ -20,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tts_service.audio import CONTENT_TYPES, AudioFormat, EncodedAudio, encode, render
-from tts_service.bentoml_fixes import keep_dependency_sessions
+from tts_service.bentoml_fixes import AnswerOnCrash, keep_dependency_sessions, quiet_readiness_probe
 from tts_service.engine import ModelLoadError, TTSEngine, UnknownVoiceError
 from tts_service.metrics import real_time_factor, step_batch_size, time_to_first_audio
 from tts_service.openai_api import (
@@ -86,11 +87,36 @@ class Synthesizer:
     a request joins the running batch at the next step and leaves when its audio is done."""
 
     def __init__(self) -> None:
+        # The model loads in a thread, so that this worker answers /readyz (503, then 200) from the start
+        # rather than leaving probes unanswered for as long as loading takes.
+        self._engine: TTSEngine | None = None
+        self._loaded = threading.Event()
+        threading.Thread(target=self._load, name="model-load", daemon=True).start()
+
+    def _load(self) -> None:
         try:
-            self.engine = TTSEngine.load(settings)
+            engine = TTSEngine.load(settings)
         except ModelLoadError as exc:
             abort_serving(str(exc))  # does not return
-        self.engine.scheduler.on_step = step_batch_size().observe
+        except BaseException:
+            logger.exception("loading the model failed")
+            abort_serving("loading the model failed (traceback above)")
+        engine.scheduler.on_step = step_batch_size().observe
+        self._engine = engine
+        self._loaded.set()
+
+    def __is_ready__(self) -> bool:
+        return self._loaded.is_set()
+
+    @property
+    def engine(self) -> TTSEngine:
+        assert self._engine is not None, "the model is still loading"
+        return self._engine
+
+    async def _wait_loaded(self) -> None:
+        """Calls that arrive while the model loads wait for it, as they would for a slow start."""
+        if not self._loaded.is_set():
+            await asyncio.to_thread(self._loaded.wait)
 
     def _start(self, job: SynthesisJob, stream: bool):
         """The engine's handle for a job, or the refusal naming the field and the allowed values."""
@@ -105,6 +131,7 @@ class Synthesizer:
     @bentoml.api
     async def synthesize_file(self, job: SynthesisJob) -> SynthesisOutcome:
         """A whole request as 16-bit PCM: the same engine stream as /v1/tts/stream, drained."""
+        await self._wait_loaded()
         handle = self._start(job, stream=False)
         if isinstance(handle, SynthesisOutcome):
             return handle
@@ -123,16 +150,19 @@ class Synthesizer:
         )
 
     @bentoml.api
-    def model_info(self) -> ModelInfo:
+    async def model_info(self) -> ModelInfo:
+        await self._wait_loaded()
         return self.engine.describe()
 
     @bentoml.api
-    def cancel_stream(self, request_id: str) -> bool:
+    async def cancel_stream(self, request_id: str) -> bool:
+        await self._wait_loaded()
         return self.engine.cancel(request_id)
 
     @bentoml.api
     async def stream_pcm(self, job: SynthesisJob) -> AsyncGenerator[bytes, None]:
         """16-bit PCM chunks as the engine decodes them (the front service validated the job)."""
+        await self._wait_loaded()
         handle = self._start(job, stream=True)
         if isinstance(handle, SynthesisOutcome):
             raise ValueError(handle.error)
@@ -274,9 +304,17 @@ class TTSService:
 
     def __init__(self) -> None:
         self._info: ModelInfo | None = None
+        self._synthesizer_ready = False
         self._waiting = 0  # requests of this worker now queued at or running in the synthesizer
         self._call_s = 1.0  # moving average of a synthesizer call, for Retry-After
         keep_dependency_sessions(self.synthesizer)  # else every 100th call aborts the calls in flight
+        quiet_readiness_probe(self.synthesizer)  # else /readyz can hang while the model loads
+
+    async def __is_ready__(self) -> bool:
+        """Ready once the synthesizer has said so; a quick probe until then, so /readyz answers fast."""
+        if not self._synthesizer_ready:
+            self._synthesizer_ready = await self.synthesizer.is_ready(1)
+        return self._synthesizer_ready
 
     async def _model_info(self) -> ModelInfo:
         if self._info is None:
@@ -541,7 +579,9 @@ class TTSService:
         return LanguagesResponse(languages=info.languages)
 
 
-# Outermost first: refuse unauthenticated calls before reading bodies.
+# Outermost first: answer every request even if a route crashes; refuse unauthenticated calls before
+# reading bodies.
+TTSService.add_asgi_middleware(AnswerOnCrash)
 TTSService.add_asgi_middleware(ApiKeyMiddleware, keys=[key.get_secret_value() for key in settings.api_keys])
 TTSService.add_asgi_middleware(RequestGuardMiddleware, max_body_bytes=settings.max_body_bytes, json_routes=JSON_ROUTES)
 TTSService.add_asgi_middleware(

@@ -75,11 +75,8 @@ def wait_ready(server: LiveServer, timeout_s: float = 180) -> None:
 
 
 def stop_server(server: LiveServer) -> None:
-    """SIGTERM to `bentoml serve`, which stops its workers; kill whatever is left after 10 s.
-
-    BentoML 1.4.39's entry worker does not finish a graceful shutdown if /readyz was polled while the
-    synthesizer was still loading (as wait_ready does, and as container health checks do).
-    """
+    """SIGTERM to `bentoml serve`, which stops its workers; kill whatever is left after 10 s (a safety net
+    for failed tests: tests/test_start_stop.py checks that nothing is ever left)."""
     try:  # workers run in sessions of their own, so a process-group kill would miss them
         workers = psutil.Process(server.process.pid).children(recursive=True)
     except psutil.NoSuchProcess:
