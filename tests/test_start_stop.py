@@ -8,7 +8,6 @@ slowed here with the test fault injector, as a large checkpoint would be.
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -107,7 +106,7 @@ def test_the_readiness_probe_of_a_dependency_never_raises() -> None:
     class Proxy:
         async def is_ready(self, timeout: float | None = None) -> bool:
             await asyncio.sleep(timeout or 0)
-            raise asyncio.TimeoutError
+            raise TimeoutError
 
     proxy = Proxy()
     quiet_readiness_probe(proxy)
