@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from census import census  # noqa: E402
 
 from tts_service import frame_step as fs  # noqa: E402
+from tts_service.dev.tiny_checkpoint import CODEC_EOS, ensure_tiny_checkpoint  # noqa: E402
 from tts_service.engine import TTSEngine  # noqa: E402
 from tts_service.scheduler import ChunkPlan, Job, StepScheduler  # noqa: E402
 from tts_service.settings import Settings  # noqa: E402
-from tts_service.tiny_checkpoint import CODEC_EOS, ensure_tiny_checkpoint  # noqa: E402
 
 logger = logging.getLogger("bench_engine")
 FRAME_RATE = 12.5

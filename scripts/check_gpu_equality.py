@@ -18,9 +18,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.oracle import ORACLE_REQUESTS as REQUESTS  # noqa: E402
 from tests.oracle import reference  # noqa: E402
+from tts_service.dev.tiny_checkpoint import ensure_tiny_checkpoint  # noqa: E402
 from tts_service.engine import SynthesisRequest, TTSEngine  # noqa: E402
 from tts_service.settings import Settings  # noqa: E402
-from tts_service.tiny_checkpoint import ensure_tiny_checkpoint  # noqa: E402
 
 
 def main() -> None:

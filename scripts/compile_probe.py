@@ -16,9 +16,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tts_service import frame_step as fs  # noqa: E402
+from tts_service.dev.tiny_checkpoint import CODEC_EOS, ensure_tiny_checkpoint  # noqa: E402
 from tts_service.engine import TTSEngine  # noqa: E402
 from tts_service.settings import Settings  # noqa: E402
-from tts_service.tiny_checkpoint import CODEC_EOS, ensure_tiny_checkpoint  # noqa: E402
 
 TEXT = "The east wing of the gallery opens at nine. Please keep to the marked paths."
 

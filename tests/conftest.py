@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from playwright.sync_api import Page, sync_playwright
 
 from scripts.local_server import (
     REPO_ROOT,
@@ -17,11 +19,37 @@ from scripts.local_server import (
     stop_server,
     wait_ready,
 )
+from tts_service.dev.tiny_checkpoint import ensure_tiny_checkpoint
 from tts_service.engine import TTSEngine
 from tts_service.settings import Settings
-from tts_service.tiny_checkpoint import ensure_tiny_checkpoint
 
 __all__ = ["REPO_ROOT", "LiveServer", "free_port", "running_server", "start_server", "stop_server", "wait_ready"]
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Without the background-networking flags Chromium keeps dialling Google on a closed network.
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--autoplay-policy=no-user-gesture-required",
+]
+
+
+@pytest.fixture()
+def page() -> Iterator[Page]:
+    assert Path(CHROMIUM).exists(), "Debian's chromium is needed (the README test command installs it)"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser.new_page(viewport={"width": 1280, "height": 1600})
+        finally:
+            browser.close()
 
 
 @pytest.fixture(scope="session")

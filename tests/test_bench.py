@@ -64,7 +64,7 @@ def test_stream_benchmark_over_http_smoke(server: LiveServer, tmp_path: Path) ->
 
 
 def test_step_benchmark_smoke(cache_dir: Path, tmp_path: Path) -> None:
-    """The frame step against wave 1's step and plain qwen-tts (scripts/bench_step.py, baseline_step.py)."""
+    """The frame step against wave 1's step and plain qwen-tts (scripts/benchmarks/step.py, baseline_step.py)."""
     out = tmp_path / "step.json"
     args = ["step", "--batch-sizes", "1", "2", "--steps", "2", "--repeat", "1", "--cache-dir", str(cache_dir)]
     stdout = run_bench(args, out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import re
+import time
 
 import httpx
 import pytest
@@ -196,3 +197,28 @@ def test_concurrent_requests_share_decode_steps(server: LiveServer, client: http
     after = step_histogram(client.get("/metrics").text)
     assert (after["+Inf"] - after["1.0"]) > (before["+Inf"] - before["1.0"])  # steps with more than one row ran
     assert re.search(r"batch up to [2-8]\)", server.log())  # the engine's own log line
+
+
+def test_one_error_body_on_every_plain_route_and_one_log_line(client: httpx.Client, server: LiveServer) -> None:
+    """The same mistake gets the same body from the WAV route and both stream routes, in the service's
+    shape (not pydantic's, with its `url` fields), and the server logs it as one line, not a traceback."""
+    logged = len(server.log())
+    bodies = {"speaker": {"text": "hi", "speaker": "Bob"}, "text": {"speaker": "Ryan"}}
+    for field, body in bodies.items():
+        answers = [
+            client.post(SYNTH, json=body),
+            client.post("/v1/tts/stream", json=body),
+            client.get("/v1/tts/stream", params=body),
+        ]
+        for response in answers:
+            assert response.status_code == 400, response.text
+            error = response.json()
+            assert set(error) == {"error", "detail"} and field in error["error"], error
+            assert [d["loc"] for d in error["detail"]] == [[field]], error
+            assert error["detail"][0]["type"] == f"invalid_{field}", error
+            assert "url" not in error["detail"][0] and "validation error for" not in error["error"]
+        assert answers[0].json()["detail"] == answers[1].json()["detail"] == answers[2].json()["detail"]
+    time.sleep(0.5)
+    new_log = server.log()[logged:]
+    assert "Traceback" not in new_log and "[ERROR]" not in new_log, new_log[-3000:]
+    assert new_log.count("-> 400") >= 2, new_log[-3000:]

@@ -5,15 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from tts_service.openai_api import (
-    OpenAIError,
-    SpeechRequest,
-    check_model,
-    list_voices,
-    resolve_voice,
-    served_model_names,
-    validation_error,
-)
+from tts_service.errors import ServiceError
+from tts_service.openai_api import SpeechRequest, check_model, list_voices, resolve_voice, served_model_names
 from tts_service.schemas import ModelInfo, SpeakerInfo
 from tts_service.settings import DEFAULT_VOICE_MAP, Settings
 
@@ -30,19 +23,20 @@ def test_served_names_are_the_id_its_short_name_and_aliases() -> None:
     names = served_model_names("Qwen/Qwen3-TTS-12Hz-1.7B-CustomVoice", ["tts-1", "tts-1"])
     assert names == ["Qwen/Qwen3-TTS-12Hz-1.7B-CustomVoice", "Qwen3-TTS-12Hz-1.7B-CustomVoice", "tts-1"]
     check_model("TTS-1", names)  # case-insensitive
-    with pytest.raises(OpenAIError) as caught:
+    with pytest.raises(ServiceError) as caught:
         check_model("gpt-5", names)
-    assert caught.value.param == "model" and caught.value.code == "model_not_found"
-    assert "Qwen3-TTS-12Hz-1.7B-CustomVoice" in caught.value.message
+    error = caught.value.openai_body()["error"]
+    assert error["param"] == "model" and error["code"] == "model_not_found"
+    assert "Qwen3-TTS-12Hz-1.7B-CustomVoice" in error["message"]
 
 
 def test_voices_resolve_by_speaker_name_or_openai_alias() -> None:
     assert resolve_voice("uncle_fu", INFO, DEFAULT_VOICE_MAP) == "Uncle_Fu"
     assert resolve_voice("ALLOY", INFO, DEFAULT_VOICE_MAP) == "Vivian"
     assert resolve_voice("onyx", INFO, DEFAULT_VOICE_MAP) == "Uncle_Fu"
-    with pytest.raises(OpenAIError) as caught:
+    with pytest.raises(ServiceError) as caught:
         resolve_voice("shimmer", INFO, DEFAULT_VOICE_MAP)  # maps to Ono_Anna, which this model lacks
-    error = caught.value.body()["error"]
+    error = caught.value.openai_body()["error"]
     assert error["param"] == "voice" and error["type"] == "invalid_request_error"
     assert "Ryan" in error["message"] and "alloy" in error["message"] and "shimmer" not in error["message"][20:]
 
@@ -70,8 +64,9 @@ def test_request_defaults_follow_openai() -> None:
 def test_validation_errors_name_the_param(body: dict, param: str, needle: str) -> None:
     with pytest.raises(ValidationError) as caught:
         SpeechRequest.model_validate({"model": "tts-1", "input": "hi", "voice": "Ryan", **body})
-    error = validation_error(caught.value.errors())
-    assert error.param == param and needle in error.message and error.status_code == 400
+    error = ServiceError.from_validation(caught.value.errors(), openai=True)
+    body = error.openai_body()["error"]
+    assert body["param"] == param and needle in body["message"] and error.status == 400
 
 
 def test_voice_map_and_aliases_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -192,3 +192,15 @@ def test_the_openapi_document_lists_every_error_a_route_sends(http: httpx.Client
         "$ref": "#/components/schemas/ErrorResponse"
     }
     assert "security" not in spec["paths"]["/readyz"]["get"]
+
+
+def test_the_demo_ui_talks_to_a_keyed_server_with_its_key(monkeypatch: pytest.MonkeyPatch, guarded: LiveServer) -> None:
+    """docker-compose.yml gives the UI its own key (TTS_UI_API_KEY) when the service has keys on."""
+    from tests.test_ui_apptest import SPEAKERS, run_app
+
+    app = run_app(monkeypatch, guarded.url, TTS_API_KEY=KEYS[1])
+    assert [option.split(" — ")[0] for option in app.selectbox(key="speaker").options] == SPEAKERS
+    app.text_area(key="text").input("A keyed hello.")
+    app.button(key="synthesize").click().run()
+    assert not app.error, [e.value for e in app.error]
+    assert app.session_state["history"][0].wav[:4] == b"RIFF"

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from tests.oracle import reference
+from tts_service.dev.tiny_checkpoint import CODEC_EOS
 from tts_service.engine import SynthesisRequest, TTSEngine
 from tts_service.sampling import filter_and_choose, uniform
 from tts_service.segmenting import split_text
 from tts_service.settings import Settings
-from tts_service.tiny_checkpoint import CODEC_EOS
 
 LINE = SynthesisRequest("The harbour master raises his lantern and calls across the water.", "uncle_fu", "english")
 OTHERS = [

@@ -44,3 +44,16 @@ def test_corrupt_checkpoint_stops_the_server(tiny_dir: Path, tmp_path: Path) -> 
     code, log = serve_until_exit({"TTS_MODEL": str(broken)}, tmp_path / "log")
     assert log.count("TTS service cannot start: Could not load a Qwen3-TTS checkpoint") == 1
     assert "stopping the server" in log
+
+
+def test_qwen_tts_imports_without_banners_even_without_sox(tmp_path: Path) -> None:
+    """Its 25 Hz tokenizer prints a flash-attn banner and a SoX warning on import; the 12 Hz models use
+    neither, so serving needs neither installed, and the log stays clean."""
+    import sys
+
+    code = "from tts_service.engine import import_qwen_tts; print(import_qwen_tts().Qwen3TTSModel.__name__)"
+    env = {"PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path)}  # no sox on this PATH
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "Qwen3TTSModel"
+    assert result.stderr.strip() == ""

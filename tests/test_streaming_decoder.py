@@ -8,8 +8,8 @@ import pytest
 import torch
 from qwen_tts import Qwen3TTSModel
 
+from tts_service.dev.tiny_checkpoint import ensure_tiny_checkpoint
 from tts_service.streaming_decoder import StreamingDecoder
-from tts_service.tiny_checkpoint import ensure_tiny_checkpoint
 
 
 @pytest.mark.parametrize("arch", ["tiny", "deep"])

@@ -16,8 +16,7 @@ import pytest
 import soundfile as sf
 from playwright.sync_api import sync_playwright
 
-from tests.conftest import LiveServer
-from tests.test_ui_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.conftest import CHROMIUM, CHROMIUM_ARGS, LiveServer
 
 STREAM = "/v1/tts/stream"
 LONG = "One two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen."

@@ -10,7 +10,7 @@ import pytest
 import torch
 from qwen_tts import Qwen3TTSModel
 
-from tts_service.tiny_checkpoint import CODEC_EOS, main
+from tts_service.dev.tiny_checkpoint import CODEC_EOS, main
 from tts_service.voices import LANGUAGE_IDS, SPEAKERS
 
 GREEDY = {"do_sample": False, "subtalker_dosample": False}

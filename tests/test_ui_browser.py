@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -12,23 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import Page
 
 from tests.conftest import REPO_ROOT, LiveServer, free_port
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-# Without the background-networking flags Chromium keeps dialling Google on a closed network.
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--autoplay-policy=no-user-gesture-required",
-]
 
 
 @pytest.fixture(scope="module")
@@ -60,17 +45,6 @@ def streamlit_url(server: LiveServer, tmp_path_factory: pytest.TempPathFactory) 
     finally:
         process.terminate()
         process.wait(timeout=10)
-
-
-@pytest.fixture()
-def page() -> Iterator[Page]:
-    assert Path(CHROMIUM).exists(), "Debian's chromium is needed (the README test command installs it)"
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield browser.new_page(viewport={"width": 1200, "height": 1400})
-        finally:
-            browser.close()
 
 
 def test_pick_a_speaker_type_text_synthesize_and_play(page: Page, streamlit_url: str, tmp_path: Path) -> None:

@@ -19,6 +19,9 @@ import streamlit as st
 
 DEFAULT_URL = os.environ.get("TTS_API_URL", "http://localhost:8000").rstrip("/")
 TIMEOUT_S = float(os.environ.get("TTS_API_TIMEOUT_S", "120"))
+# A key of the service's TTS_API_KEYS, sent as `Authorization: Bearer` when the service requires keys.
+API_KEY = os.environ.get("TTS_API_KEY", "").strip()
+AUTH_HEADERS = {"Authorization": f"Bearer {API_KEY}"} if API_KEY else {}
 INFO_TIMEOUT_S = 5.0
 HISTORY_SIZE = 5
 
@@ -63,7 +66,8 @@ def _error_message(response: requests.Response) -> str:
 
 def call(method: str, url: str, timeout: float, **kwargs: Any) -> requests.Response:
     try:
-        response = requests.request(method, url, timeout=timeout, **kwargs)
+        headers = {**AUTH_HEADERS, **kwargs.pop("headers", {})}
+        response = requests.request(method, url, timeout=timeout, headers=headers, **kwargs)
     except requests.Timeout as exc:
         raise ServiceError(f"The TTS service at {url} did not answer within {timeout:g} s.") from exc
     except requests.ConnectionError as exc:
@@ -85,7 +89,7 @@ def fetch_voices(base_url: str) -> tuple[list[dict[str, Any]], list[str]]:
 def fetch_health(base_url: str) -> dict[str, Any]:
     """/health answers 503 with a body while the model loads; that is a state to show, not an error."""
     try:
-        response = requests.get(f"{base_url}/health", timeout=INFO_TIMEOUT_S)
+        response = requests.get(f"{base_url}/health", timeout=INFO_TIMEOUT_S, headers=AUTH_HEADERS)
     except requests.RequestException as exc:
         raise ServiceError(f"Cannot reach the TTS service at {base_url}. Is it running, and is the URL right?") from exc
     try:

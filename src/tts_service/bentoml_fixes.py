@@ -23,7 +23,8 @@ import math
 import sys
 from typing import Any
 
-from tts_service.security import ASGIApp, Message, Receive, Scope, Send, send_error
+from tts_service.errors import ServiceError, send_error
+from tts_service.security import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 
@@ -76,4 +77,4 @@ class AnswerOnCrash:
             if started:
                 raise
             logger.exception("%s %s failed before answering", scope.get("method"), scope.get("path"))
-            await send_error(scope, send, 500, "internal error; the server log has the details")
+            await send_error(scope, send, ServiceError(500, "internal error; the server log has the details"))

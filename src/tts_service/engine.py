@@ -17,16 +17,48 @@ from typing import Any
 
 import numpy as np
 
+from tts_service.codec import FRAME_RATE_HZ
 from tts_service.scheduler import ChunkPlan, Job, RequestHandle, StepScheduler
 from tts_service.schemas import ModelInfo, SpeakerInfo
 from tts_service.segmenting import split_text
 from tts_service.settings import Settings
-from tts_service.tiny_checkpoint import ensure_tiny_checkpoint
 from tts_service.voices import SPEAKERS_BY_KEY
 
 logger = logging.getLogger(__name__)
 
-FRAME_RATE_HZ = 12.5  # codec frames per second of the 12 Hz tokenizer
+
+def import_qwen_tts() -> Any:
+    """qwen-tts, imported without the banners its 25 Hz tokenizer prints on import ("flash-attn is not
+    installed", "SoX could not be found" and the shell's "sox: not found"): the 12 Hz models served here
+    use neither, so neither needs installing."""
+    import contextlib
+    import io
+    import os
+    import shutil
+    import sys
+
+    if "qwen_tts" in sys.modules:
+        return sys.modules["qwen_tts"]
+    real_popen, sox_logger = os.popen, logging.getLogger("sox")
+    quiet = logging.Filter("nothing")  # passes no record of the "sox" logger (it resets its own level on import)
+
+    def popen(command: str, *args: Any, **kwargs: Any) -> Any:  # the sox package probes `sox -h` through a shell
+        if command == "sox -h" and shutil.which("sox") is None:
+            return io.StringIO()
+        return real_popen(command, *args, **kwargs)
+
+    sox_logger.addFilter(quiet)
+    os.popen = popen
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            import qwen_tts
+    finally:
+        os.popen = real_popen
+        sox_logger.removeFilter(quiet)
+    if printed.getvalue().strip():
+        logger.debug("qwen-tts printed on import: %s", printed.getvalue().strip())
+    return qwen_tts
 
 
 class ModelLoadError(RuntimeError):
@@ -142,6 +174,8 @@ def resolve_model_source(settings: Settings) -> str:
     """Turn TTS_MODEL into a local checkpoint folder, building or downloading it if needed."""
     spec = settings.model.strip()
     if spec.lower() == "tiny":
+        from tts_service.dev.tiny_checkpoint import ensure_tiny_checkpoint  # a dev and test model only
+
         return str(ensure_tiny_checkpoint(settings.cache_dir))
     check_model_source(spec, reach_hub=False)  # snapshot_download below reports hub trouble itself
     path = Path(spec).expanduser()
@@ -212,7 +246,7 @@ class TTSEngine:
     def load(cls, settings: Settings) -> TTSEngine:
         source = resolve_model_source(settings)
         options = _torch_options(settings)
-        from qwen_tts import Qwen3TTSModel
+        Qwen3TTSModel = import_qwen_tts().Qwen3TTSModel
 
         started = time.perf_counter()
         try:

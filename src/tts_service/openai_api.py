@@ -6,11 +6,12 @@ Kept free of BentoML so the request rules (model names, voice table, error shape
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tts_service.audio import MAX_SPEED, MIN_SPEED, AudioFormat
+from tts_service.errors import Problem, ServiceError
 from tts_service.schemas import ModelInfo, Seed
 
 MODEL_CREATED = 1767225600  # 2026-01-01: OpenAI's model objects carry a creation time
@@ -25,12 +26,17 @@ class VoiceRef(BaseModel):
 class SpeechRequest(BaseModel):
     """OpenAI's request body, plus `language` (an extension: 'auto' lets the model detect it)."""
 
-    model: str = Field(min_length=1, max_length=256, examples=["tts-1"])
-    input: str = Field(min_length=1, description="Text to speak.", examples=["Hello from the gallery."])
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {"model": "tts-1", "input": "Hello from the gallery.", "voice": "Ryan", "response_format": "wav"}
+        }
+    )
+
+    model: str = Field(min_length=1, max_length=256, description="tts-1, tts-1-hd, or the model id (GET /v1/models).")
+    input: str = Field(min_length=1, description="Text to speak.")
     voice: str | VoiceRef = Field(
         description="A speaker of GET /v1/audio/voices (case-insensitive) or an OpenAI voice name from the "
         "voice table (alloy, echo, nova, ...).",
-        examples=["Ryan"],
     )
     response_format: AudioFormat = Field("mp3", description="Audio format; OpenAI's default is mp3.")
     speed: float = Field(1.0, ge=MIN_SPEED, le=MAX_SPEED, description="Tempo, pitch kept: 0.25 to 4.0.")
@@ -46,30 +52,6 @@ class SpeechRequest(BaseModel):
     @property
     def voice_name(self) -> str:
         return self.voice.id if isinstance(self.voice, VoiceRef) else self.voice
-
-
-class OpenAIError(Exception):
-    """A 4xx answered in OpenAI's error shape."""
-
-    def __init__(
-        self,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        status_code: int = 400,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code
-        self.status_code = status_code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        kinds = {429: "rate_limit_error", 401: "authentication_error"}
-        kind = kinds.get(self.status_code, "invalid_request_error" if self.status_code < 500 else "server_error")
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
 class ErrorBody(BaseModel):
@@ -120,11 +102,8 @@ def served_model_names(model_id: str, aliases: Sequence[str]) -> list[str]:
 
 def check_model(requested: str, served: Sequence[str]) -> None:
     if requested.strip().lower() not in {name.lower() for name in served}:
-        raise OpenAIError(
-            f"model {requested!r} is not served here; use one of: {', '.join(served)}",
-            param="model",
-            code="model_not_found",
-        )
+        message = f"model {requested!r} is not served here; use one of: {', '.join(served)}"
+        raise ServiceError(400, message, [Problem("model", message, "model_not_found", list(served))])
 
 
 def resolve_voice(voice: str, info: ModelInfo, voice_map: Mapping[str, str]) -> str:
@@ -137,9 +116,7 @@ def resolve_voice(voice: str, info: ModelInfo, voice_map: Mapping[str, str]) -> 
     if key in aliases and aliases[key].lower() in speakers:
         return speakers[aliases[key].lower()]
     usable = [s.name for s in info.speakers] + sorted(a for a, t in aliases.items() if t.lower() in speakers)
-    raise OpenAIError(
-        f"voice {voice!r} is not available; use one of: {', '.join(usable)}", param="voice", code="invalid_voice"
-    )
+    raise ServiceError.invalid("voice", f"{voice!r} is not available; use one of: {', '.join(usable)}", usable)
 
 
 def list_voices(info: ModelInfo, voice_map: Mapping[str, str]) -> VoiceList:
@@ -158,25 +135,3 @@ def list_voices(info: ModelInfo, voice_map: Mapping[str, str]) -> VoiceList:
             for s in info.speakers
         ]
     )
-
-
-def validation_error(errors: Sequence[Mapping[str, Any]]) -> OpenAIError:
-    """The first of pydantic's/FastAPI's errors, in OpenAI's shape, naming the field and allowed values."""
-    if not errors:
-        return OpenAIError("invalid request body")
-    first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
-    param = loc[0] if loc else None
-    message = str(first.get("msg", "invalid value"))
-    kind = first.get("type", "")
-    if kind in ("json_invalid", "json_type"):
-        return OpenAIError(f"request body is not valid JSON: {message}", code="invalid_json")
-    if kind == "model_attributes_type" or param is None:
-        return OpenAIError(
-            "request body must be a JSON object (Content-Type: application/json) with 'model', 'input' and 'voice'"
-        )
-    if param == "speed":
-        message = f"{message}; allowed: {MIN_SPEED} to {MAX_SPEED}"
-    elif param == "voice":
-        message = "must be a voice name (a string) or an object with an 'id'"
-    return OpenAIError(f"invalid '{param}': {message}", param=param, code=f"invalid_{param}")

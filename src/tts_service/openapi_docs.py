@@ -1,115 +1,168 @@
-"""Make `/docs.json` tell the truth about error responses.
+"""The docs page at `/` and `/docs.json`, for this product rather than for BentoML.
 
-BentoML generates the OpenAPI document itself and offers no hook for an API's responses: it lists a
-400 whose `detail` is a string (its own validation errors send a list) and knows nothing of the
-guards (401, 413, 415), the queue bound (429) or our 500 with a request id. Swagger users, generated
-clients and schemathesis read this document, so a small ASGI middleware rewrites it on the way out.
+BentoML generates both and offers no hook for what this module adds:
+- the document's title, version, description (a quick start) and tags, where BentoML writes its own
+  name, "None", Slack and Twitter links and badge images that a LAN cannot load;
+- the statuses that the guards in front of every route send (401, 413, 415), the WAV API's own (400,
+  429, 500) and the text limit, which is configuration (`TTS_MAX_TEXT_CHARS`);
+- a Swagger page that loads only BentoML's bundled Swagger UI from this server: BentoML's own page
+  also loads Google Tag Manager.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from importlib import metadata
 from typing import Any
 
+from tts_service.app import DESCRIPTION, TAGS, TITLE
 from tts_service.openai_api import OpenAIErrorResponse
 from tts_service.schemas import ErrorResponse
 from tts_service.security import OPEN_PATHS, ASGIApp, Message, Receive, Scope, Send
 
 DOCS_PATH = "/docs.json"
-SCHEMA_REFS = {"plain": "#/components/schemas/ErrorResponse", "openai": "#/components/schemas/OpenAIErrorResponse"}
+PAGE_PATHS = ("/", "/index.html")
 HEADER_DOCS = {
     "Retry-After": "Seconds after which the queue is expected to have room.",
     "X-Request-ID": "Quote it when reporting the failure; the server log holds the traceback under it.",
     "WWW-Authenticate": "Always `Bearer`.",
 }
+ROUTE_TAGS = {"/v1/tts/synthesize": "speech", "/livez": "infrastructure", "/readyz": "infrastructure"}
+ROUTE_TAGS |= {"/healthz": "infrastructure", "/metrics": "infrastructure"}
+UNUSED_IF_UNREFERENCED = ("TaskStatusResponse", "InvalidArgument", "NotFound", "InternalServerError")
+UNUSED_IF_UNREFERENCED += ("HTTPValidationError", "ValidationError")
+PAGE = """<!DOCTYPE html>
+<html lang="en">
+  <head>
+    <meta charset="UTF-8">
+    <title>{title}</title>
+    <link rel="stylesheet" type="text/css" href="./static_content/swagger-ui.css" />
+    <link rel="icon" type="image/png" href="./static_content/favicon-light-32x32.png" sizes="32x32" />
+  </head>
+  <body>
+    <div id="swagger-ui"></div>
+    <script src="./static_content/swagger-ui-bundle.js" charset="UTF-8"></script>
+    <script>
+      window.onload = () => {{
+        window.ui = SwaggerUIBundle({{
+          url: "./docs.json", dom_id: "#swagger-ui", deepLinking: true,
+          presets: [SwaggerUIBundle.presets.apis], layout: "BaseLayout",
+        }});
+      }};
+    </script>
+  </body>
+</html>
+"""
 
 
-def _error(description: str, shape: str, headers: Iterable[str] = ()) -> dict[str, Any]:
-    response: dict[str, Any] = {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": SCHEMA_REFS[shape]}}},
-    }
-    names = list(headers)
-    if names:
+def version() -> str:
+    try:
+        return metadata.version("tts-service")
+    except metadata.PackageNotFoundError:  # a Bento image installs requirements, not this project
+        return "0.1.0"
+
+
+def _error(description: str, openai: bool, headers: Iterable[str] = ()) -> dict[str, Any]:
+    ref = "#/components/schemas/" + ("OpenAIErrorResponse" if openai else "ErrorResponse")
+    response: dict[str, Any] = {"description": description, "content": {"application/json": {"schema": {"$ref": ref}}}}
+    if names := list(headers):
         response["headers"] = {name: {"description": HEADER_DOCS[name], "schema": {"type": "string"}} for name in names}
     return response
 
 
-def _components(schemas: dict[str, Any]) -> None:
-    """Add both error bodies (with their nested models) to the document's components."""
+def _resolve(spec: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    if "$ref" in schema:
+        return spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    return schema
+
+
+def document(
+    spec: dict[str, Any], body_routes: Iterable[str], api_keys: bool, audio_types: Iterable[str], max_text_chars: int
+) -> dict[str, Any]:
+    """`spec` as this service really is (see the module's docstring)."""
+    spec = copy.deepcopy(spec)
+    spec["info"] = {"title": TITLE, "version": version(), "description": DESCRIPTION}
+    spec["tags"] = TAGS
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     for model in (ErrorResponse, OpenAIErrorResponse):
         generated = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        for name, schema in generated.pop("$defs", {}).items():
-            schemas.setdefault(name, schema)
+        schemas.update(generated.pop("$defs", {}))
         schemas[model.__name__] = generated
-
-
-def document_errors(
-    spec: dict[str, Any],
-    json_routes: Iterable[str],
-    queued_routes: Iterable[str],
-    api_keys: bool,
-    audio_types: Iterable[str] = (),
-) -> dict[str, Any]:
-    """Return `spec` with the bodies and error responses each route really takes and sends."""
-    spec = copy.deepcopy(spec)
-    audio_types = list(audio_types)
-    _components(spec.setdefault("components", {}).setdefault("schemas", {}))
-    json_routes, queued_routes = set(json_routes), set(queued_routes)
+    body_routes = set(body_routes)
     for path, operations in spec.get("paths", {}).items():
-        shape = "openai" if path.startswith("/v1/audio/") or path == "/v1/models" else "plain"
+        openai = path.startswith("/v1/audio/") or path == "/v1/models"
         for method, operation in operations.items():
+            if path in ROUTE_TAGS:
+                operation["tags"] = [ROUTE_TAGS[path]]
             responses = operation.setdefault("responses", {})
-            if shape == "openai":
-                responses.pop("422", None)  # the OpenAI routes turn validation errors into 400s
-                responses.pop("503", None)
-            if "400" in responses or path in json_routes:
-                responses["400"] = _error("Invalid field; the message names it and the allowed values.", shape)
-            if "500" in responses or path in queued_routes:
-                responses["500"] = _error("Synthesis failed.", shape, ["X-Request-ID"])
-            if method == "post" and path in json_routes:
-                if "requestBody" in operation:
-                    operation["requestBody"]["required"] = True  # BentoML leaves it optional
-                success = responses.get("200", {}).setdefault("content", {})
+            responses.pop("422", None)  # validation errors are 400s here, in the route's error shape
+            if method == "post" and path in body_routes:
+                responses.pop("404", None)  # BentoML's generic entry; a route that exists never sends it
+                body = operation.get("requestBody", {})
+                body["required"] = True  # BentoML leaves it optional
+                schema = _resolve(spec, body.get("content", {}).get("application/json", {}).get("schema", {}))
+                for name in ("text", "input"):
+                    if name in schema.get("properties", {}):
+                        schema["properties"][name]["maxLength"] = max_text_chars
+                success = responses.setdefault("200", {}).setdefault("content", {})
                 for content_type in audio_types:  # every `format` the route can answer with
                     success.setdefault(content_type, {"schema": {"type": "string", "format": "binary"}})
-                responses.pop("404", None)  # BentoML's generic entry; a route that exists never sends it
-                responses["413"] = _error("The body is larger than TTS_MAX_BODY_BYTES.", shape)
-                responses["415"] = _error("The body is not application/json.", shape)
-            if path in queued_routes:
-                responses["429"] = _error("More requests wait than TTS_MAX_QUEUE.", shape, ["Retry-After"])
+                success.pop("application/json", None)
+                responses["400"] = _error("Invalid field; the message names it and the allowed values.", openai)
+                responses["413"] = _error("The body is larger than TTS_MAX_BODY_BYTES.", openai)
+                responses["415"] = _error("The body is not application/json.", openai)
+                responses["429"] = _error("More requests wait than TTS_MAX_QUEUE.", openai, ["Retry-After"])
+                responses["500"] = _error("Synthesis failed.", openai, ["X-Request-ID"])
+            for status, headers in (("429", ["Retry-After"]), ("500", ["X-Request-ID"])):
+                if status in responses:
+                    responses[status]["headers"] = _error("", openai, headers)["headers"]
             if api_keys and path not in OPEN_PATHS:
-                responses["401"] = _error("Missing or wrong API key.", shape, ["WWW-Authenticate"])
+                responses["401"] = _error("Missing or wrong API key.", openai, ["WWW-Authenticate"])
                 operation["security"] = [{"bearerAuth": []}]
     if api_keys:
-        spec["components"].setdefault("securitySchemes", {})["bearerAuth"] = {"type": "http", "scheme": "bearer"}
+        schemes = spec["components"].setdefault("securitySchemes", {})
+        schemes["bearerAuth"] = {"type": "http", "scheme": "bearer"}
+    text = json.dumps(spec["paths"]) + json.dumps({k: v for k, v in schemas.items() if k not in UNUSED_IF_UNREFERENCED})
+    for name in UNUSED_IF_UNREFERENCED:  # BentoML's task API and FastAPI's 422 bodies, which no route here sends
+        if f'"#/components/schemas/{name}"' not in text:
+            schemas.pop(name, None)
     return spec
 
 
 class OpenAPIDocsMiddleware:
-    """Rewrites the body of `GET /docs.json` with `document_errors`."""
+    """Serves the docs page at `/` and rewrites the body of `GET /docs.json` with `document`."""
 
     def __init__(
         self,
         app: ASGIApp,
-        json_routes: Iterable[str],
-        queued_routes: Iterable[str],
+        body_routes: Mapping[str, Any] | Iterable[str],
         api_keys: bool,
-        audio_types: Iterable[str] = (),
+        audio_types: Iterable[str],
+        max_text_chars: int,
     ) -> None:
         self.app = app
         self.options = {
-            "json_routes": tuple(json_routes),
-            "queued_routes": tuple(queued_routes),
+            "body_routes": tuple(body_routes),
             "api_keys": api_keys,
             "audio_types": tuple(audio_types),
+            "max_text_chars": max_text_chars,
         }
+        self.page = PAGE.format(title=TITLE).encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") != DOCS_PATH or scope.get("method") != "GET":
+        path = scope.get("path")
+        if scope["type"] != "http" or scope.get("method") != "GET" or path not in (DOCS_PATH, *PAGE_PATHS):
             await self.app(scope, receive, send)
+            return
+        if path in PAGE_PATHS:
+            headers = [
+                (b"content-type", b"text/html; charset=utf-8"),
+                (b"content-length", str(len(self.page)).encode()),
+            ]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": self.page})
             return
         start: Message = {}
         chunks: list[bytes] = []
@@ -128,7 +181,7 @@ class OpenAPIDocsMiddleware:
         async def finish() -> None:
             body = b"".join(chunks)
             if start.get("status") == 200:
-                body = json.dumps(document_errors(json.loads(body), **self.options)).encode()
+                body = json.dumps(document(json.loads(body), **self.options)).encode()
             headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
             headers.append((b"content-length", str(len(body)).encode()))
             await send({**start, "headers": headers})

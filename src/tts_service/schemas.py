@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, StrictInt, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+
+from tts_service.audio import AudioFormat
 
 MAX_INSTRUCT_CHARS = 1000
-
-
-def text_type(max_chars: int) -> Any:
-    """The `text` field's type; its limit is configuration, hence built at start-up."""
-    return Annotated[
-        str,
-        StringConstraints(strip_whitespace=True, min_length=1, max_length=max_chars),
-        Field(
-            description=f"Text to speak: 1 to {max_chars} characters after trimming whitespace.",
-            examples=["Hello! Welcome to the virtual gallery."],
-        ),
-    ]
 
 
 Speaker = Annotated[
@@ -35,10 +25,7 @@ Language = Annotated[
 Instruct = Annotated[
     str,
     StringConstraints(strip_whitespace=True, max_length=MAX_INSTRUCT_CHARS),
-    Field(
-        description="Optional natural-language style instruction (honoured by 1.7B CustomVoice models).",
-        examples=["Speak warmly and a little slower."],
-    ),
+    Field(description="Optional natural-language style instruction (honoured by 1.7B CustomVoice models)."),
 ]
 
 MAX_SEED = (1 << 63) - 1
@@ -48,35 +35,70 @@ SEED_DESCRIPTION = (
 )
 # JSON bodies: a true integer (not true/false, not "42", not 4.0, not null), as the schema says; leave it
 # out for a random seed (fields of this type default to None, which is never validated).
-Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED, description=SEED_DESCRIPTION, examples=[42])]
+Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED, description=SEED_DESCRIPTION)]
 # Query strings are text: "42" is the integer 42 there.
-QuerySeed = Annotated[int | None, Field(ge=0, le=MAX_SEED, description=SEED_DESCRIPTION, examples=[42])]
+QuerySeed = Annotated[int | None, Field(ge=0, le=MAX_SEED, description=SEED_DESCRIPTION)]
+TEXT_DESCRIPTION = "Text to speak: 1 to TTS_MAX_TEXT_CHARS (GET /health: max_text_chars) characters after trimming."
+StreamFormat = Literal["wav", "pcm"]
+EXAMPLE = {"text": "Welcome to the gallery.", "speaker": "Ryan", "language": "english", "instruct": ""}
+
+
+class SpeakFields(BaseModel):
+    """The fields every plain synthesis route takes."""
+
+    text: str = Field(description=TEXT_DESCRIPTION)
+    speaker: Speaker
+    language: Language = "auto"
+    instruct: Instruct = ""
+    seed: Seed = None
+
+
+class SynthesizeRequest(SpeakFields):
+    """Body of POST /v1/tts/synthesize."""
+
+    model_config = ConfigDict(json_schema_extra={"example": {**EXAMPLE, "format": "wav"}})
+
+    format: AudioFormat = Field(
+        "wav", description="wav (16-bit PCM), flac, mp3, opus (Ogg), aac (ADTS) or pcm (raw s16le mono)."
+    )
+
+
+class StreamRequest(SpeakFields):
+    """Body of POST /v1/tts/stream: the synthesize body, with `format` wav (default) or pcm."""
+
+    model_config = ConfigDict(json_schema_extra={"example": {**EXAMPLE, "format": "wav"}})
+
+    format: StreamFormat = Field("wav", description="wav: one header of unknown length, then PCM; pcm: raw s16le.")
+
+
+class StreamQuery(StreamRequest):
+    """GET /v1/tts/stream's query: the same fields, read from text."""
+
+    seed: QuerySeed = None
 
 
 class SynthesisJob(BaseModel):
-    """One request as the front service hands it to the synthesizer's engine."""
+    """One validated request as the front service hands it to the synthesizer's engine (the wire type
+    between the two services); speaker and language are the loaded model's own names."""
 
     text: str
     speaker: str
     language: str = "auto"
     instruct: str = ""
-    seed: int | None = None
+    seed: int
     # Ties the synthesizer's log lines to the client's error.
     request_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:16])
 
 
 class SynthesisOutcome(BaseModel):
-    """A job's audio as 16-bit PCM, or the reason it was refused."""
+    """A whole job's audio as 16-bit PCM (a failed job raises instead)."""
 
-    pcm: bytes | None = None
-    sample_rate: int = 0
-    num_samples: int = 0
-    frames: int = 0
-    truncated: bool = False
-    batch_size: int = 0
-    error_field: str | None = None  # "internal" when generation itself failed (a 500, not the client's fault)
-    error: str | None = None
-    allowed: list[str] = []
+    pcm: bytes
+    sample_rate: int
+    num_samples: int
+    frames: int
+    truncated: bool
+    batch_size: int
 
 
 class SpeakerInfo(BaseModel):
@@ -121,7 +143,7 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    """Same shape as BentoML's own validation errors, so clients parse one format."""
+    """Every plain route's error body (errors.py builds it); the shape of BentoML's own errors."""
 
     error: str
     detail: list[ErrorDetail] = []

@@ -1,15 +1,20 @@
-"""ASGI guards in front of every route: optional API keys, a request-size limit, JSON-only bodies.
+"""ASGI guards in front of every route: optional API keys, and for JSON routes the body's type, size
+and fields, checked against the route's pydantic model before any route (FastAPI's or BentoML's) reads
+it, so every refusal has this service's error shape and logs one line.
 
-Plain ASGI (no BentoML imports), so they are testable alone and sit outside the routes' own parsing.
+Plain ASGI (no BentoML imports), so they are testable alone.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from tts_service.errors import Problem, ServiceError, is_openai_route, send_error
 
 logger = logging.getLogger(__name__)
 
@@ -29,27 +34,6 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key.lower() == name:
             return value.decode("latin-1")
     return None
-
-
-def is_openai_route(path: str) -> bool:
-    return path.startswith("/v1/audio/") or path == "/v1/models"
-
-
-async def send_error(
-    scope: Scope, send: Send, status: int, message: str, param: str | None = None, headers: Iterable = ()
-) -> None:
-    """An error in the shape the route's clients parse: OpenAI's for OpenAI routes, ours elsewhere."""
-    if is_openai_route(scope.get("path", "")):
-        kinds = {401: "authentication_error", 429: "rate_limit_error"}
-        kind = kinds.get(status, "invalid_request_error" if status < 500 else "server_error")
-        body: dict[str, Any] = {"error": {"message": message, "type": kind, "param": param, "code": str(status)}}
-    else:
-        body = {"error": message, "detail": [{"loc": [param] if param else [], "msg": message, "type": str(status)}]}
-    payload = json.dumps(body).encode()
-    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-    raw_headers += [(k.encode(), v.encode()) for k, v in headers]
-    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-    await send({"type": "http.response.body", "body": payload})
 
 
 class ApiKeyMiddleware:
@@ -77,36 +61,34 @@ class ApiKeyMiddleware:
         ):
             await self.app(scope, receive, send)
             return
-        await send_error(
-            scope,
-            send,
-            401,
-            "missing or invalid API key: send 'Authorization: Bearer <key>'",
-            headers=[("www-authenticate", "Bearer")],
-        )
+        message = "missing or invalid API key: send 'Authorization: Bearer <key>'"
+        await send_error(scope, send, ServiceError(401, message, headers={"WWW-Authenticate": "Bearer"}))
 
 
 class RequestGuardMiddleware:
-    """415 for POST bodies that are not JSON; 413 for bodies over `max_body_bytes`, declared or streamed.
+    """415 for POST bodies that are not JSON; 413 for bodies over `max_body_bytes`, declared or streamed;
+    400 naming each field for bodies that do not fit the route's model.
 
-    Only on `json_routes`: a POST elsewhere goes on to the router, which answers 405 or 404.
-    The body is read here first (it is small by then) and replayed to the app, so an oversized chunked
-    body is refused before any route starts on it.
+    Only on the routes of `body_models`: a POST elsewhere goes on to the router (405 or 404). The body is
+    read here first (it is small by then) and replayed to the app, so an oversized chunked body is
+    refused before any route starts on it.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, json_routes: Iterable[str]) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, body_models: Mapping[str, type[BaseModel]]) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
-        self.json_routes = frozenset(json_routes)
+        self.body_models = dict(body_models)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in self.json_routes:
+        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in self.body_models:
             await self.app(scope, receive, send)
             return
         content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
         if content_type not in JSON_TYPES:
-            shown = content_type or "none"
-            await send_error(scope, send, 415, f"Content-Type must be application/json, got {shown}", "content-type")
+            message = f"Content-Type must be application/json, got {content_type or 'none'}"
+            await send_error(
+                scope, send, ServiceError(415, message, [Problem("content-type", message, "invalid_content_type")])
+            )
             return
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
@@ -126,6 +108,11 @@ class RequestGuardMiddleware:
             if not message.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
+        try:
+            self.body_models[scope["path"]].model_validate_json(body)
+        except ValidationError as exc:
+            await send_error(scope, send, ServiceError.from_validation(exc.errors(), is_openai_route(scope["path"])))
+            return
 
         async def replay() -> Message:
             nonlocal replayed
@@ -137,4 +124,5 @@ class RequestGuardMiddleware:
         await self.app(scope, replay, send)
 
     async def _too_large(self, scope: Scope, send: Send) -> None:
-        await send_error(scope, send, 413, f"request body is larger than {self.max_body_bytes} bytes", "body")
+        message = f"request body is larger than {self.max_body_bytes} bytes"
+        await send_error(scope, send, ServiceError(413, message, [Problem("body", message, "too_large")]))

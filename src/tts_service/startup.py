@@ -1,4 +1,4 @@
-"""Stop the whole server when the model cannot be loaded.
+"""Start-up: logging, and stopping the whole server when the model cannot be loaded.
 
 BentoML's process manager respawns a worker whose start-up fails, forever, printing a traceback each
 time. A model that cannot load will not load on the next try either, so the synthesizer worker logs
@@ -47,3 +47,15 @@ def preflight(model: str) -> None:
         check_model_source(model)
     except ModelLoadError as exc:
         raise SystemExit(f"TTS service cannot start: {exc}") from None
+
+
+def configure_logging(level: str) -> None:
+    """Our loggers' handler: BentoML configures only its own, and each worker process imports the service."""
+    root = logging.getLogger("tts_service")
+    if root.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] [%(name)s] %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False

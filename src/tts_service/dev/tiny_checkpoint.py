@@ -8,7 +8,7 @@ speakers and 10 languages, generation_config.json, a Qwen2 BPE text tokenizer, m
 depends on the text, is clearly audible and ends at an end-of-speech token after a text-dependent
 number of frames.
 
-Run `python -m tts_service.tiny_checkpoint OUT_DIR` to build one by hand.
+Run `python -m tts_service.dev.tiny_checkpoint OUT_DIR` to build one by hand.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tts_service.codec import FRAME_RATE_HZ
 from tts_service.voices import LANGUAGE_IDS, SPEAKERS
 
 logger = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ def _speech_tokenizer_config(arch: ArchSpec) -> dict:
             "vector_quantization_hidden_dimension": 16,
             "num_quantizers": 32,
             "upsample_groups": 16,
-            "frame_rate": 12.5,
+            "frame_rate": FRAME_RATE_HZ,
         },
         "decoder_config": {
             "codebook_size": CODEBOOK_SIZE,
@@ -237,6 +238,10 @@ def _variance_preserving_init(module, generator) -> None:
 
 def _build_speech_tokenizer(arch: ArchSpec, out_dir: Path, generator) -> None:
     import torch
+
+    from tts_service.engine import import_qwen_tts
+
+    import_qwen_tts()  # quietly, before its submodules
     from qwen_tts.core.tokenizer_12hz.configuration_qwen3_tts_tokenizer_v2 import Qwen3TTSTokenizerV2Config
     from qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2 import (
         EuclideanCodebook,

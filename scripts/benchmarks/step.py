@@ -7,19 +7,20 @@ HF `generate` for the code predictor, on a shared DynamicCache) and against plai
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Any
 
 import torch
-from baseline_step import Wave1Step
 
+from benchmarks.baseline_step import Wave1Step
+from benchmarks.common import VOICES, bench_settings, environment, model_label
 from tts_service import frame_step as fs
+from tts_service.dev.tiny_checkpoint import CODEC_EOS
 from tts_service.engine import SynthesisRequest, TTSEngine
-from tts_service.tiny_checkpoint import CODEC_EOS
 
 TEXT = "The east wing of the gallery opens at nine. Please keep to the marked paths and ask any guide."
-VOICES = [("ryan", "english"), ("vivian", "chinese"), ("sohee", "korean"), ("aiden", "auto")]
 
 
 def _sync(device: torch.device) -> None:
@@ -97,14 +98,36 @@ def measure_step(engine: TTSEngine, batch_sizes: list[int], steps: int, repeat: 
     return rows
 
 
-def print_step(rows: list[dict[str, Any]], label: str, steps: int, repeat: int) -> None:
-    print(f"\n## Frame step: {label}, ms per frame (median of {repeat} runs of {steps} steps), greedy\n")
-    print("'new' = frame_step, eager; 'wave 1' = the streaming loop's _step (HF generate inside); 'plain' =")
-    print("qwen-tts generate_custom_voice, per frame (difference of two lengths). Speed-up = their time / new.\n")
-    print("| batch | new ms | wave 1 ms | plain qwen-tts ms | new vs wave 1 | new vs plain |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+def step_table(rows: list[dict[str, Any]], label: str, steps: int, repeat: int) -> str:
+    lines: list[str] = []
+    emit = lines.append
+    emit(f"\n## Frame step: {label}, ms per frame (median of {repeat} runs of {steps} steps), greedy\n")
+    emit("'new' = frame_step, eager; 'wave 1' = the streaming loop's _step (HF generate inside); 'plain' =")
+    emit("qwen-tts generate_custom_voice, per frame (difference of two lengths). Speed-up = their time / new.\n")
+    emit("| batch | new ms | wave 1 ms | plain qwen-tts ms | new vs wave 1 | new vs plain |")
+    emit("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(
+        emit(
             f"| {r['batch']} | {r['new_ms']:.1f} | {r['old_ms']:.1f} | {r['plain_ms']:.1f} | "
             f"{r['vs_old']:.2f}x | {r['vs_plain']:.2f}x |"
         )
+    return "\n".join(lines)
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    settings = bench_settings(
+        args,
+        cuda_graphs=False,
+        max_batch_size=max(args.batch_sizes),
+        max_new_tokens=args.steps * (args.repeat + 4),
+        max_prompt_tokens=256,
+    )
+    engine = TTSEngine.load(settings)
+    rows = measure_step(engine, args.batch_sizes, args.steps, args.repeat)
+    label = f"{model_label(args)}, {engine.model.model.dtype} on {engine.model.device}"
+    result = {"kind": "step", "model": model_label(args), "label": label, "env": environment(), "rows": rows}
+    return {**result, "steps": args.steps, "repeat": args.repeat}
+
+
+def report(result: dict[str, Any]) -> str:
+    return step_table(result["rows"], result["label"], result["steps"], result["repeat"])

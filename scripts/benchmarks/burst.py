@@ -9,12 +9,17 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import statistics
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
+
+from benchmarks.common import environment, served
 
 SYNTH = "/v1/tts/synthesize"
 LINES = [
@@ -145,34 +150,52 @@ def measure_burst(url: str, repeat: int) -> dict[str, Any]:
     }
 
 
-def print_burst(result: dict[str, Any], label: str) -> None:
-    print(f"\n## Bursts: {label}\n")
-    print("### 8 whole-file requests of different lengths and speakers: together vs one after another\n")
-    print("| run | audio s | one by one s | together s | one-by-one audio s/s | together audio s/s | ratio | batch |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+def burst_table(result: dict[str, Any], label: str) -> str:
+    lines: list[str] = []
+    emit = lines.append
+    emit(f"\n## Bursts: {label}\n")
+    emit("### 8 whole-file requests of different lengths and speakers: together vs one after another\n")
+    emit("| run | audio s | one by one s | together s | one-by-one audio s/s | together audio s/s | ratio | batch |")
+    emit("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for i, r in enumerate(result["together"], 1):
-        print(
+        emit(
             f"| {i} | {r['audio_s']:.1f} | {r['one_by_one_s']:.2f} | {r['together_s']:.2f} "
             f"| {r['one_by_one_rate']:.2f} | {r['together_rate']:.2f} "
             f"| {r['together_rate'] / r['one_by_one_rate']:.2f}x | {r['largest_batch']} |"
         )
-    print(f"\nMedian ratio: **{result['together_vs_one_by_one']:.2f}x** (goal: at least 2.5x)\n")
+    emit(f"\nMedian ratio: **{result['together_vs_one_by_one']:.2f}x** (goal: at least 2.5x)\n")
     b = result["after_burst"]
-    print("### A lone request before and after a 16-client burst (median of 5 each)\n")
-    print("| before ms | burst s | after ms | after / before |")
-    print("| ---: | ---: | ---: | ---: |")
-    print(f"| {b['before_s'] * 1000:.0f} | {b['burst_s']:.1f} | {b['after_s'] * 1000:.0f} | {b['ratio']:.2f}x |")
-    print("\n(goal: at most 1.3x)\n")
-    print("### One stream while 8 whole-file requests run\n")
-    print(
+    emit("### A lone request before and after a 16-client burst (median of 5 each)\n")
+    emit("| before ms | burst s | after ms | after / before |")
+    emit("| ---: | ---: | ---: | ---: |")
+    emit(f"| {b['before_s'] * 1000:.0f} | {b['burst_s']:.1f} | {b['after_s'] * 1000:.0f} | {b['ratio']:.2f}x |")
+    emit("\n(goal: at most 1.3x)\n")
+    emit("### One stream while 8 whole-file requests run\n")
+    emit(
         "| run | chunks | audio s | longest gap s | longest gap / audio of the chunk before it "
         "| worst playback margin s |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    emit("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for i, r in enumerate(result["stream_under_load"], 1):
-        print(
+        emit(
             f"| {i} | {r['pieces']} | {r['audio_s']:.2f} | {r['longest_gap_s']:.3f} | "
             f"{r['longest_gap_vs_previous_audio']:.2f} | {r['worst_playback_margin_s']:.3f} |"
         )
-    print("\n(goal: no gap longer than the audio of the chunk before it, i.e. ratio at most 1; a positive margin")
-    print("means a player that starts at the first byte never runs dry)")
+    emit("\n(goal: no gap longer than the audio of the chunk before it, i.e. ratio at most 1; a positive margin")
+    emit("means a player that starts at the first byte never runs dry)")
+    return "\n".join(lines)
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Against --url, or a server started here with --max-batch-size slots."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.url:
+            result = measure_burst(args.url, args.repeat)
+        else:
+            with served(args, args.max_batch_size, Path(tmp)) as url:
+                result = measure_burst(url, args.repeat)
+    return {"kind": "burst", "target": args.url or args.model, "env": environment(), **result}
+
+
+def report(result: dict[str, Any]) -> str:
+    return burst_table(result, result["target"])

@@ -1,7 +1,8 @@
-"""Streamed audio on the wire: a WAV header of unknown length then PCM, raw PCM, or OpenAI's SSE events.
+"""Audio as HTTP responses: a whole file in any format, or a stream as it is generated (a WAV header of
+unknown length then PCM, raw PCM, or OpenAI's SSE events), with the X-TTS-* headers.
 
-The synthesizer yields 16-bit little-endian PCM; these helpers frame it for the client and record
-time to first audio and real-time factor per request.
+The synthesizer yields 16-bit little-endian PCM; these helpers frame it for the client and record time
+to first audio and real-time factor per streamed request.
 """
 
 from __future__ import annotations
@@ -11,15 +12,19 @@ import json
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Literal
 
 import anyio
-from pydantic import BaseModel, Field
+from starlette.responses import Response, StreamingResponse
 
+from tts_service.audio import CONTENT_TYPES, render
+from tts_service.codec import FRAME_RATE_HZ
+from tts_service.gateway import OpenStream
 from tts_service.metrics import real_time_factor, time_to_first_audio
-from tts_service.schemas import ModelInfo, QuerySeed, Seed
+from tts_service.schemas import StreamFormat, SynthesisJob, SynthesisOutcome
 
-StreamFormat = Literal["wav", "pcm"]
+# Response headers a browser client (the Quest app's web view, the Streamlit demo) may read.
+AUDIO_HEADERS = ["X-TTS-Batch-Size", "X-TTS-Audio-Seconds", "X-TTS-Sample-Rate", "X-TTS-Truncated", "X-TTS-Seed"]
+ERROR_HEADERS = ["Retry-After", "X-Request-ID"]
 UNKNOWN_SIZE = 0xFFFFFFFF  # what streaming encoders (e.g. FFmpeg) write when the length is not known yet
 
 
@@ -37,18 +42,6 @@ def streaming_wav_header(sample_rate: int, channels: int = 1, bits: int = 16) ->
         + b"data"
         + struct.pack("<I", UNKNOWN_SIZE)
     )
-
-
-def check_voice(info: ModelInfo, speaker: str, language: str | None) -> tuple[str, str, list[str]] | None:
-    """(field, message, allowed) when the loaded model lacks the speaker or language, as the engine says."""
-    names = {s.name.lower(): s.name for s in info.speakers}
-    if speaker.strip().lower() not in names:
-        allowed = sorted(names.values())
-        return "speaker", f"unknown speaker {speaker!r}; allowed: {', '.join(allowed)}", allowed
-    key = (language or "auto").strip().lower() or "auto"
-    if key not in info.languages:
-        return "language", f"unknown language {language!r}; allowed: {', '.join(info.languages)}", info.languages
-    return None
 
 
 class Timing:
@@ -124,7 +117,7 @@ async def sse_stream(
             timing.audio(len(data))
             yield sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(prefix + data).decode()})
             prefix = b""
-        frames = round(timing.audio_s * 12.5)
+        frames = round(timing.audio_s * FRAME_RATE_HZ)
         usage = {"input_tokens": input_chars, "output_tokens": frames, "total_tokens": input_chars + frames}
         yield sse_event({"type": "speech.audio.done", "usage": usage})
     finally:
@@ -140,18 +133,32 @@ async def _chain(head: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator
         yield item
 
 
-class StreamRequest(BaseModel):
-    """Body of POST /v1/tts/stream: the synthesize body, with `format` wav (default) or pcm."""
+async def file_response(job: SynthesisJob, outcome: SynthesisOutcome, fmt: str, speed: float = 1.0) -> Response:
+    """A whole file in `fmt`, encoded off the event loop."""
+    audio = await anyio.to_thread.run_sync(render, outcome.pcm, outcome.sample_rate, fmt, speed)
+    headers = {
+        "X-TTS-Batch-Size": str(outcome.batch_size),
+        "X-TTS-Audio-Seconds": f"{audio.seconds:.3f}",
+        "X-TTS-Sample-Rate": str(audio.sample_rate),
+        "X-TTS-Truncated": "true" if outcome.truncated else "false",
+        "X-TTS-Seed": str(job.seed),
+    }
+    return Response(audio.data, media_type=audio.content_type, headers=headers)
 
-    text: str = Field(min_length=1, description="What to say.")
-    speaker: str = Field(description="A built-in speaker, e.g. Ryan (GET /v1/tts/speakers).")
-    language: str = Field("auto", description="A language of GET /v1/tts/languages, or auto.")
-    instruct: str = Field("", description="Tone and style, e.g. 'Speak warmly' (1.7B models).")
-    format: StreamFormat = Field("wav", description="wav: one header of unknown length, then PCM; pcm: raw s16le.")
-    seed: Seed = None
 
-
-class StreamQuery(StreamRequest):
-    """GET /v1/tts/stream's query: the same fields, read from text."""
-
-    seed: QuerySeed = None
+def stream_response(
+    job: SynthesisJob, stream: OpenStream, fmt: StreamFormat, route: str, sample_rate: int, sse: bool = False
+) -> StreamingResponse:
+    """Audio as it is generated; closing the response (the client left) ends the job's generation."""
+    timing = Timing(route, sample_rate)
+    headers = {
+        "X-Request-ID": job.request_id,
+        "X-TTS-Sample-Rate": str(sample_rate),
+        "X-TTS-Seed": str(job.seed),
+        "Cache-Control": "no-store",
+    }
+    if sse:
+        body = sse_stream(stream.first, stream.rest, fmt, timing, stream.close, len(job.text))
+        return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+    body = audio_stream(stream.first, stream.rest, fmt, timing, stream.close)
+    return StreamingResponse(body, media_type=CONTENT_TYPES[fmt], headers=headers)
