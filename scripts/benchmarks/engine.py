@@ -9,18 +9,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from benchmarks.common import (
-    PeakMemory,
-    audio_seconds,
-    engine_batch,
-    environment,
-    eos_suppressed,
-    load_bench_engine,
-    long_requests,
-    model_label,
-    sync,
-    table,
-)
+from benchmarks import common
 from tts_service.engine import SynthesisRequest
 
 logger = logging.getLogger("bench")
@@ -42,17 +31,17 @@ class EngineRow:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    engine = load_bench_engine(args)
+    engine = common.load_bench_engine(args)
     device = str(engine.model.device)
-    memory = PeakMemory(device)
+    memory = common.PeakMemory(device)
     frames = args.frames
 
     def timed(fn: Any) -> tuple[float, float, Any]:
-        sync(device)
+        common.sync(device)
         with memory.measure():
             started = time.perf_counter()
             out = fn()
-            sync(device)
+            common.sync(device)
             elapsed = time.perf_counter() - started
         return elapsed, memory.peak_mb, out
 
@@ -68,13 +57,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         )
 
     rows: list[EngineRow] = []
-    with eos_suppressed(engine):
-        engine_batch(engine, long_requests(1))  # warm-up: allocator, kernels
+    with common.eos_suppressed(engine):
+        common.engine_batch(engine, common.long_requests(1))  # warm-up: allocator, kernels
         for batch_size in args.batch_sizes:
-            batch = long_requests(batch_size)
+            batch = common.long_requests(batch_size)
             engine_times, plain_times, engine_peaks, plain_peaks = [], [], [], []
             for _ in range(args.repeat):  # interleaved, so drift hits both alike
-                elapsed, peak, results = timed(lambda b=batch: engine_batch(engine, b))
+                elapsed, peak, results = timed(lambda b=batch: common.engine_batch(engine, b))
                 produced = {r.frames for r in results}
                 if produced != {frames}:
                     raise RuntimeError(f"expected {frames} frames per item, got {sorted(produced)}")
@@ -93,7 +82,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 max(engine_peaks),
                 max(plain_peaks),
             )
-            row.audio_s = batch_size * audio_seconds(frames)
+            row.audio_s = batch_size * common.audio_seconds(frames)
             row.rtf = row.audio_s / row.engine_s
             row.frames_per_s = batch_size * frames / row.engine_s
             row.vs_plain = row.engine_s / row.plain_s
@@ -104,12 +93,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         row.throughput_vs_b1 = row.rtf / base
     return {
         "kind": "engine",
-        "model": model_label(args),
+        "model": common.model_label(args),
         "device": device,
         "dtype": str(engine.model.model.dtype),
         "frames": frames,
         "repeat": args.repeat,
-        "env": environment(),
+        "env": common.environment(),
         "rows": [asdict(r) for r in rows],
     }
 
@@ -141,8 +130,9 @@ def report(result: dict[str, Any]) -> str:
         "peak MB",
     ]
     return (
-        f"\n## Engine: {result['model']}, {frames} frames ({audio_seconds(frames):.1f} s audio) per item, "
+        f"\n## Engine: {result['model']}, {frames} frames ({common.audio_seconds(frames):.1f} s audio) per item, "
         f"{result['dtype']} on {device}, median of {result['repeat']}\n\n"
         "RTF = audio seconds per wall second (higher is better). 'vs plain' = engine wall / plain "
-        f"qwen-tts generate_custom_voice wall on the same batch. Peak memory: {memory}\n\n" + table(headers, rows)
+        f"qwen-tts generate_custom_voice wall on the same batch. Peak memory: {memory}\n\n"
+        + common.table(headers, rows)
     )
