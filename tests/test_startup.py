@@ -51,9 +51,14 @@ def test_qwen_tts_imports_without_banners_even_without_sox(tmp_path: Path) -> No
     neither, so serving needs neither installed, and the log stays clean."""
     import sys
 
-    code = "from tts_service.engine import import_qwen_tts; print(import_qwen_tts().Qwen3TTSModel.__name__)"
+    code = (
+        "import sys; from tts_service.dev.tiny_checkpoint import build_tiny_checkpoint; "
+        "from tts_service.engine import import_qwen_tts; build_tiny_checkpoint(sys.argv[1]); "
+        "print(import_qwen_tts().Qwen3TTSModel.__name__)"
+    )
     env = {"PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path)}  # no sox on this PATH
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    command = [sys.executable, "-c", code, str(tmp_path / "tiny")]  # building the tiny model imports qwen-tts too
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "Qwen3TTSModel"
     assert result.stderr.strip() == ""

@@ -238,10 +238,6 @@ def _variance_preserving_init(module, generator) -> None:
 
 def _build_speech_tokenizer(arch: ArchSpec, out_dir: Path, generator) -> None:
     import torch
-
-    from tts_service.engine import import_qwen_tts
-
-    import_qwen_tts()  # quietly, before its submodules
     from qwen_tts.core.tokenizer_12hz.configuration_qwen3_tts_tokenizer_v2 import Qwen3TTSTokenizerV2Config
     from qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2 import (
         EuclideanCodebook,
@@ -301,6 +297,10 @@ def _build_talker(arch: ArchSpec, special: dict[str, int], generator):
 def build_tiny_checkpoint(out_dir: Path | str, *, arch: ArchSpec = TINY, seed: int = 0) -> Path:
     """Write a complete checkpoint into `out_dir` (created; must not hold another checkpoint)."""
     import torch
+
+    from tts_service.engine import import_qwen_tts
+
+    import_qwen_tts()  # quietly, before any of its submodules
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
