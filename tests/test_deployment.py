@@ -156,3 +156,22 @@ def test_the_fat_binary_reader_finds_the_architectures_torch_was_built_for() -> 
     built_for = {int(flag.removeprefix("sm_")) for flag in torch._C._cuda_getArchFlags().split()}
     common = {sm for (kind, sm), n in counts.items() if kind == "SASS" and n > 100}
     assert built_for and common == built_for, (built_for, counts)
+
+
+def test_local_image_check_stops_clearly_without_buildah(tmp_path: Path) -> None:
+    """scripts/verify_image_local.sh builds and runs the image with buildah (README); without it, one line."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("id", "dirname", "date", "mkdir"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    result = subprocess.run(
+        ["/bin/bash", str(REPO_ROOT / "scripts/verify_image_local.sh")],
+        env={"PATH": str(bin_dir), "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    expected = "needs buildah" if os.geteuid() == 0 else "run as root"
+    assert expected in output and "command not found" not in output, output
