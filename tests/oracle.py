@@ -1,5 +1,5 @@
-"""The correctness oracle: plain qwen-tts `generate_custom_voice` for one request, greedy, and the codec
-codes it handed to its speech decoder."""
+"""The correctness oracle: plain qwen-tts `generate_custom_voice` (or, for a VoiceDesign model,
+`generate_voice_design`) for one request, greedy, and the codec codes it handed to its speech decoder."""
 
 from __future__ import annotations
 
@@ -23,15 +23,20 @@ def reference(engine: TTSEngine, request: SynthesisRequest, budget: int | None =
 
     tokenizer.decode = recording_decode
     try:
-        wavs, _ = engine.model.generate_custom_voice(
-            text=request.text,
-            speaker=request.speaker,
-            language=request.language,
-            instruct=request.instruct,
-            do_sample=False,
-            subtalker_dosample=False,
-            max_new_tokens=budget + 1,  # the last token sampled never becomes a frame
-        )
+        options = {"do_sample": False, "subtalker_dosample": False, "max_new_tokens": budget + 1}  # the last
+        # token sampled never becomes a frame
+        if engine.kind == "voice_design":
+            wavs, _ = engine.model.generate_voice_design(
+                text=request.text, instruct=request.instruct, language=request.language, **options
+            )
+        else:
+            wavs, _ = engine.model.generate_custom_voice(
+                text=request.text,
+                speaker=request.speaker,
+                language=request.language,
+                instruct=request.instruct,
+                **options,
+            )
     finally:
         tokenizer.decode = original
     return recorded[-1].cpu().numpy(), np.asarray(wavs[0], dtype=np.float32)

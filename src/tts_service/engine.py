@@ -222,9 +222,15 @@ class TTSEngine:
         self.model = model
         self.settings = settings
         self.model_id = model_id
+        # "custom_voice": built-in speakers; "voice_design": no speakers, the instruction describes the voice.
+        self.kind = str(model.model.tts_model_type)
         self._speaker_keys = sorted(model.get_supported_speakers() or [])
         self._language_keys = sorted(model.get_supported_languages() or ["auto"])
-        if not self._speaker_keys:
+        if self.kind not in ("custom_voice", "voice_design"):
+            raise ModelLoadError(
+                f"{model_id} is a {self.kind!r} model: only CustomVoice and VoiceDesign models are served."
+            )
+        if self.kind == "custom_voice" and not self._speaker_keys:
             raise ModelLoadError(f"{model_id} has no built-in speakers: only CustomVoice models are served.")
         self.sample_rate = int(model.model.speech_tokenizer.get_output_sample_rate())
         self.samples_per_frame = int(model.model.speech_tokenizer.get_decode_upsample_rate())
@@ -312,6 +318,10 @@ class TTSEngine:
 
     def resolve_speaker(self, name: str) -> str:
         key = name.strip().lower()
+        if self.kind == "voice_design":  # the voice comes from the instruction; there is no speaker to name
+            if key:
+                raise UnknownVoiceError("speaker", name, [])
+            return ""
         if key not in self._speaker_keys:
             raise UnknownVoiceError("speaker", name, self.speakers)
         return key

@@ -132,7 +132,10 @@ def _build_text_tokenizer(out_dir: Path) -> dict[str, int]:
     return {tok: tokenizer.convert_tokens_to_ids(tok) for tok in TEXT_SPECIAL_TOKENS}
 
 
-def _talker_config(arch: ArchSpec, text_vocab: int) -> dict:
+KINDS = ("custom_voice", "voice_design")  # qwen-tts's tts_model_type of the CustomVoice and VoiceDesign models
+
+
+def _talker_config(arch: ArchSpec, text_vocab: int, kind: str = "custom_voice") -> dict:
     half = arch.head_dim // 2
     mrope = [half - 2 * (half // 4), half // 4, half // 4]  # sums to head_dim/2, like [24, 20, 20]
     return {
@@ -159,8 +162,9 @@ def _talker_config(arch: ArchSpec, text_vocab: int) -> dict:
         "codec_pad_id": CODEC_PAD,
         "codec_bos_id": CODEC_BOS,
         "codec_language_id": dict(LANGUAGE_IDS),
-        "spk_id": {s.name.lower(): s.codec_id for s in SPEAKERS},
-        "spk_is_dialect": {s.name.lower(): (s.dialect or False) for s in SPEAKERS},
+        # VoiceDesign models have no built-in speakers: the instruction describes the voice.
+        "spk_id": {s.name.lower(): s.codec_id for s in SPEAKERS} if kind == "custom_voice" else {},
+        "spk_is_dialect": {s.name.lower(): (s.dialect or False) for s in SPEAKERS} if kind == "custom_voice" else {},
         "code_predictor_config": {
             "vocab_size": CODEBOOK_SIZE,
             "hidden_size": arch.predictor_hidden,
@@ -269,16 +273,16 @@ def _build_speech_tokenizer(arch: ArchSpec, out_dir: Path, generator) -> None:
     EncodecFeatureExtractor(feature_size=1, sampling_rate=24000, padding_value=0.0).save_pretrained(out_dir)
 
 
-def _build_talker(arch: ArchSpec, special: dict[str, int], generator):
+def _build_talker(arch: ArchSpec, special: dict[str, int], generator, kind: str = "custom_voice"):
     import torch
     from qwen_tts.core.models import Qwen3TTSConfig, Qwen3TTSForConditionalGeneration
 
     config = Qwen3TTSConfig(
-        talker_config=_talker_config(arch, max(special.values()) + 1),
+        talker_config=_talker_config(arch, max(special.values()) + 1, kind),
         speaker_encoder_config={"enc_dim": arch.talker_hidden},
         tokenizer_type="qwen3_tts_tokenizer_12hz",
         tts_model_size=arch.model_size,
-        tts_model_type="custom_voice",
+        tts_model_type=kind,
         im_start_token_id=special["<|im_start|>"],
         im_end_token_id=special["<|im_end|>"],
         tts_pad_token_id=special["<tts_pad>"],
@@ -294,7 +298,9 @@ def _build_talker(arch: ArchSpec, special: dict[str, int], generator):
     return model
 
 
-def build_tiny_checkpoint(out_dir: Path | str, *, arch: ArchSpec = TINY, seed: int = 0) -> Path:
+def build_tiny_checkpoint(
+    out_dir: Path | str, *, arch: ArchSpec = TINY, seed: int = 0, kind: str = "custom_voice"
+) -> Path:
     """Write a complete checkpoint into `out_dir` (created; must not hold another checkpoint)."""
     import torch
 
@@ -307,7 +313,7 @@ def build_tiny_checkpoint(out_dir: Path | str, *, arch: ArchSpec = TINY, seed: i
     generator = torch.Generator().manual_seed(seed)
 
     special_ids = _build_text_tokenizer(out)
-    model = _build_talker(arch, special_ids, generator)
+    model = _build_talker(arch, special_ids, generator, kind)
     if arch.talker_hidden > TINY.talker_hidden:  # bf16 on disk, as released: halves the real-size checkpoints
         model = model.to(torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)
@@ -340,16 +346,18 @@ def build_tiny_checkpoint(out_dir: Path | str, *, arch: ArchSpec = TINY, seed: i
     return out
 
 
-def ensure_tiny_checkpoint(cache_dir: Path | str, arch: str = "tiny") -> Path:
-    """Return a cached checkpoint of `arch` (ARCHS) under `cache_dir`, building it once (atomically)."""
+def ensure_tiny_checkpoint(cache_dir: Path | str, arch: str = "tiny", kind: str = "custom_voice") -> Path:
+    """Return a cached checkpoint of `arch` (ARCHS) and `kind` (KINDS) under `cache_dir`, built once (atomically)."""
     name = "tiny" if arch == "tiny" else f"random-{arch}"
+    if kind != "custom_voice":
+        name += "-" + kind.replace("_", "-")
     target = Path(cache_dir) / f"{name}-v{TINY_FORMAT_VERSION}"
     if (target / "tiny_checkpoint.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
-        build_tiny_checkpoint(staging, arch=ARCHS[arch])
+        build_tiny_checkpoint(staging, arch=ARCHS[arch], kind=kind)
         try:
             staging.rename(target)
         except OSError:  # another process won the race; use its copy
@@ -365,9 +373,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", type=Path, help="folder to write the checkpoint into")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arch", choices=sorted(ARCHS), default="tiny", help="network sizes (default tiny)")
+    parser.add_argument("--kind", choices=KINDS, default="custom_voice", help="model kind (default CustomVoice)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    build_tiny_checkpoint(args.out_dir, arch=ARCHS[args.arch], seed=args.seed)
+    build_tiny_checkpoint(args.out_dir, arch=ARCHS[args.arch], seed=args.seed, kind=args.kind)
 
 
 if __name__ == "__main__":
