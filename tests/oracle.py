@@ -23,8 +23,8 @@ def reference(engine: TTSEngine, request: SynthesisRequest, budget: int | None =
 
     tokenizer.decode = recording_decode
     try:
-        options = {"do_sample": False, "subtalker_dosample": False, "max_new_tokens": budget + 1}  # the last
-        # token sampled never becomes a frame
+        # max_new_tokens: the last token sampled never becomes a frame.
+        options = {"do_sample": False, "subtalker_dosample": False, "max_new_tokens": budget + 1}
         if engine.kind == "voice_design":
             wavs, _ = engine.model.generate_voice_design(
                 text=request.text, instruct=request.instruct, language=request.language, **options

@@ -64,11 +64,15 @@ def version() -> str:
         return "0.1.0"
 
 
+def _headers(names: Iterable[str]) -> dict[str, Any]:
+    return {name: {"description": HEADER_DOCS[name], "schema": {"type": "string"}} for name in names}
+
+
 def _error(description: str, openai: bool, headers: Iterable[str] = ()) -> dict[str, Any]:
     ref = "#/components/schemas/" + ("OpenAIErrorResponse" if openai else "ErrorResponse")
     response: dict[str, Any] = {"description": description, "content": {"application/json": {"schema": {"$ref": ref}}}}
     if names := list(headers):
-        response["headers"] = {name: {"description": HEADER_DOCS[name], "schema": {"type": "string"}} for name in names}
+        response["headers"] = _headers(names)
     return response
 
 
@@ -117,7 +121,7 @@ def document(
                 responses["500"] = _error("Synthesis failed.", openai, ["X-Request-ID"])
             for status, headers in (("429", ["Retry-After"]), ("500", ["X-Request-ID"])):
                 if status in responses:
-                    responses[status]["headers"] = _error("", openai, headers)["headers"]
+                    responses[status]["headers"] = _headers(headers)
             if api_keys and path not in OPEN_PATHS:
                 responses["401"] = _error("Missing or wrong API key.", openai, ["WWW-Authenticate"])
                 operation["security"] = [{"bearerAuth": []}]
