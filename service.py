@@ -26,7 +26,7 @@ from tts_service.settings import Settings
 from tts_service.startup import configure_logging, preflight
 
 settings = Settings()
-preflight(settings.model)
+preflight(settings.model_specs())
 configure_logging(settings.log_level)
 app = build_app()
 SYNTHESIZE = "/v1/tts/synthesize"

@@ -1,5 +1,6 @@
-"""The correctness oracle: plain qwen-tts `generate_custom_voice` (or, for a VoiceDesign model,
-`generate_voice_design`) for one request, greedy, and the codec codes it handed to its speech decoder."""
+"""The correctness oracle: plain qwen-tts `generate_custom_voice` (for a VoiceDesign model
+`generate_voice_design`, for a Base model `generate_voice_clone` with the request's clone prompt) for
+one request, greedy, and the codec codes it handed to its speech decoder."""
 
 from __future__ import annotations
 
@@ -25,7 +26,26 @@ def reference(engine: TTSEngine, request: SynthesisRequest, budget: int | None =
     try:
         # max_new_tokens: the last token sampled never becomes a frame.
         options = {"do_sample": False, "subtalker_dosample": False, "max_new_tokens": budget + 1}
-        if engine.kind == "voice_design":
+        if engine.kind == "base":
+            voice = request.voice
+            assert voice is not None
+            from qwen_tts.inference.qwen3_tts_model import VoiceClonePromptItem
+
+            item = VoiceClonePromptItem(
+                ref_code=voice.ref_codes,
+                ref_spk_embedding=voice.speaker_embedding,
+                x_vector_only_mode=not voice.icl,
+                icl_mode=voice.icl,
+                ref_text=voice.ref_text or None,
+            )
+            wavs, _ = engine.model.generate_voice_clone(
+                text=request.text,
+                language=request.language,
+                voice_clone_prompt=[item],
+                non_streaming_mode=True,
+                **options,
+            )
+        elif engine.kind == "voice_design":
             wavs, _ = engine.model.generate_voice_design(
                 text=request.text, instruct=request.instruct, language=request.language, **options
             )
@@ -39,7 +59,10 @@ def reference(engine: TTSEngine, request: SynthesisRequest, budget: int | None =
             )
     finally:
         tokenizer.decode = original
-    return recorded[-1].cpu().numpy(), np.asarray(wavs[0], dtype=np.float32)
+    codes = recorded[-1].cpu().numpy()
+    if request.voice is not None and request.voice.icl:  # qwen-tts decodes the reference frames first
+        codes = codes[len(request.voice.ref_codes) :]
+    return codes, np.asarray(wavs[0], dtype=np.float32)
 
 
 # Requests of different lengths (on the tiny checkpoint, greedy: 125, 8, 23, 5 and 2 frames), speakers,

@@ -11,7 +11,7 @@ import math
 import time
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from tts_service.scheduler import ChunkPlan, Job, RequestHandle, StepScheduler
 from tts_service.schemas import ModelInfo, SpeakerInfo
 from tts_service.segmenting import split_text
 from tts_service.settings import Settings
+from tts_service.voice_prompt import VoicePrompt, extract_voice_prompt
 from tts_service.voices import SPEAKERS_BY_KEY
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,10 @@ def import_qwen_tts() -> Any:
     return qwen_tts
 
 
+# qwen-tts's tts_model_type of each checkpoint kind served, and what each is called in settings and docs.
+MODEL_KINDS = {"custom_voice": "CustomVoice", "voice_design": "VoiceDesign", "base": "Base"}
+
+
 class ModelLoadError(RuntimeError):
     """The configured model cannot be loaded; the message says what to do."""
 
@@ -82,6 +87,7 @@ class SynthesisRequest:
     language: str = "auto"
     instruct: str = ""
     seed: int | None = None  # None: a fresh random seed (greedy decoding ignores it)
+    voice: VoicePrompt | None = field(default=None, compare=False)  # a Base model's cloned voice
 
 
 @dataclass(frozen=True)
@@ -134,16 +140,24 @@ def estimated_frames(text: str) -> int:
     return frame_budget(text, 1 << 30)
 
 
-def _hub_error(spec: str, exc: Exception) -> ModelLoadError:
+# The kinds of checkpoint each model setting accepts (the first is what `tiny` builds).
+MODEL_SETTINGS = {
+    "TTS_MODEL": ("custom_voice", "voice_design"),
+    "TTS_CLONE_MODEL": ("base",),
+    "TTS_DESIGN_MODEL": ("voice_design",),
+}
+
+
+def _hub_error(spec: str, exc: Exception, setting: str) -> ModelLoadError:
     return ModelLoadError(
-        f"Could not fetch TTS_MODEL={spec!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
+        f"Could not fetch {setting}={spec!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
         "Without network access, download it elsewhere (huggingface-cli download "
-        f"{spec} --local-dir DIR), copy DIR here and set TTS_MODEL=DIR, or set TTS_MODEL=tiny for the "
+        f"{spec} --local-dir DIR), copy DIR here and set {setting}=DIR, or set {setting}=tiny for the "
         "offline test model."
     )
 
 
-def check_model_source(spec: str, *, reach_hub: bool = True) -> None:
+def check_model_source(spec: str, *, reach_hub: bool = True, setting: str = "TTS_MODEL") -> None:
     """Fail fast, before any worker starts, on the common mistakes: a wrong path, an unreachable hub."""
     spec = spec.strip()
     if spec.lower() == "tiny":
@@ -151,12 +165,12 @@ def check_model_source(spec: str, *, reach_hub: bool = True) -> None:
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelLoadError(f"TTS_MODEL={spec!r} has no config.json: it is not a Qwen3-TTS checkpoint folder.")
+            raise ModelLoadError(f"{setting}={spec!r} has no config.json: it is not a Qwen3-TTS checkpoint folder.")
         return
     if spec.startswith(("/", ".", "~")) or path.exists() or spec.count("/") != 1:
         raise ModelLoadError(
-            f"TTS_MODEL={spec!r} is neither a checkpoint folder nor a Hugging Face repo id (owner/name). "
-            "Point it at a folder holding config.json, or use TTS_MODEL=tiny for the offline test model."
+            f"{setting}={spec!r} is neither a checkpoint folder nor a Hugging Face repo id (owner/name). "
+            f"Point it at a folder holding config.json, or use {setting}=tiny for the offline test model."
         )
     if not reach_hub:
         return
@@ -167,17 +181,17 @@ def check_model_source(spec: str, *, reach_hub: bool = True) -> None:
     try:
         HfApi().model_info(spec, timeout=10)
     except Exception as exc:
-        raise _hub_error(spec, exc) from exc
+        raise _hub_error(spec, exc, setting) from exc
 
 
-def resolve_model_source(settings: Settings) -> str:
-    """Turn TTS_MODEL into a local checkpoint folder, building or downloading it if needed."""
-    spec = settings.model.strip()
+def resolve_model_source(spec: str, cache_dir: Path, setting: str = "TTS_MODEL") -> str:
+    """Turn a model setting into a local checkpoint folder, building or downloading it if needed."""
+    spec = spec.strip()
     if spec.lower() == "tiny":
         from tts_service.dev.tiny_checkpoint import ensure_tiny_checkpoint  # a dev and test model only
 
-        return str(ensure_tiny_checkpoint(settings.cache_dir))
-    check_model_source(spec, reach_hub=False)  # snapshot_download below reports hub trouble itself
+        return str(ensure_tiny_checkpoint(cache_dir, kind=MODEL_SETTINGS[setting][0]))
+    check_model_source(spec, reach_hub=False, setting=setting)  # snapshot_download below reports hub trouble
     path = Path(spec).expanduser()
     if path.is_dir():
         return str(path)
@@ -186,7 +200,7 @@ def resolve_model_source(settings: Settings) -> str:
 
         return snapshot_download(spec)
     except Exception as exc:  # network, auth, unknown repo: all mean the same to the operator
-        raise _hub_error(spec, exc) from exc
+        raise _hub_error(spec, exc, setting) from exc
 
 
 def _torch_options(settings: Settings) -> dict[str, Any]:
@@ -222,13 +236,14 @@ class TTSEngine:
         self.model = model
         self.settings = settings
         self.model_id = model_id
-        # "custom_voice": built-in speakers; "voice_design": no speakers, the instruction describes the voice.
+        # "custom_voice": built-in speakers; "voice_design": no speakers, the instruction describes the
+        # voice; "base": no speakers, every request brings a cloned voice (VoicePrompt).
         self.kind = str(model.model.tts_model_type)
         self._speaker_keys = sorted(model.get_supported_speakers() or [])
         self._language_keys = sorted(model.get_supported_languages() or ["auto"])
-        if self.kind not in ("custom_voice", "voice_design"):
+        if self.kind not in MODEL_KINDS:
             raise ModelLoadError(
-                f"{model_id} is a {self.kind!r} model: only CustomVoice and VoiceDesign models are served."
+                f"{model_id} is a {self.kind!r} model: only CustomVoice, VoiceDesign and Base models are served."
             )
         if self.kind == "custom_voice" and not self._speaker_keys:
             raise ModelLoadError(f"{model_id} has no built-in speakers: only CustomVoice models are served.")
@@ -249,10 +264,17 @@ class TTSEngine:
         )
 
     @classmethod
-    def load(cls, settings: Settings) -> TTSEngine:
-        source = resolve_model_source(settings)
+    def load(cls, settings: Settings, setting: str = "TTS_MODEL") -> TTSEngine:
+        """Load the checkpoint that `setting` (a key of MODEL_SETTINGS) names; it must be of a kind that
+        setting accepts."""
+        kinds = MODEL_SETTINGS[setting]
+        spec = settings.model_specs()[setting]
+        if not spec:
+            raise ModelLoadError(f"{setting} is not set")
+        source = resolve_model_source(spec, settings.cache_dir, setting)
         options = _torch_options(settings)
         Qwen3TTSModel = import_qwen_tts().Qwen3TTSModel
+        wanted = " or ".join(MODEL_KINDS[kind] for kind in kinds)
 
         started = time.perf_counter()
         try:
@@ -260,12 +282,18 @@ class TTSEngine:
         except Exception as exc:
             raise ModelLoadError(
                 f"Could not load a Qwen3-TTS checkpoint from {source} ({type(exc).__name__}: {exc}). "
-                "Check that the folder is a complete CustomVoice checkpoint, or use TTS_MODEL=tiny."
+                f"Check that the folder is a complete {wanted} checkpoint, or use {setting}=tiny."
             ) from exc
-        engine = cls(model, settings, settings.model)
+        kind = str(model.model.tts_model_type)
+        if kind not in kinds:
+            raise ModelLoadError(
+                f"{setting}={spec!r} is a {MODEL_KINDS.get(kind, kind)} checkpoint; {setting} takes a {wanted} one"
+                + ("" if kind != "base" else " (a Base checkpoint goes in TTS_CLONE_MODEL)")
+            )
+        engine = cls(model, settings, spec)
         logger.info(
             "loaded %s from %s on %s as %s (%s attention) in %.1f s; %d speakers, %d languages",
-            settings.model,
+            spec,
             source,
             options["device_map"],
             str(options["dtype"]).removeprefix("torch."),
@@ -294,7 +322,8 @@ class TTSEngine:
 
     @property
     def supports_instruct(self) -> bool:
-        return self.model.model.tts_model_size not in "0b6"  # qwen-tts's own test, verbatim
+        """qwen-tts's own test (the 0.6B models drop `instruct`); a cloned voice takes none."""
+        return self.kind != "base" and self.model.model.tts_model_size not in "0b6"
 
     def describe(self) -> ModelInfo:
         """What clients need to build a request: voices (with descriptions where known) and languages."""
@@ -316,9 +345,15 @@ class TTSEngine:
             supports_instruct=self.supports_instruct,
         )
 
+    def clone_voice(self, audio: np.ndarray, sample_rate: int, transcript: str = "") -> VoicePrompt:
+        """A reusable cloned voice from mono reference audio (Base models only); with a transcript, ICL mode."""
+        if self.kind != "base":
+            raise ModelLoadError(f"{self.model_id} is a {MODEL_KINDS[self.kind]} model: Base models clone voices")
+        return extract_voice_prompt(self.model, audio, sample_rate, transcript)
+
     def resolve_speaker(self, name: str) -> str:
         key = name.strip().lower()
-        if self.kind == "voice_design":  # the voice comes from the instruction; there is no speaker to name
+        if self.kind in ("voice_design", "base"):  # the voice comes from the instruction or the clone
             if key:
                 raise UnknownVoiceError("speaker", name, [])
             return ""
@@ -333,19 +368,28 @@ class TTSEngine:
         return key
 
     def request_for(
-        self, text: str, speaker: str, language: str | None = None, instruct: str = "", seed: int | None = None
+        self,
+        text: str,
+        speaker: str,
+        language: str | None = None,
+        instruct: str = "",
+        seed: int | None = None,
+        voice: VoicePrompt | None = None,
     ) -> SynthesisRequest:
         """Check a request against the loaded model: UnknownVoiceError names the field and the allowed
-        values; ValueError means the text is empty."""
+        values; ValueError means the text is empty or the voice does not suit the model."""
         text = text.strip()
         if not text:
             raise ValueError("text is empty")
+        if (voice is not None) != (self.kind == "base"):
+            raise ValueError("a Base model speaks cloned voices only, and only a Base model speaks them")
         return SynthesisRequest(
             text=text,
             speaker=self.resolve_speaker(speaker),
             language=self.resolve_language(language),
             instruct=instruct.strip(),
             seed=seed,
+            voice=voice,
         )
 
     def frame_budget(self, text: str) -> int:
@@ -377,6 +421,7 @@ class TTSEngine:
             seed=StepScheduler.new_seed() if request.seed is None else request.seed,
             plan=self.scheduler.stream_plan if stream else self.scheduler.file_plan,
             budgets=tuple(self.frame_budget(segment) for segment in segments),
+            voice=request.voice,
         )
 
     def submit(

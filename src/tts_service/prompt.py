@@ -3,14 +3,17 @@
 qwen-tts builds the prompt inside `Qwen3TTSForConditionalGeneration.generate` and hands it, left-padded
 for the batch, straight to HF `generate`. The step engine needs each request's prompt alone (its own
 slot, no padding), so this repeats that construction for one request, operation for operation, so the
-embeddings are bitwise the same (a test checks them against the arguments qwen-tts passes). Only the
-CustomVoice path in qwen-tts's default non-streaming text mode is built: the whole text is in the
-prompt, and every decode step adds the projected pad text embedding.
+embeddings are bitwise the same (a test checks them against the arguments qwen-tts passes). Every
+kind is built in qwen-tts's non-streaming text mode (the default of `generate_custom_voice` and
+`generate_voice_design`; `generate_voice_clone` offers it as `non_streaming_mode=True`): the whole text
+is in the prompt, and every decode step adds the projected pad text embedding.
 """
 
 from __future__ import annotations
 
 import torch
+
+from tts_service.voice_prompt import VoicePrompt
 
 
 class PromptBuilder:
@@ -39,9 +42,19 @@ class PromptBuilder:
             self._special = embeds.chunk(3, dim=1)
         return self._special
 
+    def _reference_codes_embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """A clone's reference frames [T, 16] as talker inputs [1, T, H]: each frame's 16 code embeddings summed."""
+        codes = codes.to(self.talker.device)
+        tables = [self.talker.get_input_embeddings(), *self.talker.code_predictor.get_input_embeddings()]
+        embeds = [table(codes[:, group : group + 1]) for group, table in enumerate(tables)]
+        return torch.cat(embeds, dim=1).sum(1).unsqueeze(0)
+
     @torch.inference_mode()
-    def build(self, text: str, speaker: str, language: str, instruct: str = "") -> torch.Tensor:
-        """The prompt embeddings [T, H] for one request; speaker and language are the model's keys."""
+    def build(
+        self, text: str, speaker: str, language: str, instruct: str = "", voice: VoicePrompt | None = None
+    ) -> torch.Tensor:
+        """The prompt embeddings [T, H] for one request; speaker and language are the model's keys, and
+        `voice` a Base model's cloned voice (then `speaker` is empty)."""
         w = self.wrapper
         talker_config = self.config.talker_config
         input_id = w._tokenize_texts([w._build_assistant_text(text)])[0]
@@ -52,7 +65,9 @@ class PromptBuilder:
 
         dtype = input_id.dtype
         speaker_embed = None
-        if speaker:
+        if voice is not None:
+            speaker_embed = voice.speaker_embedding.to(self.talker.device).to(self.talker.dtype)
+        elif speaker:
             spk_id = talker_config.spk_id[speaker.lower()]
             speaker_embed = self.talker.get_input_embeddings()(
                 torch.tensor(spk_id, device=self.talker.device, dtype=dtype)
@@ -85,6 +100,15 @@ class PromptBuilder:
 
         role = self._text_embed(input_id[:, :3])  # <|im_start|>assistant\n
         prefix = torch.cat((tts_pad.expand(-1, codec_embed.shape[1] - 2, -1), tts_bos), dim=1) + codec_embed[:, :-1]
+        if voice is not None and voice.icl:  # the reference transcript and text, then the reference frames
+            ref_id = w._tokenize_texts([w._build_ref_text(voice.ref_text)])[0]
+            texts = self._text_embed(torch.cat([ref_id[:, 3:-2], input_id[:, 3:-5]], dim=-1))
+            texts = torch.cat([texts, tts_eos], dim=1)
+            texts = texts + self._codec_embed([[talker_config.codec_pad_id] * texts.shape[1]], dtype)
+            bos = self._codec_embed([[talker_config.codec_bos_id]], dtype)
+            frames = torch.cat([bos, self._reference_codes_embed(voice.ref_codes)], dim=1)
+            parts.append(torch.cat([role, prefix, texts, frames + tts_pad], dim=1))
+            return torch.cat(parts, dim=1)[0]
         body = self._text_embed(input_id[:, 3:-5])  # the text itself, without the closing template
         pads = self._codec_embed([[talker_config.codec_pad_id] * (body.shape[1] + 1)], dtype)
         start = tts_pad + self._codec_embed([[talker_config.codec_bos_id]], dtype)

@@ -34,6 +34,7 @@ from tts_service import frame_step as fs
 from tts_service.chunk_decoder import ChunkDecoder, Ending, Window
 from tts_service.prompt import PromptBuilder
 from tts_service.sampling import SamplingParams
+from tts_service.voice_prompt import VoicePrompt
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class Job:
     seed: int
     plan: ChunkPlan
     budgets: tuple[int, ...]  # most frames per segment
+    voice: VoicePrompt | None = None  # a cloned voice (Base models), in place of a speaker
 
 
 @dataclass(frozen=True)
@@ -347,7 +349,9 @@ class StepScheduler:
         for row in joining:
             try:
                 job = row.job
-                prompt = self.prompts.build(job.segments[row.segment], job.speaker, job.language, job.instruct)
+                prompt = self.prompts.build(
+                    job.segments[row.segment], job.speaker, job.language, job.instruct, job.voice
+                )
                 room = self.max_len - job.budgets[row.segment] - 2
                 if prompt.shape[0] > room:  # checked here, so that it fails alone, not its prefill batch
                     raise ValueError(

@@ -36,7 +36,17 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="'auto' (cuda:0 when available, else cpu), 'cpu', 'cuda', 'cuda:N'.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    clone_model: str | None = Field(
+        None, description="A Base checkpoint (repo id, folder or 'tiny') that clones voices; unset: no cloning."
+    )
+    design_model: str | None = Field(
+        None, description="A VoiceDesign checkpoint (repo id, folder or 'tiny') that designs voices; unset: none."
+    )
     cache_dir: Path = Field(Path.home() / ".cache" / "tts_service", description="Where the tiny checkpoint is built.")
+    voices_dir: Path = Field(
+        Path.home() / ".local" / "share" / "tts_service" / "voices", description="The saved-voice library."
+    )
+    max_upload_bytes: int = Field(10_000_000, ge=1024, description="Larger reference-audio uploads get 413.")
 
     max_text_chars: int = Field(4096, ge=1, le=100_000)
     max_new_tokens: int = Field(2048, ge=2, description="Ceiling on codec frames per request (12.5 per second).")
@@ -98,6 +108,15 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    def model_specs(self) -> dict[str, str | None]:
+        """Each model setting's name and value (None: not loaded)."""
+        return {"TTS_MODEL": self.model, "TTS_CLONE_MODEL": self.clone_model, "TTS_DESIGN_MODEL": self.design_model}
+
+    @field_validator("clone_model", "design_model", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("device")
     @classmethod

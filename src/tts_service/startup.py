@@ -36,15 +36,18 @@ def abort_serving(message: str) -> NoReturn:
     os._exit(1)  # no traceback: the message above is the whole story
 
 
-def preflight(model: str) -> None:
-    """In the `bentoml serve` command itself, refuse to start with a model that cannot load."""
+def preflight(models: dict[str, str | None]) -> None:
+    """In the `bentoml serve` command itself, refuse to start with a model that cannot load
+    (`models`: each model setting's name and value)."""
     argv = sys.argv
     if not (argv and "bentoml" in os.path.basename(argv[0]) or argv[0].endswith("bentoml/__main__.py")):
         return
     if "serve" not in argv[1:2]:
         return  # `bentoml build` and friends import the service without serving it
     try:
-        check_model_source(model)
+        for setting, model in models.items():
+            if model:
+                check_model_source(model, setting=setting)
     except ModelLoadError as exc:
         raise SystemExit(f"TTS service cannot start: {exc}") from None
 

@@ -132,7 +132,8 @@ def _build_text_tokenizer(out_dir: Path) -> dict[str, int]:
     return {tok: tokenizer.convert_tokens_to_ids(tok) for tok in TEXT_SPECIAL_TOKENS}
 
 
-KINDS = ("custom_voice", "voice_design")  # qwen-tts's tts_model_type of the CustomVoice and VoiceDesign models
+# qwen-tts's tts_model_type of the CustomVoice, VoiceDesign and Base (voice cloning) models.
+KINDS = ("custom_voice", "voice_design", "base")
 
 
 def _talker_config(arch: ArchSpec, text_vocab: int, kind: str = "custom_voice") -> dict:
@@ -162,7 +163,7 @@ def _talker_config(arch: ArchSpec, text_vocab: int, kind: str = "custom_voice") 
         "codec_pad_id": CODEC_PAD,
         "codec_bos_id": CODEC_BOS,
         "codec_language_id": dict(LANGUAGE_IDS),
-        # VoiceDesign models have no built-in speakers: the instruction describes the voice.
+        # Only CustomVoice models have built-in speakers: VoiceDesign describes the voice, Base clones one.
         "spk_id": {s.name.lower(): s.codec_id for s in SPEAKERS} if kind == "custom_voice" else {},
         "spk_is_dialect": {s.name.lower(): (s.dialect or False) for s in SPEAKERS} if kind == "custom_voice" else {},
         "code_predictor_config": {
@@ -273,13 +274,28 @@ def _build_speech_tokenizer(arch: ArchSpec, out_dir: Path, generator) -> None:
     EncodecFeatureExtractor(feature_size=1, sampling_rate=24000, padding_value=0.0).save_pretrained(out_dir)
 
 
+def _speaker_encoder_config(arch: ArchSpec) -> dict:
+    """The Base model's ECAPA-TDNN speaker encoder: its output is the talker's speaker embedding, so
+    enc_dim is the talker's width; the tiny model shrinks its channels too (the real ones are qwen-tts's
+    defaults)."""
+    if arch.talker_hidden > TINY.talker_hidden:
+        return {"enc_dim": arch.talker_hidden}
+    return {
+        "enc_dim": arch.talker_hidden,
+        "enc_channels": [32, 32, 32, 32, 96],
+        "enc_attention_channels": 16,
+        "enc_res2net_scale": 4,
+        "enc_se_channels": 16,
+    }
+
+
 def _build_talker(arch: ArchSpec, special: dict[str, int], generator, kind: str = "custom_voice"):
     import torch
     from qwen_tts.core.models import Qwen3TTSConfig, Qwen3TTSForConditionalGeneration
 
     config = Qwen3TTSConfig(
         talker_config=_talker_config(arch, max(special.values()) + 1, kind),
-        speaker_encoder_config={"enc_dim": arch.talker_hidden},
+        speaker_encoder_config=_speaker_encoder_config(arch),
         tokenizer_type="qwen3_tts_tokenizer_12hz",
         tts_model_size=arch.model_size,
         tts_model_type=kind,
@@ -292,6 +308,8 @@ def _build_talker(arch: ArchSpec, special: dict[str, int], generator, kind: str 
     config.architectures = ["Qwen3TTSForConditionalGeneration"]
     model = Qwen3TTSForConditionalGeneration(config).eval()
     _variance_preserving_init(model.talker, generator)
+    if model.speaker_encoder is not None:  # so that different voices give clearly different embeddings
+        _variance_preserving_init(model.speaker_encoder, generator)
     with torch.no_grad():
         head = model.talker.codec_head.weight
         head[CODEC_EOS].mul_(arch.eos_gain)
@@ -319,7 +337,7 @@ def build_tiny_checkpoint(
     model.save_pretrained(out, safe_serialization=True)
     _build_speech_tokenizer(arch, out / "speech_tokenizer", generator)
 
-    # save_pretrained writes an empty model_type for the unused speaker encoder, which then fails to reload.
+    # save_pretrained writes an empty model_type for the speaker encoder's config, which then fails to reload.
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     config.get("speaker_encoder_config", {}).pop("model_type", None)
     (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -373,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", type=Path, help="folder to write the checkpoint into")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arch", choices=sorted(ARCHS), default="tiny", help="network sizes (default tiny)")
-    parser.add_argument("--kind", choices=KINDS, default="custom_voice", help="model kind (default CustomVoice)")
+    parser.add_argument("--kind", choices=KINDS, default="custom_voice", help="model kind (default custom_voice)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     build_tiny_checkpoint(args.out_dir, arch=ARCHS[args.arch], seed=args.seed, kind=args.kind)
