@@ -20,7 +20,18 @@ from tts_service.gateway import Gateway
 from tts_service.openai_api import SpeechRequest
 from tts_service.openapi_docs import OpenAPIDocsMiddleware
 from tts_service.routes.tts import synthesize_file
-from tts_service.schemas import ModelInfo, StreamRequest, SynthesisJob, SynthesisOutcome, SynthesizeRequest
+from tts_service.schemas import (
+    ModelInfo,
+    StreamRequest,
+    SynthesisJob,
+    SynthesisOutcome,
+    SynthesizeRequest,
+    VoiceCreateJob,
+    VoiceDesignRequest,
+    VoiceInfo,
+    VoicePreview,
+    VoiceReply,
+)
 from tts_service.security import ApiKeyMiddleware, RequestGuardMiddleware
 from tts_service.settings import Settings
 from tts_service.startup import configure_logging, preflight
@@ -31,7 +42,13 @@ configure_logging(settings.log_level)
 app = build_app()
 SYNTHESIZE = "/v1/tts/synthesize"
 # The JSON bodies, each checked against its model before any route reads it (security.py).
-BODY_MODELS = {SYNTHESIZE: SynthesizeRequest, "/v1/tts/stream": StreamRequest, "/v1/audio/speech": SpeechRequest}
+BODY_MODELS = {
+    SYNTHESIZE: SynthesizeRequest,
+    "/v1/tts/stream": StreamRequest,
+    "/v1/audio/speech": SpeechRequest,
+    "/v1/audio/voices": VoiceDesignRequest,  # or a clone's multipart upload, up to TTS_MAX_UPLOAD_BYTES
+}
+UPLOAD_ROUTES = {"/v1/audio/voices": settings.max_upload_bytes}
 
 
 @bentoml.service(
@@ -67,6 +84,26 @@ class Synthesizer:
     async def cancel_stream(self, request_id: str) -> bool:
         return await self.host.cancel(request_id)
 
+    @bentoml.api
+    async def create_voice(self, job: VoiceCreateJob) -> VoiceReply:
+        return await self.host.create_voice(job)
+
+    @bentoml.api
+    async def list_voices(self) -> list[VoiceInfo]:
+        return await self.host.list_voices()
+
+    @bentoml.api
+    async def find_voice(self, ref: str) -> VoiceReply:
+        return await self.host.find_voice(ref)
+
+    @bentoml.api
+    async def delete_voice(self, ref: str) -> VoiceReply:
+        return await self.host.delete_voice(ref)
+
+    @bentoml.api
+    async def voice_preview(self, ref: str) -> VoicePreview:
+        return await self.host.voice_preview(ref)
+
 
 @bentoml.service(
     name="qwen3_tts",
@@ -76,7 +113,7 @@ class Synthesizer:
         "cors": {
             "enabled": True,
             "access_control_allow_origins": settings.cors_origins,
-            "access_control_allow_methods": ["GET", "POST", "OPTIONS"],
+            "access_control_allow_methods": ["GET", "POST", "DELETE", "OPTIONS"],
             "access_control_allow_headers": ["*"],
             "access_control_expose_headers": AUDIO_HEADERS + ERROR_HEADERS,
         },
@@ -116,10 +153,12 @@ class TTSService:
 # reading bodies; check each JSON body against its route's model; tell the truth in /docs.json.
 TTSService.add_asgi_middleware(AnswerOnCrash)
 TTSService.add_asgi_middleware(ApiKeyMiddleware, keys=[key.get_secret_value() for key in settings.api_keys])
-TTSService.add_asgi_middleware(RequestGuardMiddleware, max_body_bytes=settings.max_body_bytes, body_models=BODY_MODELS)
+TTSService.add_asgi_middleware(
+    RequestGuardMiddleware, max_body_bytes=settings.max_body_bytes, body_models=BODY_MODELS, upload_routes=UPLOAD_ROUTES
+)
 TTSService.add_asgi_middleware(
     OpenAPIDocsMiddleware,
-    body_routes=BODY_MODELS,
+    body_routes=[path for path in BODY_MODELS if path not in UPLOAD_ROUTES],  # the audio routes
     api_keys=bool(settings.api_keys),
     audio_types=CONTENT_TYPES.values(),
     max_text_chars=settings.max_text_chars,

@@ -46,6 +46,7 @@ def start_server(env_overrides: dict[str, str], log_path: Path, port: int | None
         "TTS_HOST": "127.0.0.1",
         "BENTOML_DO_NOT_TRACK": "True",
         "BENTOML_HOME": str(home),
+        "TTS_VOICES_DIR": str(log_path.parent / f"voices-{port}"),  # never the user's own library
         **env_overrides,
     }
     log = log_path.open("wb")

@@ -55,6 +55,7 @@ def test_health_speakers_languages(client: httpx.Client) -> None:
         "max_text_chars": 300,
         "supports_instruct": True,
         "sample_rate": 24000,
+        "models": {"custom_voice": "tiny"},
     }
     speakers = client.get("/v1/tts/speakers").json()
     assert speakers["speakers"] == SPEAKERS

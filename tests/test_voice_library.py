@@ -17,20 +17,20 @@ from tts_service.voice_library import (
     VoiceStoreError,
 )
 
-FILES = {"prompt.pt": b"\x80\x04prompt-tensors", "reference.wav": b"RIFF....WAVEfmt "}
+FILES = {"prompt.safetensors": b"\x80\x04prompt-tensors", "reference.wav": b"RIFF....WAVEfmt "}
 
 
 def test_a_voice_is_listed_found_by_id_or_name_and_survives_a_reopen(tmp_path: Path) -> None:
     library = VoiceLibrary(tmp_path)
     voice = library.create("Harbour Master", "clone", "Ahoy there.", "english", FILES)
-    assert voice.id.startswith("voice_") and voice.files == ("prompt.pt", "reference.wav")
+    assert voice.id.startswith("voice_") and voice.files == ("prompt.safetensors", "reference.wav")
     assert library.get(voice.id) == library.get("harbour master") == library.get(" HARBOUR MASTER ") == voice
     library.close()
 
     reopened = VoiceLibrary(tmp_path)
     assert reopened.list() == [voice]
-    assert reopened.file(voice, "prompt.pt").read_bytes() == FILES["prompt.pt"]
-    assert reopened.file(voice, "prompt.pt").parent.name == voice.id  # the folder is the id, not the name
+    assert reopened.file(voice, "prompt.safetensors").read_bytes() == FILES["prompt.safetensors"]
+    assert reopened.file(voice, "prompt.safetensors").parent.name == voice.id  # the folder is the id, not the name
 
 
 def test_names_are_unique_case_insensitively_and_the_first_voice_stays_intact(tmp_path: Path) -> None:
@@ -113,7 +113,7 @@ def test_a_write_interrupted_before_its_commit_never_appears(tmp_path: Path, mon
 
     # A crash of the whole process leaves folders behind: the next open removes them, and only them.
     (tmp_path / "voices" / "voice_deadbeefdeadbeef").mkdir()
-    (tmp_path / "voices" / "voice_deadbeefdeadbeef" / "prompt.pt").write_bytes(b"half")
+    (tmp_path / "voices" / "voice_deadbeefdeadbeef" / "prompt.safetensors").write_bytes(b"half")
     (tmp_path / "tmp" / "voice_0123456789abcdef").mkdir()
     reopened = VoiceLibrary(tmp_path)
     assert reopened.list() == [kept]
@@ -127,7 +127,9 @@ def test_bad_names_are_refused(tmp_path: Path, name: str) -> None:
         VoiceLibrary(tmp_path).create(name, "clone", "", "auto", FILES)
 
 
-@pytest.mark.parametrize("file_name", ["../prompt.pt", "/etc/passwd", "prompt.exe", "Prompt.pt", ".pt"])
+@pytest.mark.parametrize(
+    "file_name", ["../prompt.safetensors", "/etc/passwd", "prompt.exe", "Prompt.pt", ".safetensors"]
+)
 def test_file_names_come_from_the_library_only(tmp_path: Path, file_name: str) -> None:
     with pytest.raises(ValueError, match="file name"):
         VoiceLibrary(tmp_path).create("Fine", "clone", "", "auto", {file_name: b"x"})
@@ -152,4 +154,4 @@ def test_a_library_that_cannot_be_opened_or_written_says_so_and_keeps_its_voices
         staging.unlink()
         staging.mkdir()
     assert library.list() == [kept]
-    assert library.file(kept, "prompt.pt").read_bytes() == FILES["prompt.pt"]
+    assert library.file(kept, "prompt.safetensors").read_bytes() == FILES["prompt.safetensors"]

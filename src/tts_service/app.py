@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from tts_service.errors import install_error_handlers
-from tts_service.routes import info, openai_compat, tts
+from tts_service.routes import info, openai_compat, tts, voices
 
 TITLE = "Qwen3-TTS service"
 DESCRIPTION = """Text to speech with [Qwen3-TTS](https://github.com/QwenLM/Qwen3-TTS) CustomVoice: 9 speakers,
@@ -24,6 +24,7 @@ TAGS = [
     {"name": "speech", "description": "A whole audio file per request, in WAV or another format."},
     {"name": "streaming", "description": "Audio as it is generated: WAV of unknown length, or raw PCM."},
     {"name": "OpenAI-compatible", "description": "OpenAI's speech API, for the `openai` SDKs."},
+    {"name": "voices", "description": "Saved voices: clone one from a recording, or design one from a description."},
     {"name": "service information", "description": "Health, speakers, languages."},
     {"name": "infrastructure", "description": "Liveness, readiness and Prometheus metrics (BentoML's)."},
 ]
@@ -31,7 +32,7 @@ TAGS = [
 
 def build_app() -> FastAPI:
     app = FastAPI(title=TITLE, description=DESCRIPTION, openapi_tags=TAGS)
-    for router in (tts.router, openai_compat.router, info.router):
+    for router in (tts.router, openai_compat.router, voices.router, info.router):
         app.include_router(router)
     install_error_handlers(app)
     return app

@@ -1,8 +1,11 @@
-"""The synthesizer service's side of a job: the engine, loaded in the background, serving validated jobs.
+"""The synthesizer service's side of a job: the engines, loaded in the background, serving validated jobs
+and saved voices.
 
-The model loads in a thread so that the synthesizer's worker answers `/readyz` (503, then 200) from
+The models load in a thread so that the synthesizer's worker answers `/readyz` (503, then 200) from
 the start instead of leaving probes unanswered while a 4 GB checkpoint loads. A model that cannot load
-stops the whole server with one message (startup.abort_serving).
+stops the whole server with one message (startup.abort_serving). TTS_MODEL is always loaded;
+TTS_CLONE_MODEL and TTS_DESIGN_MODEL, when set, load beside it, each with its own step engine. A voice
+library that cannot be opened leaves the built-in speakers working and the voice routes answering 503.
 """
 
 from __future__ import annotations
@@ -18,9 +21,19 @@ from tts_service.audio import encode
 from tts_service.engine import ModelLoadError, SynthesisError, TTSEngine
 from tts_service.metrics import step_batch_size
 from tts_service.scheduler import RequestHandle
-from tts_service.schemas import ModelInfo, SynthesisJob, SynthesisOutcome
+from tts_service.schemas import (
+    ModelInfo,
+    SynthesisJob,
+    SynthesisOutcome,
+    VoiceCreateJob,
+    VoiceInfo,
+    VoicePreview,
+    VoiceReply,
+)
 from tts_service.settings import Settings
 from tts_service.startup import abort_serving
+from tts_service.voice_catalog import VoiceCatalog, VoiceUnavailable
+from tts_service.voice_library import DuplicateVoiceName, StoredVoice, UnknownVoice, VoiceLibrary, VoiceStoreError
 
 logger = logging.getLogger(__name__)
 
@@ -29,19 +42,30 @@ class EngineHost:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._engine: TTSEngine | None = None
+        self._catalog: VoiceCatalog | None = None
+        self._store_error = ""
         self._loaded = threading.Event()
         threading.Thread(target=self._load, name="model-load", daemon=True).start()
 
     def _load(self) -> None:
+        engines: dict[str, TTSEngine] = {}
         try:
-            engine = TTSEngine.load(self.settings)
+            for setting, spec in self.settings.model_specs().items():
+                if spec:
+                    engines[setting] = TTSEngine.load(self.settings, setting)
+                    engines[setting].scheduler.on_step = step_batch_size().observe
         except ModelLoadError as exc:
             abort_serving(str(exc))  # does not return
         except BaseException:
-            logger.exception("loading the model failed")
-            abort_serving("loading the model failed (traceback above)")
-        engine.scheduler.on_step = step_batch_size().observe
-        self._engine = engine
+            logger.exception("loading the models failed")
+            abort_serving("loading the models failed (traceback above)")
+        try:
+            library = VoiceLibrary(self.settings.voices_dir)
+            self._catalog = VoiceCatalog(library, engines.get("TTS_CLONE_MODEL"), engines.get("TTS_DESIGN_MODEL"))
+        except VoiceStoreError as exc:
+            self._store_error = str(exc)
+            logger.error("saved voices are unavailable: %s", exc)
+        self._engine = engines["TTS_MODEL"]
         self._loaded.set()
 
     @property
@@ -56,13 +80,105 @@ class EngineHost:
         return self._engine
 
     async def _submit(self, job: SynthesisJob, stream: bool) -> tuple[TTSEngine, RequestHandle]:
-        """The front validated the job against this model: a refusal here is our failure, not the client's."""
+        """The front validated the job against these models: a refusal here is our failure (or a voice
+        deleted meanwhile), not the client's."""
         engine = await self.engine()
-        request = engine.request_for(job.text, job.speaker, job.language, job.instruct, job.seed)
+        if job.voice_id is None:
+            request = engine.request_for(job.text, job.speaker, job.language, job.instruct, job.seed)
+        else:
+            catalog = self._voices()
+            try:
+                speaking = catalog.speaking(job.voice_id, job.language)
+            except (UnknownVoice, VoiceUnavailable) as exc:
+                raise SynthesisError(f"request {job.request_id}: {exc}") from exc
+            engine = speaking.engine
+            request = catalog.request(speaking, job.text, job.seed)
         return engine, engine.submit(request, job.request_id, asyncio.get_running_loop(), stream=stream)
 
     async def model_info(self) -> ModelInfo:
-        return (await self.engine()).describe()
+        info = (await self.engine()).describe()
+        catalog = self._catalog
+        if catalog is not None:
+            info.clone_model = catalog.clone_engine.model_id if catalog.clone_engine else None
+            info.design_model = catalog.design_engine.model_id if catalog.design_engine else None
+        else:
+            info.clone_model, info.design_model = self.settings.clone_model, self.settings.design_model
+        return info
+
+    # ---- saved voices ----------------------------------------------------------------------------
+
+    def _voices(self) -> VoiceCatalog:
+        if self._catalog is None:
+            raise VoiceStoreError(self._store_error or "the voice library is not open")
+        return self._catalog
+
+    def voice_info(self, voice: StoredVoice) -> VoiceInfo:
+        return VoiceInfo(
+            id=voice.id,
+            name=voice.name,
+            kind=voice.kind,
+            description=voice.text if voice.kind == "design" else None,
+            transcript=(voice.text or None) if voice.kind == "clone" else None,
+            language=voice.language,
+            created=int(voice.created),
+            speaks_with=self._voices().needs(voice),
+            preview_url=f"/v1/audio/voices/{voice.id}/preview",
+        )
+
+    async def _voice_call(self, call, *args) -> VoiceReply:
+        """Run a blocking catalog call in a thread; its refusals become replies with a status."""
+        await self.engine()
+        try:
+            voice = await asyncio.to_thread(call, *args)
+            return VoiceReply(voice=self.voice_info(voice))
+        except DuplicateVoiceName as exc:
+            return VoiceReply(status=409, field="name", message=str(exc))
+        except UnknownVoice as exc:
+            return VoiceReply(status=404, field="voice_id", message=str(exc))
+        except VoiceUnavailable as exc:
+            return VoiceReply(status=400, field=None, message=str(exc))
+        except VoiceStoreError as exc:
+            logger.error("voice library: %s", exc)
+            return VoiceReply(status=503, message=str(exc))
+        except ValueError as exc:  # the name's form (voice_library.check_name)
+            return VoiceReply(status=400, field="name", message=str(exc))
+
+    async def create_voice(self, job: VoiceCreateJob) -> VoiceReply:
+        catalog = self._catalog
+        if catalog is None:
+            return VoiceReply(status=503, message=self._store_error)
+        if job.kind == "clone":
+            audio = np.frombuffer(job.pcm, dtype="<f4").astype(np.float32)
+            return await self._voice_call(
+                catalog.create_clone, job.name, audio, job.sample_rate, job.text, job.language
+            )
+        return await self._voice_call(catalog.create_design, job.name, job.text, job.language, job.sample_text)
+
+    async def find_voice(self, ref: str) -> VoiceReply:
+        catalog = self._catalog
+        if catalog is None:
+            return VoiceReply(status=503, message=self._store_error)
+        return await self._voice_call(catalog.library.get, ref)
+
+    async def delete_voice(self, ref: str) -> VoiceReply:
+        catalog = self._catalog
+        if catalog is None:
+            return VoiceReply(status=503, message=self._store_error)
+        return await self._voice_call(catalog.delete, ref)
+
+    async def list_voices(self) -> list[VoiceInfo]:
+        await self.engine()
+        catalog = self._catalog
+        return [] if catalog is None else [self.voice_info(v) for v in await asyncio.to_thread(catalog.library.list)]
+
+    async def voice_preview(self, ref: str) -> VoicePreview:
+        await self.engine()
+        try:
+            return VoicePreview(wav=await asyncio.to_thread(self._voices().preview, ref))
+        except UnknownVoice as exc:
+            return VoicePreview(status=404, message=str(exc))
+        except (VoiceStoreError, OSError) as exc:
+            return VoicePreview(status=503, message=str(exc))
 
     async def cancel(self, request_id: str) -> bool:
         return (await self.engine()).cancel(request_id)

@@ -20,13 +20,16 @@ from tts_service.audio import MAX_SPEED, MIN_SPEED
 logger = logging.getLogger(__name__)
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-OPENAI_ERROR_KINDS = {401: "authentication_error", 429: "rate_limit_error"}
+OPENAI_ERROR_KINDS = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
 STATUS_CODES = {
     401: "unauthorized",
+    404: "not_found",
+    409: "conflict",
     413: "too_large",
     415: "unsupported_media_type",
     429: "overloaded",
     500: "internal",
+    503: "unavailable",
 }
 
 

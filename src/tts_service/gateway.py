@@ -15,9 +15,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tts_service.errors import ServiceError
+from tts_service.errors import STATUS_CODES, Problem, ServiceError
 from tts_service.metrics import real_time_factor, time_to_first_audio
-from tts_service.schemas import ModelInfo, SynthesisJob, SynthesisOutcome
+from tts_service.schemas import (
+    ModelInfo,
+    SynthesisJob,
+    SynthesisOutcome,
+    VoiceCreateJob,
+    VoiceInfo,
+    VoicePreview,
+    VoiceReply,
+)
 from tts_service.settings import Settings
 from tts_service.validation import JobValidator
 
@@ -51,6 +59,45 @@ class Gateway:
         if self._validator is None:
             self._validator = JobValidator(await self.model_info(), self.settings)
         return self._validator
+
+    async def validator_for(self, name: str) -> JobValidator:
+        """A validator that knows the saved voices too, unless `name` is a built-in speaker or alias
+        (the voices are asked for afresh: another worker or process may have just made or deleted one)."""
+        validator = await self.validator()
+        return validator if validator.knows(name) else validator.with_voices(await self.list_voices())
+
+    async def list_voices(self) -> list[VoiceInfo]:
+        return [VoiceInfo.model_validate(v) for v in await self.synthesizer.to_async.list_voices()]
+
+    async def _voice_reply(self, call: Awaitable[Any]) -> VoiceInfo:
+        reply = VoiceReply.model_validate(await call)
+        if reply.voice is None:
+            if reply.field is not None:
+                problem = Problem(reply.field, reply.message, STATUS_CODES.get(reply.status, "invalid_" + reply.field))
+                raise ServiceError(reply.status, reply.message, [problem])
+            raise ServiceError(reply.status, reply.message)
+        return reply.voice
+
+    async def create_voice(self, job: VoiceCreateJob) -> VoiceInfo:
+        """Cloning or designing runs a model: it counts against the queue bound like a synthesis."""
+        self._admit()
+        self._waiting += 1
+        try:
+            return await self._voice_reply(self.synthesizer.to_async.create_voice(job))
+        finally:
+            self._waiting -= 1
+
+    async def find_voice(self, ref: str) -> VoiceInfo:
+        return await self._voice_reply(self.synthesizer.to_async.find_voice(ref))
+
+    async def delete_voice(self, ref: str) -> VoiceInfo:
+        return await self._voice_reply(self.synthesizer.to_async.delete_voice(ref))
+
+    async def voice_preview(self, ref: str) -> bytes:
+        preview = VoicePreview.model_validate(await self.synthesizer.to_async.voice_preview(ref))
+        if preview.status != 200:
+            raise ServiceError(preview.status, preview.message, [Problem("voice_id", preview.message, "not_found")])
+        return preview.wav
 
     async def ready_info(self) -> ModelInfo | None:
         """The model's description if the synthesizer is up, None while it starts."""

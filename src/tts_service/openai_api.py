@@ -70,6 +70,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = MODEL_CREATED
     owned_by: str = "qwen3-tts-service"
+    kind: Literal["custom_voice", "voice_design", "base"] = "custom_voice"  # extension: the checkpoint kind
 
 
 class ModelList(BaseModel):
@@ -83,6 +84,10 @@ class Voice(BaseModel):
     description: str | None = None
     native_language: str | None = None
     openai_aliases: list[str] = []
+    kind: Literal["builtin", "clone", "design"] = "builtin"
+    language: str | None = None  # a saved voice's language
+    created: int | None = None  # a saved voice's creation time (Unix)
+    preview_url: str | None = None  # a saved voice's reference clip
 
 
 class VoiceList(BaseModel):
@@ -106,8 +111,9 @@ def check_model(requested: str, served: Sequence[str]) -> None:
         raise ServiceError(400, message, [Problem("model", message, "model_not_found", list(served))])
 
 
-def resolve_voice(voice: str, info: ModelInfo, voice_map: Mapping[str, str]) -> str:
-    """A speaker name of the loaded model, from a speaker name or an OpenAI voice alias."""
+def resolve_voice(voice: str, info: ModelInfo, voice_map: Mapping[str, str], saved: Sequence[str] = ()) -> str:
+    """A speaker name of the loaded model, from a speaker name or an OpenAI voice alias (`saved`: the
+    saved voices' names, for the refusal's list)."""
     speakers = {s.name.lower(): s.name for s in info.speakers}
     key = voice.strip().lower()
     if key in speakers:
@@ -116,6 +122,7 @@ def resolve_voice(voice: str, info: ModelInfo, voice_map: Mapping[str, str]) -> 
     if key in aliases and aliases[key].lower() in speakers:
         return speakers[aliases[key].lower()]
     usable = [s.name for s in info.speakers] + sorted(a for a, t in aliases.items() if t.lower() in speakers)
+    usable += list(saved)
     raise ServiceError.invalid("voice", f"{voice!r} is not available; use one of: {', '.join(usable)}", usable)
 
 

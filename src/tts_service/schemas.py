@@ -86,6 +86,7 @@ class SynthesisJob(BaseModel):
     language: str = "auto"
     instruct: str = ""
     seed: int
+    voice_id: str | None = None  # a saved voice (then `speaker` is its name, for logs and headers)
     # Ties the synthesizer's log lines to the client's error.
     request_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:16])
 
@@ -113,6 +114,87 @@ class ModelInfo(BaseModel):
     languages: list[str]
     sample_rate: int
     supports_instruct: bool
+    clone_model: str | None = None  # TTS_CLONE_MODEL, when loaded
+    design_model: str | None = None  # TTS_DESIGN_MODEL, when loaded
+
+    @property
+    def models(self) -> dict[str, str]:
+        """Each loaded model kind and its model id."""
+        loaded = {"custom_voice": self.model, "base": self.clone_model, "voice_design": self.design_model}
+        return {kind: model for kind, model in loaded.items() if model}
+
+
+VoiceKind = Literal["clone", "design"]
+VOICE_NAME_DESCRIPTION = "1 to 64 characters, unique (case-insensitive); used as `speaker` or `voice` afterwards."
+VoiceName = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=64),
+    Field(description=VOICE_NAME_DESCRIPTION, examples=["harbour-master"]),
+]
+
+
+class VoiceInfo(BaseModel):
+    """A saved voice."""
+
+    id: str = Field(examples=["voice_3f2a9c0d11e24b7a"])
+    name: str = Field(examples=["harbour-master"])
+    kind: VoiceKind
+    description: str | None = Field(None, description="What a designed voice was made from.")
+    transcript: str | None = Field(None, description="The transcript of a clone's reference audio, if given.")
+    language: str
+    created: int = Field(description="Unix time of creation.")
+    speaks_with: Literal["base", "voice_design"] = Field(description="The model kind that speaks this voice.")
+    preview_url: str = Field(description="Its reference clip as WAV.")
+
+
+class VoiceDesignRequest(BaseModel):
+    """A voice designed from a description (JSON body of POST /v1/audio/voices)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {
+                "name": "harbour-master",
+                "description": "An old harbour master: deep, gravelly, slow, a little amused.",
+                "language": "english",
+                "sample_text": "Ahoy there! Mind the ropes, the tide is coming in.",
+            }
+        },
+    )
+
+    name: VoiceName
+    description: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_INSTRUCT_CHARS)]
+    language: Language = "auto"
+    sample_text: Annotated[str, StringConstraints(strip_whitespace=True, max_length=400)] = Field(
+        "", description="The reference line the voice is designed with (a default sentence if empty)."
+    )
+
+
+class VoiceCreateJob(BaseModel):
+    """A validated voice to create, front to synthesizer: a clone's decoded clip or a design's description."""
+
+    name: str
+    kind: VoiceKind
+    language: str = "auto"
+    text: str = ""  # the clone's transcript, or the design's description
+    sample_text: str = ""
+    pcm: bytes = b""  # a clone's reference clip: float32 little-endian mono
+    sample_rate: int = 24_000
+
+
+class VoiceReply(BaseModel):
+    """The synthesizer's answer about one voice: the voice, or why not (status, field, message)."""
+
+    voice: VoiceInfo | None = None
+    status: int = 200
+    field: str | None = None
+    message: str = ""
+
+
+class VoicePreview(BaseModel):
+    status: int = 200
+    message: str = ""
+    wav: bytes = b""
 
 
 class HealthResponse(BaseModel):
@@ -124,6 +206,11 @@ class HealthResponse(BaseModel):
     max_text_chars: int
     supports_instruct: bool | None = None
     sample_rate: int | None = None
+    models: dict[str, str] = Field(
+        default_factory=dict,
+        description="Each loaded model kind and its id: custom_voice (TTS_MODEL), base (TTS_CLONE_MODEL: "
+        "cloning), voice_design (TTS_DESIGN_MODEL: designing).",
+    )
 
 
 class SpeakersResponse(BaseModel):

@@ -67,32 +67,43 @@ class ApiKeyMiddleware:
 
 class RequestGuardMiddleware:
     """415 for POST bodies that are not JSON; 413 for bodies over `max_body_bytes`, declared or streamed;
-    400 naming each field for bodies that do not fit the route's model.
+    400 naming each field for bodies that do not fit the route's model. The routes of `upload_routes`
+    also take multipart/form-data, up to their own byte limit (the form's fields are the route's to check).
 
     Only on the routes of `body_models`: a POST elsewhere goes on to the router (405 or 404). The body is
-    read here first (it is small by then) and replayed to the app, so an oversized chunked body is
+    read here first (it is bounded by then) and replayed to the app, so an oversized chunked body is
     refused before any route starts on it.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, body_models: Mapping[str, type[BaseModel]]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        body_models: Mapping[str, type[BaseModel]],
+        upload_routes: Mapping[str, int] | None = None,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.body_models = dict(body_models)
+        self.upload_routes = dict(upload_routes or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in self.body_models:
             await self.app(scope, receive, send)
             return
         content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
-        if content_type not in JSON_TYPES:
-            message = f"Content-Type must be application/json, got {content_type or 'none'}"
+        upload = content_type == "multipart/form-data" and scope["path"] in self.upload_routes
+        if content_type not in JSON_TYPES and not upload:
+            wanted = "application/json" + (" or multipart/form-data" if scope["path"] in self.upload_routes else "")
+            message = f"Content-Type must be {wanted}, got {content_type or 'none'}"
             await send_error(
                 scope, send, ServiceError(415, message, [Problem("content-type", message, "invalid_content_type")])
             )
             return
+        limit = self.upload_routes[scope["path"]] if upload else self.max_body_bytes
         declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._too_large(scope, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._too_large(scope, send, limit, "audio" if upload else "body")
             return
         chunks: list[bytes] = []
         size = 0
@@ -102,14 +113,15 @@ class RequestGuardMiddleware:
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.max_body_bytes:
-                await self._too_large(scope, send)
+            if size > limit:
+                await self._too_large(scope, send, limit, "audio" if upload else "body")
                 return
             if not message.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
         try:
-            self.body_models[scope["path"]].model_validate_json(body)
+            if not upload:
+                self.body_models[scope["path"]].model_validate_json(body)
         except ValidationError as exc:
             await send_error(scope, send, ServiceError.from_validation(exc.errors(), is_openai_route(scope["path"])))
             return
@@ -123,6 +135,6 @@ class RequestGuardMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, scope: Scope, send: Send) -> None:
-        message = f"request body is larger than {self.max_body_bytes} bytes"
-        await send_error(scope, send, ServiceError(413, message, [Problem("body", message, "too_large")]))
+    async def _too_large(self, scope: Scope, send: Send, limit: int, field: str) -> None:
+        message = f"request body is larger than {limit} bytes"
+        await send_error(scope, send, ServiceError(413, message, [Problem(field, message, "too_large")]))

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 VoiceKind = Literal["clone", "design"]
 MAX_NAME_CHARS = 64
-FILE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}\.(pt|wav|json)$")
+FILE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}\.(safetensors|wav|json)$")
 NAME = re.compile(r"^[^\x00-\x1f\x7f/\\]+$")  # printable, no path separators (names are shown, never paths)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS voices (

@@ -28,6 +28,7 @@ async def health(gateway: GatewayDep) -> HealthResponse | JSONResponse:
         max_text_chars=settings.max_text_chars,
         supports_instruct=info.supports_instruct,
         sample_rate=info.sample_rate,
+        models=info.models,
     )
 
 

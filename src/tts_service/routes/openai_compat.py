@@ -1,4 +1,5 @@
-"""OpenAI's speech API, unchanged for the `openai` SDKs: `/v1/audio/speech`, `/v1/models`, `/v1/audio/voices`."""
+"""OpenAI's speech API, unchanged for the `openai` SDKs: `/v1/audio/speech` and `/v1/models` (the voices
+are in routes/voices.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from fastapi.responses import Response
 from tts_service.audio import CONTENT_TYPES
 from tts_service.audio_responses import file_response, stream_response
 from tts_service.errors import openapi_errors
-from tts_service.openai_api import ModelCard, ModelList, SpeechRequest, VoiceList, list_voices, served_model_names
+from tts_service.openai_api import ModelCard, ModelList, SpeechRequest, served_model_names
 from tts_service.routes import GatewayDep
 
 router = APIRouter(tags=["OpenAI-compatible"])
@@ -22,7 +23,7 @@ SPEECH_RESPONSES = {
 async def speech(body: SpeechRequest, gateway: GatewayDep) -> Response:
     """OpenAI-compatible text to speech: the `openai` SDKs and their users call this unchanged.
     Streamed when asked for: `stream_format` "sse", or "audio" set explicitly for pcm or wav at speed 1."""
-    job = (await gateway.validator()).speech_job(body)
+    job = (await gateway.validator_for(body.voice_name)).speech_job(body)
     streamable = body.response_format in ("pcm", "wav") and body.speed == 1.0
     if body.stream_format == "sse" or (streamable and "stream_format" in body.model_fields_set):
         stream = await gateway.open_stream(job)
@@ -36,12 +37,12 @@ async def speech(body: SpeechRequest, gateway: GatewayDep) -> Response:
 
 @router.get("/v1/models", response_model=ModelList)
 async def models(gateway: GatewayDep) -> ModelList:
-    """OpenAI's model list: the loaded model and the names accepted for it."""
+    """OpenAI's model list: the loaded model and the names accepted for it, then the clone and design
+    models when loaded (`kind` says which is which)."""
     settings = gateway.settings
-    return ModelList(data=[ModelCard(id=n) for n in served_model_names(settings.model, settings.openai_model_aliases)])
-
-
-@router.get("/v1/audio/voices", response_model=VoiceList)
-async def voices(gateway: GatewayDep) -> VoiceList:
-    """Voices for /v1/audio/speech: the model's speakers and the OpenAI names mapped to each."""
-    return list_voices(await gateway.model_info(), gateway.settings.openai_voice_map)
+    cards = [ModelCard(id=n) for n in served_model_names(settings.model, settings.openai_model_aliases)]
+    info = await gateway.ready_info()
+    for kind, model_id in (info.models if info else {}).items():
+        if kind != "custom_voice":
+            cards.append(ModelCard(id=model_id, kind=kind))
+    return ModelList(data=cards)

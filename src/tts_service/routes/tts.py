@@ -26,13 +26,13 @@ STREAM_RESPONSES = {
 
 async def synthesize_file(gateway: Gateway, body: SynthesizeRequest) -> Response:
     """A whole file: validate, synthesize through the gateway, encode in the asked-for format."""
-    job = (await gateway.validator()).job(body)
+    job = (await gateway.validator_for(body.speaker)).job(body)
     outcome = await gateway.synthesize(job, "/v1/tts/synthesize")
     return await file_response(job, outcome, body.format)
 
 
 async def _stream(gateway: Gateway, body: SpeakFields, fmt: str) -> StreamingResponse:
-    job = (await gateway.validator()).job(body)
+    job = (await gateway.validator_for(body.speaker)).job(body)
     stream = await gateway.open_stream(job)
     info = await gateway.model_info()
     return stream_response(job, stream, fmt, "/v1/tts/stream", info.sample_rate)
