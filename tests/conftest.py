@@ -90,6 +90,26 @@ def server(tiny_dir: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFac
         yield live
 
 
+def studio_env(cache_dir: Path, voices_dir: Path) -> dict[str, str]:
+    """All three tiny models (CustomVoice, Base for cloning, VoiceDesign), greedy, with this voice library."""
+    return {
+        "TTS_MODEL": "tiny",
+        "TTS_CLONE_MODEL": "tiny",
+        "TTS_DESIGN_MODEL": "tiny",
+        "TTS_CACHE_DIR": str(cache_dir),
+        "TTS_VOICES_DIR": str(voices_dir),
+        "TTS_GREEDY": "true",
+    }
+
+
+@pytest.fixture(scope="session")
+def studio(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """`bentoml serve` with all three tiny models and its own voice library (the saved-voice tests)."""
+    env = studio_env(cache_dir, tmp_path_factory.mktemp("studio-voices"))
+    with running_server(env, tmp_path_factory.mktemp("studio") / "serve.log") as live:
+        yield live
+
+
 @pytest.fixture()
 def client(server: LiveServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=120) as http:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import httpx
 import pytest
 import soundfile as sf
 from streamlit.testing.v1 import AppTest
@@ -92,3 +93,17 @@ def test_empty_text_is_caught_in_the_page(monkeypatch: pytest.MonkeyPatch, serve
     app.button(key="synthesize").click().run()
     assert [w.value for w in app.warning] == ["Type some text first."]
     assert "history" not in app.session_state
+
+
+def test_saved_voices_join_the_speaker_list(monkeypatch: pytest.MonkeyPatch, studio: LiveServer) -> None:
+    body = {"name": "apptest-narrator", "description": "A calm narrator.", "language": "english"}
+    created = httpx.post(f"{studio.url}/v1/audio/voices", json=body, timeout=120)
+    assert created.status_code == 201, created.text
+    app = run_app(monkeypatch, studio.url)
+    options = app.selectbox(key="speaker").options
+    assert "apptest-narrator — designed voice: A calm narrator." in options
+    app.selectbox(key="speaker").select("apptest-narrator")
+    app.text_area(key="text").input("Once upon a time.")
+    app.button(key="synthesize").click().run()
+    assert not app.error, [e.value for e in app.error]
+    assert app.session_state["history"][0].speaker == "apptest-narrator" and app.session_state["history"][0].seconds > 0

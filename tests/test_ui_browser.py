@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -14,13 +15,15 @@ import pytest
 from playwright.sync_api import Page
 
 from tests.conftest import REPO_ROOT, LiveServer, free_port
+from tests.test_voices_http import reference_wav
 
 
-@pytest.fixture(scope="module")
-def streamlit_url(server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextmanager
+def streamlit_for(service_url: str, log_dir: Path) -> Iterator[str]:
+    """`streamlit run` of the demo against `service_url`; yields the demo's URL."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("streamlit") / "streamlit.log"
-    env = {**os.environ, "TTS_API_URL": server.url, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    log_path = log_dir / "streamlit.log"
+    env = {**os.environ, "TTS_API_URL": service_url, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", str(REPO_ROOT / "ui" / "streamlit_app.py")]
@@ -45,6 +48,27 @@ def streamlit_url(server: LiveServer, tmp_path_factory: pytest.TempPathFactory) 
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def streamlit_url(server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with streamlit_for(server.url, tmp_path_factory.mktemp("streamlit")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def studio_streamlit_url(studio: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with streamlit_for(studio.url, tmp_path_factory.mktemp("streamlit-studio")) as url:
+        yield url
+
+
+PLAYS = "a => a.play().then(() => new Promise(r => setTimeout(r, 300))).then(() => a.currentTime)"
+DURATION = """a => new Promise((resolve, reject) => {
+    if (a.readyState >= 1) { resolve(a.duration); return; }
+    a.addEventListener('loadedmetadata', () => resolve(a.duration));
+    a.addEventListener('error', () => reject(new Error('audio error ' + (a.error && a.error.code))));
+    a.load();
+})"""
 
 
 def test_pick_a_speaker_type_text_synthesize_and_play(page: Page, streamlit_url: str, tmp_path: Path) -> None:
@@ -80,4 +104,53 @@ def test_pick_a_speaker_type_text_synthesize_and_play(page: Page, streamlit_url:
     screenshot = tmp_path / "streamlit-demo.png"
     page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 10_000
+    print(f"screenshot: {screenshot}")
+
+
+def test_voices_page_designs_and_clones_voices_that_then_speak_and_stream(
+    page: Page, studio_streamlit_url: str, tmp_path: Path
+) -> None:
+    page.goto(studio_streamlit_url)
+    page.get_by_text("Model loaded and ready").wait_for(timeout=60_000)
+    page.get_by_role("tab", name="Voices").click()
+
+    page.get_by_label("Designed voice name").fill("ui-robot")
+    page.get_by_label("Description").fill("A small friendly robot with a metallic voice.")
+    page.get_by_role("button", name="Design voice").click()
+    page.get_by_text("Saved voice ui-robot").wait_for(timeout=120_000)
+    preview = page.locator("audio:visible").first
+    assert 0 < preview.evaluate(DURATION) < 30 and preview.evaluate(PLAYS) > 0  # the designed line plays
+
+    clip = tmp_path / "companion.wav"
+    clip.write_bytes(reference_wav())
+    page.get_by_label("Cloned voice name").fill("ui-companion")
+    page.locator("input[type=file]").first.set_input_files(str(clip))
+    page.get_by_label("What the clip says").fill("Ahoy there, welcome aboard.")
+    page.get_by_role("button", name="Clone voice").click()
+    page.get_by_text("Saved voice ui-companion").wait_for(timeout=120_000)
+    page.get_by_text("ui-companion — cloned voice").first.wait_for()
+
+    page.get_by_role("tab", name="Speak").click()  # the new voices are in the speaker list
+    page.get_by_role("combobox", name="Speaker").first.click()
+    page.get_by_role("option", name="ui-robot").click()
+    page.get_by_label("Text").fill("Beep boop, hello traveller.")
+    page.get_by_role("button", name="Synthesize").click()
+    page.get_by_text("Latest: ui-robot (auto)").wait_for(timeout=120_000)
+    spoken = page.locator("audio:visible").first
+    assert 0 < spoken.evaluate(DURATION) < 30 and spoken.evaluate(PLAYS) > 0
+
+    page.get_by_text("Stream: play as it arrives").click()
+    page.get_by_role("button", name="Synthesize").click()
+    stream = page.locator("audio.tts-stream")
+    stream.wait_for(state="attached", timeout=60_000)
+    source = stream.get_attribute("src")
+    assert source and "/v1/tts/stream?" in source and "speaker=ui-robot" in source
+    assert stream.evaluate(PLAYS) > 0  # the browser plays the stream as it arrives
+
+    page.get_by_role("tab", name="Voices").click()
+    page.get_by_text("ui-companion — cloned voice").first.click()
+    page.get_by_role("button", name="Delete").first.click()
+    page.get_by_text("ui-companion — cloned voice").wait_for(state="detached", timeout=60_000)
+    screenshot = tmp_path / "voices-page.png"
+    page.screenshot(path=str(screenshot), full_page=True)
     print(f"screenshot: {screenshot}")

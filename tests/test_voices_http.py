@@ -18,7 +18,7 @@ import pytest
 import soundfile as sf
 
 from tests.clips import HOSTILE, soundfile_bytes
-from tests.conftest import LiveServer, running_server
+from tests.conftest import LiveServer, running_server, studio_env
 
 VOICES = "/v1/audio/voices"
 LINE = "Good morning captain, the tide is high."
@@ -41,28 +41,6 @@ def clone(
 ) -> httpx.Response:
     data = {"name": name, "transcript": transcript, **fields}
     return http.post(VOICES, data=data, files={"audio": ("clip.wav", reference_wav(), "audio/wav")})
-
-
-def server_env(cache_dir: Path, voices_dir: Path) -> dict[str, str]:
-    return {
-        "TTS_MODEL": "tiny",
-        "TTS_CLONE_MODEL": "tiny",
-        "TTS_DESIGN_MODEL": "tiny",
-        "TTS_CACHE_DIR": str(cache_dir),
-        "TTS_VOICES_DIR": str(voices_dir),
-        "TTS_GREEDY": "true",
-    }
-
-
-@pytest.fixture(scope="module")
-def voices_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("voice-library")
-
-
-@pytest.fixture(scope="module")
-def studio(cache_dir: Path, voices_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    with running_server(server_env(cache_dir, voices_dir), tmp_path_factory.mktemp("studio") / "serve.log") as live:
-        yield live
 
 
 @pytest.fixture()
@@ -185,7 +163,7 @@ def test_voices_survive_a_restart_and_delete_removes_their_files(
     cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     library = tmp_path_factory.mktemp("restart-library")
-    env = server_env(cache_dir, library)
+    env = studio_env(cache_dir, library)
     logs = tmp_path_factory.mktemp("restart")
     with running_server(env, logs / "first.log") as first, httpx.Client(base_url=first.url, timeout=120) as http:
         voice = clone(http, "companion").json()
@@ -216,7 +194,7 @@ def test_without_the_models_or_a_writable_store_voice_routes_say_what_to_do(
 
     blocked = tmp_path_factory.mktemp("blocked") / "not-a-folder"
     blocked.write_text("a file where the voice library should be")
-    env = server_env(cache_dir, blocked)
+    env = studio_env(cache_dir, blocked)
     with (
         running_server(env, blocked.parent / "serve.log") as live,
         httpx.Client(base_url=live.url, timeout=120) as http,

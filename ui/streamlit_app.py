@@ -1,11 +1,15 @@
 """Streamlit demo client for the Qwen3-TTS service: try the voices before wiring the VR app.
 
 Talks to the service over HTTP only (no imports from the server package), so it runs on a laptop
-against the Spark: `TTS_API_URL=http://SPARK_IP:8000 streamlit run ui/streamlit_app.py`.
+against the Spark: `TTS_API_URL=http://SPARK_IP:8000 streamlit run ui/streamlit_app.py`. Two tabs:
+*Speak* (built-in speakers and saved voices, whole files or a stream that plays as it arrives) and
+*Voices* (design a voice from a description, clone one from an upload or a recording, list, preview,
+delete).
 """
 
 from __future__ import annotations
 
+import html
 import io
 import logging
 import os
@@ -13,11 +17,16 @@ import time
 import wave
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 import requests
 import streamlit as st
 
 DEFAULT_URL = os.environ.get("TTS_API_URL", "http://localhost:8000").rstrip("/")
+# Where the browser itself reaches the service, for streams it plays directly (in compose the demo's
+# server reaches the service by its service name, which the browser cannot resolve).
+PUBLIC_URL = os.environ.get("TTS_PUBLIC_URL", "").rstrip("/")
+UPLOAD_TYPES = ["wav", "flac", "mp3", "ogg", "m4a"]
 TIMEOUT_S = float(os.environ.get("TTS_API_TIMEOUT_S", "120"))
 # A key of the service's TTS_API_KEYS, sent as `Authorization: Bearer` when the service requires keys.
 API_KEY = os.environ.get("TTS_API_KEY", "").strip()
@@ -81,9 +90,17 @@ def call(method: str, url: str, timeout: float, **kwargs: Any) -> requests.Respo
 
 @st.cache_data(ttl=30, show_spinner=False)
 def fetch_voices(base_url: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The built-in speakers (with details) and saved voices, and the languages."""
     speakers = call("GET", f"{base_url}/v1/tts/speakers", INFO_TIMEOUT_S).json()["details"]
+    listed = call("GET", f"{base_url}/v1/audio/voices", INFO_TIMEOUT_S).json()["data"]
+    saved = [voice for voice in listed if voice.get("kind", "builtin") != "builtin"]
     languages = call("GET", f"{base_url}/v1/tts/languages", INFO_TIMEOUT_S).json()["languages"]
-    return speakers, languages
+    return speakers + saved, languages
+
+
+@st.cache_data(ttl=300, show_spinner=False)
+def fetch_preview(base_url: str, voice_id: str) -> bytes:
+    return call("GET", f"{base_url}/v1/audio/voices/{voice_id}/preview", TIMEOUT_S).content
 
 
 def fetch_health(base_url: str) -> dict[str, Any]:
@@ -116,8 +133,24 @@ def synthesize(base_url: str, text: str, speaker: str, language: str, instruct: 
 
 
 def speaker_label(details: dict[str, Any]) -> str:
+    kind = details.get("kind")
+    if kind in ("clone", "design"):
+        what = "cloned voice" if kind == "clone" else f"designed voice: {details.get('description') or ''}"
+        return f"{details['name']} — {what}".rstrip(": ")
     extra = " · ".join(x for x in (details.get("description"), details.get("native_language")) if x)
     return f"{details['name']} — {extra}" if extra else details["name"]
+
+
+def stream_url(base_url: str, text: str, speaker: str, language: str, instruct: str) -> str:
+    """`GET /v1/tts/stream`: a browser's audio element plays it as it arrives."""
+    query = urlencode({"text": text, "speaker": speaker, "language": language, "instruct": instruct})
+    return f"{PUBLIC_URL or base_url}/v1/tts/stream?{query}"
+
+
+def create_voice(base_url: str, **kwargs: Any) -> dict[str, Any]:
+    response = call("POST", f"{base_url}/v1/audio/voices", TIMEOUT_S, **kwargs)
+    fetch_voices.clear()
+    return response.json()
 
 
 def show_result(item: Synthesis, key: str) -> None:
@@ -149,19 +182,7 @@ def sidebar() -> tuple[str, dict[str, Any] | None]:
         return base_url, health
 
 
-def main() -> None:
-    st.set_page_config(page_title="Qwen3-TTS demo", page_icon="🔊")
-    st.title("Qwen3-TTS demo")
-    base_url, health = sidebar()
-    if health is None or health.get("status") != "ok":
-        st.info("Set the service URL in the sidebar to a running TTS service.")
-        return
-    try:
-        speakers, languages = fetch_voices(base_url)
-    except ServiceError as exc:
-        st.error(str(exc))
-        return
-
+def speak_page(base_url: str, health: dict[str, Any], speakers: list[dict[str, Any]], languages: list[str]) -> None:
     names = [s["name"] for s in speakers]
     labels = {s["name"]: speaker_label(s) for s in speakers}
     speaker = st.selectbox("Speaker", names, format_func=lambda name: labels[name], key="speaker")
@@ -173,11 +194,17 @@ def main() -> None:
         instruct = st.text_input("Instruct (tone and style)", key="instruct", placeholder="Warm and a little slower")
         if health.get("supports_instruct") is False:
             st.caption("The loaded model ignores instructions (only 1.7B CustomVoice models follow them).")
+    streaming = st.toggle("Stream: play as it arrives", key="stream", disabled=bool(API_KEY))
+    if API_KEY:
+        st.caption("Streams play straight from the service in the browser, which cannot send the API key.")
 
     if st.button("Synthesize", type="primary", key="synthesize"):
         if not text.strip():
             st.warning("Type some text first.")
+        elif streaming:
+            st.session_state["streaming_url"] = stream_url(base_url, text, speaker, language, instruct)
         else:
+            st.session_state.pop("streaming_url", None)
             with st.spinner("Synthesizing…"):
                 try:
                     result = synthesize(base_url, text, speaker, language, instruct)
@@ -190,6 +217,10 @@ def main() -> None:
                 history.insert(0, result)
                 del history[HISTORY_SIZE:]
 
+    playing = st.session_state.get("streaming_url")
+    if streaming and playing:
+        st.subheader("Streaming")
+        st.html(f'<audio class="tts-stream" controls autoplay src="{html.escape(playing)}"></audio>')
     history: list[Synthesis] = st.session_state.get("history", [])
     if history:
         st.subheader(f"Latest: {history[0].speaker} ({history[0].language})")
@@ -199,6 +230,105 @@ def main() -> None:
         for index, item in enumerate(history[1:], start=1):
             with st.expander(f"{item.speaker} ({item.language}): {item.text[:60]}"):
                 show_result(item, str(index))
+
+
+def design_section(base_url: str, languages: list[str]) -> None:
+    st.subheader("Design a voice")
+    name = st.text_input("Designed voice name", key="design_name", placeholder="harbour-master")
+    description = st.text_area(
+        "Description", key="design_description", placeholder="An old harbour master: deep, gravelly, slow."
+    )
+    language = st.selectbox("Language", languages, key="design_language")
+    sample = st.text_input("Sample line (optional)", key="design_sample", placeholder="Ahoy there! Mind the ropes.")
+    if st.button("Design voice", key="design_voice"):
+        body = {"name": name, "description": description, "language": language, "sample_text": sample}
+        with st.spinner("Designing…"):
+            try:
+                voice = create_voice(base_url, json=body)
+            except ServiceError as exc:
+                st.error(str(exc))
+                return
+        st.session_state["made_voice"] = voice
+        st.rerun()  # so that the lists show it
+
+
+def clone_section(base_url: str, languages: list[str]) -> None:
+    st.subheader("Clone a voice from a recording")
+    name = st.text_input("Cloned voice name", key="clone_name", placeholder="companion")
+    upload = st.file_uploader("Reference clip (1 to 30 s of clear speech)", type=UPLOAD_TYPES, key="clone_file")
+    recording = st.audio_input("…or record one", key="clone_record")
+    transcript = st.text_input("What the clip says (optional, better clones)", key="clone_transcript")
+    language = st.selectbox("Language", languages, key="clone_language")
+    if st.button("Clone voice", key="clone_voice"):
+        clip = upload or recording
+        if clip is None:
+            st.warning("Upload or record a clip first.")
+            return
+        files = {"audio": (clip.name or "clip.wav", clip.getvalue(), clip.type or "application/octet-stream")}
+        data = {"name": name, "transcript": transcript, "language": language}
+        with st.spinner("Cloning…"):
+            try:
+                voice = create_voice(base_url, data=data, files=files)
+            except ServiceError as exc:
+                st.error(str(exc))
+                return
+        st.session_state["made_voice"] = voice
+        st.rerun()  # so that the lists show it
+
+
+def voices_page(base_url: str, health: dict[str, Any], voices: list[dict[str, Any]], languages: list[str]) -> None:
+    models = health.get("models") or {}
+    if "voice_design" in models:
+        design_section(base_url, languages)
+    else:
+        st.info("Designing voices needs a VoiceDesign model: start the service with TTS_DESIGN_MODEL set.")
+    if "base" in models:
+        clone_section(base_url, languages)
+    else:
+        st.info("Cloning voices needs a Base model: start the service with TTS_CLONE_MODEL set.")
+    made = st.session_state.pop("made_voice", None)
+    if made is not None:
+        st.success(f"Saved voice {made['name']}: pick it as the speaker on the Speak tab.")
+        st.audio(fetch_preview(base_url, made["id"]), format="audio/wav")
+
+    st.subheader("Saved voices")
+    if not voices:
+        st.caption("None yet.")
+    for voice in voices:
+        with st.expander(speaker_label(voice)):
+            if voice.get("transcript"):
+                st.caption(f"Transcript: {voice['transcript']}")
+            st.caption(f"Language: {voice.get('language')} · id `{voice['id']}`")
+            try:
+                st.audio(fetch_preview(base_url, voice["id"]), format="audio/wav")
+            except ServiceError as exc:
+                st.error(str(exc))
+            if st.button("Delete", key=f"delete-{voice['id']}"):
+                try:
+                    call("DELETE", f"{base_url}/v1/audio/voices/{voice['id']}", TIMEOUT_S)
+                except ServiceError as exc:
+                    st.error(str(exc))
+                fetch_voices.clear()
+                st.rerun()
+
+
+def main() -> None:
+    st.set_page_config(page_title="Qwen3-TTS demo", page_icon="🔊")
+    st.title("Qwen3-TTS demo")
+    base_url, health = sidebar()
+    if health is None or health.get("status") != "ok":
+        st.info("Set the service URL in the sidebar to a running TTS service.")
+        return
+    try:
+        speakers, languages = fetch_voices(base_url)
+    except ServiceError as exc:
+        st.error(str(exc))
+        return
+    speak, voices = st.tabs(["Speak", "Voices"])
+    with speak:
+        speak_page(base_url, health, speakers, languages)
+    with voices:
+        voices_page(base_url, health, [s for s in speakers if s.get("kind") in ("clone", "design")], languages)
 
 
 main()

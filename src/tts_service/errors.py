@@ -114,7 +114,7 @@ class ServiceError(Exception):
 
 
 def _problem(error: Mapping[str, Any], openai: bool) -> Problem:
-    loc = [str(part) for part in error.get("loc", ()) if part not in ("body", "query")]
+    loc = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path")]
     kind = str(error.get("type", ""))
     message = str(error.get("msg", "invalid value"))
     if kind in ("json_invalid", "json_type"):

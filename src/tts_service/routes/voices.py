@@ -169,7 +169,7 @@ async def create_voice(request: Request, gateway: GatewayDep) -> JSONResponse:
     return JSONResponse(voice.model_dump(), status_code=201, headers={"Location": f"{VOICES}/{voice.id}"})
 
 
-@router.get(f"{VOICES}/{{voice_id}}", response_model=VoiceInfo, responses=openapi_errors((404,), openai=True))
+@router.get(f"{VOICES}/{{voice_id}}", response_model=VoiceInfo, responses=openapi_errors((400, 404), openai=True))
 async def get_voice(voice_id: VoiceId, gateway: GatewayDep) -> VoiceInfo:
     """One saved voice, by id or name."""
     return await gateway.find_voice(voice_id)
@@ -178,7 +178,7 @@ async def get_voice(voice_id: VoiceId, gateway: GatewayDep) -> VoiceInfo:
 @router.get(
     f"{VOICES}/{{voice_id}}/preview",
     response_class=Response,
-    responses={200: {"content": {"audio/wav": {}}}, **openapi_errors((404,), openai=True)},
+    responses={200: {"content": {"audio/wav": {}}}, **openapi_errors((400, 404), openai=True)},
 )
 async def preview_voice(voice_id: VoiceId, gateway: GatewayDep) -> Response:
     """The voice's reference clip as WAV: the uploaded clip of a clone, the designed line of a design."""
@@ -186,7 +186,7 @@ async def preview_voice(voice_id: VoiceId, gateway: GatewayDep) -> Response:
     return Response(await gateway.voice_preview(voice.id), media_type="audio/wav")
 
 
-@router.delete(f"{VOICES}/{{voice_id}}", response_model=VoiceInfo, responses=openapi_errors((404,), openai=True))
+@router.delete(f"{VOICES}/{{voice_id}}", response_model=VoiceInfo, responses=openapi_errors((400, 404), openai=True))
 async def delete_voice(voice_id: VoiceId, gateway: GatewayDep) -> VoiceInfo:
     """Delete a saved voice and its files; returns what was deleted."""
     return await gateway.delete_voice(voice_id)
