@@ -45,12 +45,13 @@ def test_image_recipe_targets_the_spark(bento: Path) -> None:
         "TTS_MODEL=Qwen/Qwen3-TTS-12Hz-1.7B-CustomVoice",
         "TTS_PORT=8000",
         "HF_HOME=/data/hf-cache",
+        "TTS_VOICES_DIR=/data/voices",
         "PYTHONPATH=/home/bentoml/bento/src/src",
     ):
         assert f"ARG {env}" in dockerfile
     assert "USER bentoml" in dockerfile
     setup = (bento / "env/docker/setup_script").read_text()
-    assert "mkdir -p /data/hf-cache" in setup and "chown -R bentoml:bentoml /data" in setup
+    assert "mkdir -p /data/hf-cache /data/tts-cache /data/voices" in setup and "chown -R bentoml:bentoml /data" in setup
 
 
 def test_requirements_take_pypi_cuda13_torch_and_are_pinned_without_an_x86_lock(bento: Path) -> None:
@@ -109,6 +110,11 @@ def test_compose_file_reserves_the_gpu_and_wires_the_ui() -> None:
     assert any(m.startswith("hf-cache:/data/hf-cache") for m in mounts), mounts
     assert any(m.startswith("tts-cache:/data/tts-cache") for m in mounts), mounts
     assert tts["environment"]["TTS_CACHE_DIR"] == "/data/tts-cache"
+    assert (
+        any(m.startswith("voices:/data/voices") for m in mounts)
+        and tts["environment"]["TTS_VOICES_DIR"] == "/data/voices"
+    )
+    assert "Base" in tts["environment"]["TTS_CLONE_MODEL"] and "VoiceDesign" in tts["environment"]["TTS_DESIGN_MODEL"]
     assert "TTS_API_KEYS" in tts["environment"] and "TTS_API_KEY" in ui["environment"]  # keys pass through
     assert ui["depends_on"]["tts"]["condition"] == "service_healthy"  # the UI starts once the model is up
     health = tts["healthcheck"]

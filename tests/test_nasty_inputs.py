@@ -91,14 +91,15 @@ def test_huge_json_gets_413_and_json_bombs_do_not_hurt(client: httpx.Client) -> 
     assert_audio(client.post(SYNTH, json={"text": "Still fine.", "speaker": "Ryan"}))
 
 
-def test_only_built_in_voices_reach_qwen_tts() -> None:
-    """qwen-tts accepts paths and URLs as reference audio (voice cloning); the engine never calls that: its
-    prompts are built from the checkpoint's own speaker table (spk_id) and text only."""
-    from tts_service import engine, prompt, scheduler
+def test_only_decoded_samples_can_reach_qwen_tts_as_reference_audio() -> None:
+    """qwen-tts accepts paths, URLs and base64 strings as reference audio; only voice_prompt.py hands it
+    reference audio, always as samples the front decoded (test_voice_clone checks the call itself), and
+    nothing else here calls qwen-tts's own generate functions."""
+    from tts_service import engine, engine_host, prompt, scheduler, voice_catalog, voice_prompt
 
-    assert "spk_id[speaker.lower()]" in inspect.getsource(prompt)
-    for module in (engine, prompt, scheduler):
+    assert "ref_audio=(np.asarray(audio, dtype=np.float32), int(sample_rate))" in inspect.getsource(voice_prompt)
+    for module in (engine, prompt, scheduler, voice_catalog, engine_host):
         source = inspect.getsource(module)
-        for cloning in ("generate_voice_clone", "ref_audio", "create_voice_clone_prompt", "generate_voice_design"):
-            assert cloning not in source, (module.__name__, cloning)
+        for call in ("generate_voice_clone(", "ref_audio", "create_voice_clone_prompt", "generate_voice_design("):
+            assert call not in source, (module.__name__, call)
     assert "ref_audio" not in (REPO_ROOT / "service.py").read_text()

@@ -113,3 +113,24 @@ def test_each_model_setting_takes_only_its_kind(cache_dir: Path, tiny_dir: Path)
         TTSEngine.load(Settings(design_model=str(base_dir), cache_dir=cache_dir, device="cpu"), "TTS_DESIGN_MODEL")
     with pytest.raises(ModelLoadError, match="TTS_CLONE_MODEL is not set"):
         TTSEngine.load(Settings(cache_dir=cache_dir, device="cpu"), "TTS_CLONE_MODEL")
+
+
+def test_reference_audio_reaches_qwen_tts_only_as_samples(clone_engine: TTSEngine) -> None:
+    """qwen-tts would read a path, fetch a URL or decode base64 given as `ref_audio`; ours passes samples."""
+    wrapper = clone_engine.model
+    seen: list[object] = []
+    real = wrapper.create_voice_clone_prompt
+
+    def spy(**kwargs):  # the real qwen-tts call, its argument noted on the way
+        seen.append(kwargs["ref_audio"])
+        return real(**kwargs)
+
+    wrapper.create_voice_clone_prompt = spy
+    try:
+        clone_engine.clone_voice(reference_clip(1.5, 180, 4), SR, "Hello.")
+        with pytest.raises(ValueError):
+            clone_engine.clone_voice("https://example.com/voice.wav", SR)  # type: ignore[arg-type]
+    finally:
+        del wrapper.create_voice_clone_prompt
+    (audio, rate), *rest = seen
+    assert isinstance(audio, np.ndarray) and audio.dtype == np.float32 and rate == SR and not rest

@@ -3,13 +3,15 @@ concurrent creates and deletes, crash safety, and no client text used as a path.
 
 from __future__ import annotations
 
-import multiprocessing
 import sqlite3
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import REPO_ROOT
 from tts_service.voice_library import (
     DuplicateVoiceName,
     UnknownVoice,
@@ -74,13 +76,15 @@ def _create_in_process(root: str, start: int) -> None:
 
 
 def test_two_processes_share_one_library(tmp_path: Path) -> None:
-    context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_create_in_process, args=(str(tmp_path), n)) for n in (0, 4)]
+    # Fresh interpreters (not multiprocessing's spawn, which re-runs whatever __main__ is at the time).
+    code = "import sys; from tests.test_voice_library import _create_in_process as c; c(sys.argv[1], int(sys.argv[2]))"
+    workers = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(n)], cwd=REPO_ROOT, stderr=subprocess.PIPE)
+        for n in (0, 4)
+    ]
     for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(60)
-        assert worker.exitcode == 0
+        _, errors = worker.communicate(timeout=60)
+        assert worker.returncode == 0, errors.decode()
     names = sorted(v.name for v in VoiceLibrary(tmp_path).list())
     assert names == ["Shared"] + [f"process voice {i}" for i in range(8)]
 

@@ -32,9 +32,9 @@ def patch_prompt(module):
 def patch_load(module):
     real = module.TTSEngine.load.__func__
 
-    def load(cls, settings):
+    def load(cls, settings, *args, **kwargs):
         time.sleep(LOAD_DELAY_S)
-        return real(cls, settings)
+        return real(cls, settings, *args, **kwargs)
 
     module.TTSEngine.load = classmethod(load)
 
