@@ -24,8 +24,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Window:
-    """`codes[context:]` are new; `codes[:context]` were sent already and only condition the decoder.
-    With a `state` (a stateful stream) there is no context: the state carries the history instead."""
+    """`codes[context:]` are new; `codes[:context]` were sent already (or are a cloned voice's reference
+    frames) and only condition the decoder. With a `state` (a stateful stream) the state carries the
+    history, and a context is only the reference frames leading into a request's first window."""
 
     handle: Any  # RequestHandle
     codes: np.ndarray  # [frames, 16]

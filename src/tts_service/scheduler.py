@@ -165,6 +165,7 @@ class _Row:
     slots_used: list[int] = field(default_factory=list)
     launched: int = 0  # steps launched for the current segment
     codes: list[np.ndarray] = field(default_factory=list)  # every accepted frame, all segments
+    lead_in: np.ndarray | None = None  # frames before codes[0] that only condition the decoder [C, 16]
     decoded: int = 0
     truncated: bool = False
     segment_done: bool = False
@@ -263,7 +264,7 @@ class StepScheduler:
         handle = RequestHandle(request_id, loop)
         with self._wake:
             self._handles[request_id] = handle
-            self._pending.append(_Row(job=job, handle=handle))
+            self._pending.append(_Row(job=job, handle=handle, lead_in=self._lead_in(job)))
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="tts-step-engine", daemon=True)
                 self._thread.start()
@@ -466,7 +467,10 @@ class StepScheduler:
             if row.decoder_state is None:
                 row.decoder_state = self.decoder.streaming.new_state()
             end = self._window_end(row)
-            windows.append(Window(row.handle, np.stack(row.codes[row.decoded : end]), 0, row.decoder_state))
+            codes, context = np.stack(row.codes[row.decoded : end]), 0
+            if row.decoded == 0 and row.lead_in is not None:  # the state starts from the whole reference
+                codes, context = np.concatenate([row.lead_in, codes]), len(row.lead_in)
+            windows.append(Window(row.handle, codes, context, row.decoder_state))
             row.decoded = end
         due = [row for row in due if row not in stateful]
         lengths = {row: self._window_end(row) - row.decoded + row.job.plan.left_context for row in due}
@@ -476,10 +480,24 @@ class StepScheduler:
             length = lengths[row]
             if self.decode_batching and row.job.plan is self.stream_plan:
                 length = longest  # more left context, same window length: one decoder call for all
-            start = max(0, end - length)
-            windows.append(Window(row.handle, np.stack(row.codes[start:end]), row.decoded - start))
+            lead = 0 if row.lead_in is None else len(row.lead_in)  # context reaches back into the reference
+            start = max(-lead, end - length)
+            codes = np.stack(row.codes[max(0, start) : end])
+            if start < 0:
+                codes = np.concatenate([row.lead_in[start:], codes])
+            windows.append(Window(row.handle, codes, row.decoded - start))
             row.decoded = end
         return windows
+
+    @staticmethod
+    def _lead_in(job: Job) -> np.ndarray | None:
+        """A cloned voice's reference frames (ICL mode), which lead into its first frames as decoder
+        context, as qwen-tts decodes the reference and the new frames together and cuts the reference's
+        audio off. A stateful decoder starts from all of them (its audio then equals qwen-tts's); windows
+        take as many as their left context."""
+        if job.voice is None or job.voice.ref_codes is None:
+            return None
+        return job.voice.ref_codes.cpu().numpy().astype(np.int64)
 
     @staticmethod
     def _window_end(row: _Row) -> int:
