@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Import the Bento's Python stack as the Spark would run it (aarch64, Python 3.11, the pinned wheels),
+# under QEMU user-mode emulation, on an x86_64 machine with no binfmt_misc and no container engine.
+#
+#   sudo scripts/emulated_import_aarch64.sh [WORK_DIR]      (root: apt-get and debootstrap)
+#
+# 1. Debian bookworm's arm64 Python 3.11: `debootstrap --foreign` downloads and unpacks the packages
+#    without running any arm64 binary, then every downloaded .deb is unpacked with dpkg -x;
+# 2. the Bento's pinned packages for aarch64-manylinux_2_28 (scripts/resolve_aarch64.py's list), with
+#    `uv pip install --target`, wheels only;
+# 3. `qemu-aarch64-static -L ROOT python3.11` imports them one by one and prints torch's CUDA arch list.
+# Each import is its own process, so one crash does not hide the others.
+set -euo pipefail
+
+WORK=${1:-/tmp/aarch64-import}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+ROOT=$WORK/root SITE=$WORK/site UVENV=$WORK/uv
+mkdir -p "$WORK"
+
+command -v qemu-aarch64-static >/dev/null && command -v debootstrap >/dev/null ||
+    apt-get install -y qemu-user-static debootstrap >/dev/null
+if [ ! -x "$ROOT/usr/bin/python3.11" ]; then
+    debootstrap --foreign --arch=arm64 --variant=minbase --include=python3.11 bookworm "$ROOT" \
+        http://deb.debian.org/debian >"$WORK/debootstrap.log"
+    for deb in "$ROOT"/var/cache/apt/archives/*.deb; do dpkg -x "$deb" "$ROOT"; done
+fi
+if [ ! -x "$UVENV/bin/uv" ]; then
+    python3 -m venv "$UVENV" && "$UVENV/bin/pip" install -q uv pyyaml
+fi
+"$UVENV/bin/python" -c "import sys; sys.path.insert(0, '$REPO/scripts'); import resolve_aarch64 as r; print('\n'.join(r.requirements()))" \
+    >"$WORK/requirements.txt"
+"$UVENV/bin/uv" pip install -q --python-platform aarch64-manylinux_2_28 --python-version 3.11 --no-build \
+    --target "$SITE" -r "$WORK/requirements.txt"
+
+run() {
+    qemu-aarch64-static -L "$ROOT" -E PYTHONPATH="$SITE:$REPO/src" -E HOME="$WORK/home" \
+        "$ROOT/usr/bin/python3.11" -c "$1" 2>&1 | tail -1
+}
+echo "python: $(run 'import platform; print(platform.machine(), platform.python_version())')"
+echo "torch:  $(run 'import torch; print(torch.__version__, "CUDA", torch.version.cuda, "archs", " ".join(torch._C._cuda_getArchFlags().split()))')"
+for module in torchaudio transformers accelerate bentoml fastapi av soundfile numba librosa onnxruntime qwen_tts; do
+    printf '%-13s %s\n' "$module" "$(run "import $module; print('imported', getattr($module, '__version__', ''))")"
+done
