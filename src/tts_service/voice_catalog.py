@@ -10,6 +10,7 @@ lines are designed afresh from the description (the same kind of voice, not the 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from dataclasses import dataclass
 
@@ -73,7 +74,7 @@ class VoiceCatalog:
         sample_text = sample_text.strip() or DEFAULT_SAMPLE_TEXT
         design = self.design_engine
         request = design.request_for(sample_text, "", language, description)
-        result = design.synthesize(request, f"design-{name_slug(name)}")
+        result = design.synthesize(request, f"design-{name_slug(name)}-{secrets.token_hex(4)}")
         if result.num_samples == 0:
             raise SynthesisError("the VoiceDesign model produced no audio for the reference line")
         files = {REFERENCE_FILE: encode_wav(result.audio, result.sample_rate)}
