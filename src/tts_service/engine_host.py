@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 
@@ -125,11 +125,12 @@ class EngineHost:
             preview_url=f"/v1/audio/voices/{voice.id}/preview",
         )
 
-    async def _voice_call(self, call, *args) -> VoiceReply:
-        """Run a blocking catalog call in a thread; its refusals become replies with a status."""
+    async def _voice_call(self, call: Callable[[VoiceCatalog], StoredVoice]) -> VoiceReply:
+        """Run a blocking catalog call in a thread; its refusals (and a library that is not open) become
+        replies with a status."""
         await self.engine()
         try:
-            voice = await asyncio.to_thread(call, *args)
+            voice = await asyncio.to_thread(call, self._voices())
             return VoiceReply(voice=self.voice_info(voice))
         except DuplicateVoiceName as exc:
             return VoiceReply(status=409, field="name", message=str(exc))
@@ -144,27 +145,18 @@ class EngineHost:
             return VoiceReply(status=400, field="name", message=str(exc))
 
     async def create_voice(self, job: VoiceCreateJob) -> VoiceReply:
-        catalog = self._catalog
-        if catalog is None:
-            return VoiceReply(status=503, message=self._store_error)
         if job.kind == "clone":
             audio = np.frombuffer(job.pcm, dtype="<f4").astype(np.float32)
             return await self._voice_call(
-                catalog.create_clone, job.name, audio, job.sample_rate, job.text, job.language
+                lambda c: c.create_clone(job.name, audio, job.sample_rate, job.text, job.language)
             )
-        return await self._voice_call(catalog.create_design, job.name, job.text, job.language, job.sample_text)
+        return await self._voice_call(lambda c: c.create_design(job.name, job.text, job.language, job.sample_text))
 
     async def find_voice(self, ref: str) -> VoiceReply:
-        catalog = self._catalog
-        if catalog is None:
-            return VoiceReply(status=503, message=self._store_error)
-        return await self._voice_call(catalog.library.get, ref)
+        return await self._voice_call(lambda c: c.library.get(ref))
 
     async def delete_voice(self, ref: str) -> VoiceReply:
-        catalog = self._catalog
-        if catalog is None:
-            return VoiceReply(status=503, message=self._store_error)
-        return await self._voice_call(catalog.delete, ref)
+        return await self._voice_call(lambda c: c.delete(ref))
 
     async def list_voices(self) -> list[VoiceInfo]:
         await self.engine()

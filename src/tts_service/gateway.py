@@ -64,7 +64,11 @@ class Gateway:
         """A validator that knows the saved voices too, unless `name` is a built-in speaker or alias
         (the voices are asked for afresh: another worker or process may have just made or deleted one)."""
         validator = await self.validator()
-        return validator if validator.knows(name) else validator.with_voices(await self.list_voices())
+        return validator if validator.knows(name) else await self.voice_validator()
+
+    async def voice_validator(self) -> JobValidator:
+        """A validator that knows the saved voices as they are now."""
+        return (await self.validator()).with_voices(await self.list_voices())
 
     async def list_voices(self) -> list[VoiceInfo]:
         return [VoiceInfo.model_validate(v) for v in await self.synthesizer.to_async.list_voices()]

@@ -63,11 +63,6 @@ CREATE_BODY = {
 }
 
 
-async def _validator(gateway: Gateway) -> JobValidator:
-    validator = await gateway.validator()
-    return validator.with_voices(await gateway.list_voices())
-
-
 def _check_new_name(name: str, validator: JobValidator) -> None:
     """Saved voices share `speaker` and `voice` with the built-in speakers and OpenAI's names."""
     if validator.knows(name):
@@ -81,7 +76,7 @@ def _need(info_models: dict[str, str], kind: str, what: str, setting: str) -> No
 
 
 async def _clone_job(request: Request, gateway: Gateway) -> VoiceCreateJob:
-    validator = await _validator(gateway)
+    validator = await gateway.voice_validator()
     _need(validator.info.models, "base", "cloning a voice", "TTS_CLONE_MODEL")
     try:
         form = await request.form(max_files=1, max_fields=8)
@@ -119,7 +114,7 @@ async def _clone_job(request: Request, gateway: Gateway) -> VoiceCreateJob:
 
 async def _design_job(request: Request, gateway: Gateway) -> VoiceCreateJob:
     body = VoiceDesignRequest.model_validate_json(await request.body())  # the guard checked it already
-    validator = await _validator(gateway)
+    validator = await gateway.voice_validator()
     _need(validator.info.models, "voice_design", "designing a voice", "TTS_DESIGN_MODEL")
     _check_new_name(body.name, validator)
     return VoiceCreateJob(
