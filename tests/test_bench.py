@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -71,4 +72,6 @@ def test_step_benchmark_smoke(cache_dir: Path, tmp_path: Path) -> None:
     assert "| batch | new ms | wave 1 ms | plain qwen-tts ms |" in stdout
     rows = json.loads(out.read_text())["rows"]
     assert [r["batch"] for r in rows] == [1, 2]
-    assert all(r["new_ms"] > 0 and r["old_ms"] > 0 and r["plain_ms"] > 0 for r in rows)
+    assert all(r["new_ms"] > 0 and r["old_ms"] > 0 for r in rows)
+    # plain qwen-tts's per-frame time is a difference of two whole runs; at 2 steps noise can swamp it
+    assert all(math.isfinite(r["plain_ms"]) for r in rows)

@@ -139,6 +139,18 @@ def _prefilled(engine: TTSEngine, slots: list[int]) -> tuple[fs.Weights, fs.Slot
     return scheduler.weights, scheduler.state
 
 
+def _snapshot(s: fs.SlotState) -> dict:
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else [t.clone() for t in v]) for k, v in vars(s).items()}
+
+
+def _restore(s: fs.SlotState, saved: dict) -> None:
+    for key, value in saved.items():
+        current = getattr(s, key)
+        targets = current if isinstance(current, list) else [current]
+        for c, v in zip(targets, value if isinstance(value, list) else [value], strict=True):
+            c.copy_(v)
+
+
 @pytest.fixture()
 def quiet_engine(tiny_dir: Path, cache_dir: Path) -> TTSEngine:
     """An engine whose loop never runs, so tests can drive its frame step by hand."""
@@ -179,19 +191,47 @@ def test_join_and_leave_touch_no_other_slot(quiet_engine) -> None:
     assert bool(s.active[1]) and not bool(s.active[2])
 
 
+def test_a_move_touches_only_its_two_slots_and_the_row_goes_on_as_in_place(quiet_engine) -> None:
+    """Compaction moves a row from slot 2 into the free slot 0: slot 1 is untouched, and the moved row's
+    next frames are the ones it makes when it stays where it was."""
+    w, s = _prefilled(quiet_engine, [0, 1, 2])
+    with torch.inference_mode():
+        fs.frame_step(w, s, 3, 64, False)
+        fs.release(s, 0)
+        saved = _snapshot(s)
+        in_place = [fs.frame_step(w, s, 3, 64, False)[0] for _ in range(4)]
+        _restore(s, saved)
+        neighbour = {name: [t[1].clone() for t in getattr(s, name)] for name in ("keys", "values")}
+        fs.move(s, 2, 0, length=int(s.position[2]))
+        assert [bool(a) for a in s.active[:3]] == [True, True, False]
+        for name, rows in neighbour.items():
+            assert all(torch.equal(a, t[1]) for a, t in zip(rows, getattr(s, name), strict=True)), name
+        moved = [fs.frame_step(w, s, 2, 64, False)[0] for _ in range(4)]
+    for before, after in zip(in_place, moved, strict=True):
+        assert torch.equal(before[2], after[0]) and torch.equal(before[1], after[1])
+
+
+def test_the_window_shrinks_when_requests_below_a_long_one_leave(engine: TTSEngine, references) -> None:
+    """Two short requests in slots 0 and 1, a long one in slot 2: as each short one ends, the long one moves
+    down, so the step computes one row, not three, for the rest of it; its codes stay qwen-tts's."""
+    scheduler = engine.scheduler
+    moves = scheduler.moves
+    order = [REQUESTS[1], REQUESTS[3], REQUESTS[0]]  # 8, 5 and 125 frames
+    ends = run_all(engine, order, "compact")
+    assert [end.slots for end in ends] == [(0,), (1,), (2,)]  # where each was prefilled
+    for end, request in zip(ends, order, strict=True):
+        np.testing.assert_array_equal(end.codes, references[request.text])
+    assert scheduler.moves - moves == 2
+    windows = list(scheduler.step_windows)[-ends[2].steps :]
+    assert windows[0] == 3 and windows[-1] == 1 and windows.count(1) >= 125 - 10
+
+
 def test_the_frame_step_compiles_as_one_graph_and_computes_the_same(quiet_engine) -> None:
     w, s = _prefilled(quiet_engine, [0, 1])
     with torch.inference_mode():
-        saved = {k: (v.clone() if isinstance(v, torch.Tensor) else [t.clone() for t in v]) for k, v in vars(s).items()}
+        saved = _snapshot(s)
         eager = [fs.frame_step(w, s, 2, 64, True) for _ in range(3)]
-        for key, value in saved.items():
-            current = getattr(s, key)
-            for c, v in zip(
-                current if isinstance(current, list) else [current],
-                value if isinstance(value, list) else [value],
-                strict=True,
-            ):
-                c.copy_(v)
+        _restore(s, saved)
         compiled = torch.compile(fs.frame_step, fullgraph=True, backend="aot_eager", dynamic=False)
         graphed = [compiled(w, s, 2, 64, True) for _ in range(3)]
     for (frames_a, done_a), (frames_b, done_b) in zip(eager, graphed, strict=True):

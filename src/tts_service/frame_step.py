@@ -35,17 +35,18 @@ NUM_CODE_GROUPS = 16
 
 @dataclass
 class LayerWeights:
-    """One transformer layer; q/k/v and gate/up are fused into single matrices."""
+    """One transformer layer; q/k/v and gate/up are fused into single matrices. Matrices are held as
+    transposed views ([in, out]) of the model's own weights, ready for `linear`."""
 
     input_norm: torch.Tensor
-    qkv: torch.Tensor
+    qkv_t: torch.Tensor
     qkv_bias: torch.Tensor | None
     qk_norm: torch.Tensor  # [heads + kv_heads, head_dim]: q_norm's weight per query head, then k_norm's
-    o: torch.Tensor
+    o_t: torch.Tensor
     o_bias: torch.Tensor | None
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    gate_up_t: torch.Tensor
+    down_t: torch.Tensor
 
 
 @dataclass
@@ -69,9 +70,10 @@ class Weights:
     predictor: Stack
     codec_embedding: torch.Tensor  # talker's codec embedding [3072, H]
     codec_head: torch.Tensor  # [3072, H]
+    codec_head_t: torch.Tensor  # its transposed view
     predictor_embeddings: list[torch.Tensor]  # 15 x [2048, H]
-    predictor_heads: list[torch.Tensor]  # 15 x [2048, Hc]
-    projection: torch.Tensor | None  # talker hidden -> predictor hidden (None: same size)
+    predictor_heads_t: list[torch.Tensor]  # 15 x [Hc, 2048]: transposed views
+    projection_t: torch.Tensor | None  # talker hidden -> predictor hidden, transposed (None: same size)
     projection_bias: torch.Tensor | None
     tts_pad: torch.Tensor  # [H]: added to every decode step's input (non-streaming text mode)
     suppress: torch.Tensor  # [3072] bool: codec control ids the talker may never emit
@@ -120,24 +122,32 @@ class SlotState:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """qwen-tts's RMSNorm, operation for operation (float32 inside, weight applied in the input dtype)."""
-    if x.dtype == torch.float32:  # the casts are no-ops; skipping them saves dispatches on the CPU
-        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    if x.dtype == torch.float32:  # no casts; sum + div_ is what mean runs, minus its dtype dispatches
+        variance = x.pow(2).sum(-1, keepdim=True).div_(x.shape[-1])
+        return weight * (x * variance.add_(eps).rsqrt_())
     dtype = x.dtype
     x32 = x.to(torch.float32)
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(dtype)
 
 
+def linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear` on 2-D rows, given the weight's transposed view: the same BLAS call `F.linear` makes
+    (it folds [B, T, H] into [B * T, H] too), minus its wrapper's dispatches."""
+    return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
+
+
 def _project_qkv(
-    x: torch.Tensor, layer: LayerWeights, stack: Stack, cos: torch.Tensor, sin: torch.Tensor
+    x: torch.Tensor, length: int, layer: LayerWeights, stack: Stack, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[B, T, H] -> q [B, heads, T, D], k and v [B, kv_heads, T, D], RoPE applied. cos/sin: [B, T, 1, D].
+    """Rows [B * T, H] -> q [B, heads, T, D], k and v [B, kv_heads, T, D], RoPE applied. cos/sin:
+    [B, T, 1, D]. Activations stay 2-D between layers, so each projection is one BLAS call.
 
     q and k are normed and rotated together (their norms differ only in weight), and rotate_half(x)
     is roll(x, D/2) against a sign-flipped sine: the same values as qwen-tts's, in fewer operations."""
-    batch, length, _ = x.shape
+    batch = x.shape[0] // length
     d = stack.head_dim
-    qkv = F.linear(rms_norm(x, layer.input_norm, stack.eps), layer.qkv, layer.qkv_bias)
+    qkv = linear(rms_norm(x, layer.input_norm, stack.eps), layer.qkv_t, layer.qkv_bias)
     qk, v = qkv.split([(stack.heads + stack.kv_heads) * d, stack.kv_heads * d], dim=-1)
     qk = rms_norm(qk.view(batch, length, stack.heads + stack.kv_heads, d), layer.qk_norm, stack.eps)
     qk = qk * cos + qk.roll(d // 2, dims=-1) * sin
@@ -147,12 +157,11 @@ def _project_qkv(
 
 
 def _finish_layer(x: torch.Tensor, attn: torch.Tensor, layer: LayerWeights, stack: Stack) -> torch.Tensor:
-    """Output projection, residual, MLP (SiLU-gated), residual. attn: [B, heads, T, D]."""
-    batch, _, length, _ = attn.shape
-    attn = attn.transpose(1, 2).reshape(batch, length, -1)
-    x = x + F.linear(attn, layer.o, layer.o_bias)
-    gate, up = F.linear(rms_norm(x, layer.post_norm, stack.eps), layer.gate_up).split(stack.intermediate, dim=-1)
-    return x + F.linear(F.silu(gate) * up, layer.down)
+    """Output projection, residual, MLP (SiLU-gated), residual. x: rows [B * T, H]; attn: [B, heads, T, D]."""
+    attn = attn.transpose(1, 2).reshape(x.shape[0], -1)
+    x = x + linear(attn, layer.o_t, layer.o_bias)
+    gate, up = linear(rms_norm(x, layer.post_norm, stack.eps), layer.gate_up_t).split(stack.intermediate, dim=-1)
+    return x + linear(F.silu(gate) * up, layer.down_t)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stack: Stack, **kwargs) -> torch.Tensor:
@@ -199,9 +208,9 @@ def _predict_codes(
     frame = s.generated[:n] - 1  # index of the frame being completed: its draws' counter
 
     def project(x: torch.Tensor) -> torch.Tensor:
-        return x if w.projection is None else F.linear(x, w.projection, w.projection_bias)
+        return x if w.projection_t is None else linear(x, w.projection_t, w.projection_bias)
 
-    x = project(torch.stack((s.past_hidden[:n], talker_embed), dim=1))  # [n, 2, Hc]
+    x = project(torch.stack((s.past_hidden[:n], talker_embed), dim=1).view(2 * n, -1))  # rows [n * 2, Hc]
     embeds: list[torch.Tensor] = []
     codes: list[torch.Tensor] = []
     for step in range(NUM_CODE_GROUPS - 1):
@@ -209,14 +218,14 @@ def _predict_codes(
         cos = stack.cos[start : start + length][None, :, None]
         sin = stack.sin[start : start + length][None, :, None]
         for layer, keys, values in zip(stack.layers, s.predictor_keys, s.predictor_values, strict=True):
-            q, k, v = _project_qkv(x, layer, stack, cos, sin)
+            q, k, v = _project_qkv(x, length, layer, stack, cos, sin)
             keys[:n, :, start : start + length] = k
             values[:n, :, start : start + length] = v
             end = start + length
             attn = _attend(q, keys[:n, :, :end], values[:n, :, :end], stack, is_causal=step == 0)
             x = _finish_layer(x, attn, layer, stack)
-        hidden = rms_norm(x[:, -1], stack.norm, stack.eps)
-        logits = F.linear(hidden, w.predictor_heads[step]).to(torch.float32)
+        hidden = rms_norm(x if length == 1 else x.view(n, length, -1)[:, -1], stack.norm, stack.eps)
+        logits = linear(hidden, w.predictor_heads_t[step]).to(torch.float32)
         if sample:
             draws = uniform(s.seed[:n], frame, step + 1, logits.shape[-1])
             code = filter_and_choose(
@@ -228,7 +237,7 @@ def _predict_codes(
         embed = F.embedding(code, w.predictor_embeddings[step])  # [n, H]
         embeds.append(embed)
         if step < NUM_CODE_GROUPS - 2:
-            x = project(embed[:, None])
+            x = project(embed)
     return codes, embeds
 
 
@@ -247,20 +256,20 @@ def frame_step(w: Weights, s: SlotState, n: int, kv_len: int, sample: bool = Tru
     position = s.position[:n]
     talker_embed = F.embedding(token, w.codec_embedding)  # [n, H]
     codes, embeds = _predict_codes(w, s, n, talker_embed, sample)
-    x = (torch.stack([talker_embed, *embeds], dim=1).sum(dim=1) + w.tts_pad)[:, None]  # [n, 1, H]
+    x = torch.stack([talker_embed, *embeds], dim=1).sum(dim=1) + w.tts_pad  # rows [n, H]
 
     cos = stack.cos[position][:, None, None]  # [n, 1, 1, D]: one position per row
     sin = stack.sin[position][:, None, None]
     rows = s.rows[:n]
     visible = (s.key_index[:kv_len][None, :] <= position[:, None])[:, None, None]  # [n, 1, 1, kv_len]
     for layer, keys, values in zip(stack.layers, s.keys, s.values, strict=True):
-        q, k, v = _project_qkv(x, layer, stack, cos, sin)
+        q, k, v = _project_qkv(x, 1, layer, stack, cos, sin)
         keys[rows, :, position] = k[:, :, 0]
         values[rows, :, position] = v[:, :, 0]
         attn = _attend(q, keys[:n, :, :kv_len], values[:n, :, :kv_len], stack, attn_mask=visible)
         x = _finish_layer(x, attn, layer, stack)
-    hidden = rms_norm(x[:, 0], stack.norm, stack.eps)  # [n, H]
-    logits = F.linear(hidden, w.codec_head).to(torch.float32)
+    hidden = rms_norm(x, stack.norm, stack.eps)  # [n, H]
+    logits = linear(hidden, w.codec_head_t).to(torch.float32)
     generated = s.generated[:n]
     next_token = choose_first_codebook(
         w,
@@ -320,14 +329,14 @@ def _layer_weights(layer: torch.nn.Module) -> LayerWeights:
     )
     return LayerWeights(
         input_norm=layer.input_layernorm.weight.detach(),
-        qkv=qkv,
+        qkv_t=qkv.t(),
         qkv_bias=qkv_bias,
         qk_norm=qk_norm,
-        o=attn.o_proj.weight.detach(),
+        o_t=attn.o_proj.weight.detach().t(),
         o_bias=None if attn.o_proj.bias is None else attn.o_proj.bias.detach(),
         post_norm=layer.post_attention_layernorm.weight.detach(),
-        gate_up=gate_up,
-        down=mlp.down_proj.weight.detach(),
+        gate_up_t=gate_up.t(),
+        down_t=mlp.down_proj.weight.detach().t(),
     )
 
 
@@ -342,7 +351,7 @@ def _stack(model: torch.nn.Module, config, cos: torch.Tensor, sin: torch.Tensor)
         heads=int(config.num_attention_heads),
         kv_heads=int(config.num_key_value_heads),
         head_dim=int(getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)),
-        intermediate=int(layers[0].gate_up.shape[0] // 2),
+        intermediate=int(layers[0].gate_up_t.shape[1] // 2),
         cos=cos,
         sin=sin,
     )
@@ -382,9 +391,10 @@ def build_weights(model: torch.nn.Module, max_len: int, tts_pad: torch.Tensor) -
         predictor=_stack(predictor.model, config.code_predictor_config, pcos[0], psin[0]),
         codec_embedding=talker.model.codec_embedding.weight.detach(),
         codec_head=talker.codec_head.weight.detach(),
+        codec_head_t=talker.codec_head.weight.detach().t(),
         predictor_embeddings=[e.weight.detach() for e in predictor.model.codec_embedding],
-        predictor_heads=[h.weight.detach() for h in predictor.lm_head],
-        projection=None if isinstance(projection, torch.nn.Identity) else projection.weight.detach(),
+        predictor_heads_t=[h.weight.detach().t() for h in predictor.lm_head],
+        projection_t=None if isinstance(projection, torch.nn.Identity) else projection.weight.detach().t(),
         projection_bias=None if isinstance(projection, torch.nn.Identity) else projection.bias.detach(),
         tts_pad=tts_pad.reshape(-1).detach(),
         suppress=suppress,
@@ -454,14 +464,16 @@ def prefill(
         x[row, : prompt.shape[0]] = prompt
     index = torch.tensor(list(slots), device=device)
     cos, sin = stack.cos[:longest][None, :, None], stack.sin[:longest][None, :, None]
+    x = x.view(len(prompts) * longest, -1)
     for layer, keys, values in zip(stack.layers, s.keys, s.values, strict=True):
-        q, k, v = _project_qkv(x, layer, stack, cos, sin)
+        q, k, v = _project_qkv(x, longest, layer, stack, cos, sin)
         keys[index, :, :longest] = k  # right padding lands beyond each prompt, where no query looks
         values[index, :, :longest] = v
         x = _finish_layer(x, _attend(q, k, v, stack, is_causal=True), layer, stack)
     last = torch.tensor([length - 1 for length in lengths], device=device)
+    x = x.view(len(prompts), longest, -1)
     hidden = rms_norm(x[torch.arange(len(prompts), device=device), last], stack.norm, stack.eps)
-    logits = F.linear(hidden, w.codec_head).to(torch.float32)
+    logits = linear(hidden, w.codec_head_t).to(torch.float32)
 
     def column(name: str, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
@@ -500,6 +512,43 @@ def prefill(
     s.past_hidden[index] = hidden
     s.position[index] = torch.tensor(lengths, device=device)
     s.active[index] = True
+
+
+# Per-slot state a request carries from step to step (besides its K/V); the predictor's cache is
+# rebuilt every frame, so it is not among them.
+_CARRIED = (
+    "last_token",
+    "past_hidden",
+    "position",
+    "generated",
+    "seen",
+    "active",
+    "seed",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "sub_do_sample",
+    "sub_temperature",
+    "sub_top_k",
+    "sub_top_p",
+)
+
+
+@torch.inference_mode()
+def move(s: SlotState, source: int, target: int, length: int) -> None:
+    """Compaction: a running request moves from `source` to the free slot `target`, so that the step window
+    (rows [:n]) shrinks when requests below it have left. Copies its own K/V (the first `length` positions,
+    all it has written) and its per-slot state; `source` becomes free. No other slot is read or written,
+    and its next frames are the ones it would have made in place (its draws are keyed by seed and frame,
+    not slot)."""
+    for cache in (*s.keys, *s.values):
+        cache[target, :, :length] = cache[source, :, :length]
+    for name in _CARRIED:
+        tensor = getattr(s, name)
+        tensor[target] = tensor[source]
+    s.active[source] = False
 
 
 def release(s: SlotState, slot: int) -> None:

@@ -86,7 +86,7 @@ class RequestEnd:
     error: str | None = None
     cancelled: bool = False
     codes: np.ndarray | None = None  # [frames, 16]: every codec frame generated, all segments
-    slots: tuple[int, ...] = ()  # the KV slot of each segment
+    slots: tuple[int, ...] = ()  # the KV slot each segment was prefilled into (compaction may move it)
 
 
 class RequestHandle:
@@ -253,6 +253,8 @@ class StepScheduler:
         self._host_buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._buffer_turn = 0
         self.step_batch_sizes: deque[int] = deque(maxlen=1000)  # recent step batch sizes, for tests
+        self.step_windows: deque[int] = deque(maxlen=1000)  # recent step widths (rows computed), for tests
+        self.moves = 0  # rows moved down by compaction
         self.on_step: Callable[[int], None] | None = None  # e.g. a metrics histogram
 
     # ---- public ----------------------------------------------------------------------------------
@@ -322,6 +324,7 @@ class StepScheduler:
     def _turn(self) -> None:
         self._drop_cancelled()
         self._admit()
+        self._compact()
         launch = self._launch() if any(row.slot >= 0 and not row.segment_done for row in self._rows) else None
         if self.on_cuda:  # read the previous step while this one runs
             previous, self._in_flight = self._in_flight, launch
@@ -380,6 +383,24 @@ class StepScheduler:
             row.prompt_len = int(prompt.shape[0])
             row.samples = param.do_sample or param.sub_do_sample
 
+    def _compact(self) -> None:
+        """Keep the step window short: while a slot below the highest occupied one is free (requests left
+        and none is waiting to take it), move the top row down into it. A step computes rows [:n], n = the
+        highest slot + 1, so without this one long request in a high slot keeps a burst's full width
+        stepping after the others have ended. A move copies only that row's own K/V (see `fs.move`)."""
+        while self._free:
+            holding = [row for row in self._rows if row.slot >= 0]
+            if not holding:
+                return
+            top = max(holding, key=lambda row: row.slot)
+            if self._free[0] > top.slot or top.segment_done:
+                return
+            hole = heapq.heapreplace(self._free, top.slot)
+            # positions written so far: the prompt, plus one per launched step (the one in flight too)
+            fs.move(self.state, top.slot, hole, min(self.max_len, top.prompt_len + top.launched))
+            top.slot = hole
+            self.moves += 1
+
     # ---- one step --------------------------------------------------------------------------------
     def _launch(self) -> _Launch:
         stepping = [row for row in self._rows if row.slot >= 0 and not row.segment_done]
@@ -396,6 +417,7 @@ class StepScheduler:
             row.shared_steps += batch > 1
             row.max_batch = max(row.max_batch, batch)
         self.step_batch_sizes.append(batch)
+        self.step_windows.append(n)
         if self.on_step is not None:
             self.on_step(batch)
         placed = [(row, row.slot, row.segment) for row in stepping]
