@@ -9,7 +9,16 @@
 # 2. the Bento's pinned packages for aarch64-manylinux_2_28 (scripts/resolve_aarch64.py's list), with
 #    `uv pip install --target`, wheels only;
 # 3. `qemu-aarch64-static -L ROOT python3.11` imports them one by one and prints torch's CUDA arch list.
-# Each import is its own process, so one crash does not hide the others.
+#    Each import is its own process, so one crash does not hide the others;
+# 4. the step engine synthesizes two lines on the tiny checkpoint, on the emulated CPU, and its codes are
+#    compared with qwen-tts's own generate (scripts/emulated_synthesis_check.py).
+#
+# qemu-user shows the emulated program the host's /proc/cpuinfo (x86) and no MIDR_EL1 register file:
+# pytorch/cpuinfo, which onnxruntime initialises on import, dereferences NULL on that (qwen_tts imports
+# onnxruntime, so it crashed too). A real Grace CPU has both files; here ROOT gets an ARM cpuinfo and
+# MIDR, which qemu's -L prefix serves in place of the host's. The emulated CPU is a Neoverse N1 (ARMv8.2,
+# no SVE): qemu 7.2 has no model of Grace's Neoverse V2, and with its `max` CPU (SVE) oneDNN's JIT made a
+# transposed convolution that qemu stopped with SIGILL. So SVE kernels, which Grace runs, are not tried.
 set -euo pipefail
 
 WORK=${1:-/tmp/aarch64-import}
@@ -27,17 +36,36 @@ fi
 if [ ! -x "$UVENV/bin/uv" ]; then
     python3 -m venv "$UVENV" && "$UVENV/bin/pip" install -q uv pyyaml
 fi
+mkdir -p "$ROOT/proc"
+for cpu in 0 1; do
+    printf 'processor\t: %s\nBogoMIPS\t: 2000.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp ssbs\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x4\nCPU part\t: 0xd0c\nCPU revision\t: 1\n\n' "$cpu"
+    mkdir -p "$ROOT/sys/devices/system/cpu/cpu$cpu/regs/identification"
+    echo 0x00000000414fd0c1 >"$ROOT/sys/devices/system/cpu/cpu$cpu/regs/identification/midr_el1"
+done >"$ROOT/proc/cpuinfo"
 "$UVENV/bin/python" -c "import sys; sys.path.insert(0, '$REPO/scripts'); import resolve_aarch64 as r; print('\n'.join(r.requirements()))" \
     >"$WORK/requirements.txt"
 "$UVENV/bin/uv" pip install -q --python-platform aarch64-manylinux_2_28 --python-version 3.11 --no-build \
     --target "$SITE" -r "$WORK/requirements.txt"
 
+emulated() {
+    qemu-aarch64-static -cpu neoverse-n1 -L "$ROOT" -E PYTHONPATH="$SITE:$REPO/src" -E HOME="$WORK/home" "$ROOT/usr/bin/python3.11" "$@"
+}
 run() {
-    qemu-aarch64-static -L "$ROOT" -E PYTHONPATH="$SITE:$REPO/src" -E HOME="$WORK/home" \
-        "$ROOT/usr/bin/python3.11" -c "$1" 2>&1 | tail -1
+    emulated -c "$1" 2>&1 | tail -1
 }
 echo "python: $(run 'import platform; print(platform.machine(), platform.python_version())')"
 echo "torch:  $(run 'import torch; print(torch.__version__, "CUDA", torch.version.cuda, "archs", " ".join(torch._C._cuda_getArchFlags().split()))')"
 for module in torchaudio transformers accelerate bentoml fastapi av soundfile numba librosa onnxruntime qwen_tts; do
     printf '%-13s %s\n' "$module" "$(run "import $module; print('imported', getattr($module, '__version__', ''))")"
 done
+
+# The tiny checkpoint is built natively (its files are the same on any machine), then used on aarch64.
+TINY=$(python3 -c "import sys; sys.path.insert(0, '$REPO/src'); from tts_service.dev.tiny_checkpoint import ensure_tiny_checkpoint as e; print(e('$WORK/cache'))" 2>/dev/null ||
+    "$REPO/.venv/bin/python" -c "from tts_service.dev.tiny_checkpoint import ensure_tiny_checkpoint as e; print(e('$WORK/cache'))")
+echo "synthesis on the emulated CPU (tiny checkpoint, greedy; minutes):"
+started=$SECONDS
+status=0
+emulated "$REPO/scripts/emulated_synthesis_check.py" "$TINY" "$WORK/out" >"$WORK/synthesis.log" 2>&1 || status=$?
+grep -E '^(aarch64|request|[A-Za-z]*Error|qemu)' "$WORK/synthesis.log" | sed 's/^/  /' || true
+echo "  exit status $status, $((SECONDS - started)) s (full log: $WORK/synthesis.log)"
+exit "$status"

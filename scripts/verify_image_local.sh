@@ -5,6 +5,12 @@
 # SIGTERM, and a restart reuses the built tiny checkpoint. Prints a PASS/FAIL table and the figures.
 #
 #   sudo scripts/verify_image_local.sh            # as root: buildah with --isolation chroot and vfs
+#   sudo ARCH=arm64 scripts/verify_image_local.sh # the Spark's arm64 image, built and run under emulation
+#
+# ARCH=arm64 on an x86_64 machine runs every arm64 binary (the build's RUN steps, the service) through
+# qemu-aarch64-static, registered with binfmt_misc here if it is not already; the arm64 images live in
+# their own buildah store, so both base images keep the name the Dockerfile expects. Emulation is slow
+# (expect an hour); the figures then say what works on arm64, not how fast the Spark is.
 #
 # No Docker daemon and no image registry are needed: the base image the generated Dockerfile names
 # (python:3.11-slim) is made here from Debian bookworm's packages (whose Python is 3.11) and stored under
@@ -14,10 +20,38 @@ set -uo pipefail
 
 REPO_ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PORT="${PORT:-8000}"
-IMAGE="${IMAGE:-localhost/qwen3-tts:local}"
+HOST_ARCH="$(dpkg --print-architecture)"
+ARCH="${ARCH:-$HOST_ARCH}"
+IMAGE="${IMAGE:-localhost/qwen3-tts:local-$ARCH}"
 BASE="docker.io/library/python:3.11-slim"
 WORK="${WORK:-/var/tmp/tts-image-check}"
 BUILDAH=(buildah --storage-driver vfs)
+LIMIT=600  # seconds to healthy
+RUN_EMULATION=()
+if [[ $ARCH != "$HOST_ARCH" ]]; then
+  [[ $ARCH == arm64 ]] || { echo "ARCH is $HOST_ARCH (native) or arm64 (emulated)"; exit 2; }
+  if [[ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]]; then
+    command -v qemu-aarch64-static >/dev/null || apt-get install -y qemu-user-static >/dev/null
+    [[ -e /proc/sys/fs/binfmt_misc/register ]] || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+    # The kernel runs aarch64 ELF files through qemu; F: the interpreter is opened now, so it works in chroots.
+    printf '%s' ':qemu-aarch64:M::\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00:\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff:/usr/bin/qemu-aarch64-static:F' \
+      >/proc/sys/fs/binfmt_misc/register || { echo "cannot register qemu-aarch64 with binfmt_misc"; exit 2; }
+  fi
+  BUILDAH+=(--root "$WORK/storage-$ARCH" --runroot "$WORK/run-$ARCH")
+  LIMIT=3600
+  # qemu-user shows programs the host's /proc/cpuinfo (x86) and no MIDR_EL1 file: pytorch/cpuinfo, which
+  # onnxruntime (and so qwen_tts) initialises on import, crashes on that. A real Grace CPU has both. The
+  # service therefore runs with QEMU_LD_PREFIX pointing at a folder holding a Neoverse V2 (Grace's core)
+  # cpuinfo and MIDR, which qemu serves in place of the host's; the image itself is unchanged.
+  EMULATION="$WORK/emulated-cpu"
+  mkdir -p "$EMULATION/proc"
+  for cpu in 0 1; do
+    printf 'processor\t: %s\nBogoMIPS\t: 2000.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp ssbs\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x4\nCPU part\t: 0xd0c\nCPU revision\t: 1\n\n' "$cpu"
+    mkdir -p "$EMULATION/sys/devices/system/cpu/cpu$cpu/regs/identification"
+    echo 0x00000000414fd0c1 >"$EMULATION/sys/devices/system/cpu/cpu$cpu/regs/identification/midr_el1"
+  done >"$EMULATION/proc/cpuinfo"
+  RUN_EMULATION=(-v "$EMULATION:/emulated-cpu" -e QEMU_LD_PREFIX=/emulated-cpu -e "QEMU_CPU=${QEMU_CPU:-neoverse-n1}")
+fi
 export BUILDAH_ISOLATION=chroot STORAGE_DRIVER=vfs BENTOML_DO_NOT_TRACK=True
 RESULTS=()
 
@@ -41,7 +75,7 @@ if ! "${BUILDAH[@]}" inspect --type image "$BASE" >/dev/null 2>&1; then
   started=$(now)
   rootfs="$WORK/rootfs"
   rm -rf "$rootfs"
-  debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
+  debootstrap --arch="$ARCH" --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
     bookworm "$rootfs" http://deb.debian.org/debian >"$WORK/debootstrap.log" 2>&1 \
     || { record "base image" FAIL "debootstrap failed: $WORK/debootstrap.log"; finish; exit 1; }
   cp /etc/apt/sources.list.d/debian.sources "$rootfs/etc/apt/sources.list.d/" 2>/dev/null && rm -f "$rootfs/etc/apt/sources.list"
@@ -56,13 +90,13 @@ if ! "${BUILDAH[@]}" inspect --type image "$BASE" >/dev/null 2>&1; then
   rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
   container=$("${BUILDAH[@]}" from scratch)
   cp -a "$rootfs/." "$("${BUILDAH[@]}" mount "$container")/"
-  "${BUILDAH[@]}" config --env LANG=C.UTF-8 --env PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin \
+  "${BUILDAH[@]}" config --os linux --arch "$ARCH" --env LANG=C.UTF-8 --env PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin \
     --env SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt --env PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
     --cmd python3 "$container"
   "${BUILDAH[@]}" commit -q "$container" "$BASE" >/dev/null
   "${BUILDAH[@]}" rm "$container" >/dev/null
   rm -rf "$rootfs"
-  record "base image" PASS "$BASE from Debian bookworm in $(since "$started") s"
+  record "base image" PASS "$BASE ($ARCH) from Debian bookworm in $(since "$started") s"
 else
   record "base image" PASS "$BASE already here"
 fi
@@ -74,7 +108,7 @@ cd "$REPO_ROOT"
 tag=$("$REPO_ROOT/.venv/bin/bentoml" build . 2>&1 | sed -n 's/.*Successfully built Bento(tag="\([^"]*\)").*/\1/p')
 [[ -n "$tag" ]] || { record "bentoml build" FAIL "no Bento built"; finish; exit 1; }
 bento="$BENTOML_HOME/bentos/${tag%%:*}/${tag##*:}"
-if "${BUILDAH[@]}" build --isolation chroot --layers=false -q -t "$IMAGE" -f "$bento/env/docker/Dockerfile" "$bento" \
+if "${BUILDAH[@]}" build --isolation chroot --layers=false --platform "linux/$ARCH" -q -t "$IMAGE" -f "$bento/env/docker/Dockerfile" "$bento" \
   >"$WORK/build.log" 2>&1; then
   size=$("${BUILDAH[@]}" images --format '{{.Size}}' "$IMAGE" 2>/dev/null | head -n 1)
   record "image build" PASS "$tag as $IMAGE in $(since "$started") s; image size ${size:-unknown}"
@@ -91,7 +125,7 @@ run_service() {
   local container
   container=$("${BUILDAH[@]}" from -q "$IMAGE")
   "${BUILDAH[@]}" run --isolation chroot --user bentoml \
-    -e TTS_MODEL=tiny -e TTS_DEVICE=cpu -e TTS_HOST=127.0.0.1 -e TTS_PORT="$PORT" \
+    "${RUN_EMULATION[@]}" -e TTS_MODEL=tiny -e TTS_DEVICE=cpu -e TTS_HOST=127.0.0.1 -e TTS_PORT="$PORT" \
     -v "$data/hf-cache:/data/hf-cache" -v "$data/tts-cache:/data/tts-cache" \
     "$container" -- /home/bentoml/bento/env/docker/entrypoint.sh >>"$WORK/serve.log" 2>&1 &
   echo "$! $container"
@@ -128,10 +162,10 @@ stop_within() {  # SIGTERM to the container's main process (`bentoml serve`), as
 : >"$WORK/serve.log"
 started=$(now)
 read -r pid container < <(run_service)
-if healthy_within "$started" 600; then
+if healthy_within "$started" "$LIMIT"; then
   record "healthy" PASS "curl -fsS /readyz after $(since "$started") s"
 else
-  record "healthy" FAIL "not healthy in 600 s: $(tail -n 5 "$WORK/serve.log" | tr '\n' ' ')"
+  record "healthy" FAIL "not healthy in $LIMIT s: $(tail -n 5 "$WORK/serve.log" | tr '\n' ' ')"
 fi
 status=$(curl -s -o "$WORK/hello.wav" -w '%{http_code}' -X POST "http://127.0.0.1:$PORT/v1/tts/synthesize" \
   -H 'Content-Type: application/json' -d '{"text": "Hello from the image.", "speaker": "Ryan"}')
@@ -155,7 +189,7 @@ stopped=$(stop_within "$pid") && record "stop after SIGTERM" PASS "all processes
 before=$(grep -c "built tiny Qwen3-TTS checkpoint" "$WORK/serve.log")
 started=$(now)
 read -r pid container < <(run_service)
-if healthy_within "$started" 600 && [[ $(grep -c "built tiny Qwen3-TTS checkpoint" "$WORK/serve.log") == "$before" ]]; then
+if healthy_within "$started" "$LIMIT" && [[ $(grep -c "built tiny Qwen3-TTS checkpoint" "$WORK/serve.log") == "$before" ]]; then
   record "restart reuses checkpoint" PASS "healthy again after $(since "$started") s, nothing rebuilt"
 else
   record "restart reuses checkpoint" FAIL "see $WORK/serve.log"
