@@ -20,7 +20,7 @@ set -uo pipefail
 
 REPO_ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PORT="${PORT:-8000}"
-HOST_ARCH="$(dpkg --print-architecture)"
+case "$HOSTTYPE" in x86_64) HOST_ARCH=amd64 ;; aarch64) HOST_ARCH=arm64 ;; *) HOST_ARCH=$HOSTTYPE ;; esac
 ARCH="${ARCH:-$HOST_ARCH}"
 IMAGE="${IMAGE:-localhost/qwen3-tts:local-$ARCH}"
 BASE="docker.io/library/python:3.11-slim"

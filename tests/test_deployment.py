@@ -47,6 +47,9 @@ def test_image_recipe_targets_the_spark(bento: Path) -> None:
         "HF_HOME=/data/hf-cache",
         "TTS_VOICES_DIR=/data/voices",
         "PYTHONPATH=/home/bentoml/bento/src/src",
+        "TORCHINDUCTOR_CACHE_DIR=/data/tts-cache/inductor",  # compile caches on the cache volume
+        "TRITON_CACHE_DIR=/data/tts-cache/triton",
+        "CUDA_CACHE_PATH=/data/tts-cache/cuda",
     ):
         assert f"ARG {env}" in dockerfile
     assert "USER bentoml" in dockerfile
