@@ -174,6 +174,13 @@ if [[ $status == 200 && $(head -c 4 "$WORK/hello.wav") == RIFF ]]; then
 else
   record "synthesize" FAIL "HTTP $status"
 fi
+machine=$("${BUILDAH[@]}" run --isolation chroot "$container" -- python -c \
+  'import platform, torch; print(platform.machine(), "Python", platform.python_version(), "torch", torch.__version__)' 2>/dev/null | tail -n 1)
+if [[ $machine == "$([[ $ARCH == arm64 ]] && echo aarch64 || echo x86_64) "* ]]; then
+  record "architecture" PASS "$machine"
+else
+  record "architecture" FAIL "expected $ARCH, the image runs: ${machine:-nothing}"
+fi
 user=$(ps -o user= -p "$(pgrep -f '_bentoml_impl.worker.service' | head -n 1)" 2>/dev/null || echo "?")
 owner=$(stat -c %u "$data/tts-cache/tiny-v1" 2>/dev/null || echo "none")
 if [[ $owner == 1034 ]]; then
