@@ -105,8 +105,9 @@ fi
 export BENTOML_HOME="$WORK/bentoml-home"
 started=$(now)
 cd "$REPO_ROOT"
-tag=$("$REPO_ROOT/.venv/bin/bentoml" build . 2>&1 | sed -n 's/.*Successfully built Bento(tag="\([^"]*\)").*/\1/p')
-[[ -n "$tag" ]] || { record "bentoml build" FAIL "no Bento built"; finish; exit 1; }
+"$REPO_ROOT/.venv/bin/bentoml" build . >"$WORK/bentoml-build.log" 2>&1
+tag=$(sed -n 's/.*Successfully built Bento(tag="\([^"]*\)").*/\1/p' "$WORK/bentoml-build.log")
+[[ -n "$tag" ]] || { record "bentoml build" FAIL "no Bento built: $(tail -n 3 "$WORK/bentoml-build.log" | tr '\n' ' ')"; finish; exit 1; }
 bento="$BENTOML_HOME/bentos/${tag%%:*}/${tag##*:}"
 if "${BUILDAH[@]}" build --isolation chroot --layers=false --platform "linux/$ARCH" -q -t "$IMAGE" -f "$bento/env/docker/Dockerfile" "$bento" \
   >"$WORK/build.log" 2>&1; then
