@@ -13,12 +13,8 @@
 # 4. the step engine synthesizes two lines on the tiny checkpoint, on the emulated CPU, and its codes are
 #    compared with qwen-tts's own generate (scripts/emulated_synthesis_check.py).
 #
-# qemu-user shows the emulated program the host's /proc/cpuinfo (x86) and no MIDR_EL1 register file:
-# pytorch/cpuinfo, which onnxruntime initialises on import, dereferences NULL on that (qwen_tts imports
-# onnxruntime, so it crashed too). A real Grace CPU has both files; here ROOT gets an ARM cpuinfo and
-# MIDR, which qemu's -L prefix serves in place of the host's. The emulated CPU is a Neoverse N1 (ARMv8.2,
-# no SVE): qemu 7.2 has no model of Grace's Neoverse V2, and with its `max` CPU (SVE) oneDNN's JIT made a
-# transposed convolution that qemu stopped with SIGILL. So SVE kernels, which Grace runs, are not tried.
+# The emulated CPU is a Neoverse N1 with an ARM cpuinfo and MIDR under ROOT (scripts/emulated_cpu.sh says
+# why: with the host's x86 ones onnxruntime, and so qwen_tts, crashed on import).
 set -euo pipefail
 
 WORK=${1:-/tmp/aarch64-import}
@@ -36,12 +32,7 @@ fi
 if [ ! -x "$UVENV/bin/uv" ]; then
     python3 -m venv "$UVENV" && "$UVENV/bin/pip" install -q uv pyyaml
 fi
-mkdir -p "$ROOT/proc"
-for cpu in 0 1; do
-    printf 'processor\t: %s\nBogoMIPS\t: 2000.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp ssbs\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x4\nCPU part\t: 0xd0c\nCPU revision\t: 1\n\n' "$cpu"
-    mkdir -p "$ROOT/sys/devices/system/cpu/cpu$cpu/regs/identification"
-    echo 0x00000000414fd0c1 >"$ROOT/sys/devices/system/cpu/cpu$cpu/regs/identification/midr_el1"
-done >"$ROOT/proc/cpuinfo"
+"$REPO/scripts/emulated_cpu.sh" "$ROOT"  # an ARM cpuinfo and MIDR in place of the host's (see there)
 "$UVENV/bin/python" -c "import sys; sys.path.insert(0, '$REPO/scripts'); import resolve_aarch64 as r; print('\n'.join(r.requirements()))" \
     >"$WORK/requirements.txt"
 "$UVENV/bin/uv" pip install -q --python-platform aarch64-manylinux_2_28 --python-version 3.11 --no-build \

@@ -39,17 +39,10 @@ if [[ $ARCH != "$HOST_ARCH" ]]; then
   fi
   BUILDAH+=(--root "$WORK/storage-$ARCH" --runroot "$WORK/run-$ARCH")
   LIMIT=3600
-  # qemu-user shows programs the host's /proc/cpuinfo (x86) and no MIDR_EL1 file: pytorch/cpuinfo, which
-  # onnxruntime (and so qwen_tts) initialises on import, crashes on that. A real Grace CPU has both. The
-  # service therefore runs with QEMU_LD_PREFIX pointing at a folder holding a Neoverse V2 (Grace's core)
-  # cpuinfo and MIDR, which qemu serves in place of the host's; the image itself is unchanged.
+  # The service runs on an emulated Neoverse N1 with an ARM cpuinfo and MIDR, served by qemu through
+  # QEMU_LD_PREFIX (scripts/emulated_cpu.sh says why); the image itself is unchanged.
   EMULATION="$WORK/emulated-cpu"
-  mkdir -p "$EMULATION/proc"
-  for cpu in 0 1; do
-    printf 'processor\t: %s\nBogoMIPS\t: 2000.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp ssbs\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x4\nCPU part\t: 0xd0c\nCPU revision\t: 1\n\n' "$cpu"
-    mkdir -p "$EMULATION/sys/devices/system/cpu/cpu$cpu/regs/identification"
-    echo 0x00000000414fd0c1 >"$EMULATION/sys/devices/system/cpu/cpu$cpu/regs/identification/midr_el1"
-  done >"$EMULATION/proc/cpuinfo"
+  "$REPO_ROOT/scripts/emulated_cpu.sh" "$EMULATION"
   RUN_EMULATION=(-v "$EMULATION:/emulated-cpu" -e QEMU_LD_PREFIX=/emulated-cpu -e "QEMU_CPU=${QEMU_CPU:-neoverse-n1}")
 fi
 export BUILDAH_ISOLATION=chroot STORAGE_DRIVER=vfs BENTOML_DO_NOT_TRACK=True
