@@ -7,6 +7,7 @@ Real-time factor (RTF) here is audio seconds per wall second: higher is better.
     python scripts/bench.py engine --arch 1.7b --device cuda          # random weights, real 1.7B sizes
     python scripts/bench.py service --model tiny                      # starts bentoml serve twice
     python scripts/bench.py burst --model tiny                        # concurrency, recovery, stream gaps
+    python scripts/bench.py burst --model tiny --compile-step         # the same with the compiled frame step
     python scripts/bench.py service --url http://127.0.0.1:8000       # an already running service
 
 Each benchmark is a module of scripts/benchmarks/ whose `measure(args)` returns the figures and whose
@@ -44,6 +45,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto")
         p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "tts_service")
         p.add_argument("--json", type=Path, help="also write the results here")
+        if name != "step":  # the step benchmark times the compiled step beside the eager one (--compiled)
+            p.add_argument("--compile-step", action="store_true", help="TTS_COMPILE_STEP=true for the engine")
     engine = sub.choices["engine"]
     engine.add_argument("--dtype", default="auto")
     engine.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
@@ -63,6 +66,7 @@ def parser() -> argparse.ArgumentParser:
     step.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     step.add_argument("--steps", type=int, default=10, help="frames timed per run")
     step.add_argument("--repeat", type=int, default=3)
+    step.add_argument("--compiled", action="store_true", help="also time the step compiled with Inductor")
     burst = sub.choices["burst"]
     burst.add_argument("--url", help="drive this running service instead of starting one")
     burst.add_argument("--repeat", type=int, default=3)

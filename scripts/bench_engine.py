@@ -3,6 +3,7 @@ throughput under staggered streams, the frame step's kernel and sync census, gra
 
     python scripts/bench_engine.py --arch 1.7b --device cuda            # random weights, real sizes
     python scripts/bench_engine.py --arch deep --device cpu --streams 1 4
+    python scripts/bench_engine.py --arch 1.7b --device cuda --compile-step   # the compiled step, graphed
 
 End of speech is suppressed, so every request generates exactly `--frames` frames (12.5 = 1 s).
 Prints markdown tables; `--json FILE` also writes the raw figures.
@@ -185,6 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slots", type=int, default=32)
     parser.add_argument("--no-plain", action="store_true")
     parser.add_argument("--no-eager", action="store_true")
+    parser.add_argument(
+        "--compile-step", action="store_true", help="TTS_COMPILE_STEP: Inductor at start-up (graphs capture it)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -198,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         max_new_tokens=max(args.frames, 64) + 8,
         max_prompt_tokens=256,
         cache_dir=args.cache_dir,
+        compile_step=args.compile_step,
     )
     loaded = time.perf_counter()
     engine = TTSEngine.load(settings)
@@ -224,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
         scheduler.step_fn = graphed
         differs = [i for i, (a, b) in enumerate(zip(codes["graphs"], codes["eager"], strict=True)) if (a != b).any()]
         report["graphs_vs_eager_first_divergent_frame"] = differs[0] if differs else None
-        print(f"graphs vs eager, batch 1, 60 frames: first divergent frame = {differs[0] if differs else None}")
+        first = differs[0] if differs else None
+        print(f"fast path (graphs or compiled) vs eager, batch 1, 60 frames: first divergent frame = {first}")
     report["census"] = [step_census(scheduler, n, args.device) for n in (1, 8)]
     print("\n## Frame step census\n")
     for row in report["census"]:

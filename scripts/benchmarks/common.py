@@ -124,7 +124,7 @@ def bench_settings(args: argparse.Namespace, **overrides: Any) -> Settings:
         dtype=getattr(args, "dtype", "auto"),
         cache_dir=args.cache_dir,
         greedy=True,
-        **overrides,
+        **{"compile_step": getattr(args, "compile_step", False), **overrides},
     )
 
 
@@ -187,6 +187,7 @@ def served(args: argparse.Namespace, max_batch_size: int, log_dir: Path) -> Iter
         "TTS_GREEDY": "true",
         "TTS_MAX_BATCH_SIZE": str(max_batch_size),
         "TTS_DEVICE": args.device,
+        "TTS_COMPILE_STEP": str(getattr(args, "compile_step", False)).lower(),
     }
     with running_server(env, log_dir / f"serve-batch{max_batch_size}.log", ready_timeout_s=900) as server:
         yield server.url

@@ -3,6 +3,7 @@ HF `generate` for the code predictor, on a shared DynamicCache) and against plai
 `generate_custom_voice`, per frame, at several batch sizes, interleaved in one run.
 
     python scripts/bench.py step --arch deep              # the released layer counts at tiny widths (CPU)
+    python scripts/bench.py step --arch deep --compiled   # also the step compiled with Inductor (minutes)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from benchmarks.common import VOICES, bench_settings, environment, model_label
 from tts_service import frame_step as fs
 from tts_service.dev.tiny_checkpoint import CODEC_EOS
 from tts_service.engine import SynthesisRequest, TTSEngine
+from tts_service.step_compiler import CompiledFrameStep
 
 TEXT = "The east wing of the gallery opens at nine. Please keep to the marked paths and ask any guide."
 
@@ -28,8 +30,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure_step(engine: TTSEngine, batch_sizes: list[int], steps: int, repeat: int) -> list[dict[str, Any]]:
-    """Milliseconds per frame for each batch size: new step (eager), wave 1's step, plain qwen-tts."""
+def measure_step(
+    engine: TTSEngine, batch_sizes: list[int], steps: int, repeat: int, compiled: CompiledFrameStep | None = None
+) -> list[dict[str, Any]]:
+    """Milliseconds per frame for each batch size: new step (eager, and compiled when given), wave 1's
+    step, plain qwen-tts."""
     scheduler = engine.scheduler
     w, s = scheduler.weights, scheduler.state
     device = w.codec_head.device
@@ -42,17 +47,20 @@ def measure_step(engine: TTSEngine, batch_sizes: list[int], steps: int, repeat: 
             requests = [SynthesisRequest(TEXT, *VOICES[i % len(VOICES)]) for i in range(n)]
             prompts = [scheduler.prompts.build(r.text, r.speaker, r.language) for r in requests]
             kv_len = max(p.shape[0] for p in prompts) + steps * (repeat + 2) + 8
-            new_ms, old_ms, plain_ms = [], [], []
-            for _ in range(repeat):  # interleaved, so drift hits all three alike
-                with torch.inference_mode():
-                    fs.prefill(w, s, list(range(n)), prompts, [scheduler.sampling_params(i) for i in range(n)])
-                    fs.frame_step(w, s, n, kv_len, False)
-                    _sync(device)
-                    started = time.perf_counter()
-                    for _ in range(steps):
-                        fs.frame_step(w, s, n, kv_len, False)
-                    _sync(device)
-                new_ms.append((time.perf_counter() - started) / steps * 1000)
+            new_ms, compiled_ms, old_ms, plain_ms = [], [], [], []
+            for _ in range(repeat):  # interleaved, so drift hits all alike
+                for step, times in ((fs.frame_step, new_ms), (compiled, compiled_ms)):
+                    if step is None:
+                        continue
+                    with torch.inference_mode():
+                        fs.prefill(w, s, list(range(n)), prompts, [scheduler.sampling_params(i) for i in range(n)])
+                        step(w, s, n, kv_len, False)
+                        _sync(device)
+                        started = time.perf_counter()
+                        for _ in range(steps):
+                            step(w, s, n, kv_len, False)
+                        _sync(device)
+                    times.append((time.perf_counter() - started) / steps * 1000)
 
                 old = Wave1Step(engine)
                 with torch.inference_mode():
@@ -92,6 +100,10 @@ def measure_step(engine: TTSEngine, batch_sizes: list[int], steps: int, repeat: 
             }
             row["vs_old"] = row["old_ms"] / row["new_ms"]
             row["vs_plain"] = row["plain_ms"] / row["new_ms"]
+            if compiled_ms:
+                row["compiled_ms"] = statistics.median(compiled_ms)
+                row["compiled_vs_old"] = row["old_ms"] / row["compiled_ms"]
+                row["compiled_vs_plain"] = row["plain_ms"] / row["compiled_ms"]
             rows.append(row)
     finally:
         hook.remove()
@@ -111,6 +123,15 @@ def step_table(rows: list[dict[str, Any]], label: str, steps: int, repeat: int) 
             f"| {r['batch']} | {r['new_ms']:.1f} | {r['old_ms']:.1f} | {r['plain_ms']:.1f} | "
             f"{r['vs_old']:.2f}x | {r['vs_plain']:.2f}x |"
         )
+    if rows and "compiled_ms" in rows[0]:
+        emit("\nThe same frame step compiled (`TTS_COMPILE_STEP`: Inductor, dynamic shapes), same run:\n")
+        emit("| batch | compiled ms | eager ms | compiled vs eager | compiled vs wave 1 | compiled vs plain |")
+        emit("| ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in rows:
+            emit(
+                f"| {r['batch']} | {r['compiled_ms']:.1f} | {r['new_ms']:.1f} | "
+                f"{r['new_ms'] / r['compiled_ms']:.2f}x | {r['compiled_vs_old']:.2f}x | {r['compiled_vs_plain']:.2f}x |"
+            )
     return "\n".join(lines)
 
 
@@ -123,11 +144,20 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         max_prompt_tokens=256,
     )
     engine = TTSEngine.load(settings)
-    rows = measure_step(engine, args.batch_sizes, args.steps, args.repeat)
+    compiled = None
+    if args.compiled:
+        compiled = CompiledFrameStep()
+        seconds = compiled.warm_up(engine.scheduler.weights, engine.scheduler.state, False, None)
+    rows = measure_step(engine, args.batch_sizes, args.steps, args.repeat, compiled)
     label = f"{model_label(args)}, {engine.model.model.dtype} on {engine.model.device}"
     result = {"kind": "step", "model": model_label(args), "label": label, "env": environment(), "rows": rows}
+    if compiled is not None:
+        result["compile_s"] = seconds
     return {**result, "steps": args.steps, "repeat": args.repeat}
 
 
 def report(result: dict[str, Any]) -> str:
-    return step_table(result["rows"], result["label"], result["steps"], result["repeat"])
+    table = step_table(result["rows"], result["label"], result["steps"], result["repeat"])
+    if "compile_s" in result:
+        table += f"\n\nCompile and warm-up: {result['compile_s']:.0f} s."
+    return table

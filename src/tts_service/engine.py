@@ -257,6 +257,7 @@ class TTSEngine:
             max_len=settings.max_new_tokens + settings.max_prompt_tokens,
             sampling=self.sampling_defaults(),
             cuda_graphs=settings.cuda_graphs,
+            compile_step=settings.compile_step,
             stateful_streams={"auto": None, "stateful": True, "window": False}[settings.stream_decoder],
             stream_plan=ChunkPlan(
                 settings.stream_first_frames, settings.stream_chunk_frames, settings.stream_left_context

@@ -166,7 +166,8 @@ def _finish_layer(x: torch.Tensor, attn: torch.Tensor, layer: LayerWeights, stac
     """Output projection, residual, MLP (SiLU-gated), residual. x: rows [B * T, H]; attn: [B, heads, T, D]."""
     attn = attn.transpose(1, 2).reshape(x.shape[0], -1)
     x = x + linear(attn, layer.o_t, layer.o_bias)
-    gate, up = linear(rms_norm(x, layer.post_norm, stack.eps_t, stack.width_t), layer.gate_up_t).split(stack.intermediate, dim=-1)
+    normed = rms_norm(x, layer.post_norm, stack.eps_t, stack.width_t)
+    gate, up = linear(normed, layer.gate_up_t).split(stack.intermediate, dim=-1)
     return x + linear(F.silu(gate) * up, layer.down_t)
 
 

@@ -56,6 +56,8 @@ class ChunkPlan:
 
 # qwen-tts decodes whole utterances in 300-frame chunks with 25 frames of left context; a whole-file
 # request uses the same windows, so its audio equals qwen-tts's decode of the same codes.
+# OpenMP teams in a non-main thread are slow; the decoder thread has the other core.
+_CPU_LOOP_THREADS = 1
 WHOLE_FILE_PLAN = ChunkPlan(first_frames=300, frames=300, left_context=25)
 
 
@@ -201,6 +203,7 @@ class StepScheduler:
         stream_plan: ChunkPlan | None = None,
         cuda_graphs: bool = True,
         stateful_streams: bool | None = None,
+        compile_step: bool = False,
     ) -> None:
         self.wrapper = wrapper
         self.model = wrapper.model
@@ -230,10 +233,15 @@ class StepScheduler:
         self.state = fs.allocate_state(self.weights, slots, max_len)
         self.step_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
         self.step_fn = fs.frame_step
+        if compile_step:  # every request shares the service's sampling settings, so one mode is warmed
+            from tts_service.step_compiler import compiled_step
+
+            sample = bool(self.sampling["do_sample"] or self.sampling["subtalker_dosample"])
+            self.step_fn = compiled_step(self.weights, self.state, sample, None if self.on_cuda else _CPU_LOOP_THREADS)
         if self.on_cuda and cuda_graphs:
             from tts_service.cuda_graphs import GraphedFrameStep
 
-            graphed = GraphedFrameStep(self.weights, self.state)
+            graphed = GraphedFrameStep(self.weights, self.state, step=self.step_fn)
             graphed.capture_all()
             self.step_fn = graphed
         logger.info(
@@ -309,7 +317,7 @@ class StepScheduler:
     # ---- the loop --------------------------------------------------------------------------------
     def _run(self) -> None:
         if not self.on_cuda:
-            torch.set_num_threads(1)  # OpenMP teams in a non-main thread are slow; the decoder has the other core
+            torch.set_num_threads(_CPU_LOOP_THREADS)
         while True:
             with self._wake:
                 while not self._pending and not self._rows and self._in_flight is None:

@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(2048, ge=2, description="Ceiling on codec frames per request (12.5 per second).")
     greedy: bool = Field(False, description="Greedy decoding (deterministic) instead of the model's sampling.")
     cuda_graphs: bool = Field(True, description="On a GPU, replay the frame step as captured CUDA graphs.")
+    compile_step: bool = Field(
+        False,
+        description="Compile the frame step with Inductor at start-up (minutes; cached in TORCHINDUCTOR_CACHE_DIR); "
+        "on a GPU the CUDA graphs then capture the compiled step.",
+    )
 
     max_batch_size: int = Field(
         32, ge=1, le=256, description="Requests sharing each decode step (KV slots); more wait to join."

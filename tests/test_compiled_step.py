@@ -1,0 +1,89 @@
+"""`TTS_COMPILE_STEP`: the frame step through Inductor, compiled once with dynamic shapes at start-up.
+Its codes must stay qwen-tts's, and serving must never wait for the compiler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from tests.oracle import ORACLE_REQUESTS, reference
+from tts_service import frame_step as fs
+from tts_service.engine import SynthesisRequest, TTSEngine
+from tts_service.settings import Settings
+from tts_service.step_compiler import CompiledFrameStep, warm_up_shapes
+
+
+@pytest.fixture(scope="module")
+def compiled_engine(tiny_dir: Path, cache_dir: Path) -> TTSEngine:
+    before = counters["stats"]["unique_graphs"]
+    engine = TTSEngine.load(
+        Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu", compile_step=True)
+    )
+    assert isinstance(engine.scheduler.step_fn, CompiledFrameStep)
+    # n = 1 at its first length, n = 1 at any length, n >= 2 at any length: three graphs in all
+    assert counters["stats"]["unique_graphs"] - before == 3
+    return engine
+
+
+def test_warm_up_shapes_make_both_sizes_dynamic_within_the_slots() -> None:
+    assert warm_up_shapes(32, 2560) == [(1, 32), (1, 64), (2, 64), (3, 32), (1, 96)]
+    assert warm_up_shapes(2, 2560) == [(1, 32), (1, 64), (2, 64), (2, 32), (1, 96)]
+    assert warm_up_shapes(1, 2560) == [(1, 32), (1, 64)]
+    assert all(kv <= 80 for _, kv in warm_up_shapes(4, 80))
+
+
+def test_compiled_step_keeps_qwen_tts_codes_at_every_batch_without_compiling_again(compiled_engine) -> None:
+    engine = compiled_engine
+    eager_before = engine.scheduler.step_fn.eager_calls
+    ends = _serve_alone_and_together(engine)
+    assert engine.scheduler.step_fn.eager_calls == eager_before  # every step ran a warmed-up graph
+    requests = ORACLE_REQUESTS + _every_voice(engine)
+    for end, request in zip(ends, requests, strict=True):
+        assert end.error is None
+        np.testing.assert_array_equal(end.codes, reference(engine, request)[0], err_msg=str(request))
+
+
+def _every_voice(engine: TTSEngine) -> list[SynthesisRequest]:
+    pairs = list(zip(engine.speakers, engine.languages * 2, strict=False))
+    return [
+        SynthesisRequest(f"Line {i} for {speaker}.", engine.resolve_speaker(speaker), engine.resolve_language(lang))
+        for i, (speaker, lang) in enumerate(pairs)
+    ]
+
+
+def _serve_alone_and_together(engine: TTSEngine) -> list:
+    ends = []
+    for index, request in enumerate(ORACLE_REQUESTS):  # n = 1, lengths 2 to 125 frames
+        handle = engine.submit(request, f"compiled-alone-{index}", stream=False)
+        list(handle)
+        ends.append(handle.end)
+    handles = [engine.submit(r, f"compiled-together-{i}", stream=False) for i, r in enumerate(_every_voice(engine))]
+    for handle in handles:
+        list(handle)
+    assert max(h.end.max_batch for h in handles) >= 8  # many window sizes and key lengths were stepped
+    return ends + [handle.end for handle in handles]
+
+
+def test_a_shape_the_warm_up_did_not_cover_runs_eagerly_instead_of_compiling(compiled_engine) -> None:
+    """Warmed up for greedy decoding; a sampling step would need a new graph. It must run eagerly (and
+    give the eager step's result) rather than stall the engine loop for a compile."""
+    engine = compiled_engine
+    w, s = engine.scheduler.weights, engine.scheduler.state
+    graphs, eager_before = counters["stats"]["unique_graphs"], engine.scheduler.step_fn.eager_calls
+    with torch.inference_mode():
+        prompts = [engine.scheduler.prompts.build(r.text, r.speaker, r.language) for r in ORACLE_REQUESTS[:2]]
+        fs.prefill(w, s, [0, 1], prompts, [engine.scheduler.sampling_params(seed) for seed in (5, 6)])
+        saved = {k: v.clone() for k, v in vars(s).items() if isinstance(v, torch.Tensor)}
+        eager = fs.frame_step(w, s, 2, 64, True)
+        for key, value in saved.items():
+            getattr(s, key).copy_(value)
+        compiled = engine.scheduler.step_fn(w, s, 2, 64, True)
+        for slot in (0, 1):
+            fs.release(s, slot)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert engine.scheduler.step_fn.eager_calls == eager_before + 1
+    assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
