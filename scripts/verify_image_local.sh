@@ -6,6 +6,7 @@
 #
 #   sudo scripts/verify_image_local.sh            # as root: buildah with --isolation chroot and vfs
 #   sudo ARCH=arm64 scripts/verify_image_local.sh # the Spark's arm64 image, built and run under emulation
+#   sudo COMPILE_STEP=true scripts/verify_image_local.sh  # the service compiles its frame step in the image
 #
 # ARCH=arm64 on an x86_64 machine runs every arm64 binary (the build's RUN steps, the service) through
 # qemu-aarch64-static, registered with binfmt_misc here if it is not already; the arm64 images live in
@@ -68,12 +69,13 @@ if ! "${BUILDAH[@]}" inspect --type image "$BASE" >/dev/null 2>&1; then
   started=$(now)
   rootfs="$WORK/rootfs"
   rm -rf "$rootfs"
-  debootstrap --arch="$ARCH" --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
+  debootstrap --arch="$ARCH" --variant=minbase --include=python3,python3-venv,python3-pip,python3-dev,ca-certificates \
     bookworm "$rootfs" http://deb.debian.org/debian >"$WORK/debootstrap.log" 2>&1 \
     || { record "base image" FAIL "debootstrap failed: $WORK/debootstrap.log"; finish; exit 1; }
   cp /etc/apt/sources.list.d/debian.sources "$rootfs/etc/apt/sources.list.d/" 2>/dev/null && rm -f "$rootfs/etc/apt/sources.list"
   cp /etc/apt/apt.conf.d/99artifact-registry "$rootfs/etc/apt/apt.conf.d/" 2>/dev/null || true
-  # As in the official image: `python` and `pip` on PATH, and pip may install into the system Python.
+  # As in the official image: `python` and `pip` on PATH (and Python's headers, which torch.compile's
+  # kernel builds include), and pip may install into the system Python.
   ln -sf /usr/bin/python3 "$rootfs/usr/local/bin/python"
   ln -sf /usr/bin/pip3 "$rootfs/usr/local/bin/pip"
   rm -f "$rootfs"/usr/lib/python3*/EXTERNALLY-MANAGED
@@ -120,6 +122,7 @@ run_service() {
   container=$("${BUILDAH[@]}" from -q "$IMAGE")
   "${BUILDAH[@]}" run --isolation chroot --user bentoml \
     "${RUN_EMULATION[@]}" -e TTS_MODEL=tiny -e TTS_DEVICE=cpu -e TTS_HOST=127.0.0.1 -e TTS_PORT="$PORT" \
+    -e TTS_COMPILE_STEP="${COMPILE_STEP:-false}" \
     -v "$data/hf-cache:/data/hf-cache" -v "$data/tts-cache:/data/tts-cache" \
     "$container" -- /home/bentoml/bento/env/docker/entrypoint.sh >>"$WORK/serve.log" 2>&1 &
   echo "$! $container"
@@ -199,5 +202,13 @@ else
 fi
 stop_within "$pid" >/dev/null
 "${BUILDAH[@]}" rm "$container" >/dev/null
+if [[ ${COMPILE_STEP:-false} == true ]]; then  # the step compiled in the image, then from the volume's cache
+  mapfile -t compiles < <(grep -o "compiled the frame step .* in [0-9.]* s" "$WORK/serve.log" | grep -o "[0-9.]* s$")
+  if (( ${#compiles[@]} >= 2 )); then
+    record "frame step compiled" PASS "in ${compiles[0]} at the first start, ${compiles[-1]} after the restart (cache on the volume)"
+  else
+    record "frame step compiled" FAIL "${#compiles[@]} compile lines in $WORK/serve.log"
+  fi
+fi
 [[ ${KEEP_IMAGE:-0} == 1 ]] || "${BUILDAH[@]}" rmi "$IMAGE" >/dev/null 2>&1
 finish

@@ -40,6 +40,7 @@ def test_image_recipe_targets_the_spark(bento: Path) -> None:
     assert "FROM python:3.11-slim" in dockerfile
     apt = next(line for line in dockerfile.splitlines() if "libsndfile1" in line)
     assert {"libsndfile1", "sox", "curl"} <= set(apt.split())
+    assert {"g++", "libc6-dev"} <= set(apt.split())  # Inductor and Triton compile at start-up (TTS_COMPILE_STEP)
     assert "EXPOSE 8000" in dockerfile
     for env in (
         "TTS_MODEL=Qwen/Qwen3-TTS-12Hz-1.7B-CustomVoice",
