@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks.common import ms_per_step, sync  # noqa: E402
 from census import census  # noqa: E402
 
 from tts_service import frame_step as fs  # noqa: E402
@@ -40,11 +41,6 @@ TEXT = (
     "would like to hear more about the paintings, the sculptures or the history of the house itself."
 )
 VOICES = [("ryan", "english"), ("vivian", "chinese"), ("sohee", "korean"), ("aiden", "auto")]
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def job(index: int, frames: int, plan: ChunkPlan) -> Job:
@@ -160,16 +156,7 @@ def step_census(scheduler: StepScheduler, n: int, device: str) -> dict:
 
 
 def time_steps(step, scheduler: StepScheduler, n: int, kv_len: int, device: str, repeat: int = 20) -> float:
-    w, s = scheduler.weights, scheduler.state
-    with torch.inference_mode():
-        for _ in range(3):
-            step(w, s, n, kv_len, False)
-        sync(device)
-        started = time.perf_counter()
-        for _ in range(repeat):
-            step(w, s, n, kv_len, False)
-        sync(device)
-    return (time.perf_counter() - started) / repeat * 1000
+    return ms_per_step(step, scheduler.weights, scheduler.state, n, kv_len, repeat, device, warm=3)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -106,6 +106,24 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def ms_per_step(
+    step: Any, weights: Any, state: Any, n: int, kv_len: int, steps: int, device: str, warm: int = 1
+) -> float:
+    """Milliseconds per greedy frame step of `step` (`frame_step` or a drop-in) over rows [:n], after
+    `warm` untimed steps."""
+    import torch
+
+    with torch.inference_mode():
+        for _ in range(warm):
+            step(weights, state, n, kv_len, False)
+        sync(device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            step(weights, state, n, kv_len, False)
+        sync(device)
+    return (time.perf_counter() - started) / steps * 1000
+
+
 def model_label(args: argparse.Namespace) -> str:
     return args.arch if args.arch != "tiny" else args.model
 

@@ -16,18 +16,13 @@ from typing import Any
 import torch
 
 from benchmarks.baseline_step import Wave1Step
-from benchmarks.common import VOICES, bench_settings, environment, model_label
+from benchmarks.common import VOICES, bench_settings, environment, model_label, ms_per_step, sync
 from tts_service import frame_step as fs
 from tts_service.dev.tiny_checkpoint import CODEC_EOS
 from tts_service.engine import SynthesisRequest, TTSEngine
 from tts_service.step_compiler import CompiledFrameStep
 
 TEXT = "The east wing of the gallery opens at nine. Please keep to the marked paths and ask any guide."
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def measure_step(
@@ -54,13 +49,7 @@ def measure_step(
                         continue
                     with torch.inference_mode():
                         fs.prefill(w, s, list(range(n)), prompts, [scheduler.sampling_params(i) for i in range(n)])
-                        step(w, s, n, kv_len, False)
-                        _sync(device)
-                        started = time.perf_counter()
-                        for _ in range(steps):
-                            step(w, s, n, kv_len, False)
-                        _sync(device)
-                    times.append((time.perf_counter() - started) / steps * 1000)
+                    times.append(ms_per_step(step, w, s, n, kv_len, steps, device.type))
 
                 old = Wave1Step(engine)
                 with torch.inference_mode():
@@ -68,18 +57,18 @@ def measure_step(
                     for row in old._rows:
                         row.budget = 10**9
                     old.step()
-                    _sync(device)
+                    sync(device.type)
                     started = time.perf_counter()
                     for _ in range(steps):
                         old.step()
-                    _sync(device)
+                    sync(device.type)
                 old_ms.append((time.perf_counter() - started) / steps * 1000)
 
                 # Plain qwen-tts: the difference between 2x and 1x `steps` frames, so its prompt and
                 # decoding cancel out.
                 walls = []
                 for frames in (steps, 2 * steps):
-                    _sync(device)
+                    sync(device.type)
                     started = time.perf_counter()
                     engine.model.generate_custom_voice(
                         text=[r.text for r in requests],
@@ -89,7 +78,7 @@ def measure_step(
                         subtalker_dosample=False,
                         max_new_tokens=frames + 1,
                     )
-                    _sync(device)
+                    sync(device.type)
                     walls.append(time.perf_counter() - started)
                 plain_ms.append((walls[1] - walls[0]) / steps * 1000)
             row = {
