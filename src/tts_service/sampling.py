@@ -29,8 +29,14 @@ def uniform(seed: torch.Tensor, counter: torch.Tensor, codebook: int, vocab: int
     ids = torch.arange(vocab, device=seed.device, dtype=torch.int64)
     seed_lo, seed_hi = seed & MASK32, (seed >> 32) & MASK32
     key = _mix32(seed_lo ^ _mix32(seed_hi ^ _mix32((counter & MASK32) ^ (codebook * 0x9E3779B1 & MASK32))))
-    bits = _mix32(key[:, None] ^ _mix32(ids[None, :]))
-    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # top 24 bits: exact in float32
+    return unit_interval(_mix32(key[:, None] ^ _mix32(ids[None, :])))
+
+
+def unit_interval(bits: torch.Tensor) -> torch.Tensor:
+    """32-bit values -> floats strictly inside (0, 1): the top 23 bits plus a half, times 2**-23. Every
+    such value is exact in float32 (with 24 bits, 2**24 - 1 + 0.5 rounds up to 2**24, i.e. u = 1.0,
+    whose Gumbel noise is +inf: a suppressed token's -inf logit plus it is NaN, which argmax picks)."""
+    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 @dataclass
