@@ -19,6 +19,7 @@ from tts_service.step_compiler import CompiledFrameStep, warm_up_shapes
 
 @pytest.fixture(scope="module")
 def compiled_engine(tiny_dir: Path, cache_dir: Path) -> TTSEngine:
+    torch._dynamo.reset()  # no dynamic-shape decisions left by other compiles of the step in this process
     before = counters["stats"]["unique_graphs"]
     engine = TTSEngine.load(
         Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu", compile_step=True)
