@@ -75,3 +75,20 @@ def test_step_benchmark_smoke(cache_dir: Path, tmp_path: Path) -> None:
     assert all(r["new_ms"] > 0 and r["old_ms"] > 0 for r in rows)
     # plain qwen-tts's per-frame time is a difference of two whole runs; at 2 steps noise can swamp it
     assert all(math.isfinite(r["plain_ms"]) for r in rows)
+
+
+def test_cpu_diagnostic_scripts_smoke(cache_dir: Path) -> None:
+    """scripts/gil_contention.py and scripts/burst_inprocess.py, briefly (their figures are in PERFORMANCE)."""
+    runs = {
+        "gil_contention.py": (["--batch", "2", "--steps", "3", "--repeat", "1"], "| beside the decoder |"),
+        "burst_inprocess.py": (["--repeat", "1", "--decoder", "none"], "Ratio one by one / together"),
+    }
+    for script, (args, expected) in runs.items():
+        result = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "scripts" / script), *args, "--cache-dir", str(cache_dir)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert expected in result.stdout, result.stdout
