@@ -54,10 +54,10 @@ class ChunkPlan:
         return self.first_frames if decoded == 0 else self.frames
 
 
-# qwen-tts decodes whole utterances in 300-frame chunks with 25 frames of left context; a whole-file
-# request uses the same windows, so its audio equals qwen-tts's decode of the same codes.
 # OpenMP teams in a non-main thread are slow; the decoder thread has the other core.
 _CPU_LOOP_THREADS = 1
+# qwen-tts decodes whole utterances in 300-frame chunks with 25 frames of left context; a whole-file
+# request uses the same windows, so its audio equals qwen-tts's decode of the same codes.
 WHOLE_FILE_PLAN = ChunkPlan(first_frames=300, frames=300, left_context=25)
 
 
