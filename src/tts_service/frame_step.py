@@ -55,7 +55,6 @@ class Stack:
 
     layers: list[LayerWeights]
     norm: torch.Tensor
-    eps: float
     heads: int
     kv_heads: int
     head_dim: int
@@ -351,7 +350,6 @@ def _stack(model: torch.nn.Module, config, cos: torch.Tensor, sin: torch.Tensor)
     layers = [_layer_weights(layer) for layer in model.layers]
     half = cos.shape[-1] // 2
     sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-    eps = float(model.norm.variance_epsilon)
     head_dim = int(getattr(config, "head_dim", config.hidden_size // config.num_attention_heads))
 
     def scalar(value: float) -> torch.Tensor:
@@ -360,14 +358,13 @@ def _stack(model: torch.nn.Module, config, cos: torch.Tensor, sin: torch.Tensor)
     return Stack(
         layers=layers,
         norm=model.norm.weight.detach(),
-        eps=eps,
         heads=int(config.num_attention_heads),
         kv_heads=int(config.num_key_value_heads),
         head_dim=head_dim,
         intermediate=int(layers[0].gate_up_t.shape[1] // 2),
         cos=cos,
         sin=sin,
-        eps_t=scalar(eps),
+        eps_t=scalar(float(model.norm.variance_epsilon)),
         width_t=scalar(model.norm.weight.shape[0]),
         head_dim_t=scalar(head_dim),
     )

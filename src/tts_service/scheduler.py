@@ -236,7 +236,8 @@ class StepScheduler:
         if compile_step:  # every request shares the service's sampling settings, so one mode is warmed
             from tts_service.step_compiler import compiled_step
 
-            sample = bool(self.sampling["do_sample"] or self.sampling["subtalker_dosample"])
+            params = self.sampling_params(0)
+            sample = params.do_sample or params.sub_do_sample  # as each row's `samples` is set in _admit
             self.step_fn = compiled_step(self.weights, self.state, sample, None if self.on_cuda else _CPU_LOOP_THREADS)
         if self.on_cuda and cuda_graphs:
             from tts_service.cuda_graphs import GraphedFrameStep
