@@ -47,6 +47,9 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--json", type=Path, help="also write the results here")
         if name != "step":  # the step benchmark times the compiled step beside the eager one (--compiled)
             p.add_argument("--compile-step", action="store_true", help="TTS_COMPILE_STEP=true for the engine")
+            p.add_argument(
+                "--decoder-worker", choices=("auto", "thread", "process"), default="auto", help="TTS_DECODER_WORKER"
+            )
     engine = sub.choices["engine"]
     engine.add_argument("--dtype", default="auto")
     engine.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])

@@ -2,6 +2,7 @@
 time spent inside frame steps, to see where the wall time of each side goes.
 
     python scripts/burst_inprocess.py                       # the serving engine as configured (tiny, greedy)
+    python scripts/burst_inprocess.py --decoder thread      # the decoder in a thread instead of its process
     python scripts/burst_inprocess.py --decoder none        # diagnostic: audio replaced by silence
     python scripts/burst_inprocess.py --compile-step        # the Inductor-compiled frame step
 
@@ -32,7 +33,7 @@ from tts_service.settings import Settings  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--decoder", choices=("thread", "none"), default="thread")
+    parser.add_argument("--decoder", choices=("auto", "thread", "process", "none"), default="auto")
     parser.add_argument("--compile-step", action="store_true")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "tts_service")
@@ -45,6 +46,7 @@ def main() -> None:
         greedy=True,
         max_batch_size=32,
         compile_step=args.compile_step,
+        decoder_worker="thread" if args.decoder == "none" else args.decoder,
     )
     engine = TTSEngine.load(settings)
     scheduler = engine.scheduler

@@ -73,7 +73,7 @@ def main() -> None:
     def decoder() -> None:
         torch.set_num_threads(1)
         while not stop.is_set():
-            scheduler.decoder.decode_stateful(scheduler.decoder.streaming.new_state(), codes)
+            scheduler.decoder.decode_stateful(scheduler.decoder.new_state(), codes)
 
     def products() -> None:
         torch.set_num_threads(1)

@@ -142,7 +142,11 @@ def bench_settings(args: argparse.Namespace, **overrides: Any) -> Settings:
         dtype=getattr(args, "dtype", "auto"),
         cache_dir=args.cache_dir,
         greedy=True,
-        **{"compile_step": getattr(args, "compile_step", False), **overrides},
+        **{
+            "compile_step": getattr(args, "compile_step", False),
+            "decoder_worker": getattr(args, "decoder_worker", "auto"),
+            **overrides,
+        },
     )
 
 
@@ -206,6 +210,7 @@ def served(args: argparse.Namespace, max_batch_size: int, log_dir: Path) -> Iter
         "TTS_MAX_BATCH_SIZE": str(max_batch_size),
         "TTS_DEVICE": args.device,
         "TTS_COMPILE_STEP": str(getattr(args, "compile_step", False)).lower(),
+        "TTS_DECODER_WORKER": getattr(args, "decoder_worker", "auto"),
     }
     with running_server(env, log_dir / f"serve-batch{max_batch_size}.log", ready_timeout_s=900) as server:
         yield server.url

@@ -14,10 +14,13 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from tts_service.decoder_process import DecoderProcess
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +46,23 @@ class Ending:
 
 
 class ChunkDecoder:
-    """Queue windows (or endings) with `put`; `threaded` runs them on a worker (with its own CUDA stream on
-    a GPU; with one intra-op thread on the CPU, beside the engine loop's one)."""
+    """Queue windows (or endings) with `put`; `threaded` runs them on a thread of their own (with its own
+    CUDA stream on a GPU; with one intra-op thread on the CPU, beside the engine loop's one). With a
+    `worker` process that thread only waits for it, so the decoding itself holds no GIL here."""
 
-    def __init__(self, decoder: torch.nn.Module, samples_per_frame: int, device: torch.device, threaded: bool) -> None:
+    def __init__(
+        self,
+        decoder: torch.nn.Module,
+        samples_per_frame: int,
+        device: torch.device,
+        threaded: bool,
+        worker: DecoderProcess | None = None,
+    ) -> None:
         from tts_service.streaming_decoder import StreamingDecoder
 
         self.decoder = decoder
         self.streaming = StreamingDecoder(decoder)
+        self.worker = worker  # a CPU decoder in its own process, or None: this process decodes
         self.samples_per_frame = samples_per_frame
         self.device = device
         self.threaded = threaded
@@ -106,9 +118,20 @@ class ChunkDecoder:
             if isinstance(item, Ending):
                 item.finish()
 
+    def new_state(self) -> Any:
+        """A stream's decoder state, for `decode_stateful` (kept in the worker process when there is one)."""
+        return self.streaming.new_state() if self.worker is None else self.worker.new_state()
+
+    def wait_ready(self) -> None:
+        """Return once decoding can start (a worker process has loaded its decoder)."""
+        if self.worker is not None:
+            self.worker.wait_ready()
+
     @torch.inference_mode()
     def decode(self, codes: list[np.ndarray]) -> np.ndarray:
         """Equal-length code windows [T, 16] -> float32 audio [b, T * samples_per_frame]."""
+        if self.worker is not None:
+            return self.worker.decode(codes)
         host = torch.from_numpy(np.stack(codes))
         if self.stream is None:
             return self.decoder(host.transpose(1, 2).clamp(min=0)).squeeze(1).float().numpy()
@@ -127,6 +150,8 @@ class ChunkDecoder:
     @torch.inference_mode()
     def decode_stateful(self, state: Any, codes: np.ndarray) -> np.ndarray:
         """The next chunk of one stateful stream: [T, 16] -> float32 audio [1, T * samples_per_frame]."""
+        if self.worker is not None:
+            return self.worker.decode_stateful(state, codes)
         host = torch.from_numpy(codes[None]).transpose(1, 2)
         if self.stream is None:
             return self.streaming.decode(state, host).float().numpy()

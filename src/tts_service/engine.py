@@ -214,6 +214,8 @@ def _torch_options(settings: Settings) -> dict[str, Any]:
     on_cuda = device.startswith("cuda")
     if on_cuda and not torch.cuda.is_available():
         raise ModelLoadError(f"TTS_DEVICE={settings.device} but no CUDA device is visible to torch.")
+    if on_cuda and settings.decoder_worker == "process":
+        raise ModelLoadError("TTS_DECODER_WORKER=process decodes on the CPU only; on a GPU use 'thread' or 'auto'.")
 
     dtype_name = settings.dtype if settings.dtype != "auto" else ("bfloat16" if on_cuda else "float32")
     attn = settings.attn_implementation
@@ -259,6 +261,7 @@ class TTSEngine:
             cuda_graphs=settings.cuda_graphs,
             compile_step=settings.compile_step,
             stateful_streams={"auto": None, "stateful": True, "window": False}[settings.stream_decoder],
+            decoder_process={"auto": None, "process": True, "thread": False}[settings.decoder_worker],
             stream_plan=ChunkPlan(
                 settings.stream_first_frames, settings.stream_chunk_frames, settings.stream_left_context
             ),

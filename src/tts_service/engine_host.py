@@ -54,6 +54,8 @@ class EngineHost:
                 if spec:
                     engines[setting] = TTSEngine.load(self.settings, setting)
                     engines[setting].scheduler.on_step = step_batch_size().observe
+            for engine in engines.values():  # decoder processes started during the loads; ready before we are
+                engine.scheduler.decoder.wait_ready()
         except ModelLoadError as exc:
             abort_serving(str(exc))  # does not return
         except BaseException:

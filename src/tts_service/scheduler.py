@@ -204,6 +204,7 @@ class StepScheduler:
         cuda_graphs: bool = True,
         stateful_streams: bool | None = None,
         compile_step: bool = False,
+        decoder_process: bool | None = None,
     ) -> None:
         self.wrapper = wrapper
         self.model = wrapper.model
@@ -220,9 +221,15 @@ class StepScheduler:
         # Whole files: with a stateful decoder, decoded as they are generated (so only the last piece is
         # left at the end); else in qwen-tts's own 300-frame windows with 25 frames of context.
         self.file_plan = ChunkPlan(64, 64, 0) if self.stateful_streams else WHOLE_FILE_PLAN
-        self.decoder = ChunkDecoder(
-            self.model.speech_tokenizer.model.decoder, self.samples_per_frame, self.device, True
-        )
+        speech_decoder = self.model.speech_tokenizer.model.decoder
+        worker = None
+        if (not self.on_cuda) if decoder_process is None else decoder_process:
+            if self.on_cuda:
+                raise ValueError("the decoder process runs on the CPU only")
+            from tts_service.decoder_process import DecoderProcess
+
+            worker = DecoderProcess(speech_decoder)  # starts loading now, beside the rest of start-up
+        self.decoder = ChunkDecoder(speech_decoder, self.samples_per_frame, self.device, True, worker)
         self.decoder.on_error = self._decode_failed
         if self.on_cuda and cuda_graphs:  # a stream's first, second and steady windows
             plan = self.stream_plan
@@ -496,7 +503,7 @@ class StepScheduler:
         stateful = due if self.stateful_streams else []  # then every request, stream or file, carries state
         for row in stateful:
             if row.decoder_state is None:
-                row.decoder_state = self.decoder.streaming.new_state()
+                row.decoder_state = self.decoder.new_state()
             end = self._window_end(row)
             codes, context = np.stack(row.codes[row.decoded : end]), 0
             if row.decoded == 0 and row.lead_in is not None:  # the state starts from the whole reference

@@ -85,6 +85,11 @@ class Settings(BaseSettings):
         description="How stream chunks are decoded: 'stateful' carries the decoder's state (audio equals a whole "
         "decode), 'window' re-decodes left context (batched, graph-captured); auto: stateful on the CPU.",
     )
+    decoder_worker: Literal["auto", "thread", "process"] = Field(
+        "auto",
+        description="Where the speech decoder runs: 'process' (a child process, so decoding does not slow the "
+        "engine loop through the GIL; CPU only) or 'thread'; auto: a process on the CPU, a thread on a GPU.",
+    )
 
     openai_voice_map: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=lambda: dict(DEFAULT_VOICE_MAP),

@@ -1,0 +1,246 @@
+"""The speech decoder in a process of its own, for CPU serving.
+
+On a CPU the decoder thread and the engine loop share the GIL, and both make thousands of small torch
+calls: beside a decoding thread the frame step runs about 1.4x slower (`scripts/gil_contention.py`).
+A child process decodes on the other core without touching the loop's GIL.
+
+The child gets its own copy of the decoder (pickled by value: no shared memory, so a container's small
+/dev/shm does not matter and a crash in the child cannot corrupt the engine's weights). Stream states
+live in the child, keyed by a number; the parent's `RemoteState` frees its key when it is collected.
+If the child dies, the calls in flight fail (their requests end with an error), and the next call starts
+a new child; requests whose state was in the old one fail too, every other request goes on.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+_READY_TIMEOUT_S = 300.0
+
+
+class DecoderProcessError(RuntimeError):
+    """The decoder process failed a call (it exited, or its decode raised)."""
+
+
+@dataclass(eq=False)
+class RemoteState:
+    """A stream's decoder state, held in the child under `key` (of the child started `incarnation`th)."""
+
+    key: int
+    incarnation: int
+    used: bool = False  # has history in the child (a fresh state survives a restart)
+
+
+class DecoderProcess:
+    """Calls from one thread at a time (the chunk decoder's); each waits for its answer, which frees the
+    GIL for the engine loop while the child works."""
+
+    def __init__(self, decoder: torch.nn.Module) -> None:
+        self._payload = pickle.dumps(decoder, protocol=pickle.HIGHEST_PROTOCOL)
+        self._keys = itertools.count(1)
+        self._dropped: collections.deque[int] = collections.deque()  # keys of collected states, sent next call
+        self._lock = threading.Lock()
+        self._incarnation = 0
+        self._process: subprocess.Popen | None = None
+        self._conn: Connection | None = None
+        self._ready = False
+        self._start()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def _start(self) -> None:
+        """A plain `python -m` child on one end of a socket pair: unlike multiprocessing's spawn, it does
+        not re-import the parent's main module, and a child that dies early cannot block the parent."""
+        ours, theirs = socket.socketpair()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        process = subprocess.Popen(
+            [sys.executable, "-m", __name__, str(theirs.fileno()), str(os.getpid())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        theirs.close()
+        conn = Connection(ours.detach())
+        self._incarnation += 1
+        self._process, self._conn, self._ready = process, conn, False
+        self._dropped.clear()  # the old child's states died with it
+        weakref.finalize(self, _stop, process, conn)
+        # The weights go over the socket from a thread: start-up goes on while the child imports torch.
+        threading.Thread(target=_send_quietly, args=(conn, self._payload), name="decoder-weights", daemon=True).start()
+
+    def wait_ready(self) -> None:
+        """Block until the child has loaded its decoder (start-up calls this before reporting ready)."""
+        if not self._ready:
+            reply = self._receive(_READY_TIMEOUT_S)
+            if reply != ("ready",):
+                raise DecoderProcessError(f"the decoder process did not start: {reply!r}")
+            self._ready = True
+
+    def new_state(self) -> RemoteState:
+        state = RemoteState(next(self._keys), self._incarnation)
+        weakref.finalize(state, self._dropped.append, state.key)
+        return state
+
+    def decode(self, codes: list[np.ndarray]) -> np.ndarray:
+        """Equal-length code windows [T, 16] -> float32 audio [b, T * samples_per_frame]."""
+        return self._call(("decode", np.stack(codes)))
+
+    def decode_stateful(self, state: RemoteState, codes: np.ndarray) -> np.ndarray:
+        """The next chunk of one stateful stream: [T, 16] -> float32 audio [1, T * samples_per_frame]."""
+        return self._call(("stateful", state.key, np.ascontiguousarray(codes)), state)
+
+    def states_held(self) -> int:
+        """How many stream states the child holds (after freeing those collected here): for leak tests."""
+        return int(self._call(("states",)))
+
+    def close(self) -> None:
+        _stop(self._process, self._conn)
+
+    # ---- one call ---------------------------------------------------------------------------------
+    def _call(self, message: tuple, state: RemoteState | None = None) -> np.ndarray:
+        with self._lock:
+            if self._process is None or self._process.poll() is not None:
+                self._restart()
+            if state is not None:
+                if state.used and state.incarnation != self._incarnation:
+                    raise DecoderProcessError("this stream's decoder state was lost when the decoder process restarted")
+                state.incarnation, state.used = self._incarnation, True
+            self.wait_ready()
+            dropped = [self._dropped.popleft() for _ in range(len(self._dropped))]
+            try:
+                self._conn.send((*message, dropped))
+            except (OSError, EOFError) as exc:
+                self._crashed(exc)
+            kind, value = self._receive(None)
+            if kind == "error":
+                raise DecoderProcessError(value)
+            return value
+
+    def _receive(self, timeout: float | None) -> Any:
+        """The child's next message; raises if it exits first (checked every second while waiting)."""
+        started = time.monotonic()
+        while True:
+            try:
+                if self._conn.poll(1.0):
+                    return self._conn.recv()
+            except (OSError, EOFError) as exc:
+                self._crashed(exc)
+            if self._process.poll() is not None:
+                self._crashed(None)
+            if timeout is not None and time.monotonic() - started > timeout:
+                self._process.kill()
+                self._crashed(TimeoutError(f"no answer in {timeout:.0f} s"))
+
+    def _crashed(self, cause: BaseException | None) -> None:
+        try:
+            code = self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            code = self._process.wait()
+        logger.error("the decoder process (pid %s) exited with code %s; it restarts on the next call", self.pid, code)
+        self._ready = False
+        raise DecoderProcessError(f"the decoder process exited (code {code})") from cause
+
+    def _restart(self) -> None:
+        logger.warning("starting a new decoder process")
+        _stop(self._process, self._conn)
+        self._start()
+
+
+def _stop(process: subprocess.Popen | None, conn: Connection | None) -> None:
+    if process is None or conn is None:
+        return
+    try:
+        conn.close()  # the child's next receive ends its loop
+    except OSError:
+        pass
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _send_quietly(conn: Connection, payload: bytes) -> None:
+    try:
+        conn.send_bytes(payload)
+    except OSError:  # the child died first: the waiting call reports it
+        pass
+
+
+def _die_with(parent_pid: int) -> None:
+    """Exit when the parent is gone, even mid-decode, so a killed worker leaves no orphan decoder. (Not
+    PR_SET_PDEATHSIG: it fires when the parent's *thread* that started us ends, such as a loading thread.)"""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def serve(conn: Connection, parent_pid: int) -> None:
+    """The child's loop: load the decoder sent first, then answer each call in order until the parent's
+    end of the socket closes."""
+    _die_with(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the parent's to handle
+    torch.set_num_threads(1)  # the engine loop has the other core
+    from tts_service.engine import import_qwen_tts
+    from tts_service.streaming_decoder import StreamingDecoder
+
+    import_qwen_tts()  # the decoder's classes, without qwen-tts's import banners
+    decoder = pickle.loads(conn.recv_bytes()).eval()
+    streaming = StreamingDecoder(decoder)
+    states: dict[int, Any] = {}
+    conn.send(("ready",))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        kind, *args, dropped = message
+        for key in dropped:
+            states.pop(key, None)
+        try:
+            with torch.inference_mode():
+                if kind == "states":
+                    conn.send(("audio", len(states)))
+                    continue
+                if kind == "decode":
+                    codes = torch.from_numpy(args[0]).transpose(1, 2).clamp(min=0)
+                    audio = decoder(codes).squeeze(1).float().numpy()
+                else:
+                    key, codes = args
+                    state = states.get(key)
+                    if state is None:
+                        state = states[key] = streaming.new_state()
+                    audio = streaming.decode(state, torch.from_numpy(codes[None]).transpose(1, 2)).float().numpy()
+            conn.send(("audio", audio))
+        except Exception as exc:  # noqa: BLE001 - the request fails, the child goes on
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+if __name__ == "__main__":
+    serve(Connection(int(sys.argv[1])), int(sys.argv[2]))

@@ -1,0 +1,159 @@
+"""The speech decoder in its own process (TTS_DECODER_WORKER=process, the CPU default): the same audio as
+decoding in this process, failures that stay with their request, restarts, and no orphan child."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tts_service.decoder_process import DecoderProcess, DecoderProcessError
+from tts_service.engine import SynthesisRequest, TTSEngine
+from tts_service.settings import Settings
+from tts_service.streaming_decoder import StreamingDecoder
+
+CODES = np.random.default_rng(7).integers(0, 2048, size=(40, 16), dtype=np.int64)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(") ")[-1].startswith("Z"))  # a zombie has exited
+
+
+@pytest.fixture(scope="module")
+def speech_decoder(engine: TTSEngine) -> torch.nn.Module:
+    return engine.model.model.speech_tokenizer.model.decoder
+
+
+@pytest.fixture()
+def worker(speech_decoder: torch.nn.Module):
+    process = DecoderProcess(speech_decoder)
+    yield process
+    process.close()
+
+
+def test_the_engine_decodes_in_a_child_process_on_the_cpu(engine: TTSEngine) -> None:
+    worker = engine.scheduler.decoder.worker
+    assert worker is not None and worker.pid != os.getpid()
+    result = engine.synthesize(SynthesisRequest("Hello there.", "ryan", "english"))
+    assert result.num_samples > 0 and np.abs(result.audio).max() > 0
+
+
+def test_its_audio_equals_decoding_in_this_process(worker: DecoderProcess, speech_decoder: torch.nn.Module) -> None:
+    local = StreamingDecoder(speech_decoder)
+    state, remote = local.new_state(), worker.new_state()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the child (and the decoder thread) run: the same kernels, the same bytes
+    try:
+        _compare(worker, speech_decoder, local, state, remote)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare(worker, speech_decoder, local, state, remote) -> None:
+    with torch.inference_mode():
+        for start, end in ((0, 4), (4, 20), (20, 40)):  # a stream's chunks, state carried
+            expected = local.decode(state, torch.from_numpy(CODES[None, start:end]).transpose(1, 2)).numpy()
+            np.testing.assert_array_equal(worker.decode_stateful(remote, CODES[start:end]), expected)
+        windows = [CODES[:25], CODES[10:35]]  # whole windows, batched
+        expected = speech_decoder(torch.from_numpy(np.stack(windows)).transpose(1, 2)).squeeze(1).numpy()
+    np.testing.assert_array_equal(worker.decode(windows), expected)
+
+
+def test_a_failing_decode_fails_alone_and_the_child_goes_on(worker: DecoderProcess) -> None:
+    with pytest.raises(DecoderProcessError, match="IndexError"):
+        worker.decode([np.full((8, 16), 99_999, dtype=np.int64)])  # outside the codebooks
+    pid = worker.pid
+    assert worker.decode([CODES[:8]]).shape[-1] > 0
+    assert worker.pid == pid
+
+
+def test_a_child_killed_mid_call_fails_that_call_and_its_streams(worker: DecoderProcess) -> None:
+    stream = worker.new_state()
+    worker.decode_stateful(stream, CODES[:4])
+    old = worker.pid
+    os.kill(old, signal.SIGSTOP)  # the next call is surely in flight when the child dies
+    failure: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            worker.decode_stateful(stream, CODES[4:8])
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            failure.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(0.3)
+    os.kill(old, signal.SIGKILL)
+    caller.join(timeout=30)
+    assert not caller.is_alive()
+    assert isinstance(failure[0], DecoderProcessError) and "exited" in str(failure[0])
+    with pytest.raises(DecoderProcessError, match="lost"):  # the stream's state died with the child
+        worker.decode_stateful(stream, CODES[8:12])
+    fresh = worker.new_state()  # a new child serves everything else
+    assert worker.decode_stateful(fresh, CODES[:4]).shape == (1, 4 * 1920)
+    assert worker.pid != old
+
+
+def test_collected_states_are_freed_in_the_child(worker: DecoderProcess) -> None:
+    for _ in range(50):
+        worker.decode_stateful(worker.new_state(), CODES[:2])  # each state is garbage at once
+    assert worker.states_held() == 0
+    kept = worker.new_state()
+    worker.decode_stateful(kept, CODES[:2])
+    assert worker.states_held() == 1
+
+
+def test_the_engine_serves_on_after_its_decoder_process_is_killed(tiny_dir: Path, cache_dir: Path) -> None:
+    engine = TTSEngine.load(Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu"))
+    request = SynthesisRequest("Keep to the marked paths.", "vivian", "english")
+    before = engine.synthesize(request)
+    os.kill(engine.scheduler.decoder.worker.pid, signal.SIGKILL)
+    time.sleep(0.2)
+    after = engine.synthesize(request)
+    np.testing.assert_array_equal(after.audio, before.audio)
+
+
+def test_thread_mode_gives_the_same_bytes(engine: TTSEngine, tiny_dir: Path, cache_dir: Path) -> None:
+    threaded = TTSEngine.load(
+        Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu", decoder_worker="thread")
+    )
+    assert threaded.scheduler.decoder.worker is None
+    request = SynthesisRequest("The museum opens at nine.", "serena", "english")
+    assert threaded.synthesize(request).wav == engine.synthesize(request).wav
+
+
+def test_the_child_dies_with_its_parent(tiny_dir: Path, cache_dir: Path) -> None:
+    script = (
+        "import sys, time\n"
+        "from tts_service.engine import TTSEngine\n"
+        "from tts_service.settings import Settings\n"
+        f"e = TTSEngine.load(Settings(model={str(tiny_dir)!r}, cache_dir={str(cache_dir)!r}, device='cpu'))\n"
+        "e.scheduler.decoder.wait_ready()\n"
+        "print(e.scheduler.decoder.worker.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert _alive(child)
+        parent.kill()  # no clean-up runs: the kernel's parent-death signal must end the child
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child)
+    finally:
+        parent.kill()
