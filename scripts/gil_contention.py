@@ -1,6 +1,7 @@
 """Why steps slow down while the decoder works, on a CPU: the frame step timed alone, beside the decoder
-thread decoding, and beside a thread doing the same kind of compute without taking the GIL often (large
-matrix products). Same process, same weights, one intra-op thread each, interleaved.
+decoding in a thread, beside the decoder in its child process (the CPU's serving mode), and beside a
+thread doing the same kind of compute without taking the GIL often (large matrix products). Same
+weights, one intra-op thread each, interleaved.
 
     python scripts/gil_contention.py --batch 4                      # tiny checkpoint, eager step
     python scripts/gil_contention.py --batch 4 --compiled           # the Inductor-compiled step
@@ -25,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tts_service import frame_step as fs  # noqa: E402
+from tts_service.decoder_process import DecoderProcess  # noqa: E402
 from tts_service.dev.tiny_checkpoint import ensure_tiny_checkpoint  # noqa: E402
 from tts_service.engine import TTSEngine  # noqa: E402
 from tts_service.settings import Settings  # noqa: E402
@@ -52,6 +54,7 @@ def main() -> None:
         max_batch_size=max(args.batch, 3),
         max_new_tokens=args.steps * (3 * args.repeat + 2) + 8,
         max_prompt_tokens=256,
+        decoder_worker="thread",  # the decoder in this process; its child process is timed separately below
     )
     engine = TTSEngine.load(settings)
     scheduler = engine.scheduler
@@ -75,6 +78,13 @@ def main() -> None:
         while not stop.is_set():
             scheduler.decoder.decode_stateful(scheduler.decoder.new_state(), codes)
 
+    child = DecoderProcess(scheduler.decoder.decoder)
+    child.wait_ready()
+
+    def decoder_process() -> None:  # what serving on a CPU does (TTS_DECODER_WORKER=auto): this thread waits
+        while not stop.is_set():
+            child.decode_stateful(child.new_state(), codes)
+
     def products() -> None:
         torch.set_num_threads(1)
         while not stop.is_set():
@@ -88,9 +98,15 @@ def main() -> None:
         return (time.perf_counter() - started) / args.steps * 1000
 
     ms_per_step()  # warm
-    times: dict[str, list[float]] = {"alone": [], "beside the decoder": [], "beside matrix products": []}
+    others = {
+        "alone": None,
+        "beside the decoder in a thread": decoder,
+        "beside the decoder in its process": decoder_process,
+        "beside matrix products": products,
+    }
+    times: dict[str, list[float]] = {label: [] for label in others}
     for _ in range(args.repeat):
-        for label, work in (("alone", None), ("beside the decoder", decoder), ("beside matrix products", products)):
+        for label, work in others.items():
             stop.clear()
             thread = threading.Thread(target=work) if work else None
             if thread:
@@ -102,7 +118,7 @@ def main() -> None:
                 thread.join()
     alone = statistics.median(times["alone"])
     print(f"\n## Frame step beside other threads: {args.arch}, batch {n}, {'compiled' if args.compiled else 'eager'}\n")
-    print("| the other thread | ms per step (median) | vs alone |")
+    print("| beside | ms per step (median) | vs alone |")
     print("| --- | ---: | ---: |")
     for label, values in times.items():
         print(f"| {label} | {statistics.median(values):.2f} | {statistics.median(values) / alone:.2f}x |")

@@ -80,7 +80,10 @@ def test_step_benchmark_smoke(cache_dir: Path, tmp_path: Path) -> None:
 def test_cpu_diagnostic_scripts_smoke(cache_dir: Path) -> None:
     """scripts/gil_contention.py and scripts/burst_inprocess.py, briefly (their figures are in PERFORMANCE)."""
     runs = {
-        "gil_contention.py": (["--batch", "2", "--steps", "3", "--repeat", "1"], "| beside the decoder |"),
+        "gil_contention.py": (
+            ["--batch", "2", "--steps", "3", "--repeat", "1"],
+            "| beside the decoder in its process |",
+        ),
         "burst_inprocess.py": (["--repeat", "1", "--decoder", "none"], "Ratio one by one / together"),
     }
     for script, (args, expected) in runs.items():
