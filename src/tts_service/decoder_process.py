@@ -185,7 +185,7 @@ def _stop(process: subprocess.Popen | None, conn: Connection | None) -> None:
 def _send_quietly(conn: Connection, payload: bytes) -> None:
     try:
         conn.send_bytes(payload)
-    except OSError:  # the child died first: the waiting call reports it
+    except (OSError, TypeError, ValueError):  # the child died first, or we were closed meanwhile
         pass
 
 
