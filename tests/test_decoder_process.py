@@ -107,6 +107,24 @@ def test_a_child_killed_mid_call_fails_that_call_and_its_streams(worker: Decoder
     assert worker.pid != old
 
 
+def test_a_hung_child_is_killed_after_the_call_timeout_and_replaced(
+    worker: DecoderProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tts_service.decoder_process as module
+
+    worker.wait_ready()
+    monkeypatch.setattr(module, "_CALL_TIMEOUT_S", 1.5)
+    old = worker.pid
+    os.kill(old, signal.SIGSTOP)  # alive but silent
+    started = time.monotonic()
+    with pytest.raises(DecoderProcessError, match="did not answer in 1.5 s"):
+        worker.decode([CODES[:4]])
+    assert time.monotonic() - started < 10
+    assert not _alive(old)
+    assert worker.decode([CODES[:4]]).shape == (1, 4 * 1920)
+    assert worker.pid != old
+
+
 def test_collected_states_are_freed_in_the_child(worker: DecoderProcess) -> None:
     for _ in range(50):
         worker.decode_stateful(worker.new_state(), CODES[:2])  # each state is garbage at once

@@ -78,7 +78,9 @@ def test_readyz_answers_503_fast_while_loading_then_200_and_sigint_stops_everyth
     assert len(loading) >= 3, answers
     assert max(loading) < PROBE_TIMEOUT_S, answers
     assert {status for status, _ in answers} <= {200, 503}, answers
-    assert stop_and_check(server, signal.SIGINT) < 10
+    tree = psutil.Process(server.process.pid).children(recursive=True)
+    assert any("tts_service.decoder_process" in " ".join(p.cmdline()) for p in tree), "no decoder process"
+    assert stop_and_check(server, signal.SIGINT) < 10  # the decoder process (a grandchild) included
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -35,6 +35,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 _READY_TIMEOUT_S = 300.0
+# One chunk takes milliseconds to seconds; a child silent for this long is hung: killed and restarted,
+# so that one stuck decode cannot stall every later request's audio.
+_CALL_TIMEOUT_S = 120.0
 
 
 class DecoderProcessError(RuntimeError):
@@ -132,35 +135,36 @@ class DecoderProcess:
                 self._conn.send((*message, dropped))
             except (OSError, EOFError) as exc:
                 self._crashed(exc)
-            kind, value = self._receive(None)
+            kind, value = self._receive(_CALL_TIMEOUT_S)
             if kind == "error":
                 raise DecoderProcessError(value)
             return value
 
-    def _receive(self, timeout: float | None) -> Any:
-        """The child's next message; raises if it exits first (checked every second while waiting)."""
+    def _receive(self, timeout: float) -> Any:
+        """The child's next message; raises if it exits first (checked every second while waiting) or
+        stays silent past `timeout` (then it is killed)."""
         started = time.monotonic()
         while True:
             try:
-                if self._conn.poll(1.0):
+                if self._conn.poll(min(1.0, timeout)):
                     return self._conn.recv()
             except (OSError, EOFError) as exc:
                 self._crashed(exc)
             if self._process.poll() is not None:
                 self._crashed(None)
-            if timeout is not None and time.monotonic() - started > timeout:
+            if time.monotonic() - started > timeout:
                 self._process.kill()
-                self._crashed(TimeoutError(f"no answer in {timeout:.0f} s"))
+                self._crashed(None, f"did not answer in {timeout:g} s and was killed")
 
-    def _crashed(self, cause: BaseException | None) -> None:
+    def _crashed(self, cause: BaseException | None, what: str = "exited") -> None:
         try:
             code = self._process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self._process.kill()
             code = self._process.wait()
-        logger.error("the decoder process (pid %s) exited with code %s; it restarts on the next call", self.pid, code)
+        logger.error("the decoder process (pid %s) %s (code %s); it restarts on the next call", self.pid, what, code)
         self._ready = False
-        raise DecoderProcessError(f"the decoder process exited (code {code})") from cause
+        raise DecoderProcessError(f"the decoder process {what} (code {code})") from cause
 
     def _restart(self) -> None:
         logger.warning("starting a new decoder process")
