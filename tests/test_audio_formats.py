@@ -66,6 +66,26 @@ def test_pcm_is_exactly_the_wav_data_chunk() -> None:
     assert wav.endswith(pcm) and len(wav) - len(pcm) == 44  # a plain 44-byte RIFF header, then the same samples
 
 
+def test_16_bit_samples_are_rounded_to_nearest_and_the_same_in_pcm_wav_and_flac() -> None:
+    steps = np.arange(-32768, 32767, dtype=np.float64)
+    samples = np.concatenate(
+        [
+            np.random.default_rng(0).uniform(-1.2, 1.2, 200_000),
+            steps / 32768,  # every 16-bit value exactly
+            (steps + 0.4) / 32768,
+            [1.0, -1.0, 1.5, -1.5, 1e-12, -1e-12, 0.0, 0.6 / 32768, -0.6 / 32768],
+        ]
+    ).astype(np.float32)
+    expected = np.clip(np.rint(np.clip(samples, -1, 1) * np.float32(32768)), -32768, 32767).astype("<i2")
+    pcm = encode(samples, RATE, "pcm")
+    assert pcm == expected.tobytes()
+    assert np.array_equal(np.frombuffer(pcm, "<i2")[-9:], [32767, -32768, 32767, -32768, 0, 0, 0, 1, -1])
+    assert np.array_equal(np.frombuffer(pcm, "<i2")[200_000 : 200_000 + 65535], steps)
+    for fmt in ("wav", "flac"):
+        decoded, _ = sf.read(io.BytesIO(encode(samples, RATE, fmt)), dtype="int16")
+        assert np.array_equal(decoded, expected), fmt
+
+
 @pytest.mark.parametrize("speed", [0.25, 0.5, 0.8, 1.5, 2.0, 4.0])
 def test_time_stretch_changes_duration_and_keeps_pitch(speed: float) -> None:
     stretched = time_stretch(tone(2.0), RATE, speed)

@@ -32,8 +32,7 @@ _SOUNDFILE_FORMATS: dict[str, tuple[str, str]] = {
     "flac": ("FLAC", "PCM_16"),
     "mp3": ("MP3", "MPEG_LAYER_III"),
     "opus": ("OGG", "OPUS"),
-    "pcm": ("RAW", "PCM_16"),
-}
+}  # and "pcm": raw 16-bit samples (pcm16)
 
 MIN_SPEED = 0.25
 MAX_SPEED = 4.0
@@ -78,15 +77,30 @@ def decode_wav(data: bytes) -> tuple[np.ndarray, int]:
     return np.asarray(samples).reshape(-1), int(sample_rate)
 
 
+def pcm16(samples: np.ndarray) -> np.ndarray:
+    """16-bit samples: floats (clipped to +-1) scaled by 32768, rounded to nearest and clipped to the
+    16-bit range, as libsndfile scales them; 16-bit integers pass through. Done here, in numpy, for raw
+    PCM, WAV and FLAC alike: the three carry the same samples by construction, and no libsndfile I/O
+    callbacks hold the GIL that the engine loop shares (this runs for every chunk and whole file)."""
+    mono = _mono(samples)
+    if mono.dtype == np.int16:
+        return mono
+    return np.clip(np.rint(mono * np.float32(32768)), -32768, 32767).astype(np.int16)
+
+
 def encode(samples: np.ndarray, sample_rate: int, fmt: str) -> bytes:
+    if fmt == "pcm":
+        return pcm16(samples).astype("<i2", copy=False).tobytes()
     mono = _mono(samples)
     if fmt == "aac":
         return _encode_aac(_float(mono), sample_rate)
     if fmt not in _SOUNDFILE_FORMATS:
         raise ValueError(f"unknown audio format {fmt!r}; allowed: {', '.join(AUDIO_FORMATS)}")
     container, subtype = _SOUNDFILE_FORMATS[fmt]
+    if subtype == "PCM_16":
+        mono = pcm16(mono)  # written as they are
     buffer = io.BytesIO()
-    sf.write(buffer, mono, sample_rate, format=container, subtype=subtype, endian="LITTLE" if fmt == "pcm" else None)
+    sf.write(buffer, mono, sample_rate, format=container, subtype=subtype)
     return buffer.getvalue()
 
 
