@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build the Bento's OCI image on this machine with buildah, run it with the tiny model on the CPU, and
 # check it as the Spark's compose file would: the health check turns healthy, /v1/tts/synthesize answers a
-# WAV, the process runs as the non-root bentoml user with writable volumes, it stops within 10 s of
-# SIGTERM, and a restart reuses the built tiny checkpoint. Prints a PASS/FAIL table and the figures.
+# WAV, the process runs as the non-root bentoml user with writable volumes, the decoder process runs, it
+# stops within 10 s of SIGTERM, and a restart reuses the built tiny checkpoint. Prints a PASS/FAIL table.
 #
 #   sudo scripts/verify_image_local.sh            # as root: buildah with --isolation chroot and vfs
 #   sudo ARCH=arm64 scripts/verify_image_local.sh # the Spark's arm64 image, built and run under emulation
@@ -186,6 +186,13 @@ if [[ $owner == 1034 && $user == 1034 ]]; then
   record "non-root, writable volumes" PASS "workers run as uid $user; the tiny checkpoint written to the volume by uid 1034"
 else
   record "non-root, writable volumes" FAIL "workers as $user; checkpoint owner $owner"
+fi
+# on a CPU the speech decoder runs in a child process of the synthesizer worker (TTS_DECODER_WORKER=auto)
+decoders=$(for p in $(descendants "$pid"); do tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -q "tts_service.decoder_process" && echo "$p"; done)
+if [[ $(echo "$decoders" | grep -c .) == 1 && $(stat -c %u "/proc/$decoders" 2>/dev/null) == 1034 ]]; then
+  record "decoder process" PASS "one, pid $decoders, uid 1034 (stopped with the rest below)"
+else
+  record "decoder process" FAIL "expected one decoder process, found: ${decoders:-none}"
 fi
 stopped=$(stop_within "$pid") && record "stop after SIGTERM" PASS "all processes gone in $stopped s" \
   || record "stop after SIGTERM" FAIL "still running after 10 s"
