@@ -58,7 +58,7 @@ class DecoderProcess:
     GIL for the engine loop while the child works."""
 
     def __init__(self, decoder: torch.nn.Module) -> None:
-        self._payload = pickle.dumps(decoder, protocol=pickle.HIGHEST_PROTOCOL)
+        self._decoder = decoder  # pickled afresh for each child: no lasting copy of its weights here
         self._keys = itertools.count(1)
         self._dropped: collections.deque[int] = collections.deque()  # keys of collected states, sent next call
         self._lock = threading.Lock()
@@ -90,7 +90,8 @@ class DecoderProcess:
         self._dropped.clear()  # the old child's states died with it
         weakref.finalize(self, _stop, process, conn)
         # The weights go over the socket from a thread: start-up goes on while the child imports torch.
-        threading.Thread(target=_send_quietly, args=(conn, self._payload), name="decoder-weights", daemon=True).start()
+        payload = pickle.dumps(self._decoder, protocol=pickle.HIGHEST_PROTOCOL)
+        threading.Thread(target=_send_quietly, args=(conn, payload), name="decoder-weights", daemon=True).start()
 
     def wait_ready(self) -> None:
         """Block until the child has loaded its decoder (start-up calls this before reporting ready)."""
@@ -230,7 +231,7 @@ def serve(conn: Connection, parent_pid: int) -> None:
         try:
             with torch.inference_mode():
                 if kind == "states":
-                    conn.send(("audio", len(states)))
+                    conn.send(("ok", len(states)))
                     continue
                 if kind == "decode":
                     codes = torch.from_numpy(args[0]).transpose(1, 2).clamp(min=0)
@@ -241,7 +242,7 @@ def serve(conn: Connection, parent_pid: int) -> None:
                     if state is None:
                         state = states[key] = streaming.new_state()
                     audio = streaming.decode(state, torch.from_numpy(codes[None]).transpose(1, 2)).float().numpy()
-            conn.send(("audio", audio))
+            conn.send(("ok", audio))
         except Exception as exc:  # noqa: BLE001 - the request fails, the child goes on
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
