@@ -11,8 +11,6 @@ decoder, the error stays under 0.02 of full scale with a signal-to-error ratio a
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -112,11 +110,14 @@ def test_streams_joining_at_different_times_share_steps_and_keep_their_codes(
     engine: TTSEngine, window_engine: TTSEngine, reference, decoder: str
 ) -> None:
     engine = engine if decoder == "stateful" else window_engine
-    handles = []
+    handles, firsts, rests = [], [], []
     for index, request in enumerate(REQUESTS):
-        handles.append(engine.submit(request, f"joined-{index}", stream=True))
-        time.sleep(0.15)  # each joins a batch already running
-    audio = [_as_pcm16(list(handle)) for handle in handles]
+        handle = engine.submit(request, f"joined-{index}", stream=True)
+        chunks = iter(handle)
+        firsts.append(next(chunks))  # it is running (4 of its 23 or more frames out): the next joins it
+        handles.append(handle)
+        rests.append(chunks)
+    audio = [_as_pcm16([first, *rest]) for first, rest in zip(firsts, rests, strict=True)]
     for index, (request, handle) in enumerate(zip(REQUESTS, handles, strict=True)):
         ref_codes, ref_audio = reference[request.text]
         np.testing.assert_array_equal(handle.end.codes, ref_codes)
