@@ -89,6 +89,36 @@ def test_two_processes_share_one_library(tmp_path: Path) -> None:
     assert names == ["Shared"] + [f"process voice {i}" for i in range(8)]
 
 
+def test_opening_retries_wal_while_another_process_holds_the_new_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite can refuse `PRAGMA journal_mode=WAL` at once ("database is locked", no busy handler) while
+    another process opens the same new library; the open waits it out instead of failing (it failed
+    once in the suite: the two-process test above)."""
+    import tts_service.voice_library as module
+
+    real_connect, refusals = sqlite3.connect, []
+
+    class Refusing:  # a connection whose first two WAL pragmas are refused, as in the race
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            self._db = real_connect(*args, **kwargs)
+
+        def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+            if sql == "PRAGMA journal_mode=WAL" and len(refusals) < 2:
+                refusals.append(sql)
+                raise sqlite3.OperationalError("database is locked")
+            return self._db.execute(sql, *args)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._db, name)
+
+    monkeypatch.setattr(module.sqlite3, "connect", Refusing)
+    library = VoiceLibrary(tmp_path)
+    assert len(refusals) == 2
+    assert library._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert library.create("After", "clone", "", "auto", FILES).name == "After"
+
+
 def test_delete_removes_the_row_and_the_files(tmp_path: Path) -> None:
     library = VoiceLibrary(tmp_path)
     keep = library.create("Keep", "clone", "", "auto", FILES)

@@ -91,6 +91,21 @@ def check_name(name: str) -> str:
     return name
 
 
+def _enable_wal(db: sqlite3.Connection, timeout_s: float = 30.0) -> None:
+    """`PRAGMA journal_mode=WAL`, retried while "database is locked": when processes open a new library
+    at once, SQLite can refuse it at once without calling the busy handler (seen: 1 open in 60 failed
+    with 6 processes starting together), so the connection's 30 s busy timeout is applied here by hand."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 class VoiceLibrary:
     """Thread-safe within a process; processes sharing the folder are kept apart by SQLite and rename."""
 
@@ -104,7 +119,7 @@ class VoiceLibrary:
             self._db = sqlite3.connect(
                 self.root / "voices.sqlite3", check_same_thread=False, timeout=30, isolation_level=None
             )
-            self._db.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(self._db)
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute(SCHEMA)
         except (OSError, sqlite3.Error) as exc:
