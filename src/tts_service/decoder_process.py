@@ -108,7 +108,7 @@ class DecoderProcess:
 
     def decode(self, codes: list[np.ndarray]) -> np.ndarray:
         """Equal-length code windows [T, 16] -> float32 audio [b, T * samples_per_frame]."""
-        return self._call(("decode", np.stack(codes)))
+        return self._call(("decode", codes))
 
     def decode_stateful(self, state: RemoteState, codes: np.ndarray) -> np.ndarray:
         """The next chunk of one stateful stream: [T, 16] -> float32 audio [1, T * samples_per_frame]."""
@@ -212,12 +212,13 @@ def serve(conn: Connection, parent_pid: int) -> None:
     _die_with(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the parent's to handle
     torch.set_num_threads(1)  # the engine loop has the other core
+    from tts_service.chunk_decoder import ChunkDecoder
     from tts_service.engine import import_qwen_tts
-    from tts_service.streaming_decoder import StreamingDecoder
 
     import_qwen_tts()  # the decoder's classes, without qwen-tts's import banners
     decoder = pickle.loads(conn.recv_bytes()).eval()
-    streaming = StreamingDecoder(decoder)
+    # The same decode calls the parent makes without a worker, so the audio is the same.
+    local = ChunkDecoder(decoder, int(decoder.total_upsample), torch.device("cpu"), threaded=False)
     states: dict[int, Any] = {}
     conn.send(("ready",))
     while True:
@@ -229,20 +230,16 @@ def serve(conn: Connection, parent_pid: int) -> None:
         for key in dropped:
             states.pop(key, None)
         try:
-            with torch.inference_mode():
-                if kind == "states":
-                    conn.send(("ok", len(states)))
-                    continue
-                if kind == "decode":
-                    codes = torch.from_numpy(args[0]).transpose(1, 2).clamp(min=0)
-                    audio = decoder(codes).squeeze(1).float().numpy()
-                else:
-                    key, codes = args
-                    state = states.get(key)
-                    if state is None:
-                        state = states[key] = streaming.new_state()
-                    audio = streaming.decode(state, torch.from_numpy(codes[None]).transpose(1, 2)).float().numpy()
-            conn.send(("ok", audio))
+            if kind == "states":
+                reply: Any = len(states)
+            elif kind == "decode":
+                reply = local.decode(args[0])
+            else:
+                key, codes = args
+                if key not in states:
+                    states[key] = local.new_state()
+                reply = local.decode_stateful(states[key], codes)
+            conn.send(("ok", reply))
         except Exception as exc:  # noqa: BLE001 - the request fails, the child goes on
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
 

@@ -223,10 +223,8 @@ class StepScheduler:
         self.file_plan = ChunkPlan(64, 64, 0) if self.stateful_streams else WHOLE_FILE_PLAN
         speech_decoder = self.model.speech_tokenizer.model.decoder
         worker = None
-        if (not self.on_cuda) if decoder_process is None else decoder_process:
-            if self.on_cuda:
-                raise ValueError("the decoder process runs on the CPU only")
-            from tts_service.decoder_process import DecoderProcess
+        if not self.on_cuda if decoder_process is None else decoder_process:
+            from tts_service.decoder_process import DecoderProcess  # CPU only: TTSEngine refuses it on CUDA
 
             worker = DecoderProcess(speech_decoder)  # starts loading now, beside the rest of start-up
         self.decoder = ChunkDecoder(speech_decoder, self.samples_per_frame, self.device, True, worker)
