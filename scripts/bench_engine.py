@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmarks.common import ms_per_step, sync  # noqa: E402
+from benchmarks.workload import FRAME_RATE, TEXT, VOICES  # noqa: E402
 from census import census  # noqa: E402
 
 from tts_service import frame_step as fs  # noqa: E402
@@ -35,12 +36,6 @@ from tts_service.scheduler import ChunkPlan, Job, StepScheduler  # noqa: E402
 from tts_service.settings import Settings  # noqa: E402
 
 logger = logging.getLogger("bench_engine")
-FRAME_RATE = 12.5
-TEXT = (
-    "The east wing of the gallery opens at nine. Please keep to the marked paths, and ask any guide if you "
-    "would like to hear more about the paintings, the sculptures or the history of the house itself."
-)
-VOICES = [("ryan", "english"), ("vivian", "chinese"), ("sohee", "korean"), ("aiden", "auto")]
 
 
 def job(index: int, frames: int, plan: ChunkPlan) -> Job:

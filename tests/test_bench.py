@@ -85,6 +85,7 @@ def test_cpu_diagnostic_scripts_smoke(cache_dir: Path) -> None:
             "| beside the decoder in its process |",
         ),
         "burst_inprocess.py": (["--repeat", "1", "--decoder", "none"], "Ratio one by one / together"),
+        "join_soak.py": (["--joins", "12", "--concurrency", "4", "--every", "4"], "Growth from 4 to 12 joins: rss_mb"),
     }
     for script, (args, expected) in runs.items():
         result = subprocess.run(
@@ -95,3 +96,35 @@ def test_cpu_diagnostic_scripts_smoke(cache_dir: Path) -> None:
         )
         assert result.returncode == 0, result.stdout + result.stderr
         assert expected in result.stdout, result.stdout
+
+
+def test_gpu_kit_runs_without_the_service_only_packages() -> None:
+    """scripts/gpu/ carries no PyAV (35 MB) to the GPU machine: the engine and the GPU benchmarks must import
+    without it, and the faster-qwen3-tts script must parse its arguments without faster-qwen3-tts."""
+    blocker = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('av', 'faster_qwen3_tts'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "sys.path.insert(0, 'scripts')\n"
+    )
+    imports = "import tts_service.engine, bench_engine, census, join_soak, check_gpu_equality\n"
+    result = subprocess.run(
+        [sys.executable, "-c", blocker + imports], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            blocker + "sys.argv = ['x', '--help']\nimport runpy\n"
+            "runpy.run_path('scripts/bench_faster_qwen3_tts.py', run_name='__main__')",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and "--chunk-sizes" in result.stdout, result.stdout + result.stderr

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Literal, get_args
+from types import ModuleType
+from typing import TYPE_CHECKING, Literal, get_args
 
-import av
-import av.filter
 import numpy as np
 import soundfile as sf
+
+if TYPE_CHECKING:
+    import av
 
 AudioFormat = Literal["wav", "flac", "mp3", "opus", "aac", "pcm"]
 AUDIO_FORMATS: tuple[str, ...] = get_args(AudioFormat)
@@ -104,7 +106,17 @@ def encode(samples: np.ndarray, sample_rate: int, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
+def _av() -> ModuleType:
+    """PyAV (FFmpeg), imported on first use: only AAC and `speed` need it, so the engine (which imports
+    this module) runs without it, as the GPU benchmark kit does (scripts/gpu/)."""
+    import av
+    import av.filter
+
+    return av
+
+
 def _audio_frame(mono: np.ndarray, sample_rate: int) -> av.AudioFrame:
+    av = _av()
     frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(mono.reshape(1, -1)), format="flt", layout="mono")
     frame.sample_rate = sample_rate
     frame.pts = 0
@@ -112,6 +124,7 @@ def _audio_frame(mono: np.ndarray, sample_rate: int) -> av.AudioFrame:
 
 
 def _encode_aac(mono: np.ndarray, sample_rate: int) -> bytes:
+    av = _av()
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="adts") as container:
         stream = container.add_stream("aac", rate=sample_rate, layout="mono")
@@ -144,6 +157,7 @@ def time_stretch(samples: np.ndarray, sample_rate: int, speed: float) -> np.ndar
     # atempo drops up to one analysis window at the end; trailing silence carries the real tail through,
     # and the result is cut to the exact duration.
     mono = np.concatenate([_float(mono), np.zeros(_TAIL_PAD_SAMPLES, dtype=np.float32)])
+    av = _av()
     graph = av.filter.Graph()
     node = graph.add_abuffer(format="flt", sample_rate=sample_rate, layout="mono")
     for stage in atempo_stages(speed):
