@@ -93,6 +93,26 @@ def test_a_freed_slot_is_reused_and_the_newcomer_is_exact(tiny_dir: Path, cache_
         np.testing.assert_array_equal(end.codes, references[request.text])
 
 
+def test_queue_wait_is_reported_once_per_request_and_counts_the_wait_for_a_slot(
+    tiny_dir: Path, cache_dir: Path
+) -> None:
+    """`on_admit` (the tts_queue_wait_seconds metric) gets each request's wait once, at its first prefill
+    (not again per segment); with one slot the second request waits for the whole of the first."""
+    one_slot = TTSEngine.load(
+        Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu", max_batch_size=1)
+    )
+    waits: list[float] = []
+    one_slot.scheduler.on_admit = waits.append
+    long_text = " ".join(["This line is long enough to be spoken as several segments."] * 12)
+    first = one_slot.submit(SynthesisRequest(long_text, "ryan", "english"), "wait-0", stream=False)
+    second = one_slot.submit(REQUESTS[1], "wait-1", stream=False)
+    list(first), list(second)
+    assert first.end.error is None and second.end.error is None
+    assert first.end.segments > 1
+    assert len(waits) == 2  # once per request, however many segments
+    assert waits[1] > 10 * waits[0] and waits[1] > 0.05  # the second waited for the first's every step
+
+
 def test_frame_budget_truncation_equals_qwen_tts(tiny_dir: Path, cache_dir: Path) -> None:
     small = TTSEngine.load(
         Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu", max_new_tokens=6)

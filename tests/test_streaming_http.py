@@ -195,6 +195,7 @@ def test_time_to_first_audio_and_rtf_are_on_metrics(client: httpx.Client) -> Non
     assert re.search(r'tts_real_time_factor_count\{route="/v1/tts/stream"\} [1-9]', metrics)
     assert re.search(r'tts_time_to_first_audio_seconds_count\{route="/v1/tts/synthesize"\} [1-9]', metrics)
     assert re.search(r"tts_step_batch_size_count [1-9]", metrics)
+    assert re.search(r"tts_queue_wait_seconds_count [1-9]", metrics)
 
 
 def test_chromium_plays_a_streamed_wav(server: LiveServer, tmp_path) -> None:

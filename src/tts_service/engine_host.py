@@ -19,7 +19,7 @@ import numpy as np
 
 from tts_service.audio import encode
 from tts_service.engine import ModelLoadError, SynthesisError, TTSEngine
-from tts_service.metrics import step_batch_size
+from tts_service.metrics import queue_wait, step_batch_size
 from tts_service.scheduler import RequestHandle
 from tts_service.schemas import (
     ModelInfo,
@@ -54,6 +54,7 @@ class EngineHost:
                 if spec:
                     engines[setting] = TTSEngine.load(self.settings, setting)
                     engines[setting].scheduler.on_step = step_batch_size().observe
+                    engines[setting].scheduler.on_admit = queue_wait().observe
             for engine in engines.values():  # decoder processes started during the loads; ready before we are
                 engine.scheduler.decoder.wait_ready()
         except ModelLoadError as exc:

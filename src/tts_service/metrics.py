@@ -10,6 +10,7 @@ from functools import cache
 from typing import Any
 
 SECONDS_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 RTF_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 
 
@@ -45,4 +46,16 @@ def step_batch_size() -> Any:
         "tts_step_batch_size",
         "Requests (streamed or not) advanced together in one decode step of the engine.",
         buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
+    )
+
+
+@cache
+def queue_wait() -> Any:
+    from prometheus_client import Histogram
+
+    return Histogram(
+        "tts_queue_wait_seconds",
+        "From a request's submission to the engine to its prefill: the next step boundary, or a free KV slot "
+        "when all TTS_MAX_BATCH_SIZE are taken (then raise it, or add capacity).",
+        buckets=WAIT_BUCKETS,
     )

@@ -270,6 +270,7 @@ class StepScheduler:
         self.step_windows: deque[int] = deque(maxlen=1000)  # recent step widths (rows computed), for tests
         self.moves = 0  # rows moved down by compaction
         self.on_step: Callable[[int], None] | None = None  # e.g. a metrics histogram
+        self.on_admit: Callable[[float], None] | None = None  # a request's seconds from submit to its prefill
 
     # ---- public ----------------------------------------------------------------------------------
     @property
@@ -391,7 +392,10 @@ class StepScheduler:
             for row in ready:
                 self._end(row, error=f"{type(exc).__name__}: {exc}")
             return
+        admitted = time.perf_counter()
         for row, prompt, param in zip(ready, prompts, params, strict=True):
+            if row.segment == 0 and self.on_admit is not None:
+                self.on_admit(admitted - row.started)
             row.segment_done, row.segment_frames, row.launched = False, 0, 0
             row.slots_used.append(row.slot)
             row.prompt_len = int(prompt.shape[0])
