@@ -64,9 +64,11 @@ def run_streams(scheduler: StepScheduler, count: int, frames: int, stagger_s: fl
         timing.ended = time.perf_counter()
 
     started = time.perf_counter()
+    handles = []
     for index in range(count):
         timing = StreamTiming(time.perf_counter())
         handle = scheduler.submit(job(index, frames, plan), f"bench-{index}-{time.monotonic_ns()}")
+        handles.append(handle)
         thread = threading.Thread(target=consume, args=(handle, timing))
         thread.start()
         threads.append(thread)
@@ -90,6 +92,23 @@ def run_streams(scheduler: StepScheduler, count: int, frames: int, stagger_s: fl
         "rtf_min": min(rtf),
         "rtf_median": statistics.median(rtf),
         "batch_max": max(scheduler.step_batch_sizes, default=0),
+        "first_audio_ms": first_audio_breakdown([h.timeline for h in handles]),
+    }
+
+
+FIRST_AUDIO_PHASES = (  # (label, from, to) in a handle's timeline
+    ("to prefill", "submitted", "prefilled"),
+    ("prefill to first frame", "prefilled", "first_frame"),
+    ("first frame to first chunk", "first_frame", "first_window"),
+    ("chunk decode and hand-off", "first_window", "first_audio"),
+)
+
+
+def first_audio_breakdown(timelines: list[dict[str, float]]) -> dict[str, float]:
+    """Median milliseconds of each phase of the time to first audio (see RequestHandle.timeline)."""
+    return {
+        label: statistics.median(1000 * (t[end] - t[start]) for t in timelines)
+        for label, start, end in FIRST_AUDIO_PHASES
     }
 
 
@@ -271,6 +290,13 @@ def main(argv: list[str] | None = None) -> None:
             f"| {r['ttfa_p95_ms']:.0f} "
             f"| {r['rtf_min']:.1f} | {r['rtf_median']:.1f} | {r['batch_max']} |"
         )
+
+    print("\n## Where the time to first audio goes (median ms per phase)\n")
+    print("| step | streams | " + " | ".join(label for label, _, _ in FIRST_AUDIO_PHASES) + " | TTFA p50 |")
+    print("| --- | ---: | " + " | ".join("---:" for _ in FIRST_AUDIO_PHASES) + " | ---: |")
+    for r in report["load"]:
+        phases = " | ".join(f"{r['first_audio_ms'][label]:.1f}" for label, _, _ in FIRST_AUDIO_PHASES)
+        print(f"| {r['mode']} | {r['streams']} | {phases} | {r['ttfa_p50_ms']:.0f} |")
 
     if not args.no_plain:
         report["plain"] = []

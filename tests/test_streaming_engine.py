@@ -11,6 +11,8 @@ decoder, the error stays under 0.02 of full scale with a signal-to-error ratio a
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -126,3 +128,22 @@ def test_streams_joining_at_different_times_share_steps_and_keep_their_codes(
     assert max(handle.end.max_batch for handle in handles) >= 3
     # The long stream ran alone at the end, after the others left the batch.
     assert handles[0].end.shared_steps < handles[0].end.steps
+
+
+def test_the_time_to_first_audio_is_broken_down_in_order(engine: TTSEngine) -> None:
+    """Each handle's timeline (bench_engine.py's first-audio table): submitted, prefilled, first frame read,
+    first window queued to the decoder, first audio handed over, in that order, for a stream and a whole
+    file; a stream's first audio is stamped before its consumer gets it."""
+    phases = ["submitted", "prefilled", "first_frame", "first_window", "first_audio"]
+    stream = engine.submit(REQUESTS[3], "timeline-stream", stream=True)  # 23 frames: chunks of 4 and 16, then 3
+    arrivals = []
+    for _chunk in stream:
+        arrivals.append(time.perf_counter())
+    whole = engine.submit(REQUESTS[3], "timeline-file", stream=False)
+    list(whole)
+    for handle in (stream, whole):
+        assert handle.end.error is None
+        times = [handle.timeline[phase] for phase in phases]
+        assert times == sorted(times), dict(zip(phases, times, strict=True))
+    assert stream.timeline["first_audio"] <= arrivals[0] < arrivals[-1]
+    assert len(arrivals) == 3

@@ -98,12 +98,17 @@ class RequestHandle:
         self.request_id = request_id
         self.cancelled = threading.Event()
         self.end: RequestEnd | None = None
+        # Where the time to first audio goes (time.perf_counter): submitted, prefilled (launched, on a
+        # GPU), first_frame (read back), first_window (queued to the decoder), first_audio (handed over).
+        self.timeline: dict[str, float] = {"submitted": time.perf_counter()}
         self._ending = threading.Lock()
         self._loop = loop
         self._async_queue: asyncio.Queue | None = asyncio.Queue() if loop else None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
 
     def _put(self, item: np.ndarray | RequestEnd) -> None:
+        if not isinstance(item, RequestEnd):
+            self.timeline.setdefault("first_audio", time.perf_counter())
         if self._loop is not None and self._async_queue is not None:
             try:
                 self._loop.call_soon_threadsafe(self._async_queue.put_nowait, item)
@@ -176,7 +181,6 @@ class _Row:
     steps: int = 0
     shared_steps: int = 0
     max_batch: int = 0
-    started: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -394,8 +398,10 @@ class StepScheduler:
             return
         admitted = time.perf_counter()
         for row, prompt, param in zip(ready, prompts, params, strict=True):
-            if row.segment == 0 and self.on_admit is not None:
-                self.on_admit(admitted - row.started)
+            if row.segment == 0:
+                row.handle.timeline["prefilled"] = admitted
+                if self.on_admit is not None:
+                    self.on_admit(admitted - row.handle.timeline["submitted"])
             row.segment_done, row.segment_frames, row.launched = False, 0, 0
             row.slots_used.append(row.slot)
             row.prompt_len = int(prompt.shape[0])
@@ -471,6 +477,8 @@ class StepScheduler:
             if row.finished or row.segment_done or row.segment != segment or row.handle.end is not None:
                 continue  # the step ran on for a row (or segment) that had already ended: dropped
             row.codes.append(frames[slot].copy())
+            if len(row.codes) == 1:
+                row.handle.timeline["first_frame"] = time.perf_counter()
             row.segment_frames += 1
             if bool(done[slot]):
                 self._segment_ended(row, truncated=False)
@@ -501,6 +509,10 @@ class StepScheduler:
                 waiting = len(row.codes) - row.decoded
                 if row not in due and plan is self.stream_plan and row.decoded > 0 and 2 * waiting >= plan.frames:
                     due.append(row)
+        now = time.perf_counter()
+        for row in due:
+            if row.decoded == 0:
+                row.handle.timeline.setdefault("first_window", now)
         windows = []
         stateful = due if self.stateful_streams else []  # then every request, stream or file, carries state
         for row in stateful:
@@ -584,12 +596,16 @@ class StepScheduler:
         if not row.handle.deliver_end(end):
             return
         outcome = "cancelled" if end.cancelled else ("failed" if end.error else "done")
+        timeline = row.handle.timeline
+        first = timeline.get("first_audio")
         logger.info(
-            "stream %s %s: %d frames in %.2f s, %d segments, %d decode steps, %d of them shared (batch up to %d)",
+            "stream %s %s: %d frames in %.2f s (first audio after %s), %d segments, %d decode steps, "
+            "%d of them shared (batch up to %d)",
             row.handle.request_id,
             outcome,
             end.frames,
-            time.perf_counter() - row.started,
+            time.perf_counter() - timeline["submitted"],
+            "none" if first is None else f"{1000 * (first - timeline['submitted']):.0f} ms",
             end.segments,
             end.steps,
             end.shared_steps,
