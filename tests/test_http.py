@@ -223,3 +223,38 @@ def test_one_error_body_on_every_plain_route_and_one_log_line(client: httpx.Clie
     new_log = server.log()[logged:]
     assert "Traceback" not in new_log and "[ERROR]" not in new_log, new_log[-3000:]
     assert new_log.count("-> 400") >= 2, new_log[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "allow"),
+    [
+        ("GET", "/nope", 404, None),  # no route at all: BentoML's router
+        ("GET", "/v1/tts/nope", 404, None),
+        ("PUT", SYNTH, 405, "POST"),  # an @bentoml.api route: BentoML's router
+        ("DELETE", "/v1/tts/stream", 405, "GET, POST"),  # a FastAPI route
+    ],
+)
+def test_unknown_routes_and_methods_get_the_json_error_body(
+    client: httpx.Client, method: str, path: str, status: int, allow: str | None
+) -> None:
+    """Every refusal is JSON in the service's shape, the router's own 404 and 405 too (not text/plain),
+    saying what was asked and, for a 405, what is allowed (also in Allow)."""
+    response = client.request(method, path)
+    assert response.status_code == status and response.headers["content-type"] == "application/json", response.text
+    error = response.json()
+    assert set(error) == {"error", "detail"} and path in error["error"], error
+    assert error["detail"][0]["type"] == ("not_found" if status == 404 else "method_not_allowed"), error
+    if allow is not None:
+        assert response.headers["allow"] == allow and f"allowed: {allow}" in error["error"], error
+
+
+def test_unknown_openai_routes_get_the_openai_error_body(client: httpx.Client) -> None:
+    response = client.get("/v1/audio/nope")
+    assert response.status_code == 404 and response.headers["content-type"] == "application/json"
+    assert (
+        response.json()["error"]["type"] == "not_found_error"
+        and "/v1/audio/nope" in response.json()["error"]["message"]
+    )
+    response = client.post("/v1/models")
+    assert response.status_code == 405 and response.headers["allow"] == "GET"
+    assert response.json()["error"]["code"] == "method_not_allowed"

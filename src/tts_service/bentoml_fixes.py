@@ -13,6 +13,11 @@
    (300 s), and the pending request keeps uvicorn from finishing a graceful shutdown: after SIGTERM
    the entry worker was left running, orphaned. `quiet_readiness_probe` makes the probe answer
    False instead, and `AnswerOnCrash` makes any route that fails before answering get a 500 at once.
+
+3. Plain-text router errors. BentoML mounts the FastAPI app passively (only paths it has), so its own
+   router answers a path no route has (404) and a method an `@bentoml.api` route lacks (405) as
+   `text/plain` "Not Found", where every other refusal of the service is JSON in the route's shape
+   (OpenAI's for `/v1/audio/...`). `JsonRouterErrors` gives those two the service's JSON body.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import math
 import sys
 from typing import Any
 
-from tts_service.errors import ServiceError, send_error
+from tts_service.errors import ServiceError, method_not_allowed, send_error
 from tts_service.security import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
@@ -78,3 +83,38 @@ class AnswerOnCrash:
                 raise
             logger.exception("%s %s failed before answering", scope.get("method"), scope.get("path"))
             await send_error(scope, send, ServiceError(500, "internal error; the server log has the details"))
+
+
+class JsonRouterErrors:
+    """BentoML's plain-text 404 and 405 (defect 3), answered as the service's JSON error (Allow kept)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        held: Message | None = None
+
+        async def intercept(message: Message) -> None:
+            nonlocal held
+            if message["type"] == "http.response.start" and message["status"] in (404, 405):
+                headers = {key.lower(): value for key, value in message.get("headers", [])}
+                if headers.get(b"content-type", b"").startswith(b"text/plain"):
+                    held = message  # the router's own answer: replaced once its body has gone by
+                    return
+            if held is None:
+                await send(message)
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                await send_error(scope, send, _router_error(scope, held))
+
+        await self.app(scope, receive, intercept)
+
+
+def _router_error(scope: Scope, start: Message) -> ServiceError:
+    path, method = scope.get("path", ""), scope.get("method", "")
+    if start["status"] == 404:
+        return ServiceError(404, f"no such route: {path}")
+    allow = {key.lower(): value for key, value in start.get("headers", [])}.get(b"allow", b"").decode()
+    return ServiceError(405, method_not_allowed(method, path, allow), headers={"Allow": allow})

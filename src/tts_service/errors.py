@@ -24,6 +24,7 @@ OPENAI_ERROR_KINDS = {401: "authentication_error", 404: "not_found_error", 429: 
 STATUS_CODES = {
     401: "unauthorized",
     404: "not_found",
+    405: "method_not_allowed",
     409: "conflict",
     413: "too_large",
     415: "unsupported_media_type",
@@ -151,6 +152,22 @@ async def send_error(scope: MutableMapping[str, Any], send: Send, error: Service
     await send({"type": "http.response.body", "body": payload})
 
 
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _routed(app: Any, path: str, method: str) -> bool:
+    """Whether a route of `app` takes `method` on `path` (asked through each route's own `matches`, since
+    FastAPI keeps included routers as opaque entries)."""
+    from starlette.routing import Match
+
+    scope = {"type": "http", "path": path, "root_path": "", "method": method}
+    return any(route.matches(scope)[0] == Match.FULL for route in app.routes)
+
+
+def method_not_allowed(method: str, path: str, allow: str) -> str:
+    return f"method {method} is not allowed on {path}; allowed: {allow or 'none'}"
+
+
 def install_error_handlers(app: Any) -> None:
     """Every error FastAPI or a route raises, answered by this module in the route's shape."""
     from fastapi.exceptions import RequestValidationError
@@ -166,15 +183,15 @@ def install_error_handlers(app: Any) -> None:
         )
 
     async def http_error(request: Any, exc: HTTPException) -> Any:
-        headers = dict(exc.headers or {})
+        headers, message = dict(exc.headers or {}), str(exc.detail)
         if exc.status_code == 405:  # every method of the path, not just those of the first route matched
             path = request.url.path
-            methods = {m for r in app.routes if getattr(r, "path", None) == path for m in getattr(r, "methods", ())}
-            headers["Allow"] = ", ".join(sorted(methods))
+            headers["Allow"] = ", ".join(m for m in HTTP_METHODS if _routed(app, path, m))
+            message = method_not_allowed(request.method, path, headers["Allow"])
         field_name = "body" if exc.status_code == 400 else None
         code = f"invalid_{field_name}" if field_name else STATUS_CODES.get(exc.status_code, str(exc.status_code))
-        problem = Problem(field_name, str(exc.detail), code)
-        return await service_error(request, ServiceError(exc.status_code, str(exc.detail), [problem], headers))
+        problem = Problem(field_name, message, code)
+        return await service_error(request, ServiceError(exc.status_code, message, [problem], headers))
 
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(RequestValidationError, validation_error)
