@@ -13,7 +13,7 @@ from bentoml.validators import ContentType
 from tts_service.app import build_app
 from tts_service.audio import CONTENT_TYPES
 from tts_service.audio_responses import AUDIO_HEADERS, ERROR_HEADERS
-from tts_service.bentoml_fixes import AnswerOnCrash, JsonRouterErrors, keep_dependency_sessions, quiet_readiness_probe
+from tts_service.bentoml_fixes import AnswerInJson, keep_dependency_sessions, quiet_readiness_probe
 from tts_service.engine_host import EngineHost
 from tts_service.errors import ServiceError, error_response
 from tts_service.gateway import Gateway
@@ -149,11 +149,10 @@ class TTSService:
             return error_response(exc, SYNTHESIZE)
 
 
-# Outermost first: answer every request even if a route crashes; JSON for the router's own 404 and 405;
-# refuse unauthenticated calls before reading bodies; check each JSON body against its route's model;
-# tell the truth in /docs.json.
-TTSService.add_asgi_middleware(AnswerOnCrash)
-TTSService.add_asgi_middleware(JsonRouterErrors)
+# Outermost first: answer every request in JSON, even if a route crashes or the router refuses it; refuse
+# unauthenticated calls before reading bodies; check each JSON body against its route's model; tell the
+# truth in /docs.json.
+TTSService.add_asgi_middleware(AnswerInJson)
 TTSService.add_asgi_middleware(ApiKeyMiddleware, keys=[key.get_secret_value() for key in settings.api_keys])
 TTSService.add_asgi_middleware(
     RequestGuardMiddleware, max_body_bytes=settings.max_body_bytes, body_models=BODY_MODELS, upload_routes=UPLOAD_ROUTES

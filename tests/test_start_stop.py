@@ -120,7 +120,7 @@ def test_the_readiness_probe_of_a_dependency_never_raises() -> None:
 def test_a_route_that_crashes_before_answering_gets_a_500_at_once() -> None:
     import asyncio
 
-    from tts_service.bentoml_fixes import AnswerOnCrash
+    from tts_service.bentoml_fixes import AnswerInJson
 
     async def crashing(scope, receive, send):
         raise RuntimeError("boom")
@@ -135,6 +135,6 @@ def test_a_route_that_crashes_before_answering_gets_a_500_at_once() -> None:
 
     for path, shape in (("/readyz", "detail"), ("/v1/audio/speech", "error")):
         sent.clear()
-        asyncio.run(AnswerOnCrash(crashing)({"type": "http", "path": path, "method": "GET"}, receive, send))
+        asyncio.run(AnswerInJson(crashing)({"type": "http", "path": path, "method": "GET"}, receive, send))
         assert sent[0]["status"] == 500
         assert shape in sent[1]["body"].decode()

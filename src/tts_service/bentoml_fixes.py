@@ -12,12 +12,12 @@
    `TimeoutMiddleware` then waits for a response that never comes, for the whole request timeout
    (300 s), and the pending request keeps uvicorn from finishing a graceful shutdown: after SIGTERM
    the entry worker was left running, orphaned. `quiet_readiness_probe` makes the probe answer
-   False instead, and `AnswerOnCrash` makes any route that fails before answering get a 500 at once.
+   False instead, and `AnswerInJson` makes any route that fails before answering get a 500 at once.
 
 3. Plain-text router errors. BentoML mounts the FastAPI app passively (only paths it has), so its own
    router answers a path no route has (404) and a method an `@bentoml.api` route lacks (405) as
    `text/plain` "Not Found", where every other refusal of the service is JSON in the route's shape
-   (OpenAI's for `/v1/audio/...`). `JsonRouterErrors` gives those two the service's JSON body.
+   (OpenAI's for `/v1/audio/...`). `AnswerInJson` gives those two the service's JSON body.
 """
 
 from __future__ import annotations
@@ -59,8 +59,10 @@ def quiet_readiness_probe(proxy: Any) -> None:
     proxy.is_ready = is_ready
 
 
-class AnswerOnCrash:
-    """A route that raises before it has answered gets a 500 at once, not a 300 s hang (defect 2)."""
+class AnswerInJson:
+    """Every request gets the service's JSON answer where BentoML would give none or plain text: a route
+    that raises before answering gets a 500 at once, not a 300 s hang (defect 2), and the router's own
+    plain-text 404 and 405 become the service's error body, Allow kept (defect 3)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -70,46 +72,28 @@ class AnswerOnCrash:
             await self.app(scope, receive, send)
             return
         started = False
+        held: Message | None = None  # the router's plain-text start, replaced once its body has gone by
 
-        async def track(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, track)
-        except Exception:
-            if started:
-                raise
-            logger.exception("%s %s failed before answering", scope.get("method"), scope.get("path"))
-            await send_error(scope, send, ServiceError(500, "internal error; the server log has the details"))
-
-
-class JsonRouterErrors:
-    """BentoML's plain-text 404 and 405 (defect 3), answered as the service's JSON error (Allow kept)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        held: Message | None = None
-
-        async def intercept(message: Message) -> None:
-            nonlocal held
-            if message["type"] == "http.response.start" and message["status"] in (404, 405):
+        async def answer(message: Message) -> None:
+            nonlocal started, held
+            if message["type"] == "http.response.start":
+                started = True
                 headers = {key.lower(): value for key, value in message.get("headers", [])}
-                if headers.get(b"content-type", b"").startswith(b"text/plain"):
-                    held = message  # the router's own answer: replaced once its body has gone by
+                if message["status"] in (404, 405) and headers.get(b"content-type", b"").startswith(b"text/plain"):
+                    held = message
                     return
             if held is None:
                 await send(message)
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 await send_error(scope, send, _router_error(scope, held))
 
-        await self.app(scope, receive, intercept)
+        try:
+            await self.app(scope, receive, answer)
+        except Exception:
+            if started:
+                raise
+            logger.exception("%s %s failed before answering", scope.get("method"), scope.get("path"))
+            await send_error(scope, send, ServiceError(500, "internal error; the server log has the details"))
 
 
 def _router_error(scope: Scope, start: Message) -> ServiceError:
