@@ -32,7 +32,7 @@ from census import census  # noqa: E402
 from tts_service import frame_step as fs  # noqa: E402
 from tts_service.dev.tiny_checkpoint import CODEC_EOS, ensure_tiny_checkpoint  # noqa: E402
 from tts_service.engine import TTSEngine  # noqa: E402
-from tts_service.scheduler import ChunkPlan, Job, StepScheduler  # noqa: E402
+from tts_service.scheduler import LOOP_PHASES, ChunkPlan, Job, StepScheduler  # noqa: E402
 from tts_service.settings import Settings  # noqa: E402
 
 logger = logging.getLogger("bench_engine")
@@ -63,6 +63,8 @@ def run_streams(scheduler: StepScheduler, count: int, frames: int, stagger_s: fl
             timing.samples += len(chunk)
         timing.ended = time.perf_counter()
 
+    scheduler.loop_seconds.update(dict.fromkeys(scheduler.loop_seconds, 0.0))
+    scheduler.decoder.busy_seconds = 0.0
     started = time.perf_counter()
     handles = []
     for index in range(count):
@@ -93,6 +95,8 @@ def run_streams(scheduler: StepScheduler, count: int, frames: int, stagger_s: fl
         "rtf_median": statistics.median(rtf),
         "batch_max": max(scheduler.step_batch_sizes, default=0),
         "first_audio_ms": first_audio_breakdown([h.timeline for h in handles]),
+        "loop_s": dict(scheduler.loop_seconds),
+        "decoder_busy_s": scheduler.decoder.busy_seconds,
     }
 
 
@@ -297,6 +301,17 @@ def main(argv: list[str] | None = None) -> None:
     for r in report["load"]:
         phases = " | ".join(f"{r['first_audio_ms'][label]:.1f}" for label, _, _ in FIRST_AUDIO_PHASES)
         print(f"| {r['mode']} | {r['streams']} | {phases} | {r['ttfa_p50_ms']:.0f} |")
+
+    print("\n## Where the engine loop's time goes (seconds of the run; the decoder works beside it)\n")
+    print("| step | streams | wall | " + " | ".join(LOOP_PHASES) + " | waiting for work | decoder busy |")
+    print("| --- | ---: | ---: | " + " | ".join("---:" for _ in LOOP_PHASES) + " | ---: | ---: |")
+    for r in report["load"]:
+        phases = " | ".join(f"{r['loop_s'][phase]:.2f}" for phase in LOOP_PHASES)
+        waiting = r["wall_s"] - sum(r["loop_s"].values())
+        print(
+            f"| {r['mode']} | {r['streams']} | {r['wall_s']:.2f} | {phases} | {waiting:.2f} "
+            f"| {r['decoder_busy_s']:.2f} |"
+        )
 
     if not args.no_plain:
         report["plain"] = []

@@ -147,3 +147,19 @@ def test_the_time_to_first_audio_is_broken_down_in_order(engine: TTSEngine) -> N
         assert times == sorted(times), dict(zip(phases, times, strict=True))
     assert stream.timeline["first_audio"] <= arrivals[0] < arrivals[-1]
     assert len(arrivals) == 3
+
+
+def test_the_loop_time_is_accounted_by_phase(engine: TTSEngine) -> None:
+    """`loop_seconds` (bench_engine.py's loop table) sums each phase of the engine loop; together they fit
+    inside the wall time of the requests, the frame step takes most of it, and the decoder's time is counted."""
+    scheduler = engine.scheduler
+    scheduler.loop_seconds.update(dict.fromkeys(scheduler.loop_seconds, 0.0))
+    scheduler.decoder.busy_seconds = 0.0
+    started = time.perf_counter()
+    engine.synthesize(REQUESTS[1])
+    wall = time.perf_counter() - started
+    spent = scheduler.loop_seconds
+    assert set(spent) == {"admit", "step", "collect", "hand_off"} and min(spent.values()) >= 0
+    assert 0 < sum(spent.values()) <= wall
+    assert spent["step"] > max(spent["admit"], spent["collect"], spent["hand_off"])
+    assert 0 < scheduler.decoder.busy_seconds <= wall

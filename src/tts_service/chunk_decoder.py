@@ -12,6 +12,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -74,6 +75,7 @@ class ChunkDecoder:
         self._queue: queue.PriorityQueue[tuple[int, int, list[Window | Ending]]] = queue.PriorityQueue()
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
+        self.busy_seconds = 0.0  # spent decoding (or waiting for the worker process), summed
 
     def put(self, items: list[Window | Ending], urgent: bool = True) -> None:
         """Queue items; urgent ones (streams) are decoded before any non-urgent ones (whole files)."""
@@ -95,6 +97,13 @@ class ChunkDecoder:
             self._process(items)
 
     def _process(self, items: list[Window | Ending]) -> None:
+        started = time.perf_counter()
+        try:
+            self._decode_all(items)
+        finally:
+            self.busy_seconds += time.perf_counter() - started
+
+    def _decode_all(self, items: list[Window | Ending]) -> None:
         windows = [item for item in items if isinstance(item, Window) and item.handle.end is None]
         groups: dict[Any, list[Window]] = {}
         for window in windows:  # stateful windows one by one (each its own history), the rest by length

@@ -54,6 +54,11 @@ class ChunkPlan:
         return self.first_frames if decoded == 0 else self.frames
 
 
+# The engine loop's phases, as `StepScheduler.loop_seconds` sums them: cancellations, prefills and
+# compaction; launching the frame step (on a CPU: running it); reading a step's frames back (on a GPU:
+# the step launched a turn before, so this waits for the GPU); queueing windows to the decoder. The rest
+# of the wall time the loop waits for work.
+LOOP_PHASES = ("admit", "step", "collect", "hand_off")
 # OpenMP teams in a non-main thread are slow; the decoder thread has the other core.
 _CPU_LOOP_THREADS = 1
 # qwen-tts decodes whole utterances in 300-frame chunks with 25 frames of left context; a whole-file
@@ -275,6 +280,8 @@ class StepScheduler:
         self.moves = 0  # rows moved down by compaction
         self.on_step: Callable[[int], None] | None = None  # e.g. a metrics histogram
         self.on_admit: Callable[[float], None] | None = None  # a request's seconds from submit to its prefill
+        # Where the loop's time goes, summed (seconds): benchmarks read and reset it (bench_engine.py).
+        self.loop_seconds: dict[str, float] = dict.fromkeys(LOOP_PHASES, 0.0)
 
     # ---- public ----------------------------------------------------------------------------------
     @property
@@ -341,17 +348,27 @@ class StepScheduler:
                 self._fail_all(f"{type(exc).__name__}: {exc}")
 
     def _turn(self) -> None:
+        clock = time.perf_counter
+        started = clock()
         self._drop_cancelled()
         self._admit()
         self._compact()
+        admitted = clock()
         launch = self._launch() if any(row.slot >= 0 and not row.segment_done for row in self._rows) else None
+        launched = clock()
         if self.on_cuda:  # read the previous step while this one runs
             previous, self._in_flight = self._in_flight, launch
             if previous is not None:
                 self._collect(previous)
         elif launch is not None:
             self._collect(launch)
+        collected = clock()
         self._hand_off()
+        spent = self.loop_seconds
+        spent["admit"] += admitted - started
+        spent["step"] += launched - admitted
+        spent["collect"] += collected - launched
+        spent["hand_off"] += clock() - collected
 
     # ---- admission -------------------------------------------------------------------------------
     def _admit(self) -> None:
