@@ -78,7 +78,8 @@ def test_step_benchmark_smoke(cache_dir: Path, tmp_path: Path) -> None:
 
 
 def test_cpu_diagnostic_scripts_smoke(cache_dir: Path) -> None:
-    """scripts/gil_contention.py and scripts/burst_inprocess.py, briefly (their figures are in PERFORMANCE)."""
+    """The diagnostic scripts, briefly (their figures are in PERFORMANCE): gil_contention.py,
+    burst_inprocess.py, join_soak.py and bench_engine.py (the GPU benchmark, here on the CPU)."""
     runs = {
         "gil_contention.py": (
             ["--batch", "2", "--steps", "3", "--repeat", "1"],
@@ -86,6 +87,11 @@ def test_cpu_diagnostic_scripts_smoke(cache_dir: Path) -> None:
         ),
         "burst_inprocess.py": (["--repeat", "1", "--decoder", "none"], "Ratio one by one / together"),
         "join_soak.py": (["--joins", "12", "--concurrency", "4", "--every", "4"], "Growth from 4 to 12 joins: rss_mb"),
+        "bench_engine.py": (
+            ["--arch", "tiny", "--device", "cpu", "--frames", "8", "--no-plain", "--streams", "1", "2"]
+            + ["--stagger-ms", "5", "--slots", "2"],
+            "| step | streams | wall | admit | step | collect | hand_off | waiting for work | decoder busy |",
+        ),
     }
     for script, (args, expected) in runs.items():
         result = subprocess.run(
