@@ -99,11 +99,14 @@ class ChunkDecoder:
     def _process(self, items: list[Window | Ending]) -> None:
         started = time.perf_counter()
         try:
-            self._decode_all(items)
-        finally:
+            self._decode_windows(items)
+        finally:  # counted before any ending is delivered, so a request's caller sees its decoding counted
             self.busy_seconds += time.perf_counter() - started
+        for item in items:
+            if isinstance(item, Ending):
+                item.finish()
 
-    def _decode_all(self, items: list[Window | Ending]) -> None:
+    def _decode_windows(self, items: list[Window | Ending]) -> None:
         windows = [item for item in items if isinstance(item, Window) and item.handle.end is None]
         groups: dict[Any, list[Window]] = {}
         for window in windows:  # stateful windows one by one (each its own history), the rest by length
@@ -123,9 +126,6 @@ class ChunkDecoder:
             for window, wav in zip(group, audio, strict=True):
                 if window.handle.end is None:
                     window.handle._put(np.ascontiguousarray(wav[window.context * spf : len(window.codes) * spf]))
-        for item in items:
-            if isinstance(item, Ending):
-                item.finish()
 
     def new_state(self) -> Any:
         """A stream's decoder state, for `decode_stateful` (kept in the worker process when there is one)."""
