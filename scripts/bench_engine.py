@@ -63,8 +63,7 @@ def run_streams(scheduler: StepScheduler, count: int, frames: int, stagger_s: fl
             timing.samples += len(chunk)
         timing.ended = time.perf_counter()
 
-    scheduler.loop_seconds.update(dict.fromkeys(scheduler.loop_seconds, 0.0))
-    scheduler.decoder.busy_seconds = 0.0
+    scheduler.reset_time_accounting()
     started = time.perf_counter()
     handles = []
     for index in range(count):

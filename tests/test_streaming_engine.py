@@ -153,8 +153,7 @@ def test_the_loop_time_is_accounted_by_phase(engine: TTSEngine) -> None:
     """`loop_seconds` (bench_engine.py's loop table) sums each phase of the engine loop; together they fit
     inside the wall time of the requests, the frame step takes most of it, and the decoder's time is counted."""
     scheduler = engine.scheduler
-    scheduler.loop_seconds.update(dict.fromkeys(scheduler.loop_seconds, 0.0))
-    scheduler.decoder.busy_seconds = 0.0
+    scheduler.reset_time_accounting()
     started = time.perf_counter()
     engine.synthesize(REQUESTS[1])
     time.sleep(0.05)  # the loop's last turn is summed just after it has handed the end over

@@ -29,7 +29,7 @@ import sys
 from typing import Any
 
 from tts_service.errors import ServiceError, method_not_allowed, send_error
-from tts_service.security import ASGIApp, Message, Receive, Scope, Send
+from tts_service.security import ASGIApp, Message, Receive, Scope, Send, header
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +78,8 @@ class AnswerInJson:
             nonlocal started, held
             if message["type"] == "http.response.start":
                 started = True
-                headers = {key.lower(): value for key, value in message.get("headers", [])}
-                if message["status"] in (404, 405) and headers.get(b"content-type", b"").startswith(b"text/plain"):
+                content_type = header(message, b"content-type") or ""
+                if message["status"] in (404, 405) and content_type.startswith("text/plain"):
                     held = message
                     return
             if held is None:
@@ -100,5 +100,5 @@ def _router_error(scope: Scope, start: Message) -> ServiceError:
     path, method = scope.get("path", ""), scope.get("method", "")
     if start["status"] == 404:
         return ServiceError(404, f"no such route: {path}")
-    allow = {key.lower(): value for key, value in start.get("headers", [])}.get(b"allow", b"").decode()
+    allow = header(start, b"allow") or ""
     return ServiceError(405, method_not_allowed(method, path, allow), headers={"Allow": allow})

@@ -284,6 +284,11 @@ class StepScheduler:
         self.loop_seconds: dict[str, float] = dict.fromkeys(LOOP_PHASES, 0.0)
 
     # ---- public ----------------------------------------------------------------------------------
+    def reset_time_accounting(self) -> None:
+        """Zero `loop_seconds` and the decoder's `busy_seconds`, for a benchmark run to read afresh."""
+        self.loop_seconds.update(dict.fromkeys(self.loop_seconds, 0.0))
+        self.decoder.busy_seconds = 0.0
+
     @property
     def slots(self) -> int:
         return self.state.slots

@@ -29,7 +29,8 @@ OPEN_PATHS = frozenset({"/health", "/livez", "/readyz", "/healthz"})
 JSON_TYPES = ("application/json",)
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+def header(scope: Scope | Message, name: bytes) -> str | None:
+    """A header of a request's scope or a response's start message (lower-case `name`), or None."""
     for key, value in scope.get("headers", []):
         if key.lower() == name:
             return value.decode("latin-1")
@@ -57,7 +58,7 @@ class ApiKeyMiddleware:
             or not self.keys
             or scope.get("method") == "OPTIONS"
             or scope.get("path") in OPEN_PATHS
-            or self.authorized(_header(scope, b"authorization"))
+            or self.authorized(header(scope, b"authorization"))
         ):
             await self.app(scope, receive, send)
             return
@@ -91,7 +92,7 @@ class RequestGuardMiddleware:
         if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in self.body_models:
             await self.app(scope, receive, send)
             return
-        content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
+        content_type = (header(scope, b"content-type") or "").split(";")[0].strip().lower()
         upload = content_type == "multipart/form-data" and scope["path"] in self.upload_routes
         if content_type not in JSON_TYPES and not upload:
             wanted = "application/json" + (" or multipart/form-data" if scope["path"] in self.upload_routes else "")
@@ -101,7 +102,7 @@ class RequestGuardMiddleware:
             )
             return
         limit = self.upload_routes[scope["path"]] if upload else self.max_body_bytes
-        declared = _header(scope, b"content-length")
+        declared = header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await self._too_large(scope, send, limit, "audio" if upload else "body")
             return
