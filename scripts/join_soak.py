@@ -20,11 +20,10 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks.workload import TEXT, VOICES  # noqa: E402
+from bench_engine import job  # noqa: E402
 
 from tts_service.dev.tiny_checkpoint import ensure_tiny_checkpoint  # noqa: E402
 from tts_service.engine import TTSEngine  # noqa: E402
-from tts_service.scheduler import Job  # noqa: E402
 from tts_service.settings import Settings  # noqa: E402
 
 logger = logging.getLogger("join_soak")
@@ -60,10 +59,9 @@ def main() -> None:
     started, submitted, done = time.perf_counter(), 0, 0
     while done < args.joins:
         while submitted < args.joins and len(in_flight) < args.concurrency:
-            speaker, language = VOICES[submitted % len(VOICES)]
             frames = 8 + submitted % 17  # lengths differ, so rows leave at different steps
-            job = Job((TEXT,), speaker, language, "", seed=submitted, plan=scheduler.stream_plan, budgets=(frames,))
-            in_flight.append(scheduler.submit(job, f"join-{submitted}"))
+            request = job(submitted, frames, scheduler.stream_plan)
+            in_flight.append(scheduler.submit(request, f"join-{submitted}"))
             submitted += 1
         handle = in_flight.popleft()
         handle.collect()
