@@ -174,3 +174,22 @@ def test_the_child_dies_with_its_parent(tiny_dir: Path, cache_dir: Path) -> None
         assert not _alive(child)
     finally:
         parent.kill()
+
+
+def test_a_child_whose_parent_goes_away_during_its_start_exits_quietly() -> None:
+    """A process that loads an engine and exits within seconds (a script, a short test run) closes its end
+    of the socket before the child has started: the child exits with status 0 and no traceback."""
+    import socket
+
+    ours, theirs = socket.socketpair()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tts_service.decoder_process", str(theirs.fileno()), str(os.getpid())],
+        pass_fds=[theirs.fileno()],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    theirs.close()
+    ours.close()  # before the child could read its decoder
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == 0 and "Traceback" not in stderr, stderr

@@ -11,13 +11,16 @@ decoder, the error stays under 0.02 of full scale with a signal-to-error ratio a
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
 import pytest
+import torch
 
 from tests.oracle import ORACLE_REQUESTS
 from tests.oracle import reference as plain_qwen_tts
+from tts_service.chunk_decoder import FIRST_AUDIO, STREAM, WHOLE_FILE, ChunkDecoder, Ending, Window
 from tts_service.engine import SynthesisRequest, TTSEngine
 from tts_service.settings import Settings
 
@@ -163,3 +166,42 @@ def test_the_loop_time_is_accounted_by_phase(engine: TTSEngine) -> None:
     assert 0 < sum(spent.values()) <= wall
     assert spent["step"] > max(spent["admit"], spent["collect"], spent["hand_off"])
     assert 0 < scheduler.decoder.busy_seconds <= wall
+
+
+def test_a_streams_first_window_is_decoded_before_everything_queued_earlier(engine: TTSEngine) -> None:
+    """Under load the decoder has a queue. A stream whose listener hears nothing yet goes first, then
+    streams that have audio in hand, then whole files (nobody hears them before their last chunk);
+    first in, first out within each class, and a request's end after its chunks."""
+    source = engine.scheduler.decoder
+    decoder = ChunkDecoder(source.decoder, source.samples_per_frame, torch.device("cpu"), threaded=True)
+    heard: list[str] = []
+
+    class Handle:
+        end = None
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def _put(self, audio: np.ndarray) -> None:
+            assert len(audio) == 4 * SPF
+            heard.append(self.name)
+
+    busy, release, drained = threading.Event(), threading.Event(), threading.Event()
+    decoder.put([Ending(Handle("busy"), lambda: (busy.set(), release.wait(30)))], STREAM)
+    assert busy.wait(30)  # the decoder is busy: what follows queues up behind it
+    codes = np.arange(4 * 16).reshape(4, 16) % 2048
+    later = Handle("stream with audio in hand")
+    decoder.put([Window(Handle("whole file"), codes, 0)], WHOLE_FILE)
+    decoder.put([Window(later, codes, 0), Ending(later, lambda: heard.append("its end"))], STREAM)
+    decoder.put([Window(Handle("stream 1, first window"), codes, 0)], FIRST_AUDIO)
+    decoder.put([Window(Handle("stream 2, first window"), codes, 0)], FIRST_AUDIO)
+    decoder.put([Ending(Handle("last"), drained.set)], WHOLE_FILE)
+    release.set()
+    assert drained.wait(60)
+    assert heard == [
+        "stream 1, first window",
+        "stream 2, first window",
+        "stream with audio in hand",
+        "its end",
+        "whole file",
+    ]

@@ -2,8 +2,9 @@
 so talker steps never wait for the speech decoder.
 
 Each window is decoded with left context (frames already sent), and only its new frames' samples are
-handed on. Windows of the same length are decoded as one batch. Stream windows go before whole-file
-windows. Per request, chunks and the request's end leave in the order they were submitted.
+handed on. Windows of the same length are decoded as one batch. A stream's first window goes first
+(its listener hears nothing yet), then the other stream windows, then whole files'. Per request, chunks
+and the request's end leave in the order they were submitted.
 """
 
 from __future__ import annotations
@@ -25,8 +26,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Decoding order, most urgent first; first-in-first-out within each. A request's items never go to a more
+# urgent class than its earlier ones, so its chunks and end still leave in order.
+FIRST_AUDIO = 0  # a stream's first window: its listener is waiting in silence
+STREAM = 1  # a stream's later windows and its end: its listener has audio in hand
+WHOLE_FILE = 2  # whole-file requests: nobody hears anything before the last chunk
 
-@dataclass
+
+@dataclass(eq=False)  # compared by identity
 class Window:
     """`codes[context:]` are new; `codes[:context]` were sent already (or are a cloned voice's reference
     frames) and only condition the decoder. With a `state` (a stateful stream) the state carries the
@@ -38,7 +45,7 @@ class Window:
     state: Any = None  # streaming_decoder.DecoderState
 
 
-@dataclass
+@dataclass(eq=False)
 class Ending:
     """Sent after a request's last window: calls `finish` (which hands the request its end)."""
 
@@ -77,14 +84,15 @@ class ChunkDecoder:
         self._thread: threading.Thread | None = None
         self.busy_seconds = 0.0  # spent decoding (or waiting for the worker process), summed
 
-    def put(self, items: list[Window | Ending], urgent: bool = True) -> None:
-        """Queue items; urgent ones (streams) are decoded before any non-urgent ones (whole files)."""
+    def put(self, items: list[Window | Ending], priority: int = STREAM) -> None:
+        """Queue items, decoded after every queued item of a more urgent class (`FIRST_AUDIO`, `STREAM`,
+        `WHOLE_FILE`) and after the earlier ones of their own."""
         if not items:
             return
         if not self.threaded:
             self._process(items)
             return
-        self._queue.put((0 if urgent else 1, next(self._order), items))
+        self._queue.put((priority, next(self._order), items))
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="tts-chunk-decoder", daemon=True)
             self._thread.start()

@@ -245,4 +245,7 @@ def serve(conn: Connection, parent_pid: int) -> None:
 
 
 if __name__ == "__main__":
-    serve(Connection(int(sys.argv[1])), int(sys.argv[2]))
+    try:
+        serve(Connection(int(sys.argv[1])), int(sys.argv[2]))
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass  # the parent went away (e.g. it exited while this child was starting): nobody is owed an answer

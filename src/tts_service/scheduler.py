@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from tts_service import frame_step as fs
-from tts_service.chunk_decoder import ChunkDecoder, Ending, Window
+from tts_service.chunk_decoder import FIRST_AUDIO, STREAM, WHOLE_FILE, ChunkDecoder, Ending, Window
 from tts_service.prompt import PromptBuilder
 from tts_service.sampling import SamplingParams
 from tts_service.voice_prompt import VoicePrompt
@@ -581,15 +581,19 @@ class StepScheduler:
 
     def _hand_off(self) -> None:
         """Queue due windows, then the ends of requests whose last frame is queued; free their slots.
-        Streams' windows are queued ahead of whole files' (a listener is waiting for them)."""
+        A stream's first window is decoded before anything else queued (its listener hears nothing yet),
+        then the other streams' windows, then whole files' (see chunk_decoder)."""
+        silent = {row.handle for row in self._rows if row.decoded == 0}
         items: list[Window | Ending] = list(self._windows_due())
         for row in self._rows:
             if row.finished and not row.retired and row.decoded >= len(row.codes):
                 end = self._retire(row)
                 items.append(Ending(row.handle, lambda row=row, end=end: self._deliver(row, end)))
         streams = {row.handle for row in self._rows if row.job.plan is self.stream_plan}
-        self.decoder.put([item for item in items if item.handle in streams], urgent=True)
-        self.decoder.put([item for item in items if item.handle not in streams], urgent=False)
+        first = [item for item in items if isinstance(item, Window) and item.handle in streams & silent]
+        self.decoder.put(first, FIRST_AUDIO)
+        self.decoder.put([item for item in items if item.handle in streams and item not in first], STREAM)
+        self.decoder.put([item for item in items if item.handle not in streams], WHOLE_FILE)
         self._rows = [row for row in self._rows if not row.retired]
 
     def _retire(self, row: _Row, error: str | None = None, cancelled: bool = False) -> RequestEnd:
