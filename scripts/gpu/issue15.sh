@@ -25,7 +25,8 @@ install() {  # TARGET SET: the common wheels and one set, into a folder of their
     [ -d "$1" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$1" \
         .whl/common/*.whl ".whl/$2"/*.whl
 }
-engine_python() { PYTHONPATH="/tmp/engine:$PWD/src" python3 "$@"; }
+in_engine_env=(env "PYTHONPATH=/tmp/engine:$PWD/src")  # the engine's wheels, then this checkout
+engine_python() { "${in_engine_env[@]}" python3 "$@"; }
 
 install /tmp/engine engine
 device=${DEVICE:-cuda}  # DEVICE=cpu ARCH=tiny: a dry run of the kit on a machine without a GPU
@@ -38,7 +39,6 @@ echo "checkpoint: $ckpt"
 common=(--model "$ckpt" --device "$device" --frames 250 --streams 1 8 32 --stagger-ms 20)
 
 # Each part takes a time limit in seconds (0: none), so that `quick` can cut it off and go on.
-in_engine_env=(env "PYTHONPATH=/tmp/engine:$PWD/src")
 faster_bench() {
     install /tmp/faster faster
     timeout --kill-after=10 "$1" env PYTHONPATH=/tmp/faster python3 scripts/bench_faster_qwen3_tts.py \

@@ -590,10 +590,16 @@ class StepScheduler:
                 end = self._retire(row)
                 items.append(Ending(row.handle, lambda row=row, end=end: self._deliver(row, end)))
         streams = {row.handle for row in self._rows if row.job.plan is self.stream_plan}
-        first = [item for item in items if isinstance(item, Window) and item.handle in streams & silent]
-        self.decoder.put(first, FIRST_AUDIO)
-        self.decoder.put([item for item in items if item.handle in streams and item not in first], STREAM)
-        self.decoder.put([item for item in items if item.handle not in streams], WHOLE_FILE)
+        classes: dict[int, list[Window | Ending]] = {FIRST_AUDIO: [], STREAM: [], WHOLE_FILE: []}
+        for item in items:
+            if item.handle not in streams:
+                classes[WHOLE_FILE].append(item)
+            elif isinstance(item, Window) and item.handle in silent:
+                classes[FIRST_AUDIO].append(item)
+            else:
+                classes[STREAM].append(item)
+        for priority, queued in classes.items():
+            self.decoder.put(queued, priority)
         self._rows = [row for row in self._rows if not row.retired]
 
     def _retire(self, row: _Row, error: str | None = None, cancelled: bool = False) -> RequestEnd:
