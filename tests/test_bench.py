@@ -79,7 +79,7 @@ def test_step_benchmark_smoke(cache_dir: Path, tmp_path: Path) -> None:
 
 def test_cpu_diagnostic_scripts_smoke(cache_dir: Path) -> None:
     """The diagnostic scripts, briefly (their figures are in PERFORMANCE): gil_contention.py,
-    burst_inprocess.py, join_soak.py and bench_engine.py (the GPU benchmark, here on the CPU)."""
+    burst_inprocess.py, join_soak.py, and bench_engine.py and check_seed_replay.py (GPU checks, here on the CPU)."""
     runs = {
         "gil_contention.py": (
             ["--batch", "2", "--steps", "3", "--repeat", "1"],
@@ -92,6 +92,8 @@ def test_cpu_diagnostic_scripts_smoke(cache_dir: Path) -> None:
             + ["--stagger-ms", "5", "--slots", "2"],
             "| step | streams | wall | admit | step | collect | hand_off | waiting for work | decoder busy |",
         ),
+        # the GPU kit's seed check; on the CPU a seed must replay the same bytes in any company
+        "check_seed_replay.py": (["--model", "tiny", "--device", "cpu", "--frames", "24"], "ALL THE SAME BYTES"),
     }
     for script, (args, expected) in runs.items():
         result = subprocess.run(
@@ -116,7 +118,7 @@ def test_gpu_kit_runs_without_the_service_only_packages() -> None:
         "sys.meta_path.insert(0, Block())\n"
         "sys.path.insert(0, 'scripts')\n"
     )
-    imports = "import tts_service.engine, bench_engine, census, join_soak, check_gpu_equality\n"
+    imports = "import tts_service.engine, bench_engine, census, join_soak, check_gpu_equality, check_seed_replay\n"
     result = subprocess.run(
         [sys.executable, "-c", blocker + imports], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
     )

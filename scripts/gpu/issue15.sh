@@ -4,12 +4,14 @@
 # minutes of device time in all, a machine's start included, so the first call should be the one that
 # fits them all, most important first, each part cut off when the budget (BUDGET_S, 420 s) runs out:
 #     run(command="bash scripts/gpu/issue15.sh quick", carry=[".whl"], timeout_s=540)
-#   quick      engine (with plain qwen-tts at 40 frames), then faster, then 1,000 joins; one log
+#   quick      engine (with plain qwen-tts at 40 frames), then faster, then 1,000 joins, then the seed
+#              replay check (bf16, in company); one log
 # The single stages, each one call (a machine goes back 30 s after a call, so each installs what it needs):
 #   faster     faster-qwen3-tts 0.5.4 in its own environment (transformers 5.15.1, qwen-tts-hf)
 #   engine     this engine with CUDA graphs (streams 1, 8, 32; census; step) beside plain qwen-tts
 #   compiled   the same with the Inductor-compiled step (TTS_COMPILE_STEP), no plain qwen-tts
-#   equality   codes equal plain qwen-tts's on the GPU (float32, greedy), and memory over 1,000 joins
+#   equality   codes equal plain qwen-tts's on the GPU (float32, greedy), memory over 1,000 joins, and
+#              whether a seed replays the same bytes alone and in company (bf16, sampled)
 # All of them use the same random-weight checkpoint at the 1.7B sizes (ARCH=0.6b for the small one),
 # the same text and voices (scripts/benchmarks/workload.py) and 250 frames (20 s) per request.
 # Logs and JSON land in $OUT (what the device tool brings back: at most 8 files).
@@ -57,11 +59,15 @@ joins() {
     timeout --kill-after=10 "$1" "${in_engine_env[@]}" python3 scripts/join_soak.py --model "$ckpt" --device "$device" \
         --joins 1000
 }
+seeds() {
+    timeout --kill-after=10 "$1" "${in_engine_env[@]}" python3 scripts/check_seed_replay.py --model "$ckpt" \
+        --device "$device" --json "$out/seeds-$arch.json"
+}
 
 case $stage in
 quick)
     deadline=$((SECONDS + ${BUDGET_S:-420}))
-    for part in engine_bench faster_bench joins; do
+    for part in engine_bench faster_bench joins seeds; do
         left=$((deadline - SECONDS))
         if [ "$left" -lt 30 ]; then
             echo "== $part: skipped, $left s of the budget left"
@@ -77,6 +83,7 @@ compiled) compiled_bench 0 2>&1 | tee "$out/compiled-$arch.log" ;;
 equality)
     equality 0 2>&1 | tee "$out/equality.log"
     joins 0 2>&1 | tee "$out/joins-$arch.log"
+    seeds 0 2>&1 | tee "$out/seeds-$arch.log"
     ;;
 *)
     echo "unknown stage: $stage" >&2
