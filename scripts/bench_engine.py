@@ -18,7 +18,7 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,18 @@ class StreamTiming:
     first_audio: float | None = None
     ended: float | None = None
     samples: int = 0
+    chunks: list[tuple[float, int]] = field(default_factory=list)  # (arrival, samples) of each chunk
+
+    def stalls(self, sample_rate: int = 24000) -> list[float]:
+        """Seconds a listener who starts playing at the first chunk waits, each time the audio in hand
+        runs out before the next chunk arrives (then resumes with it)."""
+        waits, clock, in_hand = [], 0.0, 0.0  # clock: when what was in hand runs out
+        for arrival, samples in self.chunks:
+            if in_hand and arrival > clock:
+                waits.append(arrival - clock)
+            clock = max(clock, arrival) + samples / sample_rate
+            in_hand += samples
+        return waits
 
 
 def run_streams(scheduler: StepScheduler, count: int, frames: int, stagger_s: float, plan: ChunkPlan) -> dict:
@@ -58,9 +70,11 @@ def run_streams(scheduler: StepScheduler, count: int, frames: int, stagger_s: fl
 
     def consume(handle, timing: StreamTiming) -> None:
         for chunk in handle:
+            arrived = time.perf_counter()
             if timing.first_audio is None:
-                timing.first_audio = time.perf_counter()
+                timing.first_audio = arrived
             timing.samples += len(chunk)
+            timing.chunks.append((arrived, len(chunk)))
         timing.ended = time.perf_counter()
 
     scheduler.reset_time_accounting()
@@ -82,6 +96,7 @@ def run_streams(scheduler: StepScheduler, count: int, frames: int, stagger_s: fl
     audio = sum(t.samples for t in timings) / 24000
     ttfa = sorted((t.first_audio - t.submitted) * 1000 for t in timings)
     rtf = [t.samples / 24000 / (t.ended - t.submitted) for t in timings]
+    stalls = [t.stalls() for t in timings]
     return {
         "streams": count,
         "frames": frames,
@@ -93,6 +108,9 @@ def run_streams(scheduler: StepScheduler, count: int, frames: int, stagger_s: fl
         "rtf_min": min(rtf),
         "rtf_median": statistics.median(rtf),
         "batch_max": max(scheduler.step_batch_sizes, default=0),
+        "streams_ran_dry": sum(1 for waits in stalls if waits),
+        "stalls": sum(len(waits) for waits in stalls),
+        "stall_ms_worst_stream": 1000 * max(sum(waits) for waits in stalls),
         "first_audio_ms": first_audio_breakdown([h.timeline for h in handles]),
         "loop_s": dict(scheduler.loop_seconds),
         "decoder_busy_s": scheduler.decoder.busy_seconds,
@@ -193,6 +211,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--compile-step", action="store_true", help="TTS_COMPILE_STEP: Inductor at start-up (graphs capture it)"
     )
+    parser.add_argument(
+        "--plans",
+        nargs="+",
+        choices=("ramp", "step"),
+        default=["ramp"],
+        help="stream chunk plans to run side by side: ramp (serving: 4, 4, 8, 16, ...) or step (4, 16, 16, ...)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -260,24 +285,24 @@ def main(argv: list[str] | None = None) -> None:
             f"| {row['batch'] * 1000 / g:.0f} |"
         )
 
-    plans = {"stream": scheduler.stream_plan}
+    plans = {"ramp": replace(scheduler.stream_plan, ramp=True), "step": replace(scheduler.stream_plan, ramp=False)}
+    plans = {name: plans[name] for name in args.plans}
     report["load"] = []
     modes = [("graphs", scheduler.step_fn)]
     if not args.no_eager and scheduler.step_fn is not fs.frame_step:
         modes.append(("eager", fs.frame_step))
     for mode, step in modes:
         scheduler.step_fn = step
-        run_streams(scheduler, 1, 16, 0, plans["stream"])  # warm-up
+        run_streams(scheduler, 1, 16, 0, scheduler.stream_plan)  # warm-up
         for count in args.streams:
             if count > scheduler.slots:
                 continue
-            scheduler.step_batch_sizes.clear()
-            result = run_streams(
-                scheduler, count, args.frames, args.stagger_ms / 1000 if count > 1 else 0, plans["stream"]
-            )
-            result["mode"] = mode
-            report["load"].append(result)
-            print(mode, result, flush=True)
+            for name, plan in plans.items():  # side by side, one count at a time
+                scheduler.step_batch_sizes.clear()
+                result = run_streams(scheduler, count, args.frames, args.stagger_ms / 1000 if count > 1 else 0, plan)
+                result["mode"] = mode if len(plans) == 1 else f"{mode}, {name}"
+                report["load"].append(result)
+                print(result["mode"], result, flush=True)
         scheduler.step_fn = modes[0][1]
     print(
         f"\n## Streams, {args.frames} frames ({args.frames / FRAME_RATE:.0f} s) each, "
@@ -292,6 +317,15 @@ def main(argv: list[str] | None = None) -> None:
             f"| {r['mode']} | {r['streams']} | {r['audio_s_per_s']:.1f} | {r['ttfa_p50_ms']:.0f} "
             f"| {r['ttfa_p95_ms']:.0f} "
             f"| {r['rtf_min']:.1f} | {r['rtf_median']:.1f} | {r['batch_max']} |"
+        )
+
+    print("\n## Playback: a listener starting at each stream's first chunk\n")
+    print("| step | streams | streams that ran dry | stalls | the worst stream's stalls, ms |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for r in report["load"]:
+        print(
+            f"| {r['mode']} | {r['streams']} | {r['streams_ran_dry']} | {r['stalls']} "
+            f"| {r['stall_ms_worst_stream']:.0f} |"
         )
 
     print("\n## Where the time to first audio goes (median ms per phase)\n")

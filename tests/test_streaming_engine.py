@@ -20,8 +20,9 @@ import torch
 
 from tests.oracle import ORACLE_REQUESTS
 from tests.oracle import reference as plain_qwen_tts
-from tts_service.chunk_decoder import FIRST_AUDIO, STREAM, WHOLE_FILE, ChunkDecoder, Ending, Window
+from tts_service.chunk_decoder import STREAM, WHOLE_FILE, ChunkDecoder, Ending, Window
 from tts_service.engine import SynthesisRequest, TTSEngine
+from tts_service.scheduler import RequestHandle, _Row
 from tts_service.settings import Settings
 
 SPF = 1920  # samples per codec frame
@@ -84,7 +85,7 @@ def test_a_stateful_stream_equals_the_whole_utterance(engine: TTSEngine, referen
     chunks = list(handle)
     ref_codes, ref_audio = reference[LONG.text]
     np.testing.assert_array_equal(handle.end.codes, ref_codes)
-    assert [len(c) // SPF for c in chunks][:3] == [4, 16, 16]
+    assert [len(c) // SPF for c in chunks][:5] == [4, 4, 8, 16, 16]  # none longer than the audio before it
     streamed = np.concatenate(chunks)
     exact = np.round(np.clip(streamed, -1, 1) * 32767) / 32768
     assert len(streamed) == len(ref_audio) and np.abs(exact - ref_audio).max() <= 1.5 / 32768
@@ -99,12 +100,12 @@ def test_a_windowed_stream_equals_the_whole_utterance(window_engine: TTSEngine, 
     assert handle.end.frames == len(ref_codes) == 125
     np.testing.assert_array_equal(handle.end.codes, ref_codes)
     sizes = [len(chunk) // SPF for chunk in chunks]
-    assert sizes[0] == 4 and set(sizes[1:-1]) == {16} and 1 <= sizes[-1] <= 16  # 4, 16, 16, ..., rest
+    assert sizes[:3] == [4, 4, 8] and set(sizes[3:-1]) == {16} and 1 <= sizes[-1] <= 16  # 4, 4, 8, 16, ..., rest
     assert all(len(chunk) % SPF == 0 for chunk in chunks)
     streamed = _as_pcm16(chunks)
     # Chunks starting within 25 frames of the beginning were decoded with all that came before:
-    # the first three (frames 0 to 36), equal to 1 LSB.
-    exact = (4 + 16 + 16) * SPF
+    # the first four (frames 0 to 32), equal to 1 LSB.
+    exact = (4 + 4 + 8 + 16) * SPF
     assert np.abs(streamed[:exact] - ref_audio[:exact]).max() <= 1.5 / 32768
     seams = list(np.cumsum([len(c) for c in chunks])[:-1])
     _check_audio(streamed, ref_audio, seams)
@@ -138,7 +139,7 @@ def test_the_time_to_first_audio_is_broken_down_in_order(engine: TTSEngine) -> N
     first window queued to the decoder, first audio handed over, in that order, for a stream and a whole
     file; a stream's first audio is stamped before its consumer gets it."""
     phases = ["submitted", "prefilled", "first_frame", "first_window", "first_audio"]
-    stream = engine.submit(REQUESTS[3], "timeline-stream", stream=True)  # 23 frames: chunks of 4 and 16, then 3
+    stream = engine.submit(REQUESTS[3], "timeline-stream", stream=True)  # 23 frames: chunks of 4, 4, 8, then 7
     arrivals = []
     for _chunk in stream:
         arrivals.append(time.perf_counter())
@@ -149,7 +150,7 @@ def test_the_time_to_first_audio_is_broken_down_in_order(engine: TTSEngine) -> N
         times = [handle.timeline[phase] for phase in phases]
         assert times == sorted(times), dict(zip(phases, times, strict=True))
     assert stream.timeline["first_audio"] <= arrivals[0] < arrivals[-1]
-    assert len(arrivals) == 3
+    assert len(arrivals) == 4
 
 
 def test_the_loop_time_is_accounted_by_phase(engine: TTSEngine) -> None:
@@ -168,10 +169,11 @@ def test_the_loop_time_is_accounted_by_phase(engine: TTSEngine) -> None:
     assert 0 < scheduler.decoder.busy_seconds <= wall
 
 
-def test_a_streams_first_window_is_decoded_before_everything_queued_earlier(engine: TTSEngine) -> None:
-    """Under load the decoder has a queue. A stream whose listener hears nothing yet goes first, then
-    streams that have audio in hand, then whole files (nobody hears them before their last chunk);
-    first in, first out within each class, and a request's end after its chunks."""
+def test_the_decoder_serves_the_listener_who_runs_dry_first(engine: TTSEngine) -> None:
+    """Under load the decoder has a queue. Streams go before whole files (nobody hears those before their
+    last chunk); among streams, the window whose listener runs out of audio first: a stream that is
+    already late, then new streams' first windows (due now), then a stream with a second of audio in
+    hand. First in, first out among equal deadlines, and a request's end after its chunks."""
     source = engine.scheduler.decoder
     decoder = ChunkDecoder(source.decoder, source.samples_per_frame, torch.device("cpu"), threaded=True)
     heard: list[str] = []
@@ -190,18 +192,42 @@ def test_a_streams_first_window_is_decoded_before_everything_queued_earlier(engi
     decoder.put([Ending(Handle("busy"), lambda: (busy.set(), release.wait(30)))], STREAM)
     assert busy.wait(30)  # the decoder is busy: what follows queues up behind it
     codes = np.arange(4 * 16).reshape(4, 16) % 2048
-    later = Handle("stream with audio in hand")
+    now = time.perf_counter()
+    in_hand = Handle("stream with audio in hand")
     decoder.put([Window(Handle("whole file"), codes, 0)], WHOLE_FILE)
-    decoder.put([Window(later, codes, 0), Ending(later, lambda: heard.append("its end"))], STREAM)
-    decoder.put([Window(Handle("stream 1, first window"), codes, 0)], FIRST_AUDIO)
-    decoder.put([Window(Handle("stream 2, first window"), codes, 0)], FIRST_AUDIO)
+    decoder.put(
+        [Window(in_hand, codes, 0, deadline=now + 1), Ending(in_hand, lambda: heard.append("its end"), now + 1)],
+        STREAM,
+    )
+    decoder.put([Window(Handle("stream 1, first window"), codes, 0, deadline=now)], STREAM)
+    decoder.put([Window(Handle("stream 2, first window"), codes, 0, deadline=now)], STREAM)
+    decoder.put([Window(Handle("late stream"), codes, 0, deadline=now - 0.5)], STREAM)
     decoder.put([Ending(Handle("last"), drained.set)], WHOLE_FILE)
     release.set()
     assert drained.wait(60)
     assert heard == [
+        "late stream",
         "stream 1, first window",
         "stream 2, first window",
         "stream with audio in hand",
         "its end",
         "whole file",
     ]
+
+
+def test_a_streams_deadline_is_when_its_listener_would_run_out(engine: TTSEngine) -> None:
+    """Before its first audio a stream's window is due at once; after it, when the audio sent before it has
+    played; and no later item of a request gets an earlier deadline than an earlier one (its order)."""
+    scheduler = engine.scheduler
+    frame = SPF / engine.sample_rate  # seconds of audio per frame
+    row = _Row(engine.job(SynthesisRequest("Hello there.", "ryan", "english"), stream=True), RequestHandle("d", None))
+    assert scheduler._deadline(row, 0, now=10.0) == 10.0
+    assert scheduler._deadline(row, 4, now=10.1) == pytest.approx(10.1 + 4 * frame)
+    row.handle.timeline["first_audio"] = 10.2
+    assert scheduler._deadline(row, 8, now=10.3) == pytest.approx(10.2 + 8 * frame)
+    assert scheduler._deadline(row, 8, now=10.0) == pytest.approx(10.2 + 8 * frame)
+    row.handle.timeline["first_audio"] = 9.0  # an earlier start never pulls a later item ahead
+    assert scheduler._deadline(row, 9, now=10.4) == pytest.approx(10.2 + 8 * frame)
+    hello = SynthesisRequest("Hello there.", "ryan", "english")
+    files = _Row(engine.job(hello, stream=False), RequestHandle("f", None))
+    assert scheduler._stream_deadline(files, now=10.0) == 0.0

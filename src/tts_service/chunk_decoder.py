@@ -2,9 +2,10 @@
 so talker steps never wait for the speech decoder.
 
 Each window is decoded with left context (frames already sent), and only its new frames' samples are
-handed on. Windows of the same length are decoded as one batch. A stream's first window goes first
-(its listener hears nothing yet), then the other stream windows, then whole files'. Per request, chunks
-and the request's end leave in the order they were submitted.
+handed on. Windows of the same length are decoded as one batch. Streams' windows go before whole files',
+and among them the one whose listener runs out of audio first (its deadline): a stream already playing
+with seconds in hand waits for a new stream's first chunk, one about to run dry does not. Per request,
+chunks and the request's end leave in the order they were submitted.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Decoding order, most urgent first; first-in-first-out within each. A request's items never go to a more
-# urgent class than its earlier ones, so its chunks and end still leave in order.
-FIRST_AUDIO = 0  # a stream's first window: its listener is waiting in silence
-STREAM = 1  # a stream's later windows and its end: its listener has audio in hand
-WHOLE_FILE = 2  # whole-file requests: nobody hears anything before the last chunk
+# Decoding order: streams before whole files; within a class, earliest deadline first, then first in first
+# out. A request's items never go to a more urgent class, nor get an earlier deadline, than its earlier
+# ones, so its chunks and end still leave in order.
+STREAM = 0  # a listener hears each chunk as it comes
+WHOLE_FILE = 1  # nobody hears anything before the last chunk
 
 
 @dataclass(eq=False)  # compared by identity
@@ -43,6 +44,7 @@ class Window:
     codes: np.ndarray  # [frames, 16]
     context: int
     state: Any = None  # streaming_decoder.DecoderState
+    deadline: float = 0.0  # time.perf_counter() by which its listener needs it (streams)
 
 
 @dataclass(eq=False)
@@ -51,6 +53,7 @@ class Ending:
 
     handle: Any
     finish: Callable[[], None]
+    deadline: float = 0.0
 
 
 class ChunkDecoder:
@@ -79,20 +82,28 @@ class ChunkDecoder:
         self.graph_lengths: tuple[int, ...] = ()  # window lengths with captured graphs (none until capture)
         self.graph_batches: tuple[int, ...] = ()
         self._graphs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]] | None = None
-        self._queue: queue.PriorityQueue[tuple[int, int, list[Window | Ending]]] = queue.PriorityQueue()
+        self._queue: queue.PriorityQueue[tuple[int, float, int, list[Window | Ending]]] = queue.PriorityQueue()
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
         self.busy_seconds = 0.0  # spent decoding (or waiting for the worker process), summed
 
     def put(self, items: list[Window | Ending], priority: int = STREAM) -> None:
-        """Queue items, decoded after every queued item of a more urgent class (`FIRST_AUDIO`, `STREAM`,
-        `WHOLE_FILE`) and after the earlier ones of their own."""
+        """Queue items, decoded after every queued item of a more urgent class (`STREAM`, `WHOLE_FILE`), and
+        within their class after those with an earlier deadline, then after the earlier ones."""
         if not items:
             return
         if not self.threaded:
             self._process(items)
             return
-        self._queue.put((priority, next(self._order), items))
+        # Windows without state are decoded together (one call per length): they stay one unit. Stateful
+        # windows are decoded one at a time anyway, so each is queued alone: a more urgent window then
+        # waits for at most one decode in progress, not for the rest of a whole hand-off. Endings follow
+        # every window in `items`, and their relative order is kept.
+        together = [item for item in items if isinstance(item, Window) and item.state is None]
+        units = [together] if together else []
+        units += [[item] for item in items if not (isinstance(item, Window) and item.state is None)]
+        for unit in units:
+            self._queue.put((priority, min(item.deadline for item in unit), next(self._order), unit))
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="tts-chunk-decoder", daemon=True)
             self._thread.start()
@@ -101,7 +112,7 @@ class ChunkDecoder:
         if self.device.type == "cpu":
             torch.set_num_threads(1)  # OpenMP teams in a second thread are slow; one core each runs best
         while True:
-            _, _, items = self._queue.get()
+            *_, items = self._queue.get()
             self._process(items)
 
     def _process(self, items: list[Window | Ending]) -> None:

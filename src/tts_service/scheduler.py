@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from tts_service import frame_step as fs
-from tts_service.chunk_decoder import FIRST_AUDIO, STREAM, WHOLE_FILE, ChunkDecoder, Ending, Window
+from tts_service.chunk_decoder import STREAM, WHOLE_FILE, ChunkDecoder, Ending, Window
 from tts_service.prompt import PromptBuilder
 from tts_service.sampling import SamplingParams
 from tts_service.voice_prompt import VoicePrompt
@@ -44,14 +44,33 @@ _SEGMENT_SEED_STRIDE = 0x9E3779B97F4A7C15  # each later segment of a long text d
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """Frames per decoded chunk: a small first chunk for a fast start, larger ones for efficiency."""
+    """Frames per decoded chunk: a small first chunk for a fast start, larger ones for efficiency.
+
+    With `ramp`, chunks grow from the first to the steady size but none is longer than all the audio
+    sent before it (4, 4, 8, 16, 16, ... frames): a listener who starts playing at the first byte keeps
+    hearing audio whenever generation runs at 1.75x real time or better. Jumping from 4 frames straight
+    to 16 needs 4x, which a busy GPU (32 streams) does not give every stream."""
 
     first_frames: int = 4
     frames: int = 16
     left_context: int = 25  # qwen-tts's own chunked_decode uses 25
+    ramp: bool = True
+    streamed: bool = True  # a listener hears each chunk as it comes (else the chunks make one file)
 
     def target(self, decoded: int) -> int:
-        return self.first_frames if decoded == 0 else self.frames
+        if decoded == 0:
+            return self.first_frames
+        return min(self.frames, max(self.first_frames, decoded)) if self.ramp else self.frames
+
+    def window_lengths(self) -> tuple[int, ...]:
+        """The window lengths (new frames plus left context) a stream's chunks take until they are steady."""
+        lengths, decoded = [], 0
+        while True:
+            chunk = self.target(decoded)
+            lengths.append(chunk + min(decoded, self.left_context))
+            if chunk == self.frames and decoded >= self.left_context:
+                return tuple(sorted(set(lengths)))
+            decoded += chunk
 
 
 # The engine loop's phases, as `StepScheduler.loop_seconds` sums them: cancellations, prefills and
@@ -63,7 +82,7 @@ LOOP_PHASES = ("admit", "step", "collect", "hand_off")
 _CPU_LOOP_THREADS = 1
 # qwen-tts decodes whole utterances in 300-frame chunks with 25 frames of left context; a whole-file
 # request uses the same windows, so its audio equals qwen-tts's decode of the same codes.
-WHOLE_FILE_PLAN = ChunkPlan(first_frames=300, frames=300, left_context=25)
+WHOLE_FILE_PLAN = ChunkPlan(first_frames=300, frames=300, left_context=25, streamed=False)
 
 
 @dataclass(frozen=True)
@@ -179,6 +198,7 @@ class _Row:
     codes: list[np.ndarray] = field(default_factory=list)  # every accepted frame, all segments
     lead_in: np.ndarray | None = None  # frames before codes[0] that only condition the decoder [C, 16]
     decoded: int = 0
+    deadline: float = 0.0  # of its latest item queued to the decoder (streams): later ones are never earlier
     truncated: bool = False
     segment_done: bool = False
     finished: bool = False  # no more frames will come
@@ -218,6 +238,7 @@ class StepScheduler:
         self.wrapper = wrapper
         self.model = wrapper.model
         self.samples_per_frame = int(self.model.speech_tokenizer.get_decode_upsample_rate())
+        self.sample_rate = int(self.model.speech_tokenizer.get_output_sample_rate())
         self.prompts = PromptBuilder(wrapper)
         self.sampling = dict(sampling)
         self.stream_plan = stream_plan or ChunkPlan()
@@ -229,7 +250,7 @@ class StepScheduler:
         self.stateful_streams = (not self.on_cuda) if stateful_streams is None else stateful_streams
         # Whole files: with a stateful decoder, decoded as they are generated (so only the last piece is
         # left at the end); else in qwen-tts's own 300-frame windows with 25 frames of context.
-        self.file_plan = ChunkPlan(64, 64, 0) if self.stateful_streams else WHOLE_FILE_PLAN
+        self.file_plan = ChunkPlan(64, 64, 0, streamed=False) if self.stateful_streams else WHOLE_FILE_PLAN
         speech_decoder = self.model.speech_tokenizer.model.decoder
         worker = None
         if not self.on_cuda if decoder_process is None else decoder_process:
@@ -238,10 +259,8 @@ class StepScheduler:
             worker = DecoderProcess(speech_decoder)  # starts loading now, beside the rest of start-up
         self.decoder = ChunkDecoder(speech_decoder, self.samples_per_frame, self.device, True, worker)
         self.decoder.on_error = self._decode_failed
-        if self.on_cuda and cuda_graphs:  # a stream's first, second and steady windows
-            plan = self.stream_plan
-            first, second = plan.first_frames, plan.first_frames + plan.frames
-            self.decoder.capture(tuple(sorted({first, second, plan.frames + plan.left_context})))
+        if self.on_cuda and cuda_graphs:  # a stream's windows, from its first to its steady one
+            self.decoder.capture(self.stream_plan.window_lengths())
         self.max_len = max_len
         self.weights = fs.build_weights(self.model, max_len, self.prompts.pad_embed())
         self.state = fs.allocate_state(self.weights, slots, max_len)
@@ -516,9 +535,10 @@ class StepScheduler:
             row.finished = True
 
     # ---- audio out -------------------------------------------------------------------------------
-    def _windows_due(self) -> list[Window]:
+    def _windows_due(self, now: float) -> list[Window]:
         """Windows to decode now: rows with a chunk due, plus (when decoding in batches) other streams
-        with at least half a chunk waiting, so that streams fall into step and share decoder calls."""
+        with at least half a chunk waiting, so that streams fall into step and share decoder calls.
+        A stream's window carries its deadline (`_deadline`)."""
         due: list[_Row] = []
         for row in self._rows:
             if row.retired or row.handle.cancelled.is_set() or len(row.codes) <= row.decoded:
@@ -529,9 +549,8 @@ class StepScheduler:
             for row in self._rows:
                 plan = row.job.plan
                 waiting = len(row.codes) - row.decoded
-                if row not in due and plan is self.stream_plan and row.decoded > 0 and 2 * waiting >= plan.frames:
+                if row not in due and plan.streamed and row.decoded > 0 and 2 * waiting >= plan.frames:
                     due.append(row)
-        now = time.perf_counter()
         for row in due:
             if row.decoded == 0:
                 row.handle.timeline.setdefault("first_window", now)
@@ -544,22 +563,22 @@ class StepScheduler:
             codes, context = np.stack(row.codes[row.decoded : end]), 0
             if row.decoded == 0 and row.lead_in is not None:  # the state starts from the whole reference
                 codes, context = np.concatenate([row.lead_in, codes]), len(row.lead_in)
-            windows.append(Window(row.handle, codes, context, row.decoder_state))
+            windows.append(Window(row.handle, codes, context, row.decoder_state, self._stream_deadline(row, now)))
             row.decoded = end
         due = [row for row in due if row not in stateful]
         lengths = {row: self._window_end(row) - row.decoded + row.job.plan.left_context for row in due}
-        longest = max((lengths[row] for row in due if row.job.plan is self.stream_plan), default=0)
+        longest = max((lengths[row] for row in due if row.job.plan.streamed), default=0)
         for row in due:
             end = self._window_end(row)
             length = lengths[row]
-            if self.decode_batching and row.job.plan is self.stream_plan:
+            if self.decode_batching and row.job.plan.streamed:
                 length = longest  # more left context, same window length: one decoder call for all
             lead = 0 if row.lead_in is None else len(row.lead_in)  # context reaches back into the reference
             start = max(-lead, end - length)
             codes = np.stack(row.codes[max(0, start) : end])
             if start < 0:
                 codes = np.concatenate([row.lead_in[start:], codes])
-            windows.append(Window(row.handle, codes, row.decoded - start))
+            windows.append(Window(row.handle, codes, row.decoded - start, None, self._stream_deadline(row, now)))
             row.decoded = end
         return windows
 
@@ -581,26 +600,33 @@ class StepScheduler:
 
     def _hand_off(self) -> None:
         """Queue due windows, then the ends of requests whose last frame is queued; free their slots.
-        A stream's first window is decoded before anything else queued (its listener hears nothing yet),
-        then the other streams' windows, then whole files' (see chunk_decoder)."""
-        silent = {row.handle for row in self._rows if row.decoded == 0}
-        items: list[Window | Ending] = list(self._windows_due())
+        Streams' items go before whole files', each stream's by the time its listener would run out of
+        audio (see `_deadline` and chunk_decoder)."""
+        now = time.perf_counter()
+        items: list[Window | Ending] = list(self._windows_due(now))
         for row in self._rows:
             if row.finished and not row.retired and row.decoded >= len(row.codes):
                 end = self._retire(row)
-                items.append(Ending(row.handle, lambda row=row, end=end: self._deliver(row, end)))
-        streams = {row.handle for row in self._rows if row.job.plan is self.stream_plan}
-        classes: dict[int, list[Window | Ending]] = {FIRST_AUDIO: [], STREAM: [], WHOLE_FILE: []}
-        for item in items:
-            if item.handle not in streams:
-                classes[WHOLE_FILE].append(item)
-            elif isinstance(item, Window) and item.handle in silent:
-                classes[FIRST_AUDIO].append(item)
-            else:
-                classes[STREAM].append(item)
-        for priority, queued in classes.items():
-            self.decoder.put(queued, priority)
+                ending = Ending(row.handle, lambda row=row, end=end: self._deliver(row, end))
+                ending.deadline = self._stream_deadline(row, now)  # row.decoded is every frame by now
+                items.append(ending)
+        streams = {row.handle for row in self._rows if row.job.plan.streamed}
+        self.decoder.put([item for item in items if item.handle in streams], STREAM)
+        self.decoder.put([item for item in items if item.handle not in streams], WHOLE_FILE)
         self._rows = [row for row in self._rows if not row.retired]
+
+    def _stream_deadline(self, row: _Row, now: float) -> float:
+        """A window's deadline: a stream's from the frames decoded before it; a whole file's none (0)."""
+        return self._deadline(row, row.decoded, now) if row.job.plan.streamed else 0.0
+
+    def _deadline(self, row: _Row, frames_before: int, now: float) -> float:
+        """When a stream's listener, playing from its first chunk, would have heard the `frames_before`
+        frames sent before this item: the item is needed by then. Before its first audio the listener
+        starts no sooner than now, so a first window's deadline is the moment it is due, and a stream
+        that is already late goes before it. Never earlier than the row's previous item's."""
+        started = row.handle.timeline.get("first_audio", now)
+        row.deadline = max(row.deadline, started + frames_before * self.samples_per_frame / self.sample_rate)
+        return row.deadline
 
     def _retire(self, row: _Row, error: str | None = None, cancelled: bool = False) -> RequestEnd:
         """Give the slot back and say how the request ended (not yet delivered)."""

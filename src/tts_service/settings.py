@@ -78,7 +78,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(262_144, ge=1024, description="Larger request bodies get 413.")
     max_queue: int = Field(32, ge=1, description="Requests waiting for synthesis per worker beyond which 429.")
     stream_first_frames: int = Field(4, ge=1, description="Codec frames (80 ms each) in a stream's first chunk.")
-    stream_chunk_frames: int = Field(16, ge=1, description="Codec frames in each later chunk.")
+    stream_chunk_frames: int = Field(
+        16, ge=1, description="Codec frames in each later chunk, reached by doubling (none longer than the audio sent)."
+    )
     stream_left_context: int = Field(25, ge=0, description="Frames of left context when decoding a chunk.")
     stream_decoder: Literal["auto", "stateful", "window"] = Field(
         "auto",
