@@ -221,13 +221,16 @@ def test_a_streams_deadline_is_when_its_listener_would_run_out(engine: TTSEngine
     scheduler = engine.scheduler
     frame = SPF / engine.sample_rate  # seconds of audio per frame
     row = _Row(engine.job(SynthesisRequest("Hello there.", "ryan", "english"), stream=True), RequestHandle("d", None))
-    assert scheduler._deadline(row, 0, now=10.0) == 10.0
-    assert scheduler._deadline(row, 4, now=10.1) == pytest.approx(10.1 + 4 * frame)
+    assert scheduler._deadline(row, now=10.0) == 10.0
+    row.decoded = 4
+    assert scheduler._deadline(row, now=10.1) == pytest.approx(10.1 + 4 * frame)
     row.handle.timeline["first_audio"] = 10.2
-    assert scheduler._deadline(row, 8, now=10.3) == pytest.approx(10.2 + 8 * frame)
-    assert scheduler._deadline(row, 8, now=10.0) == pytest.approx(10.2 + 8 * frame)
+    row.decoded = 8
+    assert scheduler._deadline(row, now=10.3) == pytest.approx(10.2 + 8 * frame)
+    assert scheduler._deadline(row, now=10.0) == pytest.approx(10.2 + 8 * frame)
     row.handle.timeline["first_audio"] = 9.0  # an earlier start never pulls a later item ahead
-    assert scheduler._deadline(row, 9, now=10.4) == pytest.approx(10.2 + 8 * frame)
+    row.decoded = 9
+    assert scheduler._deadline(row, now=10.4) == pytest.approx(10.2 + 8 * frame)
     hello = SynthesisRequest("Hello there.", "ryan", "english")
     files = _Row(engine.job(hello, stream=False), RequestHandle("f", None))
-    assert scheduler._stream_deadline(files, now=10.0) == 0.0
+    assert scheduler._deadline(files, now=10.0) == 0.0

@@ -563,7 +563,7 @@ class StepScheduler:
             codes, context = np.stack(row.codes[row.decoded : end]), 0
             if row.decoded == 0 and row.lead_in is not None:  # the state starts from the whole reference
                 codes, context = np.concatenate([row.lead_in, codes]), len(row.lead_in)
-            windows.append(Window(row.handle, codes, context, row.decoder_state, self._stream_deadline(row, now)))
+            windows.append(Window(row.handle, codes, context, row.decoder_state, self._deadline(row, now)))
             row.decoded = end
         due = [row for row in due if row not in stateful]
         lengths = {row: self._window_end(row) - row.decoded + row.job.plan.left_context for row in due}
@@ -578,7 +578,7 @@ class StepScheduler:
             codes = np.stack(row.codes[max(0, start) : end])
             if start < 0:
                 codes = np.concatenate([row.lead_in[start:], codes])
-            windows.append(Window(row.handle, codes, row.decoded - start, None, self._stream_deadline(row, now)))
+            windows.append(Window(row.handle, codes, row.decoded - start, None, self._deadline(row, now)))
             row.decoded = end
         return windows
 
@@ -608,24 +608,22 @@ class StepScheduler:
             if row.finished and not row.retired and row.decoded >= len(row.codes):
                 end = self._retire(row)
                 ending = Ending(row.handle, lambda row=row, end=end: self._deliver(row, end))
-                ending.deadline = self._stream_deadline(row, now)  # row.decoded is every frame by now
+                ending.deadline = self._deadline(row, now)  # row.decoded is every frame by now
                 items.append(ending)
         streams = {row.handle for row in self._rows if row.job.plan.streamed}
         self.decoder.put([item for item in items if item.handle in streams], STREAM)
         self.decoder.put([item for item in items if item.handle not in streams], WHOLE_FILE)
         self._rows = [row for row in self._rows if not row.retired]
 
-    def _stream_deadline(self, row: _Row, now: float) -> float:
-        """A window's deadline: a stream's from the frames decoded before it; a whole file's none (0)."""
-        return self._deadline(row, row.decoded, now) if row.job.plan.streamed else 0.0
-
-    def _deadline(self, row: _Row, frames_before: int, now: float) -> float:
-        """When a stream's listener, playing from its first chunk, would have heard the `frames_before`
-        frames sent before this item: the item is needed by then. Before its first audio the listener
-        starts no sooner than now, so a first window's deadline is the moment it is due, and a stream
-        that is already late goes before it. Never earlier than the row's previous item's."""
+    def _deadline(self, row: _Row, now: float) -> float:
+        """When a stream's listener, playing from its first chunk, would have heard the `row.decoded` frames
+        sent before this item: the item is needed by then. Before its first audio the listener starts no
+        sooner than now, so a first window's deadline is the moment it is due, and a stream that is already
+        late goes before it. Never earlier than the row's previous item's. Whole files have none (0)."""
+        if not row.job.plan.streamed:
+            return 0.0
         started = row.handle.timeline.get("first_audio", now)
-        row.deadline = max(row.deadline, started + frames_before * self.samples_per_frame / self.sample_rate)
+        row.deadline = max(row.deadline, started + row.decoded * self.samples_per_frame / self.sample_rate)
         return row.deadline
 
     def _retire(self, row: _Row, error: str | None = None, cancelled: bool = False) -> RequestEnd:
