@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -234,3 +236,51 @@ def test_a_streams_deadline_is_when_its_listener_would_run_out(engine: TTSEngine
     hello = SynthesisRequest("Hello there.", "ryan", "english")
     files = _Row(engine.job(hello, stream=False), RequestHandle("f", None))
     assert scheduler._deadline(files, now=10.0) == 0.0
+
+
+def test_a_streams_chunks_stay_in_order_when_its_windows_are_decoded_with_others(window_engine: TTSEngine) -> None:
+    """Windows without decoder state that are due at the same turn are queued as one unit, placed by its most
+    urgent window. A stream's next window sharing a unit with a new stream's first window (due at once) must
+    still come after the stream's earlier window, which waits in the queue with a later deadline: else the
+    listener hears its chunks swapped (found under CPU load, where the decoder lags behind the steps)."""
+    scheduler = window_engine.scheduler
+    frame = SPF / window_engine.sample_rate
+    hello = SynthesisRequest("Hello there.", "ryan", "english")
+    playing = _Row(window_engine.job(hello, stream=True), RequestHandle("playing", None))
+    playing.codes = [np.full(16, i % 2048) for i in range(8)]
+    playing.decoded, playing.handle.timeline["first_audio"] = 4, 10.0  # 4 frames sent, audio in hand
+    joining = _Row(window_engine.job(hello, stream=True), RequestHandle("joining", None))
+    joining.codes = [np.full(16, i % 2048) for i in range(4)]
+    with mock.patch.object(scheduler, "_rows", [playing]):
+        first = scheduler._windows_due(now=10.01)  # frames 4 to 8, due when the 4 sent have played
+    playing.codes += [np.full(16, i % 2048) for i in range(8, 16)]
+    with mock.patch.object(scheduler, "_rows", [playing, joining]):
+        second = scheduler._windows_due(now=10.02)  # frames 8 to 16 and the new stream's first window
+    assert [len(w) for w in (first, second)] == [1, 2]
+    assert first[0].deadline == pytest.approx(10.0 + 4 * frame)
+    assert min(w.deadline for w in second) >= first[0].deadline
+
+    source = scheduler.decoder
+    decoder = ChunkDecoder(source.decoder, source.samples_per_frame, torch.device("cpu"), threaded=True)
+    heard: list[tuple[str, int]] = []
+
+    class Handle:
+        end = None
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def _put(self, audio: np.ndarray) -> None:
+            heard.append((self.name, len(audio) // SPF))
+
+    names = {id(playing.handle): Handle("playing"), id(joining.handle): Handle("joining")}
+    busy, release, drained = threading.Event(), threading.Event(), threading.Event()
+    decoder.put([Ending(Handle("busy"), lambda: (busy.set(), release.wait(30)))], STREAM)
+    assert busy.wait(30)
+    for windows in (first, second):
+        decoder.put([replace(w, handle=names[id(w.handle)]) for w in windows], STREAM)
+    decoder.put([Ending(Handle("last"), drained.set)], WHOLE_FILE)
+    release.set()
+    assert drained.wait(60)
+    assert [chunk for chunk in heard if chunk[0] == "playing"] == [("playing", 4), ("playing", 8)]
+    assert ("joining", 4) in heard

@@ -568,6 +568,8 @@ class StepScheduler:
         due = [row for row in due if row not in stateful]
         lengths = {row: self._window_end(row) - row.decoded + row.job.plan.left_context for row in due}
         longest = max((lengths[row] for row in due if row.job.plan.streamed), default=0)
+        earlier = max((row.deadline for row in due if row.job.plan.streamed), default=0.0)
+        shared: list[Window] = []
         for row in due:
             end = self._window_end(row)
             length = lengths[row]
@@ -580,6 +582,19 @@ class StepScheduler:
                 codes = np.concatenate([row.lead_in[start:], codes])
             windows.append(Window(row.handle, codes, row.decoded - start, None, self._deadline(row, now)))
             row.decoded = end
+            if row.job.plan.streamed:
+                shared.append(windows[-1])
+        if shared:
+            # The streams' stateless windows are one unit in the decoder's queue (decoded together), whose
+            # place is its most urgent window's deadline. It must not come before any of its streams' earlier
+            # items, or a stream's chunks would be played out of order: its key is never earlier than theirs,
+            # and each stream's later items are never earlier than this unit.
+            unit = max(min(window.deadline for window in shared), earlier)
+            for window in shared:
+                window.deadline = unit
+            for row in due:
+                if row.job.plan.streamed:
+                    row.deadline = max(row.deadline, unit)
         return windows
 
     @staticmethod
