@@ -11,6 +11,7 @@ decoder, the error stays under 0.02 of full scale with a signal-to-error ratio a
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from dataclasses import replace
@@ -175,7 +176,7 @@ def test_the_decoder_serves_the_listener_who_runs_dry_first(engine: TTSEngine) -
     """Under load the decoder has a queue. Streams go before whole files (nobody hears those before their
     last chunk); among streams, the window whose listener runs out of audio first: a stream that is
     already late, then new streams' first windows (due now), then a stream with a second of audio in
-    hand. First in, first out among equal deadlines, and a request's end after its chunks."""
+    hand. First in, first out among equal deadlines, and a request's end after its chunks whatever its deadline."""
     source = engine.scheduler.decoder
     decoder = ChunkDecoder(source.decoder, source.samples_per_frame, torch.device("cpu"), threaded=True)
     heard: list[str] = []
@@ -198,7 +199,9 @@ def test_the_decoder_serves_the_listener_who_runs_dry_first(engine: TTSEngine) -
     in_hand = Handle("stream with audio in hand")
     decoder.put([Window(Handle("whole file"), codes, 0)], WHOLE_FILE)
     decoder.put(
-        [Window(in_hand, codes, 0, deadline=now + 1), Ending(in_hand, lambda: heard.append("its end"), now + 1)],
+        # Its end's deadline is earlier than its window's (as when its first audio came sooner than assumed):
+        # the queue still keeps it after the window.
+        [Window(in_hand, codes, 0, deadline=now + 1), Ending(in_hand, lambda: heard.append("its end"), now - 1)],
         STREAM,
     )
     decoder.put([Window(Handle("stream 1, first window"), codes, 0, deadline=now)], STREAM)
@@ -219,7 +222,7 @@ def test_the_decoder_serves_the_listener_who_runs_dry_first(engine: TTSEngine) -
 
 def test_a_streams_deadline_is_when_its_listener_would_run_out(engine: TTSEngine) -> None:
     """Before its first audio a stream's window is due at once; after it, when the audio sent before it has
-    played; and no later item of a request gets an earlier deadline than an earlier one (its order)."""
+    played (the decoder's queue, not the deadline, keeps a request's items in order)."""
     scheduler = engine.scheduler
     frame = SPF / engine.sample_rate  # seconds of audio per frame
     row = _Row(engine.job(SynthesisRequest("Hello there.", "ryan", "english"), stream=True), RequestHandle("d", None))
@@ -229,10 +232,6 @@ def test_a_streams_deadline_is_when_its_listener_would_run_out(engine: TTSEngine
     row.handle.timeline["first_audio"] = 10.2
     row.decoded = 8
     assert scheduler._deadline(row, now=10.3) == pytest.approx(10.2 + 8 * frame)
-    assert scheduler._deadline(row, now=10.0) == pytest.approx(10.2 + 8 * frame)
-    row.handle.timeline["first_audio"] = 9.0  # an earlier start never pulls a later item ahead
-    row.decoded = 9
-    assert scheduler._deadline(row, now=10.4) == pytest.approx(10.2 + 8 * frame)
     hello = SynthesisRequest("Hello there.", "ryan", "english")
     files = _Row(engine.job(hello, stream=False), RequestHandle("f", None))
     assert scheduler._deadline(files, now=10.0) == 0.0
@@ -242,7 +241,8 @@ def test_a_streams_chunks_stay_in_order_when_its_windows_are_decoded_with_others
     """Windows without decoder state that are due at the same turn are queued as one unit, placed by its most
     urgent window. A stream's next window sharing a unit with a new stream's first window (due at once) must
     still come after the stream's earlier window, which waits in the queue with a later deadline: else the
-    listener hears its chunks swapped (found under CPU load, where the decoder lags behind the steps)."""
+    listener hears its chunks swapped (found under CPU load, where the decoder lags behind the steps). The
+    decoder's queue keeps each request's items in order, and forgets a request once it has ended."""
     scheduler = window_engine.scheduler
     frame = SPF / window_engine.sample_rate
     hello = SynthesisRequest("Hello there.", "ryan", "english")
@@ -258,7 +258,7 @@ def test_a_streams_chunks_stay_in_order_when_its_windows_are_decoded_with_others
         second = scheduler._windows_due(now=10.02)  # frames 8 to 16 and the new stream's first window
     assert [len(w) for w in (first, second)] == [1, 2]
     assert first[0].deadline == pytest.approx(10.0 + 4 * frame)
-    assert min(w.deadline for w in second) >= first[0].deadline
+    assert min(w.deadline for w in second) < first[0].deadline  # the unit's most urgent window is due first
 
     source = scheduler.decoder
     decoder = ChunkDecoder(source.decoder, source.samples_per_frame, torch.device("cpu"), threaded=True)
@@ -284,3 +284,57 @@ def test_a_streams_chunks_stay_in_order_when_its_windows_are_decoded_with_others
     assert drained.wait(60)
     assert [chunk for chunk in heard if chunk[0] == "playing"] == [("playing", 4), ("playing", 8)]
     assert ("joining", 4) in heard
+    for handle in names.values():
+        handle.end = "done"  # ended without an Ending reaching the queue (as a cancelled or failed request)
+    decoder.put([Ending(Handle("after"), lambda: None)], STREAM)
+    assert decoder._last_key == {}
+
+
+@pytest.mark.parametrize("decoder", ["stateful", "window"])
+def test_random_arrivals_of_streams_and_files_with_cancellations_keep_every_request_exact(
+    engine: TTSEngine, window_engine: TTSEngine, reference, decoder: str
+) -> None:
+    """Mixed traffic as a room of clients makes it: streams and whole files of every length arriving at random
+    moments, some hung up after their second chunk. Every request that is not cancelled gets its own codes
+    and its audio, in order. (With the chunk-swap defect put back, this failed 2 runs in 3 with one extra core
+busy; the deterministic test above pins that defect down.)"""
+    engine = engine if decoder == "stateful" else window_engine
+    rng = random.Random(20261205)  # a fixed mix: the timing still varies from run to run
+    results: dict[str, tuple[RequestHandle, list[np.ndarray]]] = {}
+
+    def client(request_id: str, request: SynthesisRequest, stream: bool, delay: float, hang_up: bool) -> None:
+        time.sleep(delay)
+        handle = engine.submit(request, request_id, stream=stream)
+        chunks = []
+        for count, chunk in enumerate(handle, 1):
+            chunks.append(chunk)
+            if hang_up and count == 2:
+                engine.cancel(request_id)
+        results[request_id] = (handle, chunks)
+
+    for round_ in range(3):
+        plan = {
+            f"mix-{decoder}-{round_}-{index}": (
+                rng.choice(REQUESTS),
+                rng.random() < 0.6,
+                rng.uniform(0, 0.3),
+                rng.random() < 0.2,
+            )
+            for index in range(10)
+        }
+        threads = [threading.Thread(target=client, args=(request_id, *item)) for request_id, item in plan.items()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        for request_id, (request, stream, _, hang_up) in plan.items():
+            assert request_id in results, "a request never ended"
+            handle, chunks = results[request_id]
+            assert handle.end is not None and handle.end.error is None
+            if handle.end.cancelled:
+                assert hang_up
+                continue
+            ref_codes, ref_audio = reference[request.text]
+            np.testing.assert_array_equal(handle.end.codes, ref_codes)
+            _check_audio(_as_pcm16(chunks), ref_audio, [])
+            assert len(chunks) > 1 or not stream or len(ref_codes) <= 4

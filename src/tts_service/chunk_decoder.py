@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Decoding order: streams before whole files; within a class, earliest deadline first, then first in first
-# out. A request's items never go to a more urgent class, nor get an earlier deadline, than its earlier
-# ones, so its chunks and end still leave in order.
+# out. A request's items always go to the same class, and `put` never places a unit before an earlier unit
+# of any of its requests, so each request's chunks and end leave in order.
 STREAM = 0  # a listener hears each chunk as it comes
 WHOLE_FILE = 1  # nobody hears anything before the last chunk
 
@@ -84,6 +84,7 @@ class ChunkDecoder:
         self._graphs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]] | None = None
         self._queue: queue.PriorityQueue[tuple[int, float, int, list[Window | Ending]]] = queue.PriorityQueue()
         self._order = itertools.count()
+        self._last_key: dict[Any, float] = {}  # each queued request's latest unit's deadline key
         self._thread: threading.Thread | None = None
         self.busy_seconds = 0.0  # spent decoding (or waiting for the worker process), summed
 
@@ -99,14 +100,28 @@ class ChunkDecoder:
         # windows are decoded one at a time anyway, so each is queued alone: a more urgent window then
         # waits for at most one decode in progress, not for the rest of a whole hand-off. Endings follow
         # every window in `items`, and their relative order is kept.
+        # Requests that ended (done, failed or cancelled) are forgotten: none of their items is decoded now.
+        self._last_key = {handle: key for handle, key in self._last_key.items() if handle.end is None}
         together = [item for item in items if isinstance(item, Window) and item.state is None]
         units = [together] if together else []
         units += [[item] for item in items if not (isinstance(item, Window) and item.state is None)]
         for unit in units:
-            self._queue.put((priority, min(item.deadline for item in unit), next(self._order), unit))
+            self._queue.put((priority, self._key(unit), next(self._order), unit))
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="tts-chunk-decoder", daemon=True)
             self._thread.start()
+
+    def _key(self, unit: list[Window | Ending]) -> float:
+        """A unit's place: its most urgent item's deadline, but never before an earlier unit of any of its
+        requests (a shared unit holding one stream's next window and a new stream's first, due at once, must
+        not overtake the first stream's previous window). Its requests' later units then come after it."""
+        key = max([min(item.deadline for item in unit), *(self._last_key.get(item.handle, 0.0) for item in unit)])
+        for item in unit:
+            if isinstance(item, Ending):
+                self._last_key.pop(item.handle, None)  # nothing of this request follows its end
+            else:
+                self._last_key[item.handle] = key
+        return key
 
     def _run(self) -> None:
         if self.device.type == "cpu":

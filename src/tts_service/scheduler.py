@@ -198,7 +198,6 @@ class _Row:
     codes: list[np.ndarray] = field(default_factory=list)  # every accepted frame, all segments
     lead_in: np.ndarray | None = None  # frames before codes[0] that only condition the decoder [C, 16]
     decoded: int = 0
-    deadline: float = 0.0  # of its latest item queued to the decoder (streams): later ones are never earlier
     truncated: bool = False
     segment_done: bool = False
     finished: bool = False  # no more frames will come
@@ -568,8 +567,6 @@ class StepScheduler:
         due = [row for row in due if row not in stateful]
         lengths = {row: self._window_end(row) - row.decoded + row.job.plan.left_context for row in due}
         longest = max((lengths[row] for row in due if row.job.plan.streamed), default=0)
-        earlier = max((row.deadline for row in due if row.job.plan.streamed), default=0.0)
-        shared: list[Window] = []
         for row in due:
             end = self._window_end(row)
             length = lengths[row]
@@ -582,19 +579,6 @@ class StepScheduler:
                 codes = np.concatenate([row.lead_in[start:], codes])
             windows.append(Window(row.handle, codes, row.decoded - start, None, self._deadline(row, now)))
             row.decoded = end
-            if row.job.plan.streamed:
-                shared.append(windows[-1])
-        if shared:
-            # The streams' stateless windows are one unit in the decoder's queue (decoded together), whose
-            # place is its most urgent window's deadline. It must not come before any of its streams' earlier
-            # items, or a stream's chunks would be played out of order: its key is never earlier than theirs,
-            # and each stream's later items are never earlier than this unit.
-            unit = max(min(window.deadline for window in shared), earlier)
-            for window in shared:
-                window.deadline = unit
-            for row in due:
-                if row.job.plan.streamed:
-                    row.deadline = max(row.deadline, unit)
         return windows
 
     @staticmethod
@@ -634,12 +618,12 @@ class StepScheduler:
         """When a stream's listener, playing from its first chunk, would have heard the `row.decoded` frames
         sent before this item: the item is needed by then. Before its first audio the listener starts no
         sooner than now, so a first window's deadline is the moment it is due, and a stream that is already
-        late goes before it. Never earlier than the row's previous item's. Whole files have none (0)."""
+        late goes before it. Whole files have none (0). (The decoder's queue keeps each request's items in
+        order whatever their deadlines.)"""
         if not row.job.plan.streamed:
             return 0.0
         started = row.handle.timeline.get("first_audio", now)
-        row.deadline = max(row.deadline, started + row.decoded * self.samples_per_frame / self.sample_rate)
-        return row.deadline
+        return started + row.decoded * self.samples_per_frame / self.sample_rate
 
     def _retire(self, row: _Row, error: str | None = None, cancelled: bool = False) -> RequestEnd:
         """Give the slot back and say how the request ended (not yet delivered)."""
