@@ -295,9 +295,9 @@ def test_random_arrivals_of_streams_and_files_with_cancellations_keep_every_requ
     engine: TTSEngine, window_engine: TTSEngine, reference, decoder: str
 ) -> None:
     """Mixed traffic as a room of clients makes it: streams and whole files of every length arriving at random
-    moments, some hung up after their second chunk. Every request that is not cancelled gets its own codes
-    and its audio, in order. (With the chunk-swap defect put back, this failed 2 runs in 3 with one extra core
-busy; the deterministic test above pins that defect down.)"""
+        moments, some hung up after their second chunk. Every request that is not cancelled gets its own codes
+        and its audio, in order. (With the chunk-swap defect put back, this failed 2 runs in 3 with one extra core
+    busy; the deterministic test above pins that defect down.)"""
     engine = engine if decoder == "stateful" else window_engine
     rng = random.Random(20261205)  # a fixed mix: the timing still varies from run to run
     results: dict[str, tuple[RequestHandle, list[np.ndarray]]] = {}
