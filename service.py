@@ -34,7 +34,7 @@ from tts_service.schemas import (
 )
 from tts_service.security import ApiKeyMiddleware, RequestGuardMiddleware
 from tts_service.settings import Settings
-from tts_service.startup import configure_logging, preflight
+from tts_service.startup import configure_logging, freeze_loaded_objects, preflight
 
 settings = Settings()
 preflight(settings.model_specs())
@@ -131,6 +131,7 @@ class TTSService:
         quiet_readiness_probe(self.synthesizer)  # else /readyz can hang while the model loads
         self.gateway = app.state.gateway = Gateway(self.synthesizer, settings)
         self._synthesizer_ready = False
+        freeze_loaded_objects("front service")
 
     async def __is_ready__(self) -> bool:
         """Ready once the synthesizer has said so; a quick probe until then, so /readyz answers fast."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import start_server, stop_server
+from tests.conftest import LiveServer, start_server, stop_server
+from tts_service.startup import freeze_loaded_objects
 
 
 def serve_until_exit(env: dict[str, str], log: Path, timeout_s: float = 90) -> tuple[int, str]:
@@ -62,3 +65,25 @@ def test_qwen_tts_imports_without_banners_even_without_sox(tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "Qwen3TTSModel"
     assert result.stderr.strip() == ""
+
+
+def test_start_up_objects_are_frozen_out_of_garbage_collection() -> None:
+    """A full collection walks every tracked object with the GIL held: 100 ms in the front service and 300 ms
+    in the synthesizer after start-up (measured), one stalled request or every stream at once. Objects alive
+    when a process has started are moved out of the collector's reach; later ones are still collected."""
+    before = [object()]  # a list: tracked by the collector
+    assert any(item is before for item in gc.get_objects())
+    try:
+        freeze_loaded_objects("test")
+        assert gc.get_freeze_count() > 1000
+        assert not any(item is before for item in gc.get_objects())
+        after = [object()]
+        assert any(item is after for item in gc.get_objects())
+    finally:
+        gc.unfreeze()
+
+
+def test_both_services_freeze_their_start_up_objects(server: LiveServer) -> None:
+    log = server.log()
+    for service in ("front service", "synthesizer"):
+        assert re.search(rf"{service}: \d+ start-up objects frozen out of garbage collection", log), service

@@ -30,3 +30,22 @@ def test_chunk_by_chunk_equals_the_whole_decode(cache_dir: Path, arch: str) -> N
     assert streamed.shape == whole.shape == (2, 150 * 1920)
     assert float((streamed - whole).abs().max()) <= 1e-4
     assert float(whole.abs().max()) > 0.05  # real audio, not silence on both sides
+
+
+def test_the_in_place_snake_activation_gives_qwen_tts_bits(cache_dir: Path) -> None:
+    """`StreamingDecoder._snake` replaces qwen-tts's SnakeBeta for speed: it must give the very same bits, for
+    every SnakeBeta of the decoder and for one with random alpha and beta (the checkpoint's may be trivial)."""
+    model = Qwen3TTSModel.from_pretrained(str(ensure_tiny_checkpoint(cache_dir)), device_map="cpu")
+    decoder = model.model.speech_tokenizer.model.decoder
+    snakes = [module for module in decoder.modules() if type(module).__name__ == "SnakeBeta"]
+    randomized = type(snakes[0])(8)
+    with torch.no_grad():
+        randomized.alpha.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+        randomized.beta.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+    streaming = StreamingDecoder(decoder)
+    generator = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        for snake in [*snakes, randomized]:
+            x = torch.randn(2, snake.alpha.numel(), 3000, generator=generator) * 3
+            assert torch.equal(streaming._snake(snake, x), snake(x)), snake
+            assert torch.equal(streaming._snake(snake, x), snake(x))  # again, from its cached factors

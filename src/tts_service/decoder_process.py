@@ -214,12 +214,14 @@ def serve(conn: Connection, parent_pid: int) -> None:
     torch.set_num_threads(1)  # the engine loop has the other core
     from tts_service.chunk_decoder import ChunkDecoder
     from tts_service.engine import import_qwen_tts
+    from tts_service.startup import freeze_loaded_objects
 
     import_qwen_tts()  # the decoder's classes, without qwen-tts's import banners
     decoder = pickle.loads(conn.recv_bytes()).eval()
     # The same decode calls the parent makes without a worker, so the audio is the same.
     local = ChunkDecoder(decoder, int(decoder.total_upsample), torch.device("cpu"), threaded=False)
     states: dict[int, Any] = {}
+    freeze_loaded_objects("decoder process")
     conn.send(("ready",))
     while True:
         try:

@@ -31,7 +31,7 @@ from tts_service.schemas import (
     VoiceReply,
 )
 from tts_service.settings import Settings
-from tts_service.startup import abort_serving
+from tts_service.startup import abort_serving, freeze_loaded_objects
 from tts_service.voice_catalog import VoiceCatalog, VoiceUnavailable
 from tts_service.voice_library import DuplicateVoiceName, StoredVoice, UnknownVoice, VoiceLibrary, VoiceStoreError
 
@@ -69,6 +69,7 @@ class EngineHost:
             self._store_error = str(exc)
             logger.error("saved voices are unavailable: %s", exc)
         self._engine = engines["TTS_MODEL"]
+        freeze_loaded_objects("synthesizer")
         self._loaded.set()
 
     @property
