@@ -68,9 +68,10 @@ def configure_logging(level: str) -> None:
 
 def freeze_loaded_objects(what: str) -> None:
     """Move every object alive after start-up (modules, torch, the model) out of the garbage collector's
-    reach. Otherwise each full collection walks them all: about 250,000 objects and 100 ms with the GIL
-    held, which stalled one request in ten or so after start-up by that long, and would stall every
-    stream of the engine loop alike. Collected first, so no garbage is frozen."""
+    reach. Otherwise a full collection walks them all with the GIL held: about 270,000 objects and 100 to
+    150 ms in the front service (it stalled about the 11th request after a start by that long), 550,000
+    and 300 ms in the synthesizer (every stream of the engine loop at once). Collected first, so no
+    garbage is frozen."""
     started = time.perf_counter()
     gc.collect()
     gc.freeze()
