@@ -83,7 +83,8 @@ def test_start_up_objects_are_frozen_out_of_garbage_collection() -> None:
         gc.unfreeze()
 
 
-def test_both_services_freeze_their_start_up_objects(server: LiveServer) -> None:
+def test_every_serving_process_freezes_its_start_up_objects(server: LiveServer) -> None:
+    """The decoder process's line shows too: it logs to the server's console at the service's level."""
     log = server.log()
-    for service in ("front service", "synthesizer"):
+    for service in ("front service", "synthesizer", "decoder process"):
         assert re.search(rf"{service}: \d+ start-up objects frozen out of garbage collection", log), service

@@ -78,7 +78,7 @@ class DecoderProcess:
         ours, theirs = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         process = subprocess.Popen(
-            [sys.executable, "-m", __name__, str(theirs.fileno()), str(os.getpid())],
+            [sys.executable, "-m", __name__, str(theirs.fileno()), str(os.getpid()), _log_level()],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             env=env,
@@ -194,6 +194,11 @@ def _send_quietly(conn: Connection, payload: bytes) -> None:
         pass
 
 
+def _log_level() -> str:
+    """Our loggers' level in this process, for the child's: its lines then show where ours do."""
+    return logging.getLevelName(logging.getLogger("tts_service").getEffectiveLevel())
+
+
 def _die_with(parent_pid: int) -> None:
     """Exit when the parent is gone, even mid-decode, so a killed worker leaves no orphan decoder. (Not
     PR_SET_PDEATHSIG: it fires when the parent's *thread* that started us ends, such as a loading thread.)"""
@@ -206,15 +211,17 @@ def _die_with(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def serve(conn: Connection, parent_pid: int) -> None:
+def serve(conn: Connection, parent_pid: int, log_level: str = "INFO") -> None:
     """The child's loop: load the decoder sent first, then answer each call in order until the parent's
-    end of the socket closes."""
+    end of the socket closes. It logs to stderr (a worker's, so the server's console) at the parent's level."""
+    from tts_service.startup import configure_logging, freeze_loaded_objects
+
+    configure_logging(log_level)
     _die_with(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the parent's to handle
     torch.set_num_threads(1)  # the engine loop has the other core
     from tts_service.chunk_decoder import ChunkDecoder
     from tts_service.engine import import_qwen_tts
-    from tts_service.startup import freeze_loaded_objects
 
     import_qwen_tts()  # the decoder's classes, without qwen-tts's import banners
     decoder = pickle.loads(conn.recv_bytes()).eval()
@@ -248,6 +255,6 @@ def serve(conn: Connection, parent_pid: int) -> None:
 
 if __name__ == "__main__":
     try:
-        serve(Connection(int(sys.argv[1])), int(sys.argv[2]))
+        serve(Connection(int(sys.argv[1])), int(sys.argv[2]), *sys.argv[3:4])
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the parent went away (e.g. it exited while this child was starting): nobody is owed an answer
