@@ -39,7 +39,7 @@ class StreamingDecoder:
     def __init__(self, decoder: torch.nn.Module) -> None:
         self.decoder = decoder
         self.samples_per_frame = int(decoder.total_upsample)
-        self._snake_params: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._snake_params: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}  # by module, not id()
 
     def new_state(self) -> DecoderState:
         from transformers.cache_utils import DynamicCache
@@ -129,11 +129,11 @@ class StreamingDecoder:
         """qwen-tts's SnakeBeta, x + sin(x * exp(alpha))^2 / (exp(beta) + 1e-9), with the same bits: its
         per-channel factors computed once, and the rest in place on one new tensor. On the CPU that takes
         about 20% less time than qwen-tts's module, and a chunk's decode 12 to 15% less."""
-        params = self._snake_params.get(id(module))
+        params = self._snake_params.get(module)
         if params is None:
             alpha = torch.exp(module.alpha.detach())[None, :, None]
             inverse_beta = (1.0 / (torch.exp(module.beta.detach()) + module.no_div_by_zero))[None, :, None]
-            params = self._snake_params[id(module)] = (alpha, inverse_beta)
+            params = self._snake_params[module] = (alpha, inverse_beta)
         alpha, inverse_beta = params
         h = (x * alpha).sin_()
         return h.mul_(h).mul_(inverse_beta).add_(x)
