@@ -86,5 +86,11 @@ def test_start_up_objects_are_frozen_out_of_garbage_collection() -> None:
 def test_every_serving_process_freezes_its_start_up_objects(server: LiveServer) -> None:
     """The decoder process's line shows too: it logs to the server's console at the service's level."""
     log = server.log()
+    pids = {}
     for service in ("front service", "synthesizer", "decoder process"):
-        assert re.search(rf"{service}: \d+ start-up objects frozen out of garbage collection", log), service
+        found = re.search(rf"\[(?:decoder )?pid (\d+)(?: of pid (\d+))?\] {service}: \d+ start-up objects frozen", log)
+        assert found, service
+        pids[service] = found.groups()
+    # Each line names its process, and the decoder process's names the synthesizer worker it serves.
+    assert pids["decoder process"][1] == pids["synthesizer"][0]
+    assert len({pids[s][0] for s in pids}) == 3

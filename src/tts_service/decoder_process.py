@@ -216,7 +216,7 @@ def serve(conn: Connection, parent_pid: int, log_level: str = "INFO") -> None:
     end of the socket closes. It logs to stderr (a worker's, so the server's console) at the parent's level."""
     from tts_service.startup import configure_logging, freeze_loaded_objects
 
-    configure_logging(log_level)
+    configure_logging(log_level, process=f"decoder pid %(process)d of pid {parent_pid}")
     _die_with(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the parent's to handle
     torch.set_num_threads(1)  # the engine loop has the other core

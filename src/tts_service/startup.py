@@ -54,13 +54,15 @@ def preflight(models: dict[str, str | None]) -> None:
         raise SystemExit(f"TTS service cannot start: {exc}") from None
 
 
-def configure_logging(level: str) -> None:
-    """Our loggers' handler: BentoML configures only its own, and each worker process imports the service."""
+def configure_logging(level: str, process: str = "pid %(process)d") -> None:
+    """Our loggers' handler: BentoML configures only its own, and each worker process imports the service.
+    Each line names its process (`process`), so the lines of several workers and their decoder
+    processes can be told apart on the one console."""
     root = logging.getLogger("tts_service")
     if root.handlers:
         return
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] [%(name)s] %(message)s"))
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [%(levelname)s] [%(name)s] [{process}] %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
