@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import bentoml
 from bentoml.validators import ContentType
 
-from tts_service.app import build_app
+from tts_service.app import build_app, field_choices
 from tts_service.audio import CONTENT_TYPES
 from tts_service.audio_responses import AUDIO_HEADERS, ERROR_HEADERS
 from tts_service.bentoml_fixes import AnswerInJson, keep_dependency_sessions, quiet_readiness_probe
@@ -156,7 +156,11 @@ class TTSService:
 TTSService.add_asgi_middleware(AnswerInJson)
 TTSService.add_asgi_middleware(ApiKeyMiddleware, keys=[key.get_secret_value() for key in settings.api_keys])
 TTSService.add_asgi_middleware(
-    RequestGuardMiddleware, max_body_bytes=settings.max_body_bytes, body_models=BODY_MODELS, upload_routes=UPLOAD_ROUTES
+    RequestGuardMiddleware,
+    max_body_bytes=settings.max_body_bytes,
+    body_models=BODY_MODELS,
+    upload_routes=UPLOAD_ROUTES,
+    choices=field_choices(app),
 )
 TTSService.add_asgi_middleware(
     OpenAPIDocsMiddleware,

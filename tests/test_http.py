@@ -78,6 +78,7 @@ def test_openapi_documents_every_endpoint_with_schema_and_example(client: httpx.
         assert "get" in paths[path], path
     synth = paths[SYNTH]["post"]
     assert "audio/wav" in synth["responses"]["200"]["content"]
+    assert {"X-Request-ID", "X-TTS-Seed", "X-TTS-Batch-Size"} <= set(synth["responses"]["200"]["headers"])
     schema = synth["requestBody"]["content"]["application/json"]["schema"]
     if "$ref" in schema:
         schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
@@ -142,6 +143,15 @@ def test_unknown_voices_get_400_with_the_allowed_values(client: httpx.Client, bo
     assert detail["loc"] == [field]
     assert detail["allowed"] == (allowed or client.get("/v1/tts/languages").json()["languages"])
     assert body[field] in detail["msg"]
+
+
+def test_a_missing_speaker_is_told_the_speakers(client: httpx.Client) -> None:
+    """As a wrong speaker is: the body and the GET stream's query alike."""
+    for response in (client.post(SYNTH, json={"text": "hi"}), client.get("/v1/tts/stream", params={"text": "hi"})):
+        assert response.status_code == 400, response.text
+        [detail] = response.json()["detail"]
+        assert detail["loc"] == ["speaker"] and detail["allowed"][: len(SPEAKERS)] == SPEAKERS
+        assert "required" in detail["msg"].lower() and "allowed: Aiden, Dylan" in response.json()["error"]
 
 
 @pytest.mark.parametrize("raw", [b'{"text": "hi"', b"not json", b"", b"[1, 2]", b"\xff\xfe"])

@@ -119,6 +119,15 @@ def test_malformed_bodies_get_openai_shaped_errors(
     assert needle in response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(("missing", "needle"), [("voice", "alloy"), ("model", "tiny, tts-1")])
+def test_a_missing_voice_or_model_is_told_the_choices(server: LiveServer, missing: str, needle: str) -> None:
+    body = {key: value for key, value in {"model": "tts-1", "input": TEXT, "voice": "alloy"}.items() if key != missing}
+    response = httpx.post(f"{server.url}/v1/audio/speech", json=body, timeout=30)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == missing and "required" in error["message"].lower() and needle in error["message"]
+
+
 def test_streaming_helper(oai: openai.OpenAI) -> None:
     with oai.audio.speech.with_streaming_response.create(
         model="tts-1", voice="echo", input=TEXT, response_format="opus"

@@ -37,14 +37,14 @@ def _reference(client: httpx.Client, body: dict) -> np.ndarray:
     return samples.astype(np.int32)
 
 
-def _stream_log_line(server: LiveServer, request_id: str, timeout_s: float = 30) -> str:
+def _request_log_line(server: LiveServer, request_id: str, timeout_s: float = 30) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for line in server.log().splitlines():
-            if f"stream {request_id} " in line and "decode steps" in line:
+            if f"request {request_id} " in line and "decode steps" in line:
                 return line
         time.sleep(0.1)
-    raise AssertionError(f"no log line for stream {request_id}:\n{server.log()[-3000:]}")
+    raise AssertionError(f"no log line for request {request_id}:\n{server.log()[-3000:]}")
 
 
 def test_stream_is_a_chunked_wav_that_equals_the_whole_file(client: httpx.Client, server: LiveServer) -> None:
@@ -164,7 +164,7 @@ def test_two_streams_started_apart_share_decode_steps(client: httpx.Client, serv
     first.join(120)
     second.join(120)
     assert results["first"].status_code == results["second"].status_code == 200
-    lines = {name: _stream_log_line(server, r.headers["x-request-id"]) for name, r in results.items()}
+    lines = {name: _request_log_line(server, r.headers["x-request-id"]) for name, r in results.items()}
     shared = {name: int(re.search(r"(\d+) of them shared", line)[1]) for name, line in lines.items()}
     steps = {name: int(re.search(r"(\d+) decode steps", line)[1]) for name, line in lines.items()}
     assert steps["first"] == 125
@@ -179,12 +179,24 @@ def test_a_client_that_hangs_up_frees_its_stream(client: httpx.Client, server: L
     with client.stream("POST", STREAM, json=BODY) as response:
         request_id = response.headers["x-request-id"]
         next(response.iter_raw())  # the first audio arrived; now hang up
-    line = _stream_log_line(server, request_id, timeout_s=10)
+    line = _request_log_line(server, request_id, timeout_s=10)
     assert " cancelled: " in line, line
     frames = int(re.search(r"cancelled: (\d+) frames", line)[1])
     assert frames < 125
     # The service goes on serving.
     assert client.post(STREAM, json={**BODY, "text": "Still here."}).status_code == 200
+
+
+def test_every_response_names_its_request_as_the_log_does(client: httpx.Client, server: LiveServer) -> None:
+    """A user quotes X-Request-ID; the server's line for that request names it, streamed or not."""
+    whole = client.post("/v1/tts/synthesize", json={**BODY, "text": "Which request was this?"})
+    speech = client.post("/v1/audio/speech", json={"model": "tts-1", "input": "And this one?", "voice": "alloy"})
+    streamed = client.post(STREAM, json={**BODY, "text": "And this stream?"})
+    ids = [r.headers["x-request-id"] for r in (whole, speech, streamed)]
+    assert len(set(ids)) == 3
+    assert " (whole file) done: " in _request_log_line(server, ids[0])
+    assert " (whole file) done: " in _request_log_line(server, ids[1])
+    assert " (stream) done: " in _request_log_line(server, ids[2])
 
 
 def test_time_to_first_audio_and_rtf_are_on_metrics(client: httpx.Client) -> None:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+
 from fastapi import FastAPI
 
-from tts_service.errors import install_error_handlers
+from tts_service.errors import Choices, install_error_handlers
 from tts_service.routes import info, openai_compat, tts, voices
+
+logger = logging.getLogger(__name__)
 
 TITLE = "Qwen3-TTS service"
 DESCRIPTION = """Text to speech with [Qwen3-TTS](https://github.com/QwenLM/Qwen3-TTS) CustomVoice: 9 speakers,
@@ -30,9 +35,26 @@ TAGS = [
 ]
 
 
+def field_choices(app: FastAPI) -> Choices:
+    """The values a speech route's required field takes, from the loaded model and the saved voices (for
+    the refusal of a request that lacks it). None while the service has no model to ask."""
+
+    async def choices(field: str, path: str) -> Sequence[str] | None:
+        gateway = getattr(app.state, "gateway", None)  # set by the service once it is constructed
+        if gateway is None:
+            return None
+        try:
+            return (await gateway.voice_validator()).choices(field, path)
+        except Exception:  # noqa: BLE001 - the model is not up: the refusal goes out without the list
+            logger.debug("no choices for %s on %s", field, path, exc_info=True)
+            return None
+
+    return choices
+
+
 def build_app() -> FastAPI:
     app = FastAPI(title=TITLE, description=DESCRIPTION, openapi_tags=TAGS)
     for router in (tts.router, openai_compat.router, voices.router, info.router):
         app.include_router(router)
-    install_error_handlers(app)
+    install_error_handlers(app, field_choices(app))
     return app

@@ -137,6 +137,7 @@ async def file_response(job: SynthesisJob, outcome: SynthesisOutcome, fmt: str, 
     """A whole file in `fmt`, encoded off the event loop."""
     audio = await anyio.to_thread.run_sync(render, outcome.pcm, outcome.sample_rate, fmt, speed)
     headers = {
+        "X-Request-ID": job.request_id,
         "X-TTS-Batch-Size": str(outcome.batch_size),
         "X-TTS-Audio-Seconds": f"{audio.seconds:.3f}",
         "X-TTS-Sample-Rate": str(audio.sample_rate),

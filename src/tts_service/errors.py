@@ -20,6 +20,7 @@ from tts_service.audio import MAX_SPEED, MIN_SPEED
 logger = logging.getLogger(__name__)
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+Choices = Callable[[str, str], Awaitable[Sequence[str] | None]]  # (field, path) -> the values it takes
 OPENAI_ERROR_KINDS = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
 STATUS_CODES = {
     401: "unauthorized",
@@ -114,17 +115,38 @@ class ServiceError(Exception):
         logger.log(level, "%s %s -> %d: %s", method, path, self.status, self.message)
 
 
-def _problem(error: Mapping[str, Any], openai: bool) -> Problem:
+async def with_choices(
+    errors: Sequence[Mapping[str, Any]], path: str, choices: Choices | None
+) -> list[Mapping[str, Any]]:
+    """pydantic's `errors`, where a missing field takes one of a list of values (`choices`) with the list
+    added: a request without a speaker is told the speakers, as one with an unknown speaker is."""
+    enriched = list(errors)
+    for index, error in enumerate(enriched):
+        name = _field_name(error)
+        if choices is None or error.get("type") != "missing" or not name:
+            continue
+        if values := await choices(name, path):
+            ctx = {**(error.get("ctx") or {}), "allowed": list(values)}
+            enriched[index] = {**error, "msg": f"{error.get('msg')}; allowed: {', '.join(values)}", "ctx": ctx}
+    return enriched
+
+
+def _field_name(error: Mapping[str, Any]) -> str | None:
     loc = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path")]
+    return loc[0] if loc else None
+
+
+def _problem(error: Mapping[str, Any], openai: bool) -> Problem:
+    field_name = _field_name(error)
     kind = str(error.get("type", ""))
     message = str(error.get("msg", "invalid value"))
     if kind in ("json_invalid", "json_type"):
         return Problem("body", f"request body is not valid JSON: {message}", "invalid_json")
-    if kind == "model_attributes_type" or (not loc and kind == "model_type"):
+    if kind == "model_attributes_type" or (not field_name and kind == "model_type"):
         fields = "'model', 'input' and 'voice'" if openai else "'text' and 'speaker'"
         return Problem("body", f"the body must be a JSON object with {fields}", "invalid_body")
-    name = loc[0] if loc else "body"
-    if openai and name == "voice":
+    name = field_name or "body"
+    if openai and name == "voice" and kind != "missing":
         message = "must be a voice name (a string) or an object with an 'id'"
     elif name == "speed":
         message = f"{message}; allowed: {MIN_SPEED} to {MAX_SPEED}"
@@ -132,6 +154,7 @@ def _problem(error: Mapping[str, Any], openai: bool) -> Problem:
     allowed = (
         [v.strip(" '") for v in re.split(r",| or ", expected) if v.strip(" '")] if isinstance(expected, str) else None
     )
+    allowed = (error.get("ctx") or {}).get("allowed", allowed)
     return Problem(name, message, f"invalid_{name}", allowed)
 
 
@@ -168,8 +191,9 @@ def method_not_allowed(method: str, path: str, allow: str) -> str:
     return f"method {method} is not allowed on {path}; allowed: {allow or 'none'}"
 
 
-def install_error_handlers(app: Any) -> None:
-    """Every error FastAPI or a route raises, answered by this module in the route's shape."""
+def install_error_handlers(app: Any, choices: Choices | None = None) -> None:
+    """Every error FastAPI or a route raises, answered by this module in the route's shape. `choices`
+    gives the values a required field takes on a path, if it has a list (None otherwise)."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
@@ -178,9 +202,9 @@ def install_error_handlers(app: Any) -> None:
         return error_response(exc, request.url.path)
 
     async def validation_error(request: Any, exc: RequestValidationError) -> Any:
-        return await service_error(
-            request, ServiceError.from_validation(exc.errors(), is_openai_route(request.url.path))
-        )
+        path = request.url.path
+        errors = await with_choices(exc.errors(), path, choices)
+        return await service_error(request, ServiceError.from_validation(errors, is_openai_route(path)))
 
     async def http_error(request: Any, exc: HTTPException) -> Any:
         headers, message = dict(exc.headers or {}), str(exc.detail)

@@ -111,6 +111,13 @@ def check_model(requested: str, served: Sequence[str]) -> None:
         raise ServiceError(400, message, [Problem("model", message, "model_not_found", list(served))])
 
 
+def usable_voices(info: ModelInfo, voice_map: Mapping[str, str], saved: Sequence[str] = ()) -> list[str]:
+    """Every `voice` the speech route takes: the speakers, the aliases of loaded speakers, saved voices."""
+    speakers = {s.name.lower() for s in info.speakers}
+    aliases = sorted(alias.lower() for alias, target in voice_map.items() if target.lower() in speakers)
+    return [s.name for s in info.speakers] + aliases + list(saved)
+
+
 def resolve_voice(voice: str, info: ModelInfo, voice_map: Mapping[str, str], saved: Sequence[str] = ()) -> str:
     """A speaker name of the loaded model, from a speaker name or an OpenAI voice alias (`saved`: the
     saved voices' names, for the refusal's list)."""
@@ -121,8 +128,7 @@ def resolve_voice(voice: str, info: ModelInfo, voice_map: Mapping[str, str], sav
     aliases = {alias.lower(): target for alias, target in voice_map.items()}
     if key in aliases and aliases[key].lower() in speakers:
         return speakers[aliases[key].lower()]
-    usable = [s.name for s in info.speakers] + sorted(a for a, t in aliases.items() if t.lower() in speakers)
-    usable += list(saved)
+    usable = usable_voices(info, voice_map, saved)
     raise ServiceError.invalid("voice", f"{voice!r} is not available; use one of: {', '.join(usable)}", usable)
 
 

@@ -18,6 +18,7 @@ from importlib import metadata
 from typing import Any
 
 from tts_service.app import DESCRIPTION, TAGS, TITLE
+from tts_service.audio_responses import AUDIO_HEADERS
 from tts_service.openai_api import OpenAIErrorResponse
 from tts_service.schemas import ErrorResponse
 from tts_service.security import OPEN_PATHS, ASGIApp, Message, Receive, Scope, Send
@@ -26,7 +27,14 @@ DOCS_PATH = "/docs.json"
 PAGE_PATHS = ("/", "/index.html")
 HEADER_DOCS = {
     "Retry-After": "Seconds after which the queue is expected to have room.",
-    "X-Request-ID": "Quote it when reporting the failure; the server log holds the traceback under it.",
+    "X-Request-ID": "This request's id. Quote it when reporting a problem: the server log's lines name it, "
+    "a failure's traceback included.",
+    "X-TTS-Batch-Size": "The largest decode-step batch this request shared. Whole files only.",
+    "X-TTS-Audio-Seconds": "The audio's length in seconds. Whole files only.",
+    "X-TTS-Sample-Rate": "The audio's sample rate in Hz.",
+    "X-TTS-Truncated": "`true` when some of the audio was cut at the frame budget rather than ending by itself. "
+    "Whole files only.",
+    "X-TTS-Seed": "The seed the audio was drawn with: send it as `seed` to get the same audio again.",
     "WWW-Authenticate": "Always `Bearer`.",
 }
 ROUTE_TAGS = {"/v1/tts/synthesize": "speech", "/livez": "infrastructure", "/readyz": "infrastructure"}
@@ -110,7 +118,9 @@ def document(
                 for name in ("text", "input"):
                     if name in schema.get("properties", {}):
                         schema["properties"][name]["maxLength"] = max_text_chars
-                success = responses.setdefault("200", {}).setdefault("content", {})
+                success_response = responses.setdefault("200", {})
+                success_response["headers"] = _headers(["X-Request-ID", *AUDIO_HEADERS])
+                success = success_response.setdefault("content", {})
                 for content_type in audio_types:  # every `format` the route can answer with
                     success.setdefault(content_type, {"schema": {"type": "string", "format": "binary"}})
                 success.pop("application/json", None)

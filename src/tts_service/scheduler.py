@@ -654,9 +654,10 @@ class StepScheduler:
         timeline = row.handle.timeline
         first = timeline.get("first_audio")
         logger.info(
-            "stream %s %s: %d frames in %.2f s (first audio after %s), %d segments, %d decode steps, "
+            "request %s (%s) %s: %d frames in %.2f s (first audio after %s), %d segments, %d decode steps, "
             "%d of them shared (batch up to %d)",
             row.handle.request_id,
+            "stream" if row.job.plan.streamed else "whole file",
             outcome,
             end.frames,
             time.perf_counter() - timeline["submitted"],

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from tts_service.errors import Problem, ServiceError, is_openai_route, send_error
+from tts_service.errors import Choices, Problem, ServiceError, is_openai_route, send_error, with_choices
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +82,10 @@ class RequestGuardMiddleware:
         max_body_bytes: int,
         body_models: Mapping[str, type[BaseModel]],
         upload_routes: Mapping[str, int] | None = None,
+        choices: Choices | None = None,
     ) -> None:
         self.app = app
+        self.choices = choices
         self.max_body_bytes = max_body_bytes
         self.body_models = dict(body_models)
         self.upload_routes = dict(upload_routes or {})
@@ -124,7 +126,8 @@ class RequestGuardMiddleware:
             if not upload:
                 self.body_models[scope["path"]].model_validate_json(body)
         except ValidationError as exc:
-            await send_error(scope, send, ServiceError.from_validation(exc.errors(), is_openai_route(scope["path"])))
+            errors = await with_choices(exc.errors(), scope["path"], self.choices)
+            await send_error(scope, send, ServiceError.from_validation(errors, is_openai_route(scope["path"])))
             return
 
         async def replay() -> Message:

@@ -12,11 +12,12 @@ import secrets
 from collections.abc import Sequence
 
 from tts_service.errors import ServiceError
-from tts_service.openai_api import SpeechRequest, check_model, resolve_voice, served_model_names
+from tts_service.openai_api import SpeechRequest, check_model, resolve_voice, served_model_names, usable_voices
 from tts_service.schemas import ModelInfo, SpeakFields, SynthesisJob, VoiceInfo
 from tts_service.settings import Settings
 
 MODEL_SETTING = {"base": "TTS_CLONE_MODEL", "voice_design": "TTS_DESIGN_MODEL"}
+SPEECH_PATHS = ("/v1/tts/synthesize", "/v1/tts/stream", "/v1/audio/speech")
 
 
 class JobValidator:
@@ -56,10 +57,31 @@ class JobValidator:
             )
         return text
 
+    def speaker_names(self) -> list[str]:
+        return sorted(self.speakers.values()) + [v.name for v in self.voices]
+
+    def model_names(self) -> list[str]:
+        served = served_model_names(self.settings.model, self.settings.openai_model_aliases)
+        return served + [m for m in self.info.models.values() if m not in served]
+
+    def choices(self, field: str, path: str) -> list[str] | None:
+        """The values a speech route's required `field` takes (None: not a field with a list), so that a
+        request missing it is told them, as one with a wrong value is."""
+        if path not in SPEECH_PATHS:
+            return None
+        openai = path == "/v1/audio/speech"
+        if field == "speaker" and not openai:
+            return self.speaker_names()
+        if field == "voice" and openai:
+            return usable_voices(self.info, self.settings.openai_voice_map, [v.name for v in self.voices])
+        if field == "model" and openai:
+            return self.model_names()
+        return None
+
     def speaker(self, name: str) -> str:
         key = name.strip().lower()
         if key not in self.speakers:
-            allowed = sorted(self.speakers.values()) + [v.name for v in self.voices]
+            allowed = self.speaker_names()
             raise ServiceError.invalid("speaker", f"unknown speaker {name!r}; allowed: {', '.join(allowed)}", allowed)
         return self.speakers[key]
 
@@ -90,8 +112,7 @@ class JobValidator:
 
     def speech_job(self, body: SpeechRequest) -> SynthesisJob:
         """A job from OpenAI's speech body: its model name, voice (speaker or alias) and `input`."""
-        served = served_model_names(self.settings.model, self.settings.openai_model_aliases)
-        check_model(body.model, served + [m for m in self.info.models.values() if m not in served])
+        check_model(body.model, self.model_names())
         if body.stream_format == "sse" and not (body.response_format in ("pcm", "wav") and body.speed == 1.0):
             field = "response_format" if body.response_format not in ("pcm", "wav") else "speed"
             raise ServiceError.invalid(field, "stream_format 'sse' needs response_format 'pcm' or 'wav' and speed 1.0")
