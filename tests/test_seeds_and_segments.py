@@ -11,9 +11,22 @@ import pytest
 import torch
 
 from tests.oracle import reference
+from tts_service import frame_step as fs
 from tts_service.dev.tiny_checkpoint import CODEC_EOS
 from tts_service.engine import SynthesisRequest, TTSEngine
-from tts_service.sampling import filter_and_choose, uniform, unit_interval
+from tts_service.sampling import (
+    MAX_CANDIDATES,
+    TIE_MARGIN,
+    SamplerPlan,
+    SamplingParams,
+    choose_among_top,
+    draws_from,
+    filter_and_choose,
+    mixed_ids,
+    row_keys,
+    uniform,
+    unit_interval,
+)
 from tts_service.segmenting import split_text
 from tts_service.settings import Settings
 
@@ -108,6 +121,82 @@ def test_the_extreme_draws_never_pick_a_suppressed_token() -> None:
             draws,
         )
         assert (chosen != 2).all(), chosen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_p", [1.0, 0.9, 0.4])
+@pytest.mark.parametrize("vocab", [2048, 3072])
+def test_sampling_among_the_top_candidates_draws_what_the_whole_vocabulary_draws(
+    vocab: int, top_p: float, dtype: torch.dtype
+) -> None:
+    """The fast path (top-k at most the candidates) picks the very token of the whole-vocabulary path,
+    row for row, from the same draws: the same seed keeps giving the same audio. bf16 logits (a GPU's)
+    tie often, and top-k keeps every logit equal to the k-th largest."""
+    generator = torch.Generator().manual_seed(vocab + int(top_p * 10))
+    rows = 256
+    logits = (torch.randn(rows, vocab, generator=generator) * 3).to(dtype).float()
+    if vocab == 3072:
+        logits[:, 2048:] = float("-inf")  # the talker's suppressed control codes
+    seed = torch.randint(0, 2**62, (rows,), generator=generator)
+    counter = torch.randint(0, 2000, (rows,), generator=generator)
+    key = row_keys(seed, counter, torch.tensor(5))
+    do_sample = torch.rand(rows, generator=generator) < 0.8
+    temperature = torch.rand(rows, generator=generator) + 0.5
+    top_k = torch.randint(1, 51, (rows,), generator=generator)
+    if dtype == torch.bfloat16:  # ties at the k-th largest, which top-k keeps, really happen here
+        ordered = logits.sort(dim=-1, descending=True).values
+        assert (ordered.gather(1, (top_k - 1)[:, None]) == ordered.gather(1, top_k[:, None])).sum() > 20
+    top_ps = torch.full((rows,), top_p)
+    mixed = mixed_ids(vocab)
+    whole = filter_and_choose(logits, do_sample, temperature, top_k, top_ps, draws_from(key, mixed))
+    assert torch.equal(draws_from(key, mixed), uniform(seed, counter, 5, vocab))  # a key per row, hashed once
+    plan = SamplerPlan(candidates=50 + TIE_MARGIN, top_p=top_p < 1, greedy_rows=True)
+    assert torch.equal(choose_among_top(logits, do_sample, temperature, top_k, top_ps, key, mixed, plan), whole)
+    # Every row sampling with top-k 50 (qwen-tts's): the plan leaves the greedy argmax out.
+    everyone, fifty = torch.ones(rows, dtype=torch.bool), torch.full((rows,), 50)
+    whole = filter_and_choose(logits, everyone, temperature, fifty, top_ps, draws_from(key, mixed))
+    plan = SamplerPlan(candidates=50 + TIE_MARGIN, top_p=top_p < 1, greedy_rows=False)
+    assert torch.equal(choose_among_top(logits, everyone, temperature, fifty, top_ps, key, mixed, plan), whole)
+
+
+def test_the_sampler_plan_follows_the_services_settings() -> None:
+    qwen = SamplingParams(True, 0.9, 50, 1.0, 1.05, True, 0.9, 50, 1.0, seed=0)
+    assert SamplerPlan.of(qwen) == SamplerPlan(candidates=50 + TIE_MARGIN, top_p=False, greedy_rows=False)
+    mixed = SamplingParams(True, 0.9, 20, 0.8, 1.05, False, 0.9, 0, 1.0, seed=0)  # predictor greedy
+    assert SamplerPlan.of(mixed) == SamplerPlan(candidates=20 + TIE_MARGIN, top_p=True, greedy_rows=True)
+    for top_k in (0, MAX_CANDIDATES + 1):  # top-k off, or too large to pay: the whole vocabulary
+        params = SamplingParams(True, 0.9, top_k, 1.0, 1.05, True, 0.9, 50, 1.0, seed=0)
+        assert SamplerPlan.of(params).candidates == 0
+
+
+def test_the_engine_samples_the_same_codes_either_way(sampling_engine: TTSEngine) -> None:
+    """The wiring: the service's plan (50 candidates) against the whole-vocabulary path, same seeds."""
+    weights = sampling_engine.scheduler.weights
+    assert weights.sampler.candidates == 50 + TIE_MARGIN
+    codes = {}
+    for name, plan in (("fast", weights.sampler), ("whole", SamplerPlan())):
+        weights.sampler = plan
+        try:
+            handles = [
+                sampling_engine.submit(
+                    SynthesisRequest(r.text, r.speaker, r.language, r.instruct, seed=7 + i), name + str(i)
+                )
+                for i, r in enumerate([LINE, *OTHERS])
+            ]
+            for handle in handles:
+                list(handle)
+            codes[name] = [handle.end.codes for handle in handles]
+        finally:
+            weights.sampler = SamplerPlan.of(sampling_engine.scheduler.sampling_params(0))
+    assert sum(len(c) for c in codes["fast"]) > 40
+    # And the keys of a frame are those each draw had when it hashed its own: the talker's next token
+    # at counter `generated`, codebook 0; the predictor's codebooks c at the frame's own index.
+    seed, generated = torch.tensor([3, 2**40 + 5]), torch.tensor([1, 77])
+    keys = fs.frame_keys(weights, seed, generated)
+    assert torch.equal(keys[:, 0], row_keys(seed, generated, torch.tensor(0)))
+    for c in range(1, 16):
+        assert torch.equal(keys[:, c], row_keys(seed, generated - 1, torch.tensor(c)))
+    assert all(np.array_equal(a, b) for a, b in zip(codes["fast"], codes["whole"], strict=True))
 
 
 # ---- long texts -------------------------------------------------------------------------------------

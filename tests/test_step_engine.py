@@ -15,6 +15,7 @@ from scripts.census import census
 from tests.oracle import ORACLE_REQUESTS, reference
 from tts_service import frame_step as fs
 from tts_service.engine import SynthesisRequest, TTSEngine
+from tts_service.sampling import SamplerPlan
 from tts_service.settings import Settings
 
 REQUESTS = ORACLE_REQUESTS
@@ -185,9 +186,19 @@ def quiet_engine(tiny_dir: Path, cache_dir: Path) -> TTSEngine:
     )
 
 
-@pytest.mark.parametrize("sample", [False, True])
-def test_the_frame_step_has_no_host_sync_and_no_tensor_from_python_data(quiet_engine, sample: bool) -> None:
+@pytest.mark.parametrize(
+    ("sample", "plan"),
+    [
+        (False, SamplerPlan()),
+        (True, SamplerPlan()),  # sampling over the whole vocabulary
+        (True, SamplerPlan(candidates=50, top_p=True, greedy_rows=True)),  # over the top candidates
+    ],
+)
+def test_the_frame_step_has_no_host_sync_and_no_tensor_from_python_data(
+    quiet_engine, sample: bool, plan: SamplerPlan
+) -> None:
     w, s = _prefilled(quiet_engine, [0, 1, 2])
+    w.sampler = plan
     with torch.inference_mode():
         for n in (1, 3):
             with census() as counted:

@@ -107,19 +107,27 @@ def sync(device: str) -> None:
 
 
 def ms_per_step(
-    step: Any, weights: Any, state: Any, n: int, kv_len: int, steps: int, device: str, warm: int = 1
+    step: Any,
+    weights: Any,
+    state: Any,
+    n: int,
+    kv_len: int,
+    steps: int,
+    device: str,
+    warm: int = 1,
+    sample: bool = False,
 ) -> float:
-    """Milliseconds per greedy frame step of `step` (`frame_step` or a drop-in) over rows [:n], after
-    `warm` untimed steps."""
+    """Milliseconds per frame step of `step` (`frame_step` or a drop-in) over rows [:n], after `warm`
+    untimed steps; greedy unless `sample`."""
     import torch
 
     with torch.inference_mode():
         for _ in range(warm):
-            step(weights, state, n, kv_len, False)
+            step(weights, state, n, kv_len, sample)
         sync(device)
         started = time.perf_counter()
         for _ in range(steps):
-            step(weights, state, n, kv_len, False)
+            step(weights, state, n, kv_len, sample)
         sync(device)
     return (time.perf_counter() - started) / steps * 1000
 

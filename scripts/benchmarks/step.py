@@ -9,8 +9,11 @@ HF `generate` for the code predictor, on a shared DynamicCache) and against plai
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import statistics
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,9 +23,22 @@ from benchmarks.common import VOICES, bench_settings, environment, model_label, 
 from tts_service import frame_step as fs
 from tts_service.dev.tiny_checkpoint import CODEC_EOS
 from tts_service.engine import SynthesisRequest, TTSEngine
+from tts_service.sampling import SamplerPlan, SamplingParams
 from tts_service.step_compiler import CompiledFrameStep
 
 TEXT = "The east wing of the gallery opens at nine. Please keep to the marked paths and ask any guide."
+
+
+@contextlib.contextmanager
+def eos_never(engine: TTSEngine) -> Iterator[None]:
+    """Plain qwen-tts never ends a line, so every run generates the frames asked for."""
+    hook = engine.model.model.talker.codec_head.register_forward_hook(
+        lambda _m, _i, out: out.index_fill(-1, torch.tensor([CODEC_EOS], device=out.device), -1e4)
+    )
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 def measure_step(
@@ -33,11 +49,8 @@ def measure_step(
     scheduler = engine.scheduler
     w, s = scheduler.weights, scheduler.state
     device = w.codec_head.device
-    hook = engine.model.model.talker.codec_head.register_forward_hook(
-        lambda _m, _i, out: out.index_fill(-1, torch.tensor([CODEC_EOS], device=out.device), -1e4)
-    )
     rows = []
-    try:
+    with eos_never(engine):
         for n in batch_sizes:
             requests = [SynthesisRequest(TEXT, *VOICES[i % len(VOICES)]) for i in range(n)]
             prompts = [scheduler.prompts.build(r.text, r.speaker, r.language) for r in requests]
@@ -64,23 +77,7 @@ def measure_step(
                     sync(device.type)
                 old_ms.append((time.perf_counter() - started) / steps * 1000)
 
-                # Plain qwen-tts: the difference between 2x and 1x `steps` frames, so its prompt and
-                # decoding cancel out.
-                walls = []
-                for frames in (steps, 2 * steps):
-                    sync(device.type)
-                    started = time.perf_counter()
-                    engine.model.generate_custom_voice(
-                        text=[r.text for r in requests],
-                        speaker=[r.speaker for r in requests],
-                        language=[r.language for r in requests],
-                        do_sample=False,
-                        subtalker_dosample=False,
-                        max_new_tokens=frames + 1,
-                    )
-                    sync(device.type)
-                    walls.append(time.perf_counter() - started)
-                plain_ms.append((walls[1] - walls[0]) / steps * 1000)
+                plain_ms.append(plain_ms_per_frame(engine, requests, steps, sample=False))
             row = {
                 "batch": n,
                 "new_ms": statistics.median(new_ms),
@@ -94,9 +91,94 @@ def measure_step(
                 row["compiled_vs_old"] = row["old_ms"] / row["compiled_ms"]
                 row["compiled_vs_plain"] = row["plain_ms"] / row["compiled_ms"]
             rows.append(row)
-    finally:
-        hook.remove()
     return rows
+
+
+def plain_ms_per_frame(engine: TTSEngine, requests: list[SynthesisRequest], steps: int, sample: bool) -> float:
+    """Plain qwen-tts `generate_custom_voice` per frame: the difference between 2x and 1x `steps` frames,
+    so its prompt and decoding cancel out (end of speech must be suppressed)."""
+    device = engine.model.device.type if hasattr(engine.model.device, "type") else str(engine.model.device)
+    walls = []
+    for frames in (steps, 2 * steps):
+        sync(device)
+        started = time.perf_counter()
+        engine.model.generate_custom_voice(
+            text=[r.text for r in requests],
+            speaker=[r.speaker for r in requests],
+            language=[r.language for r in requests],
+            do_sample=sample,
+            subtalker_dosample=sample,
+            max_new_tokens=frames + 1,
+        )
+        sync(device)
+        walls.append(time.perf_counter() - started)
+    return (walls[1] - walls[0]) / steps * 1000
+
+
+def measure_sampling(engine: TTSEngine, batch_sizes: list[int], steps: int, repeat: int) -> list[dict[str, Any]]:
+    """Milliseconds per frame with qwen-tts's own sampling settings (its generation_config: top-k 50,
+    temperature 0.9, top-p 1): sampled over the whole vocabulary, over the top-k candidates (what the
+    service runs), and greedy, interleaved."""
+    scheduler = engine.scheduler
+    w, s = scheduler.weights, scheduler.state
+    qwen = engine.model._merge_generate_kwargs()
+    params = SamplingParams(
+        do_sample=True,
+        temperature=float(qwen["temperature"]),
+        top_k=int(qwen["top_k"] or 0),
+        top_p=float(qwen["top_p"]),
+        repetition_penalty=float(qwen["repetition_penalty"] or 1.0),
+        sub_do_sample=True,
+        sub_temperature=float(qwen["subtalker_temperature"]),
+        sub_top_k=int(qwen["subtalker_top_k"] or 0),
+        sub_top_p=float(qwen["subtalker_top_p"]),
+        seed=0,
+    )
+    plans = {"whole": SamplerPlan(), "candidates": SamplerPlan.of(params)}
+    kept = w.sampler
+    rows = []
+    try:
+        for n in batch_sizes:
+            requests = [SynthesisRequest(TEXT, *VOICES[i % len(VOICES)]) for i in range(n)]
+            prompts = [scheduler.prompts.build(r.text, r.speaker, r.language) for r in requests]
+            kv_len = max(p.shape[0] for p in prompts) + steps * 2 + 8
+            times: dict[str, list[float]] = {"whole": [], "candidates": [], "greedy": []}
+            plain: list[float] = []
+            for _ in range(repeat):
+                with eos_never(engine):
+                    plain.append(plain_ms_per_frame(engine, requests, steps, sample=True))
+                for name, times_of in times.items():
+                    w.sampler = plans.get(name, kept)
+                    with torch.inference_mode():
+                        seeded = [dataclasses.replace(params, seed=i) for i in range(n)]
+                        fs.prefill(w, s, list(range(n)), prompts, seeded)
+                    device = w.codec_head.device.type
+                    times_of.append(ms_per_step(fs.frame_step, w, s, n, kv_len, steps, device, sample=name != "greedy"))
+            row = {"batch": n, **{f"{name}_ms": statistics.median(t) for name, t in times.items()}}
+            row["plain_ms"] = statistics.median(plain)
+            row["speedup"] = row["whole_ms"] / row["candidates_ms"]
+            row["vs_plain"] = row["plain_ms"] / row["candidates_ms"]
+            row["candidates"] = plans["candidates"].candidates
+            rows.append(row)
+    finally:
+        w.sampler = kept
+    return rows
+
+
+def sampling_table(rows: list[dict[str, Any]]) -> str:
+    candidates = rows[0]["candidates"]
+    lines = [
+        "\nWith qwen-tts's sampling settings, same run: ms per frame, eager, sampled over the whole vocabulary",
+        f"against over each row's top {candidates} logits (the service's path), greedy, and plain qwen-tts sampled:\n",
+        "| batch | whole vocabulary ms | top candidates ms | speed-up | greedy ms | plain qwen-tts sampled ms | "
+        "candidates vs plain |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        cells = [str(r["batch"]), f"{r['whole_ms']:.1f}", f"{r['candidates_ms']:.1f}", f"{r['speedup']:.2f}x"]
+        cells += [f"{r['greedy_ms']:.1f}", f"{r['plain_ms']:.1f}", f"{r['vs_plain']:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def step_table(rows: list[dict[str, Any]], label: str, steps: int, repeat: int) -> str:
@@ -138,8 +220,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         compiled = CompiledFrameStep()
         seconds = compiled.warm_up(engine.scheduler.weights, engine.scheduler.state, False, None)
     rows = measure_step(engine, args.batch_sizes, args.steps, args.repeat, compiled)
+    sampling = measure_sampling(engine, args.batch_sizes, args.steps, args.repeat)
     label = f"{model_label(args)}, {engine.model.model.dtype} on {engine.model.device}"
     result = {"kind": "step", "model": model_label(args), "label": label, "env": environment(), "rows": rows}
+    result["sampling"] = sampling
     if compiled is not None:
         result["compile_s"] = seconds
     return {**result, "steps": args.steps, "repeat": args.repeat}
@@ -147,6 +231,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 def report(result: dict[str, Any]) -> str:
     table = step_table(result["rows"], result["label"], result["steps"], result["repeat"])
+    if result.get("sampling"):
+        table += "\n" + sampling_table(result["sampling"])
     if "compile_s" in result:
         table += f"\n\nCompile and warm-up: {result['compile_s']:.0f} s."
     return table

@@ -26,7 +26,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tts_service.sampling import SamplingParams, filter_and_choose, uniform
+from tts_service.sampling import (
+    SamplerPlan,
+    SamplingParams,
+    choose_among_top,
+    draws_from,
+    filter_and_choose,
+    mixed_ids,
+    row_keys,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +91,12 @@ class Weights:
     suppress: torch.Tensor  # [3072] bool: codec control ids the talker may never emit
     eos_mask: torch.Tensor  # [3072] bool: only the end-of-speech id
     eos: int
+    mixed_ids: torch.Tensor  # [3072] int64: the hashed ids of sampling.mixed_ids
+    codebooks: torch.Tensor  # [16] int64: 0 to 15
+    frame_offsets: torch.Tensor  # [16] int64: 0, then 1 for each code-predictor codebook (see frame_keys)
+    # What sampling may leave out: a setting of the service, like the weights, since every request
+    # shares its sampling settings. The default does all the work.
+    sampler: SamplerPlan = SamplerPlan()
 
 
 @dataclass
@@ -181,7 +195,7 @@ def choose_first_codebook(
     logits: torch.Tensor,
     seen: torch.Tensor,
     generated: torch.Tensor,
-    seed: torch.Tensor,
+    key: torch.Tensor | None,
     do_sample: torch.Tensor,
     temperature: torch.Tensor,
     top_k: torch.Tensor,
@@ -191,27 +205,49 @@ def choose_first_codebook(
 ) -> torch.Tensor:
     """The talker's logits rules as qwen-tts sets them for HF generate: repetition penalty over the
     row's own codes, codec control ids suppressed, no end of speech before the second token.
-    `sample=False` (every row greedy, known to the host) skips the sampling work."""
+    `key`: each row's draw key for this token (`sampling.row_keys`). `sample=False` (every row greedy,
+    known to the host) skips the sampling work."""
     penalty = repetition_penalty[:, None]
     logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
     logits = logits.masked_fill(w.suppress[None, :], float("-inf"))
     logits = logits.masked_fill((generated < 2)[:, None] & w.eos_mask[None, :], float("-inf"))
-    if not sample:
+    if not sample or key is None:
         return logits.argmax(dim=-1)
-    draws = uniform(seed, generated, 0, logits.shape[-1])
+    return _choose(w, logits, do_sample, temperature, top_k, top_p, key)
+
+
+def _choose(
+    w: Weights,
+    logits: torch.Tensor,
+    do_sample: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    key: torch.Tensor,
+) -> torch.Tensor:
+    """A sampled (or, per row, greedy) token: over the top candidates when the settings allow it."""
+    if w.sampler.candidates:
+        return choose_among_top(logits, do_sample, temperature, top_k, top_p, key, w.mixed_ids, w.sampler)
+    draws = draws_from(key, w.mixed_ids[: logits.shape[-1]])
     return filter_and_choose(logits, do_sample, temperature, top_k, top_p, draws)
+
+
+def frame_keys(w: Weights, seed: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+    """Each row's draw keys for one frame step, [n, 16], all hashed at once: column 0 for the talker's
+    next token (counter `generated`), columns 1 to 15 for the code predictor's codebooks of the frame
+    being completed (counter `generated - 1`)."""
+    return row_keys(seed[:, None], generated[:, None] - w.frame_offsets[None, :], w.codebooks[None, :])
 
 
 # ---- the frame function -------------------------------------------------------------------------
 
 
 def _predict_codes(
-    w: Weights, s: SlotState, n: int, talker_embed: torch.Tensor, sample: bool
+    w: Weights, s: SlotState, n: int, talker_embed: torch.Tensor, draw_keys: torch.Tensor | None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The code predictor's 15 residual codebooks for rows [:n], unrolled over its per-frame cache.
     Returns the 15 codes and their embeddings in the talker's space; writes nothing but that cache."""
     stack = w.predictor
-    frame = s.generated[:n] - 1  # index of the frame being completed: its draws' counter
 
     def project(x: torch.Tensor) -> torch.Tensor:
         return x if w.projection_t is None else linear(x, w.projection_t, w.projection_bias)
@@ -232,11 +268,9 @@ def _predict_codes(
             x = _finish_layer(x, attn, layer, stack)
         hidden = rms_norm(x if length == 1 else x.view(n, length, -1)[:, -1], stack.norm, stack.eps_t, stack.width_t)
         logits = linear(hidden, w.predictor_heads_t[step]).to(torch.float32)
-        if sample:
-            draws = uniform(s.seed[:n], frame, step + 1, logits.shape[-1])
-            code = filter_and_choose(
-                logits, s.sub_do_sample[:n], s.sub_temperature[:n], s.sub_top_k[:n], s.sub_top_p[:n], draws
-            )
+        if draw_keys is not None:
+            settings = (s.sub_do_sample[:n], s.sub_temperature[:n], s.sub_top_k[:n], s.sub_top_p[:n])
+            code = _choose(w, logits, *settings, draw_keys[:, step + 1])
         else:
             code = logits.argmax(dim=-1)
         codes.append(code)
@@ -261,7 +295,9 @@ def frame_step(w: Weights, s: SlotState, n: int, kv_len: int, sample: bool = Tru
     token = s.last_token[:n]
     position = s.position[:n]
     talker_embed = F.embedding(token, w.codec_embedding)  # [n, H]
-    codes, embeds = _predict_codes(w, s, n, talker_embed, sample)
+    generated = s.generated[:n]
+    draw_keys = frame_keys(w, s.seed[:n], generated) if sample else None
+    codes, embeds = _predict_codes(w, s, n, talker_embed, draw_keys)
     x = torch.stack([talker_embed, *embeds], dim=1).sum(dim=1) + w.tts_pad  # rows [n, H]
 
     cos = stack.cos[position][:, None, None]  # [n, 1, 1, D]: one position per row
@@ -276,13 +312,12 @@ def frame_step(w: Weights, s: SlotState, n: int, kv_len: int, sample: bool = Tru
         x = _finish_layer(x, attn, layer, stack)
     hidden = rms_norm(x, stack.norm, stack.eps_t, stack.width_t)  # [n, H]
     logits = linear(hidden, w.codec_head_t).to(torch.float32)
-    generated = s.generated[:n]
     next_token = choose_first_codebook(
         w,
         logits,
         s.seen[:n],
         generated,
-        s.seed[:n],
+        None if draw_keys is None else draw_keys[:, 0],
         s.do_sample[:n],
         s.temperature[:n],
         s.top_k[:n],
@@ -413,6 +448,9 @@ def build_weights(model: torch.nn.Module, max_len: int, tts_pad: torch.Tensor) -
         suppress=suppress,
         eos_mask=eos_mask,
         eos=eos,
+        mixed_ids=mixed_ids(max(vocab, int(config.code_predictor_config.vocab_size)), device),
+        codebooks=torch.arange(NUM_CODE_GROUPS, device=device),
+        frame_offsets=(torch.arange(NUM_CODE_GROUPS, device=device) > 0).long(),
     )
 
 
@@ -512,7 +550,7 @@ def prefill(
         logits,
         seen,
         generated,
-        per_slot["seed"],
+        row_keys(per_slot["seed"], generated, w.codebooks[0]),
         per_slot["do_sample"],
         per_slot["temperature"],
         per_slot["top_k"],

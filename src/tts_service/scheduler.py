@@ -33,7 +33,7 @@ import torch
 from tts_service import frame_step as fs
 from tts_service.chunk_decoder import STREAM, WHOLE_FILE, ChunkDecoder, Ending, Window
 from tts_service.prompt import PromptBuilder
-from tts_service.sampling import SamplingParams
+from tts_service.sampling import SamplerPlan, SamplingParams
 from tts_service.voice_prompt import VoicePrompt
 
 logger = logging.getLogger(__name__)
@@ -262,6 +262,7 @@ class StepScheduler:
             self.decoder.capture(self.stream_plan.window_lengths())
         self.max_len = max_len
         self.weights = fs.build_weights(self.model, max_len, self.prompts.pad_embed())
+        self.weights.sampler = SamplerPlan.of(self.sampling_params(0))
         self.state = fs.allocate_state(self.weights, slots, max_len)
         self.step_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
         self.step_fn = fs.frame_step
