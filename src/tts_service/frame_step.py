@@ -213,23 +213,17 @@ def choose_first_codebook(
     logits = logits.masked_fill((generated < 2)[:, None] & w.eos_mask[None, :], float("-inf"))
     if not sample or key is None:
         return logits.argmax(dim=-1)
-    return _choose(w, logits, do_sample, temperature, top_k, top_p, key)
+    return _choose(w, logits, (do_sample, temperature, top_k, top_p), key)
 
 
-def _choose(
-    w: Weights,
-    logits: torch.Tensor,
-    do_sample: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
-    key: torch.Tensor,
-) -> torch.Tensor:
+RowSettings = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # do_sample, temperature, top-k, top-p
+
+
+def _choose(w: Weights, logits: torch.Tensor, settings: RowSettings, key: torch.Tensor) -> torch.Tensor:
     """A sampled (or, per row, greedy) token: over the top candidates when the settings allow it."""
     if w.sampler.candidates:
-        return choose_among_top(logits, do_sample, temperature, top_k, top_p, key, w.mixed_ids, w.sampler)
-    draws = draws_from(key, w.mixed_ids[: logits.shape[-1]])
-    return filter_and_choose(logits, do_sample, temperature, top_k, top_p, draws)
+        return choose_among_top(logits, *settings, key, w.mixed_ids, w.sampler)
+    return filter_and_choose(logits, *settings, draws_from(key, w.mixed_ids[: logits.shape[-1]]))
 
 
 def frame_keys(w: Weights, seed: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
@@ -270,7 +264,7 @@ def _predict_codes(
         logits = linear(hidden, w.predictor_heads_t[step]).to(torch.float32)
         if draw_keys is not None:
             settings = (s.sub_do_sample[:n], s.sub_temperature[:n], s.sub_top_k[:n], s.sub_top_p[:n])
-            code = _choose(w, logits, *settings, draw_keys[:, step + 1])
+            code = _choose(w, logits, settings, draw_keys[:, step + 1])
         else:
             code = logits.argmax(dim=-1)
         codes.append(code)
