@@ -133,10 +133,11 @@ def first_audio_breakdown(timelines: list[dict[str, float]]) -> dict[str, float]
     }
 
 
-def plain_qwen_tts(engine: TTSEngine, batch: int, frames: int, device: str) -> dict:
-    """qwen-tts's own generate_custom_voice on the same text, greedy, `frames` frames per item."""
+def plain_qwen_tts(engine: TTSEngine, batch: int, frames: int, device: str, sample: bool = False) -> dict:
+    """qwen-tts's own generate_custom_voice on the same text, `frames` frames per item, greedy unless
+    `sample` (then with its own sampling settings, as the engine's)."""
     voices = [VOICES[i % len(VOICES)] for i in range(batch)]
-    kwargs = dict(do_sample=False, subtalker_dosample=False, max_new_tokens=frames + 1)
+    kwargs = dict(do_sample=sample, subtalker_dosample=sample, max_new_tokens=frames + 1)
     engine.model.generate_custom_voice(
         text=[TEXT], speaker=["ryan"], language=["english"], **{**kwargs, "max_new_tokens": 3}
     )
@@ -190,8 +191,11 @@ def step_census(scheduler: StepScheduler, n: int, device: str) -> dict:
     return out
 
 
-def time_steps(step, scheduler: StepScheduler, n: int, kv_len: int, device: str, repeat: int = 20) -> float:
-    return ms_per_step(step, scheduler.weights, scheduler.state, n, kv_len, repeat, device, warm=3)
+def time_steps(
+    step, scheduler: StepScheduler, n: int, kv_len: int, device: str, repeat: int = 20, sample: bool = False
+) -> float:
+    args = (scheduler.weights, scheduler.state, n, kv_len, repeat, device)
+    return ms_per_step(step, *args, warm=3, sample=sample)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -218,15 +222,21 @@ def main(argv: list[str] | None = None) -> None:
         default=["ramp"],
         help="stream chunk plans to run side by side: ramp (serving: 4, 4, 8, 16, ...) or step (4, 16, 16, ...)",
     )
+    parser.add_argument(
+        "--sampling",
+        action="store_true",
+        help="qwen-tts's sampling settings (the service's default), for the engine and plain qwen-tts alike",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    mode = "sampled (qwen-tts's settings)" if args.sampling else "greedy"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model = args.model or str(ensure_tiny_checkpoint(args.cache_dir, args.arch))
     settings = Settings(
         model=model,
         device=args.device,
         dtype=args.dtype,
-        greedy=True,
+        greedy=not args.sampling,
         max_batch_size=max(args.slots, max(args.streams)),
         max_new_tokens=max(args.frames, 64) + 8,
         max_prompt_tokens=256,
@@ -235,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     loaded = time.perf_counter()
     engine = TTSEngine.load(settings)
-    print(f"engine loaded (graphs captured) in {time.perf_counter() - loaded:.1f} s")
+    print(f"engine loaded (graphs captured) in {time.perf_counter() - loaded:.1f} s; decoding {mode}")
     if args.device.startswith("cuda"):
         print(f"GPU memory after load: {torch.cuda.memory_allocated() / 1e9:.1f} GB allocated")
     scheduler = engine.scheduler
@@ -244,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     hook = engine.model.model.talker.codec_head.register_forward_hook(
         lambda _m, _i, out: out.index_fill(-1, torch.tensor([CODEC_EOS], device=out.device), -1e4)
     )
-    report: dict[str, Any] = {"arch": args.arch, "device": args.device, "torch": torch.__version__}
+    report: dict[str, Any] = {"arch": args.arch, "device": args.device, "torch": torch.__version__, "mode": mode}
     if args.device.startswith("cuda"):
         report["gpu"] = torch.cuda.get_device_name()
 
@@ -270,12 +280,12 @@ def main(argv: list[str] | None = None) -> None:
     for n in (1, 8, 32):
         if n > scheduler.slots:
             continue
-        row = {"batch": n, "eager_ms": time_steps(fs.frame_step, scheduler, n, kv, args.device)}
+        row = {"batch": n, "eager_ms": time_steps(fs.frame_step, scheduler, n, kv, args.device, sample=args.sampling)}
         if scheduler.step_fn is not fs.frame_step:
-            row["graph_ms"] = time_steps(scheduler.step_fn, scheduler, n, kv, args.device)
+            row["graph_ms"] = time_steps(scheduler.step_fn, scheduler, n, kv, args.device, sample=args.sampling)
             row["speedup"] = row["eager_ms"] / row["graph_ms"]
         report["step_ms"].append(row)
-    print("\n## Frame step time (keys 256, greedy)\n")
+    print(f"\n## Frame step time (keys 256, {mode})\n")
     print("| batch | eager ms | graph ms | graph speed-up | frames/s at graph |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     for row in report["step_ms"]:
@@ -349,10 +359,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_plain:
         report["plain"] = []
         for batch in (1, 8):
-            result = plain_qwen_tts(engine, batch, args.plain_frames, args.device)
+            result = plain_qwen_tts(engine, batch, args.plain_frames, args.device, sample=args.sampling)
             report["plain"].append(result)
             print("plain", result, flush=True)
-        print(f"\n## Plain qwen-tts generate_custom_voice, {args.plain_frames} frames, greedy\n")
+        print(f"\n## Plain qwen-tts generate_custom_voice, {args.plain_frames} frames, {mode}\n")
         print("| batch | wall s | audio s | RTF per stream | audio s/s |")
         print("| ---: | ---: | ---: | ---: | ---: |")
         for r in report["plain"]:
