@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    mode = "sampled (qwen-tts's settings)" if args.sampling else "greedy"
+    decoding = "sampled (qwen-tts's settings)" if args.sampling else "greedy"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model = args.model or str(ensure_tiny_checkpoint(args.cache_dir, args.arch))
     settings = Settings(
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     loaded = time.perf_counter()
     engine = TTSEngine.load(settings)
-    print(f"engine loaded (graphs captured) in {time.perf_counter() - loaded:.1f} s; decoding {mode}")
+    print(f"engine loaded (graphs captured) in {time.perf_counter() - loaded:.1f} s; decoding {decoding}")
     if args.device.startswith("cuda"):
         print(f"GPU memory after load: {torch.cuda.memory_allocated() / 1e9:.1f} GB allocated")
     scheduler = engine.scheduler
@@ -254,7 +254,12 @@ def main(argv: list[str] | None = None) -> None:
     hook = engine.model.model.talker.codec_head.register_forward_hook(
         lambda _m, _i, out: out.index_fill(-1, torch.tensor([CODEC_EOS], device=out.device), -1e4)
     )
-    report: dict[str, Any] = {"arch": args.arch, "device": args.device, "torch": torch.__version__, "mode": mode}
+    report: dict[str, Any] = {
+        "arch": args.arch,
+        "device": args.device,
+        "torch": torch.__version__,
+        "decoding": decoding,
+    }
     if args.device.startswith("cuda"):
         report["gpu"] = torch.cuda.get_device_name()
 
@@ -285,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
             row["graph_ms"] = time_steps(scheduler.step_fn, scheduler, n, kv, args.device, sample=args.sampling)
             row["speedup"] = row["eager_ms"] / row["graph_ms"]
         report["step_ms"].append(row)
-    print(f"\n## Frame step time (keys 256, {mode})\n")
+    print(f"\n## Frame step time (keys 256, {decoding})\n")
     print("| batch | eager ms | graph ms | graph speed-up | frames/s at graph |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     for row in report["step_ms"]:
@@ -362,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
             result = plain_qwen_tts(engine, batch, args.plain_frames, args.device, sample=args.sampling)
             report["plain"].append(result)
             print("plain", result, flush=True)
-        print(f"\n## Plain qwen-tts generate_custom_voice, {args.plain_frames} frames, {mode}\n")
+        print(f"\n## Plain qwen-tts generate_custom_voice, {args.plain_frames} frames, {decoding}\n")
         print("| batch | wall s | audio s | RTF per stream | audio s/s |")
         print("| ---: | ---: | ---: | ---: | ---: |")
         for r in report["plain"]:
