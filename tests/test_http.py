@@ -102,6 +102,7 @@ def test_cors_preflight_from_a_foreign_origin(client: httpx.Client) -> None:
     simple = client.post(SYNTH, json={"text": "Hi", "speaker": "Ryan"}, headers={"Origin": "http://quest.local"})
     assert simple.headers["access-control-allow-origin"] in ("*", "http://quest.local")
     assert "x-tts-audio-seconds" in simple.headers["access-control-expose-headers"].lower()
+    assert "x-tts-ignored-fields" in simple.headers["access-control-expose-headers"].lower()
 
 
 def error_locs(response: httpx.Response) -> list[str]:
@@ -143,6 +144,23 @@ def test_unknown_voices_get_400_with_the_allowed_values(client: httpx.Client, bo
     assert detail["loc"] == [field]
     assert detail["allowed"] == (allowed or client.get("/v1/tts/languages").json()["languages"])
     assert body[field] in detail["msg"]
+
+
+def test_fields_not_in_the_api_are_named_in_a_header(client: httpx.Client) -> None:
+    """A misspelt field is ignored (as OpenAI's SDKs may send newer ones), but never silently."""
+    typo = client.post(SYNTH, json={"text": "hi", "speaker": "Ryan", "spead": 2, "formt": "mp3"})
+    assert typo.status_code == 200 and typo.headers["content-type"] == "audio/wav"
+    assert typo.headers["x-tts-ignored-fields"] == '"formt", "spead"'
+    assert "x-tts-ignored-fields" not in client.post(SYNTH, json={"text": "hi", "speaker": "Ryan"}).headers
+    speech = {"model": "tts-1", "input": "hi", "voice": "alloy", "response_format": "wav", "sped": 2}
+    assert client.post("/v1/audio/speech", json=speech).headers["x-tts-ignored-fields"] == '"sped"'
+    with client.stream("POST", "/v1/tts/stream", json={"text": "hi", "speaker": "Ryan", "fromat": "pcm"}) as r:
+        assert r.status_code == 200 and r.headers["x-tts-ignored-fields"] == '"fromat"'
+    # Names that a header cannot carry as they are go as JSON strings, not as a broken response.
+    odd = {"text": "hi", "speaker": "Ryan", "a\nb\u00e9\u0000": 1, " ": None, "x" * 100: 1}
+    response = client.post(SYNTH, json=odd)
+    assert response.status_code == 200
+    assert response.headers["x-tts-ignored-fields"] == f'" ", "a\\nb\\u00e9\\u0000", "{"x" * 64}"'
 
 
 def test_a_missing_speaker_is_told_the_speakers(client: httpx.Client) -> None:

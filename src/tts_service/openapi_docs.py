@@ -35,6 +35,8 @@ HEADER_DOCS = {
     "X-TTS-Truncated": "`true` when some of the audio was cut at the frame budget rather than ending by itself. "
     "Whole files only.",
     "X-TTS-Seed": "The seed the audio was drawn with: send it as `seed` to get the same audio again.",
+    "X-TTS-Ignored-Fields": "Fields of the body that are not in this API and were ignored (a misspelling?). "
+    "Absent when there are none.",
     "WWW-Authenticate": "Always `Bearer`.",
 }
 ROUTE_TAGS = {"/v1/tts/synthesize": "speech", "/livez": "infrastructure", "/readyz": "infrastructure"}

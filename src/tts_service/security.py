@@ -8,6 +8,7 @@ Plain ASGI (no BentoML imports), so they are testable alone.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any
@@ -35,6 +36,32 @@ def header(scope: Scope | Message, name: bytes) -> str | None:
         if key.lower() == name:
             return value.decode("latin-1")
     return None
+
+
+def ignored_fields(body: bytes, model: type[BaseModel]) -> list[str]:
+    """The top-level keys of a JSON object body that `model` neither names nor aliases (it ignores them),
+    at most 20, each cut to 64 characters."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return []
+    if not isinstance(data, dict):
+        return []
+    known = set(model.model_fields)
+    known |= {f.alias for f in model.model_fields.values() if f.alias}
+    known |= {f.validation_alias for f in model.model_fields.values() if isinstance(f.validation_alias, str)}
+    return sorted(key[:64] for key in data if key not in known)[:20]
+
+
+def _with_header(send: Send, name: bytes, value: bytes) -> Send:
+    """`send` with one more header on the response's start."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (name, value)]}
+        await send(message)
+
+    return sending
 
 
 class ApiKeyMiddleware:
@@ -137,6 +164,12 @@ class RequestGuardMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()  # later reads see the disconnect, as they would without this guard
 
+        ignored = [] if upload else ignored_fields(body, self.body_models[scope["path"]])
+        if ignored:  # a misspelt field must not pass unnoticed: said in a header and the log
+            # JSON strings: printable ASCII (no newline or NUL in a header or a log line), commas quoted.
+            names = ", ".join(json.dumps(name) for name in ignored)
+            logger.info("%s: ignored fields not in the API: %s", scope["path"], names)
+            send = _with_header(send, b"x-tts-ignored-fields", names.encode("ascii"))
         await self.app(scope, replay, send)
 
     async def _too_large(self, scope: Scope, send: Send, limit: int, field: str) -> None:
