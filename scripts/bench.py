@@ -74,6 +74,11 @@ def parser() -> argparse.ArgumentParser:
     burst.add_argument("--url", help="drive this running service instead of starting one")
     burst.add_argument("--repeat", type=int, default=3)
     burst.add_argument("--max-batch-size", type=int, default=32)
+    burst.add_argument(
+        "--sampling",
+        action="store_true",
+        help="the service's default sampling (no TTS_GREEDY), each line with a fixed seed so that runs compare",
+    )
     service = sub.choices["service"]
     service.add_argument("--url", help="drive this running service instead of starting two")
     service.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])

@@ -41,8 +41,11 @@ STREAM_BODY = {
 BYTES_PER_SECOND = 2 * 24000
 
 
-def _body(line: tuple[str, str, str]) -> dict[str, str]:
-    return {"text": line[0], "speaker": line[1], "language": line[2]}
+def _body(line: tuple[str, str, str], seeded: bool = False) -> dict[str, Any]:
+    """A line's request; `seeded` (for a sampling server): each line with its own fixed seed, so that
+    every run, and every server, generates the same audio."""
+    body: dict[str, Any] = {"text": line[0], "speaker": line[1], "language": line[2]}
+    return {**body, "seed": 100 + LINES.index(line)} if seeded else body
 
 
 async def _one(http: httpx.AsyncClient, body: dict) -> tuple[float, float, int]:
@@ -57,13 +60,13 @@ async def _one(http: httpx.AsyncClient, body: dict) -> tuple[float, float, int]:
     )
 
 
-async def together_vs_one_by_one(url: str) -> dict[str, Any]:
+async def together_vs_one_by_one(url: str, seeded: bool = False) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
         started = time.perf_counter()
-        sequential = [await _one(http, _body(line)) for line in LINES]
+        sequential = [await _one(http, _body(line, seeded)) for line in LINES]
         sequential_s = time.perf_counter() - started
         started = time.perf_counter()
-        together = await asyncio.gather(*[_one(http, _body(line)) for line in LINES])
+        together = await asyncio.gather(*[_one(http, _body(line, seeded)) for line in LINES])
         together_s = time.perf_counter() - started
     audio = sum(item[1] for item in together)
     return {
@@ -76,8 +79,8 @@ async def together_vs_one_by_one(url: str) -> dict[str, Any]:
     }
 
 
-async def lone_after_burst(url: str, clients: int = 16, per_client: int = 2) -> dict[str, Any]:
-    body = _body(LINES[0])
+async def lone_after_burst(url: str, seeded: bool = False, clients: int = 16, per_client: int = 2) -> dict[str, Any]:
+    body = _body(LINES[0], seeded)
 
     async def lone(http: httpx.AsyncClient) -> float:
         times = [(await _one(http, body))[0] for _ in range(5)]
@@ -88,7 +91,7 @@ async def lone_after_burst(url: str, clients: int = 16, per_client: int = 2) -> 
 
         async def client(index: int) -> None:
             for k in range(per_client):
-                await _one(http, _body(LINES[(index + k) % len(LINES)]))
+                await _one(http, _body(LINES[(index + k) % len(LINES)], seeded))
 
         started = time.perf_counter()
         await asyncio.gather(*[client(i) for i in range(clients)])
@@ -97,18 +100,19 @@ async def lone_after_burst(url: str, clients: int = 16, per_client: int = 2) -> 
     return {"before_s": before, "after_s": after, "ratio": after / before, "burst_s": burst_s}
 
 
-async def stream_gaps_under_load(url: str, files: int = 8) -> dict[str, Any]:
+async def stream_gaps_under_load(url: str, seeded: bool = False, files: int = 8) -> dict[str, Any]:
     arrivals: list[tuple[float, int]] = []
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=files + 2)) as http:
 
         async def stream() -> None:
-            async with http.stream("POST", "/v1/tts/stream", json=STREAM_BODY) as response:
+            body = {**STREAM_BODY, "seed": 99} if seeded else STREAM_BODY
+            async with http.stream("POST", "/v1/tts/stream", json=body) as response:
                 response.raise_for_status()
                 async for data in response.aiter_raw():
                     if data:
                         arrivals.append((time.perf_counter(), len(data)))
 
-        load = [_one(http, _body(LINES[i % len(LINES)] if i % 2 else LINES[7])) for i in range(files)]
+        load = [_one(http, _body(LINES[i % len(LINES)] if i % 2 else LINES[7], seeded)) for i in range(files)]
         await asyncio.gather(stream(), *load)
     # The network splits an engine chunk into pieces; pieces less than 30 ms apart are one chunk.
     chunks: list[list[float]] = []  # [arrival of its first piece, bytes]
@@ -138,15 +142,15 @@ async def stream_gaps_under_load(url: str, files: int = 8) -> dict[str, Any]:
     }
 
 
-def measure_burst(url: str, repeat: int) -> dict[str, Any]:
-    asyncio.run(together_vs_one_by_one(url))  # warm-up
-    runs = [asyncio.run(together_vs_one_by_one(url)) for _ in range(repeat)]
+def measure_burst(url: str, repeat: int, seeded: bool = False) -> dict[str, Any]:
+    asyncio.run(together_vs_one_by_one(url, seeded))  # warm-up
+    runs = [asyncio.run(together_vs_one_by_one(url, seeded)) for _ in range(repeat)]
     ratio = statistics.median(r["together_rate"] / r["one_by_one_rate"] for r in runs)
     return {
         "together": runs,
         "together_vs_one_by_one": ratio,
-        "after_burst": asyncio.run(lone_after_burst(url)),
-        "stream_under_load": [asyncio.run(stream_gaps_under_load(url)) for _ in range(repeat)],
+        "after_burst": asyncio.run(lone_after_burst(url, seeded)),
+        "stream_under_load": [asyncio.run(stream_gaps_under_load(url, seeded)) for _ in range(repeat)],
     }
 
 
@@ -190,12 +194,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Against --url, or a server started here with --max-batch-size slots."""
     with tempfile.TemporaryDirectory() as tmp:
         if args.url:
-            result = measure_burst(args.url, args.repeat)
+            result = measure_burst(args.url, args.repeat, args.sampling)
         else:
             with served(args, args.max_batch_size, Path(tmp)) as url:
-                result = measure_burst(url, args.repeat)
-    return {"kind": "burst", "target": args.url or args.model, "env": environment(), **result}
+                result = measure_burst(url, args.repeat, args.sampling)
+    target = args.url or args.model
+    label = f"{target}, sampled with fixed seeds" if args.sampling else f"{target}, greedy"
+    return {"kind": "burst", "target": target, "label": label, "env": environment(), **result}
 
 
 def report(result: dict[str, Any]) -> str:
-    return burst_table(result, result["target"])
+    return burst_table(result, result.get("label", result["target"]))

@@ -210,11 +210,12 @@ def engine_batch(engine: TTSEngine, requests: list[SynthesisRequest]) -> list[An
 
 @contextlib.contextmanager
 def served(args: argparse.Namespace, max_batch_size: int, log_dir: Path) -> Iterator[str]:
-    """A `bentoml serve` of the benchmark's model, greedy, with this many KV slots; its URL."""
+    """A `bentoml serve` of the benchmark's model, greedy (unless `args.sampling`), with this many KV
+    slots; its URL."""
     env = {
         "TTS_MODEL": resolve_model(args),
         "TTS_CACHE_DIR": str(args.cache_dir),
-        "TTS_GREEDY": "true",
+        "TTS_GREEDY": "false" if getattr(args, "sampling", False) else "true",
         "TTS_MAX_BATCH_SIZE": str(max_batch_size),
         "TTS_DEVICE": args.device,
         "TTS_COMPILE_STEP": str(getattr(args, "compile_step", False)).lower(),
