@@ -23,8 +23,14 @@ from tts_service.metrics import real_time_factor, time_to_first_audio
 from tts_service.schemas import StreamFormat, SynthesisJob, SynthesisOutcome
 
 # Response headers a browser client (the Quest app's web view, the Streamlit demo) may read.
-AUDIO_HEADERS = ["X-TTS-Batch-Size", "X-TTS-Audio-Seconds", "X-TTS-Sample-Rate", "X-TTS-Truncated", "X-TTS-Seed"]
-AUDIO_HEADERS += ["X-TTS-Ignored-Fields"]  # set by security.RequestGuardMiddleware
+AUDIO_HEADERS = [
+    "X-TTS-Batch-Size",
+    "X-TTS-Audio-Seconds",
+    "X-TTS-Sample-Rate",
+    "X-TTS-Truncated",
+    "X-TTS-Seed",
+    "X-TTS-Ignored-Fields",  # set by security.RequestGuardMiddleware
+]
 ERROR_HEADERS = ["Retry-After", "X-Request-ID"]
 UNKNOWN_SIZE = 0xFFFFFFFF  # what streaming encoders (e.g. FFmpeg) write when the length is not known yet
 

@@ -201,17 +201,16 @@ def choose_first_codebook(
     top_k: torch.Tensor,
     top_p: torch.Tensor,
     repetition_penalty: torch.Tensor,
-    sample: bool = True,
 ) -> torch.Tensor:
     """The talker's logits rules as qwen-tts sets them for HF generate: repetition penalty over the
     row's own codes, codec control ids suppressed, no end of speech before the second token.
-    `key`: each row's draw key for this token (`sampling.row_keys`). `sample=False` (every row greedy,
-    known to the host) skips the sampling work."""
+    `key`: each row's draw key for this token (`sampling.row_keys`); None (every row greedy, known to
+    the host) skips the sampling work."""
     penalty = repetition_penalty[:, None]
     logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
     logits = logits.masked_fill(w.suppress[None, :], float("-inf"))
     logits = logits.masked_fill((generated < 2)[:, None] & w.eos_mask[None, :], float("-inf"))
-    if not sample or key is None:
+    if key is None:
         return logits.argmax(dim=-1)
     return _choose(w, logits, (do_sample, temperature, top_k, top_p), key)
 
@@ -317,7 +316,6 @@ def frame_step(w: Weights, s: SlotState, n: int, kv_len: int, sample: bool = Tru
         s.top_k[:n],
         s.top_p[:n],
         s.repetition_penalty[:n],
-        sample,
     )
     frame = torch.stack([token, *codes], dim=1)
     done = next_token == w.eos
