@@ -29,6 +29,7 @@ from benchmarks.common import ms_per_step, sync  # noqa: E402
 from benchmarks.workload import FRAME_RATE, TEXT, VOICES  # noqa: E402
 from census import census  # noqa: E402
 
+from tts_service import chunk_decoder  # noqa: E402
 from tts_service import frame_step as fs  # noqa: E402
 from tts_service.dev.tiny_checkpoint import CODEC_EOS, ensure_tiny_checkpoint  # noqa: E402
 from tts_service.engine import TTSEngine  # noqa: E402
@@ -227,8 +228,15 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="qwen-tts's sampling settings (the service's default), for the engine and plain qwen-tts alike",
     )
+    parser.add_argument(
+        "--stateful-batch-rows",
+        type=int,
+        default=chunk_decoder.STATEFUL_BATCH_ROWS,
+        help="most stateful chunks (of different requests) decoded as one batch; 1: one by one, as before",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    chunk_decoder.STATEFUL_BATCH_ROWS = args.stateful_batch_rows
     decoding = "sampled (qwen-tts's settings)" if args.sampling else "greedy"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model = args.model or str(ensure_tiny_checkpoint(args.cache_dir, args.arch))

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import torch
 
-from tts_service.decoder_process import DecoderProcess, DecoderProcessError
+from tts_service.decoder_process import DecoderProcess, DecoderProcessError, LostStates
 from tts_service.engine import SynthesisRequest, TTSEngine
 from tts_service.settings import Settings
 from tts_service.streaming_decoder import StreamingDecoder
@@ -66,6 +66,12 @@ def _compare(worker, speech_decoder, local, state, remote) -> None:
         for start, end in ((0, 4), (4, 20), (20, 40)):  # a stream's chunks, state carried
             expected = local.decode(state, torch.from_numpy(CODES[None, start:end]).transpose(1, 2)).numpy()
             np.testing.assert_array_equal(worker.decode_stateful(remote, CODES[start:end]), expected)
+        # Two more streams decoded as one batch in the child, each with its own history: the same bytes.
+        states, remotes = [local.new_state(), local.new_state()], [worker.new_state(), worker.new_state()]
+        for start, end in ((0, 8), (8, 16)):
+            chunks = [CODES[start:end], CODES[start + 20 : end + 20]]
+            expected = local.decode_many(states, torch.from_numpy(np.stack(chunks)).transpose(1, 2)).numpy()
+            np.testing.assert_array_equal(worker.decode_stateful_many(remotes, chunks), expected)
         windows = [CODES[:25], CODES[10:35]]  # whole windows, batched
         expected = speech_decoder(torch.from_numpy(np.stack(windows)).transpose(1, 2)).squeeze(1).numpy()
     np.testing.assert_array_equal(worker.decode(windows), expected)
@@ -104,6 +110,13 @@ def test_a_child_killed_mid_call_fails_that_call_and_its_streams(worker: Decoder
     fresh = worker.new_state()  # a new child serves everything else
     assert worker.decode_stateful(fresh, CODES[:4]).shape == (1, 4 * 1920)
     assert worker.pid != old
+    # In a batch, the lost state is named before anything is sent; the others' histories are untouched.
+    with pytest.raises(LostStates) as lost:
+        worker.decode_stateful_many([fresh, stream], [CODES[4:8], CODES[8:12]])
+    assert lost.value.states == [stream]
+    alone = worker.new_state()
+    worker.decode_stateful(alone, CODES[:4])
+    np.testing.assert_array_equal(worker.decode_stateful(fresh, CODES[4:8]), worker.decode_stateful(alone, CODES[4:8]))
 
 
 def test_a_hung_child_is_killed_after_the_call_timeout_and_replaced(

@@ -32,6 +32,34 @@ def test_chunk_by_chunk_equals_the_whole_decode(cache_dir: Path, arch: str) -> N
     assert float(whole.abs().max()) > 0.05  # real audio, not silence on both sides
 
 
+def test_streams_decoded_in_batches_equal_their_whole_decodes(cache_dir: Path) -> None:
+    """`decode_many`: three streams' chunks batched in changing company (two starting together, one joining
+    later with no history, pairs and all three, chunks of 4 to 80 frames, across the transformer's window)
+    each equal that stream's own whole decode."""
+    model = Qwen3TTSModel.from_pretrained(str(ensure_tiny_checkpoint(cache_dir)), device_map="cpu")
+    decoder = model.model.speech_tokenizer.model.decoder
+    codes = torch.randint(0, 2048, (3, 16, 150), generator=torch.Generator().manual_seed(11))
+    streaming = StreamingDecoder(decoder)
+    states = [streaming.new_state() for _ in range(3)]
+    parts: list[list[torch.Tensor]] = [[], [], []]
+    done = [0, 0, 0]
+    with torch.inference_mode():
+        whole = decoder(codes).squeeze(1)
+        turns = [([0, 1], 4), ([2], 4), ([0, 1, 2], 16), ([1], 33), ([0, 2], 33), ([0, 1, 2], 80)]
+        turns += [([2, 0], 17), ([1], 17)]
+        for streams, size in turns:
+            batch = torch.cat([codes[i : i + 1, :, done[i] : done[i] + size] for i in streams])
+            audio = streaming.decode_many([states[i] for i in streams], batch)
+            assert audio.shape == (len(streams), size * 1920)
+            for row, i in enumerate(streams):
+                parts[i].append(audio[row])
+                done[i] += size
+    assert done == [150, 150, 150]
+    for i in range(3):
+        assert float((torch.cat(parts[i]) - whole[i]).abs().max()) <= 1e-4, i
+    assert float(whole.abs().max()) > 0.05
+
+
 def test_the_in_place_snake_activation_gives_qwen_tts_bits(cache_dir: Path) -> None:
     """`StreamingDecoder._snake` replaces qwen-tts's SnakeBeta for speed: it must give the very same bits, for
     every SnakeBeta of the decoder and for one with random alpha and beta (the checkpoint's may be trivial)."""

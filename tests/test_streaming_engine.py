@@ -23,7 +23,7 @@ import torch
 
 from tests.oracle import ORACLE_REQUESTS
 from tests.oracle import reference as plain_qwen_tts
-from tts_service.chunk_decoder import STREAM, WHOLE_FILE, ChunkDecoder, Ending, Window
+from tts_service.chunk_decoder import STREAM, WHOLE_FILE, ChunkDecoder, Ending, Window, stateful_batch_limit
 from tts_service.engine import SynthesisRequest, TTSEngine
 from tts_service.scheduler import RequestHandle, _Row
 from tts_service.settings import Settings
@@ -218,6 +218,77 @@ def test_the_decoder_serves_the_listener_who_runs_dry_first(engine: TTSEngine) -
         "its end",
         "whole file",
     ]
+
+
+def test_stateful_windows_of_different_streams_are_decoded_together_when_due(engine: TTSEngine) -> None:
+    """Queued stateful windows of the same length go to the decoder as one batch: with the queue's first
+    window due, only companions that are due too; with time in hand, any. Never two windows of one stream
+    (its chunks stay in order), nor windows of another length. Each stream's audio equals its whole decode."""
+    source = engine.scheduler.decoder
+    decoder = ChunkDecoder(source.decoder, source.samples_per_frame, torch.device("cpu"), threaded=True)
+    batches: list[list[str]] = []
+    heard: dict[str, list[np.ndarray]] = {}
+    decode_many = decoder.decode_stateful_many
+
+    class Handle:
+        end = None
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+            self.state = decoder.new_state()
+            heard[name] = []
+
+        def _put(self, audio: np.ndarray) -> None:
+            heard[self.name].append(audio)
+
+    def recording(states, codes):
+        batches.append([handle.name for state in states for handle in handles if handle.state is state])
+        return decode_many(states, codes)
+
+    codes = np.random.default_rng(3).integers(0, 2048, size=(5, 12, 16))
+    a, b, c, d = handles = [Handle("a"), Handle("b"), Handle("c"), Handle("d")]
+    busy, release, drained = threading.Event(), threading.Event(), threading.Event()
+    with mock.patch.object(decoder, "decode_stateful_many", side_effect=recording):
+        decoder.put([Ending(Handle("busy"), lambda: (busy.set(), release.wait(30)))], STREAM)
+        assert busy.wait(30)
+        now = time.perf_counter()
+        decoder.put([Window(a, codes[0, :4], 0, a.state, deadline=now)], STREAM)  # first windows: due
+        decoder.put([Window(b, codes[1, :4], 0, b.state, deadline=now)], STREAM)
+        decoder.put([Window(c, codes[2, :8], 0, c.state, deadline=now + 0.01)], STREAM)  # another length
+        decoder.put([Window(a, codes[0, 4:8], 0, a.state, deadline=now + 20)], STREAM)  # a's next: after a's first
+        decoder.put([Window(d, codes[3, :4], 0, d.state, deadline=now + 30)], STREAM)  # audio in hand
+        decoder.put([Ending(Handle("last"), drained.set)], WHOLE_FILE)
+        release.set()
+        assert drained.wait(60)
+    assert batches == [["a", "b"], ["c"], ["a", "d"]]
+    expected = {"a": codes[0, :8], "b": codes[1, :4], "c": codes[2, :8], "d": codes[3, :4]}
+    with torch.inference_mode():
+        for name, stream in expected.items():
+            whole = source.decoder(torch.from_numpy(stream.T[None])).squeeze(1)[0].numpy()
+            np.testing.assert_allclose(np.concatenate(heard[name]), whole, atol=1e-4, rtol=0)
+
+
+def test_batched_stateful_windows_stay_within_the_limit_and_one_per_stream() -> None:
+    """The grouping of windows handed over together: stateful ones by length, at most one per stream per
+    batch and at most `stateful_batch_limit` per batch; windows without state by length."""
+
+    class Handle:
+        end = None
+
+    codes4, codes16 = np.zeros((4, 16), np.int64), np.zeros((16, 16), np.int64)
+    first, second = Handle(), Handle()
+    many = [Window(Handle(), codes16, 0, state=object()) for _ in range(6)]
+    windows = [
+        Window(first, codes4, 0, state=object()),
+        Window(second, codes4, 0, state=object()),
+        Window(first, codes4, 0, state=object()),  # first's next chunk
+        *many,
+        Window(Handle(), codes4, 0),
+        Window(Handle(), codes4, 0),
+    ]
+    groups = ChunkDecoder._groups(windows)
+    assert [[windows.index(w) for w in group] for group in groups] == [[0, 1], [2], [3, 4, 5, 6], [7, 8], [9, 10]]
+    assert stateful_batch_limit(4) == 8 and stateful_batch_limit(16) == 4 and stateful_batch_limit(64) == 1
 
 
 def test_a_streams_deadline_is_when_its_listener_would_run_out(engine: TTSEngine) -> None:

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -42,6 +43,15 @@ _CALL_TIMEOUT_S = 120.0
 
 class DecoderProcessError(RuntimeError):
     """The decoder process failed a call (it exited, or its decode raised)."""
+
+
+class LostStates(DecoderProcessError):
+    """Some streams' states died with an earlier child. Raised before anything is sent, so the other
+    states of the call are untouched and can be decoded without these."""
+
+    def __init__(self, states: list[RemoteState]) -> None:
+        super().__init__("this stream's decoder state was lost when the decoder process restarted")
+        self.states = states
 
 
 @dataclass(eq=False)
@@ -112,7 +122,12 @@ class DecoderProcess:
 
     def decode_stateful(self, state: RemoteState, codes: np.ndarray) -> np.ndarray:
         """The next chunk of one stateful stream: [T, 16] -> float32 audio [1, T * samples_per_frame]."""
-        return self._call(("stateful", state.key, np.ascontiguousarray(codes)), state)
+        return self.decode_stateful_many([state], [codes])
+
+    def decode_stateful_many(self, states: list[RemoteState], codes: list[np.ndarray]) -> np.ndarray:
+        """The next chunks of several streams, equal lengths [T, 16], as one batch -> [b, T * spf]."""
+        keys = [state.key for state in states]
+        return self._call(("stateful", keys, [np.ascontiguousarray(c) for c in codes]), states)
 
     def states_held(self) -> int:
         """How many stream states the child holds (after freeing those collected here): for leak tests."""
@@ -122,13 +137,14 @@ class DecoderProcess:
         _stop(self._process, self._conn)
 
     # ---- one call ---------------------------------------------------------------------------------
-    def _call(self, message: tuple, state: RemoteState | None = None) -> np.ndarray:
+    def _call(self, message: tuple, states: Sequence[RemoteState] = ()) -> np.ndarray:
         with self._lock:
             if self._process is None or self._process.poll() is not None:
                 self._restart()
-            if state is not None:
-                if state.used and state.incarnation != self._incarnation:
-                    raise DecoderProcessError("this stream's decoder state was lost when the decoder process restarted")
+            lost = [state for state in states if state.used and state.incarnation != self._incarnation]
+            if lost:
+                raise LostStates(lost)
+            for state in states:
                 state.incarnation, state.used = self._incarnation, True
             self.wait_ready()
             dropped = [self._dropped.popleft() for _ in range(len(self._dropped))]
@@ -244,10 +260,11 @@ def serve(conn: Connection, parent_pid: int, log_level: str = "INFO") -> None:
             elif kind == "decode":
                 reply = local.decode(args[0])
             else:
-                key, codes = args
-                if key not in states:
-                    states[key] = local.new_state()
-                reply = local.decode_stateful(states[key], codes)
+                keys, codes = args
+                for key in keys:
+                    if key not in states:
+                        states[key] = local.new_state()
+                reply = local.decode_stateful_many([states[key] for key in keys], codes)
             conn.send(("ok", reply))
         except Exception as exc:  # noqa: BLE001 - the request fails, the child goes on
             conn.send(("error", f"{type(exc).__name__}: {exc}"))

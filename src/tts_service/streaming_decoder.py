@@ -11,6 +11,10 @@ chunk needs only state carried from the previous one, not re-decoded left contex
 - the transformer keeps its sliding-window KV cache (HF's `DynamicCache` built from its config).
 
 Numbers differ from a whole decode only by float rounding (convolutions of different lengths).
+
+Several streams' chunks of the same length decode as one batch (`decode_many`): their histories are
+stacked for the convolutions, which hold nearly all of the work, and the transformer runs per stream
+over its own cache. On a CPU, 8 four-frame chunks then take about a third of their time one by one.
 """
 
 from __future__ import annotations
@@ -48,41 +52,73 @@ class StreamingDecoder:
 
     @torch.inference_mode()
     def decode(self, state: DecoderState, codes: torch.Tensor) -> torch.Tensor:
+        """One stream's next chunk, [batch, 16, n] (the batch sharing the state) -> [batch, n * spf]."""
+        return self.decode_many([state], codes)
+
+    @torch.inference_mode()
+    def decode_many(self, states: list[DecoderState], codes: torch.Tensor) -> torch.Tensor:
+        """The next chunk of several streams at once: `codes[i]` ([len(states), 16, n]) continues
+        `states[i]`. Returns [len(states), n * spf]; with one state, codes may hold a batch sharing it."""
         d = self.decoder
         hidden = d.quantizer.decode(codes.clamp(min=0))
-        hidden = self._conv(state, d.pre_conv, hidden)
+        hidden = self._conv(states, d.pre_conv, hidden)
+        rows = [hidden] if len(states) == 1 else hidden.split(1)
+        hidden = torch.cat([self._transformer(state, row) for state, row in zip(states, rows, strict=True)])
+        for transposed, convnext in d.upsample:
+            hidden = self._transposed(states, transposed, hidden)
+            hidden = self._convnext(states, convnext, hidden)
+        for block in d.decoder:
+            hidden = self._decoder_block(states, block, hidden)
+        return hidden.clamp(min=-1, max=1).squeeze(1)
+
+    # ---- the decoder's layers, each with its carried state -------------------------------------------
+    def _transformer(self, state: DecoderState, hidden: torch.Tensor) -> torch.Tensor:
+        """The sliding-window transformer over one stream's own cache and positions: [b, C, n] -> [b, C, n]."""
         length = hidden.shape[-1]
         positions = torch.arange(state.frames, state.frames + length, device=hidden.device)
-        hidden = d.pre_transformer(
+        hidden = self.decoder.pre_transformer(
             inputs_embeds=hidden.transpose(1, 2),
             past_key_values=state.cache,
             use_cache=True,
             cache_position=positions,
         ).last_hidden_state.permute(0, 2, 1)
         state.frames += length
-        for transposed, convnext in d.upsample:
-            hidden = self._transposed(state, transposed, hidden)
-            hidden = self._convnext(state, convnext, hidden)
-        for block in d.decoder:
-            hidden = self._decoder_block(state, block, hidden)
-        return hidden.clamp(min=-1, max=1).squeeze(1)
+        return hidden
 
-    # ---- the decoder's layers, each with its carried state -------------------------------------------
-    def _conv(self, state: DecoderState, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _carried(states: list[DecoderState], carried: str, key: int, x: torch.Tensor, size: int) -> torch.Tensor | None:
+        """The streams' carried samples for one layer, stacked in batch order: None when none carries any
+        yet, and zeros (a whole decode's start) for a stream that starts beside others that do."""
+        found = [getattr(state, carried).get(key) for state in states]
+        if all(value is None for value in found):
+            return None
+        if len(states) == 1:
+            return found[0]
+        return torch.cat([x.new_zeros(1, x.shape[1], size) if value is None else value for value in found])
+
+    @staticmethod
+    def _keep(states: list[DecoderState], carried: str, key: int, values: torch.Tensor) -> None:
+        """Each stream keeps its own row (a copy when batched, so the batch's tensor can go)."""
+        if len(states) == 1:
+            getattr(states[0], carried)[key] = values
+            return
+        for state, row in zip(states, values.split(1), strict=True):
+            getattr(state, carried)[key] = row.clone()
+
+    def _conv(self, states: list[DecoderState], module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """A stride-1 causal convolution: the previous chunk's last `padding` inputs stand in for its
         left zero padding."""
         pad = module.padding
         if pad == 0:
             return module.conv(x)
-        key = id(module)
-        history = state.conv_history.get(key)
+        history = self._carried(states, "conv_history", id(module), x, pad)
         if history is None:
             history = x.new_zeros(x.shape[0], x.shape[1], pad)
         full = torch.cat([history, x], dim=-1)
-        state.conv_history[key] = full[..., -pad:]
+        self._keep(states, "conv_history", id(module), full[..., -pad:])
         return module.conv(full)
 
-    def _transposed(self, state: DecoderState, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _transposed(self, states: list[DecoderState], module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """A transposed convolution: its outputs overlap the next chunk's by `kernel - stride` samples,
         which are carried (without bias) and added to the next chunk's first outputs."""
         conv = module.conv
@@ -90,26 +126,25 @@ class StreamingDecoder:
         overlap = conv.kernel_size[0] - stride
         y = F.conv_transpose1d(x, conv.weight, None, stride=stride)
         if overlap:
-            key = id(module)
-            tail = state.transposed_tail.get(key)
+            tail = self._carried(states, "transposed_tail", id(module), y, overlap)
             if tail is not None:
                 y = torch.cat([y[..., :overlap] + tail, y[..., overlap:]], dim=-1)
             keep = x.shape[-1] * stride
-            state.transposed_tail[key] = y[..., keep:]
+            self._keep(states, "transposed_tail", id(module), y[..., keep:])
             y = y[..., :keep]
         if conv.bias is not None:
             y = y + conv.bias[None, :, None]
         return y
 
-    def _convnext(self, state: DecoderState, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        h = self._conv(state, block.dwconv, x).permute(0, 2, 1)
+    def _convnext(self, states: list[DecoderState], block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        h = self._conv(states, block.dwconv, x).permute(0, 2, 1)
         h = block.pwconv2(block.act(block.pwconv1(block.norm(h))))
         return x + (block.gamma * h).permute(0, 2, 1)
 
-    def _decoder_block(self, state: DecoderState, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _decoder_block(self, states: list[DecoderState], block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         name = type(block).__name__
         if name.endswith("CausalConvNet"):
-            return self._conv(state, block, x)
+            return self._conv(states, block, x)
         if name == "SnakeBeta":
             return self._snake(block, x)
         if name.endswith("DecoderBlock"):
@@ -118,10 +153,10 @@ class StreamingDecoder:
                 if part_name == "SnakeBeta":
                     x = self._snake(part, x)
                 elif part_name.endswith("TransConvNet"):
-                    x = self._transposed(state, part, x)
+                    x = self._transposed(states, part, x)
                 else:  # a residual unit: act, dilated causal conv, act, 1x1 conv, plus its input
-                    h = self._conv(state, part.conv1, self._snake(part.act1, x))
-                    x = x + self._conv(state, part.conv2, self._snake(part.act2, h))
+                    h = self._conv(states, part.conv1, self._snake(part.act1, x))
+                    x = x + self._conv(states, part.conv2, self._snake(part.act2, h))
             return x
         raise TypeError(f"unexpected decoder layer {name}")
 
