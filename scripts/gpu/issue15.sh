@@ -11,6 +11,8 @@
 #   engine     this engine with CUDA graphs (streams 1, 8, 32; census; step) beside plain qwen-tts
 #   compiled   the same with the Inductor-compiled step (TTS_COMPILE_STEP), no plain qwen-tts
 #   sampled    engine with qwen-tts's sampling settings (the service's default) beside plain qwen-tts sampled
+#   stateful   engine with the stateful stream decoder (TTS_STREAM_DECODER=stateful: batched across streams,
+#              no re-decoded context, not graph-captured) instead of the GPU's default windows
 #   equality   codes equal plain qwen-tts's on the GPU (float32, greedy), memory over 1,000 joins, and
 #              whether a seed replays the same bytes alone and in company (bf16, sampled)
 # All of them use the same random-weight checkpoint at the 1.7B sizes (ARCH=0.6b for the small one),
@@ -18,7 +20,7 @@
 # Logs and JSON land in $OUT (what the device tool brings back: at most 8 files).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-stage=${1:?usage: issue15.sh quick|faster|engine|compiled|sampled|equality}
+stage=${1:?usage: issue15.sh quick|faster|engine|compiled|sampled|stateful|equality}
 arch=${ARCH:-1.7b}
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
@@ -55,6 +57,10 @@ sampled_bench() {
     timeout --kill-after=10 "$1" "${in_engine_env[@]}" python3 scripts/bench_engine.py "${common[@]}" \
         --plain-frames 40 --no-eager --sampling --json "$out/sampled-$arch.json"
 }
+stateful_bench() {
+    timeout --kill-after=10 "$1" env TTS_STREAM_DECODER=stateful "${in_engine_env[@]}" python3 scripts/bench_engine.py \
+        "${common[@]}" --no-plain --no-eager --json "$out/stateful-$arch.json"
+}
 compiled_bench() {
     timeout --kill-after=10 "$1" "${in_engine_env[@]}" python3 scripts/bench_engine.py "${common[@]}" \
         --no-plain --no-eager --compile-step --json "$out/compiled-$arch.json"
@@ -86,6 +92,7 @@ faster) faster_bench 0 2>&1 | tee "$out/faster-$arch.log" ;;
 engine) engine_bench 0 2>&1 | tee "$out/engine-$arch.log" ;;
 compiled) compiled_bench 0 2>&1 | tee "$out/compiled-$arch.log" ;;
 sampled) sampled_bench 0 2>&1 | tee "$out/sampled-$arch.log" ;;
+stateful) stateful_bench 0 2>&1 | tee "$out/stateful-$arch.log" ;;
 equality)
     equality 0 2>&1 | tee "$out/equality.log"
     joins 0 2>&1 | tee "$out/joins-$arch.log"
