@@ -52,7 +52,9 @@ def main() -> None:
     scheduler = engine.scheduler
     if args.decoder == "none":
         spf = scheduler.samples_per_frame
-        scheduler.decoder.decode_stateful = lambda state, codes: np.zeros((1, len(codes) * spf), np.float32)
+        scheduler.decoder.decode_stateful_many = lambda states, codes: np.zeros(
+            (len(codes), len(codes[0]) * spf), np.float32
+        )
     step, in_steps = scheduler.step_fn, [0.0]
 
     def timed_step(*call_args, **kwargs):

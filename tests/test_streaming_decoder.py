@@ -60,6 +60,44 @@ def test_streams_decoded_in_batches_equal_their_whole_decodes(cache_dir: Path) -
     assert float(whole.abs().max()) > 0.05
 
 
+@pytest.mark.parametrize("arch", ["tiny", "deep"])
+def test_a_stream_decodes_to_the_same_bits_alone_and_in_a_batch(cache_dir: Path, arch: str) -> None:
+    """A seed replays byte for byte whoever else is served, so a stream's chunk must come out of a batch
+    with the very bits it has alone: for the chunk lengths that are batched (from
+    `STATEFUL_BATCH_MIN_FRAMES` on), in batches of 2 to 8 streams, a first chunk and one with history,
+    beside a stream that has more history than the others."""
+    from tts_service.chunk_decoder import STATEFUL_BATCH_MIN_FRAMES
+
+    model = Qwen3TTSModel.from_pretrained(str(ensure_tiny_checkpoint(cache_dir, arch)), device_map="cpu")
+    streaming = StreamingDecoder(model.model.speech_tokenizer.model.decoder)
+    generator = torch.Generator().manual_seed(13)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the decoder process runs
+    try:
+        with torch.inference_mode():
+            for rows in (2, 3, 8):
+                for size in (STATEFUL_BATCH_MIN_FRAMES, 8, 16, 32):
+                    codes = torch.randint(0, 2048, (rows, 16, 2 * size + 5), generator=generator)
+                    starts = [5] + [0] * (rows - 1)  # the first stream has 5 frames of history already
+                    alone, batched = [], [streaming.new_state() for _ in range(rows)]
+                    for row, start in enumerate(starts):
+                        state = streaming.new_state()
+                        if start:
+                            streaming.decode(state, codes[row : row + 1, :, :start])
+                        chunks = [codes[row : row + 1, :, start + k * size : start + (k + 1) * size] for k in (0, 1)]
+                        alone.append(torch.cat([streaming.decode(state, chunk) for chunk in chunks], dim=-1))
+                    streaming.decode(batched[0], codes[:1, :, :5])
+                    together = []
+                    for k in (0, 1):
+                        chunks = [codes[r : r + 1, :, s + k * size : s + (k + 1) * size] for r, s in enumerate(starts)]
+                        together.append(streaming.decode_many(batched, torch.cat(chunks)))
+                    together = torch.cat(together, dim=-1)
+                    for row in range(rows):
+                        assert torch.equal(together[row], alone[row][0]), (rows, size, row)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_the_in_place_snake_activation_gives_qwen_tts_bits(cache_dir: Path) -> None:
     """`StreamingDecoder._snake` replaces qwen-tts's SnakeBeta for speed: it must give the very same bits, for
     every SnakeBeta of the decoder and for one with random alpha and beta (the checkpoint's may be trivial)."""

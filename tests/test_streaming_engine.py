@@ -288,7 +288,7 @@ def test_batched_stateful_windows_stay_within_the_limit_and_one_per_stream() -> 
     ]
     groups = ChunkDecoder._groups(windows)
     assert [[windows.index(w) for w in group] for group in groups] == [[0, 1], [2], [3, 4, 5, 6], [7, 8], [9, 10]]
-    assert stateful_batch_limit(4) == 8 and stateful_batch_limit(16) == 4 and stateful_batch_limit(64) == 1
+    assert [stateful_batch_limit(frames) for frames in (1, 2, 3, 4, 16, 64)] == [1, 1, 1, 8, 4, 1]
 
 
 def test_a_streams_deadline_is_when_its_listener_would_run_out(engine: TTSEngine) -> None:

@@ -38,12 +38,15 @@ STREAM = 0  # a listener hears each chunk as it comes
 WHOLE_FILE = 1  # nobody hears anything before the last chunk
 
 # Stateful windows decoded as one batch: at most this many rows and frames in all. Measured on a CPU,
-# `tiny`, one thread (batched against one by one): 4-frame chunks 1.85x at 8 rows, 8 frames 1.6x at
-# 8 rows, 16 frames 1.3x at 4, 32 frames 1.1x at 2 and 0.5x at 16 (the batch outgrows the caches).
+# `tiny`, one thread (batched against one by one): 4-frame chunks 1.7x at 8 rows, 8 frames 1.6x at
+# 8 rows, 16 frames 1.2x at 4, 32 frames 1.05x at 2 and 0.5x at 16 (the batch outgrows the caches).
 STATEFUL_BATCH_ROWS = 8
 STATEFUL_BATCH_FRAMES = 64
-
-
+# Shorter windows are decoded alone: a seed must replay the same bytes in any company, and with 1 or 2
+# frames a row's matrix products come out different in the last bits when batched (MKL picks other
+# kernels for so few rows); from 4 frames they are the same bits (`test_a_stream_decodes_to_the_same_
+# bits_alone_and_in_a_batch`). Convolutions run row by row for the same reason (streaming_decoder).
+STATEFUL_BATCH_MIN_FRAMES = 4
 # A stream's window with this much time in hand may wait for a batch (a batch of 8 small chunks takes
 # tens of milliseconds on a CPU).
 BATCH_SLACK_S = 0.1
@@ -51,6 +54,8 @@ BATCH_SLACK_S = 0.1
 
 def stateful_batch_limit(frames: int) -> int:
     """How many stateful windows of `frames` frames are decoded as one batch."""
+    if frames < STATEFUL_BATCH_MIN_FRAMES:
+        return 1
     return max(1, min(STATEFUL_BATCH_ROWS, STATEFUL_BATCH_FRAMES // max(frames, 1)))
 
 

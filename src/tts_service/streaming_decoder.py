@@ -19,8 +19,8 @@ over its own cache. On a CPU, 8 four-frame chunks then take about a third of the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,10 @@ class DecoderState:
 
     conv_history: dict[int, torch.Tensor] = field(default_factory=dict)
     transposed_tail: dict[int, torch.Tensor] = field(default_factory=dict)
-    cache: Any = None  # the transformer's KV cache
+    # The transformer's sliding-window cache per layer, [rows, kv_heads, cached, head_dim]: its last
+    # `window - 1` keys and values (as HF's DynamicSlidingWindowLayer keeps them).
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
     frames: int = 0
 
 
@@ -46,9 +49,7 @@ class StreamingDecoder:
         self._snake_params: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}  # by module, not id()
 
     def new_state(self) -> DecoderState:
-        from transformers.cache_utils import DynamicCache
-
-        return DecoderState(cache=DynamicCache(config=self.decoder.pre_transformer.config))
+        return DecoderState()
 
     @torch.inference_mode()
     def decode(self, state: DecoderState, codes: torch.Tensor) -> torch.Tensor:
@@ -62,8 +63,7 @@ class StreamingDecoder:
         d = self.decoder
         hidden = d.quantizer.decode(codes.clamp(min=0))
         hidden = self._conv(states, d.pre_conv, hidden)
-        rows = [hidden] if len(states) == 1 else hidden.split(1)
-        hidden = torch.cat([self._transformer(state, row) for state, row in zip(states, rows, strict=True)])
+        hidden = self._transformer(states, hidden)
         for transposed, convnext in d.upsample:
             hidden = self._transposed(states, transposed, hidden)
             hidden = self._convnext(states, convnext, hidden)
@@ -72,18 +72,114 @@ class StreamingDecoder:
         return hidden.clamp(min=-1, max=1).squeeze(1)
 
     # ---- the decoder's layers, each with its carried state -------------------------------------------
-    def _transformer(self, state: DecoderState, hidden: torch.Tensor) -> torch.Tensor:
-        """The sliding-window transformer over one stream's own cache and positions: [b, C, n] -> [b, C, n]."""
-        length = hidden.shape[-1]
-        positions = torch.arange(state.frames, state.frames + length, device=hidden.device)
-        hidden = self.decoder.pre_transformer(
-            inputs_embeds=hidden.transpose(1, 2),
-            past_key_values=state.cache,
-            use_cache=True,
-            cache_position=positions,
-        ).last_hidden_state.permute(0, 2, 1)
-        state.frames += length
-        return hidden
+    def _transformer(self, states: list[DecoderState], hidden: torch.Tensor) -> torch.Tensor:
+        """qwen-tts's sliding-window transformer over each stream's own cache and positions, all streams in
+        one pass: [rows, C, n] -> [rows, C, n]. Its modules' weights, our attention: the streams' caches
+        (of different lengths at first) are stacked left-padded, and a mask gives each query the keys of
+        its own stream within the window, as HF's sliding-window mask does for one stream."""
+        t = self.decoder.pre_transformer
+        window = t.config.sliding_window
+        x = t.input_proj(hidden.transpose(1, 2))  # [rows, n, H]
+        rows, length = x.shape[:2]
+        per_state = rows // len(states)  # one row each, or one state shared by every row
+        device = x.device
+        frames = torch.tensor([state.frames for state in states], device=device).repeat_interleave(per_state)
+        cached = [state.keys[0].shape[2] if state.keys else 0 for state in states]
+        longest = max(cached)
+        steps = torch.arange(length, device=device)
+        cos, sin = t.rotary_emb(x, frames[:, None] + steps)  # [rows, n, D]
+        cos, sin = cos[:, None], sin[:, None]
+        # Key j of row r sits at position frames[r] - longest + j: the cache, left-padded, then the new keys.
+        key_index = torch.arange(longest + length, device=device)
+        first_key = torch.tensor([longest - c for c in cached], device=device).repeat_interleave(per_state)
+        relative = key_index[None, :] - longest - steps[:, None]  # key position minus query position, [n, keys]
+        mask = (relative <= 0) & (relative > -window)
+        mask = mask[None] & (key_index[None, None, :] >= first_key[:, None, None])
+        mask = mask[:, None]  # [rows, 1, n, keys]
+        # Rows by cache length: each group attends over exactly its own keys, so that a row's softmax sums
+        # the same terms in the same order as alone (padding, even masked, changes the last bits).
+        row_cached = torch.tensor(cached).repeat_interleave(per_state)
+        groups = [(longest - c, (row_cached == c).nonzero().flatten().to(device)) for c in sorted(set(cached))]
+        for index, layer in enumerate(t.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(rows, length, -1, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(rows, length, -1, attn.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(rows, length, -1, attn.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            keys = torch.cat([self._past(states, "keys", index, k, longest), k], dim=2)
+            values = torch.cat([self._past(states, "values", index, v, longest), v], dim=2)
+            out = self._attend(q, keys, values, mask, attn.scaling, groups)
+            x = x + layer.self_attn_layer_scale(attn.o_proj(out.transpose(1, 2).reshape(rows, length, -1)))
+            x = x + layer.mlp_layer_scale(layer.mlp(layer.post_attention_layernorm(x)))
+            self._keep_window(states, cached, longest, keys, values, index, window)
+        for state in states:
+            state.frames += length
+        return t.output_proj(t.norm(x)).permute(0, 2, 1)
+
+    @staticmethod
+    def _attend(
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor,
+        scale: float,
+        groups: list[tuple[int, torch.Tensor]],
+    ) -> torch.Tensor:
+        """Attention per group of rows with the same cache length, over their keys from `start` on."""
+        gqa = q.shape[1] != keys.shape[1]
+        if len(groups) == 1:
+            start = groups[0][0]
+            return F.scaled_dot_product_attention(
+                q, keys[:, :, start:], values[:, :, start:], attn_mask=mask[..., start:], scale=scale, enable_gqa=gqa
+            )
+        out = torch.empty_like(q)
+        for start, rows in groups:
+            out[rows] = F.scaled_dot_product_attention(
+                q[rows],
+                keys[rows, :, start:],
+                values[rows, :, start:],
+                attn_mask=mask[rows, ..., start:],
+                scale=scale,
+                enable_gqa=gqa,
+            )
+        return out
+
+    @staticmethod
+    def _past(states: list[DecoderState], name: str, index: int, new: torch.Tensor, longest: int) -> torch.Tensor:
+        """The streams' cached keys (or values) of one layer, left-padded with zeros to `longest` (a layer
+        not yet cached, in a stream's first chunk, has none)."""
+        caches = [getattr(state, name) for state in states]
+        parts = [cache[index] if len(cache) > index else new[:1, :, :0] for cache in caches]
+        if len(states) == 1:
+            return parts[0].expand(new.shape[0], -1, -1, -1)  # a shared state's rows; none yet: no keys
+        return torch.cat([F.pad(part, (0, 0, longest - part.shape[2], 0)) for part in parts])
+
+    @staticmethod
+    def _keep_window(
+        states: list[DecoderState],
+        cached: list[int],
+        longest: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        index: int,
+        window: int,
+    ) -> None:
+        """Each stream keeps its last `window - 1` keys and values of this layer (a copy when batched)."""
+        per_state = keys.shape[0] // len(states)
+        for i, state in enumerate(states):
+            rows = slice(i * per_state, (i + 1) * per_state)
+            start = max(longest - cached[i], keys.shape[2] - (window - 1))
+            kept = (keys[rows, :, start:], values[rows, :, start:])
+            if len(states) > 1:
+                kept = (kept[0].clone(), kept[1].clone())
+            for name, tensor in zip(("keys", "values"), kept, strict=True):
+                cache = getattr(state, name)
+                if len(cache) > index:
+                    cache[index] = tensor
+                else:
+                    cache.append(tensor)
 
     @staticmethod
     def _carried(states: list[DecoderState], carried: str, key: int, x: torch.Tensor, size: int) -> torch.Tensor | None:
@@ -110,13 +206,13 @@ class StreamingDecoder:
         left zero padding."""
         pad = module.padding
         if pad == 0:
-            return module.conv(x)
+            return _per_row(module.conv, x)
         history = self._carried(states, "conv_history", id(module), x, pad)
         if history is None:
             history = x.new_zeros(x.shape[0], x.shape[1], pad)
         full = torch.cat([history, x], dim=-1)
         self._keep(states, "conv_history", id(module), full[..., -pad:])
-        return module.conv(full)
+        return _per_row(module.conv, full)
 
     def _transposed(self, states: list[DecoderState], module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """A transposed convolution: its outputs overlap the next chunk's by `kernel - stride` samples,
@@ -124,7 +220,7 @@ class StreamingDecoder:
         conv = module.conv
         stride = conv.stride[0]
         overlap = conv.kernel_size[0] - stride
-        y = F.conv_transpose1d(x, conv.weight, None, stride=stride)
+        y = _per_row(lambda row: F.conv_transpose1d(row, conv.weight, None, stride=stride), x)
         if overlap:
             tail = self._carried(states, "transposed_tail", id(module), y, overlap)
             if tail is not None:
@@ -172,3 +268,16 @@ class StreamingDecoder:
         alpha, inverse_beta = params
         h = (x * alpha).sin_()
         return h.mul_(h).mul_(inverse_beta).add_(x)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _per_row(conv: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """A convolution one row at a time: oneDNN's results can depend on the batch size in the last bits,
+    and a stream's audio must not depend on the company it was decoded in (a seed replays byte for byte)."""
+    if x.shape[0] == 1:
+        return conv(x)
+    return torch.cat([conv(row) for row in x.split(1)])
