@@ -8,13 +8,16 @@ chunk needs only state carried from the previous one, not re-decoded left contex
   which is exactly the zero padding of a whole decode);
 - each transposed convolution keeps the `kernel - stride` output samples that the next chunk's first
   inputs still add to (the whole decode cuts that tail off only at the very end);
-- the transformer keeps its sliding-window KV cache (HF's `DynamicCache` built from its config).
+- the transformer keeps the last `window - 1` keys and values of each layer, as HF's sliding-window
+  cache does (our own attention over its weights, so that several streams run in one pass).
 
 Numbers differ from a whole decode only by float rounding (convolutions of different lengths).
 
-Several streams' chunks of the same length decode as one batch (`decode_many`): their histories are
-stacked for the convolutions, which hold nearly all of the work, and the transformer runs per stream
-over its own cache. On a CPU, 8 four-frame chunks then take about a third of their time one by one.
+Several streams' chunks of the same length decode as one batch (`decode_many`), and each stream gets the
+very bits it would get alone, so that a seed replays byte for byte in any company: convolutions run row
+by row (oneDNN's last bits depend on the batch size), and attention runs per group of streams with the
+same cache length (padding, even masked, changes a softmax's sum). What is batched is the rest: the
+transformer's products, norms and activations, where a small model's time goes in dispatch.
 """
 
 from __future__ import annotations
