@@ -16,6 +16,7 @@ import psutil
 import pytest
 import torch
 
+from tts_service.chunk_decoder import ChunkDecoder, Window
 from tts_service.decoder_process import DecoderProcess, DecoderProcessError, LostStates
 from tts_service.engine import SynthesisRequest, TTSEngine
 from tts_service.settings import Settings
@@ -135,6 +136,36 @@ def test_a_hung_child_is_killed_after_the_call_timeout_and_replaced(
     assert not _alive(old)
     assert worker.decode([CODES[:4]]).shape == (1, 4 * 1920)
     assert worker.pid != old
+
+
+def test_a_batch_holding_a_lost_state_fails_that_stream_alone(
+    worker: DecoderProcess, speech_decoder: torch.nn.Module
+) -> None:
+    """Windows of several streams go to the child as one call; when one stream's state died with an earlier
+    child, that stream fails and the others in the batch are decoded as if it had not been there."""
+    decoder = ChunkDecoder(speech_decoder, 1920, torch.device("cpu"), threaded=False, worker=worker)
+    failed: list[str] = []
+    decoder.on_error = lambda handle, error: failed.append(f"{handle.name}: {error}")
+
+    class Handle:
+        end = None
+
+        def __init__(self, name: str) -> None:
+            self.name, self.audio = name, []
+
+        def _put(self, audio: np.ndarray) -> None:
+            self.audio.append(audio)
+
+    lost, kept = Handle("lost"), Handle("kept")
+    lost_state = decoder.new_state()
+    decoder._process([Window(lost, CODES[:4], 0, lost_state)])
+    os.kill(worker.pid, signal.SIGKILL)
+    time.sleep(0.2)
+    kept_state = decoder.new_state()  # a stream that starts after the restart
+    decoder._process([Window(lost, CODES[4:8], 0, lost_state), Window(kept, CODES[4:8], 0, kept_state)])
+    assert failed == ["lost: this stream's decoder state was lost when the decoder process restarted"]
+    assert len(lost.audio) == 1 and len(kept.audio) == 1
+    np.testing.assert_array_equal(kept.audio[0], worker.decode_stateful(worker.new_state(), CODES[4:8])[0])
 
 
 def test_collected_states_are_freed_in_the_child(worker: DecoderProcess) -> None:

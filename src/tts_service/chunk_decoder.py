@@ -214,6 +214,9 @@ class ChunkDecoder:
                 else:
                     audio = self.decode([w.codes for w in group])
             except LostStates as exc:  # raised before decoding: the others go on without them
+                logger.warning(
+                    "%d streams lost their decoder state to a restart of the decoder process", len(exc.states)
+                )
                 lost = {id(state) for state in exc.states}
                 for window in group:
                     if id(window.state) in lost:
