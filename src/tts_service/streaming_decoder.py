@@ -78,8 +78,8 @@ class StreamingDecoder:
     def _transformer(self, states: list[DecoderState], hidden: torch.Tensor) -> torch.Tensor:
         """qwen-tts's sliding-window transformer over each stream's own cache and positions, all streams in
         one pass: [rows, C, n] -> [rows, C, n]. Its modules' weights, our attention: the streams' caches
-        (of different lengths at first) are stacked left-padded, and a mask gives each query the keys of
-        its own stream within the window, as HF's sliding-window mask does for one stream."""
+        (of different lengths at first) are stacked left-padded, and each query sees its own stream's keys
+        within the window, as HF's sliding-window mask gives them for one stream."""
         t = self.decoder.pre_transformer
         window = t.config.sliding_window
         x = t.input_proj(hidden.transpose(1, 2))  # [rows, n, H]
@@ -93,14 +93,11 @@ class StreamingDecoder:
         cos, sin = t.rotary_emb(x, frames[:, None] + steps)  # [rows, n, D]
         cos, sin = cos[:, None], sin[:, None]
         # Key j of row r sits at position frames[r] - longest + j: the cache, left-padded, then the new keys.
-        key_index = torch.arange(longest + length, device=device)
-        first_key = torch.tensor([longest - c for c in cached], device=device).repeat_interleave(per_state)
-        relative = key_index[None, :] - longest - steps[:, None]  # key position minus query position, [n, keys]
-        mask = (relative <= 0) & (relative > -window)
-        mask = mask[None] & (key_index[None, None, :] >= first_key[:, None, None])
-        mask = mask[:, None]  # [rows, 1, n, keys]
-        # Rows by cache length: each group attends over exactly its own keys, so that a row's softmax sums
-        # the same terms in the same order as alone (padding, even masked, changes the last bits).
+        # Rows attend by cache length, each group over exactly its own keys (from `longest - cached` on), so
+        # that a row's softmax sums the same terms in the same order as alone (padding, even masked, changes
+        # the last bits); the mask then only keeps each query's window.
+        relative = torch.arange(longest + length, device=device)[None, :] - longest - steps[:, None]
+        mask = (relative <= 0) & (relative > -window)  # [n, keys]: key position minus query position
         row_cached = torch.tensor(cached).repeat_interleave(per_state)
         groups = [(longest - c, (row_cached == c).nonzero().flatten().to(device)) for c in sorted(set(cached))]
         for index, layer in enumerate(t.layers):
@@ -135,7 +132,7 @@ class StreamingDecoder:
         if len(groups) == 1:
             start = groups[0][0]
             return F.scaled_dot_product_attention(
-                q, keys[:, :, start:], values[:, :, start:], attn_mask=mask[..., start:], scale=scale, enable_gqa=gqa
+                q, keys[:, :, start:], values[:, :, start:], attn_mask=mask[:, start:], scale=scale, enable_gqa=gqa
             )
         out = torch.empty_like(q)
         for start, rows in groups:
@@ -143,7 +140,7 @@ class StreamingDecoder:
                 q[rows],
                 keys[rows, :, start:],
                 values[rows, :, start:],
-                attn_mask=mask[rows, ..., start:],
+                attn_mask=mask[:, start:],
                 scale=scale,
                 enable_gqa=gqa,
             )
