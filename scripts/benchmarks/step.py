@@ -45,9 +45,15 @@ def measure_step(
     engine: TTSEngine, batch_sizes: list[int], steps: int, repeat: int, compiled: CompiledFrameStep | None = None
 ) -> list[dict[str, Any]]:
     """Milliseconds per frame for each batch size: new step (eager, and compiled when given), wave 1's
-    step, plain qwen-tts."""
+    step, plain qwen-tts; and the new step without its products' row padding (`TTS_BATCH_INVARIANT=false`)
+    when the engine pads."""
     scheduler = engine.scheduler
     w, s = scheduler.weights, scheduler.state
+    unpadded = None
+    if w.talker.min_rows > 1:
+        unpadded = dataclasses.replace(
+            w, talker=dataclasses.replace(w.talker, min_rows=1), predictor=dataclasses.replace(w.predictor, min_rows=1)
+        )
     device = w.codec_head.device
     rows = []
     with eos_never(engine):
@@ -55,14 +61,21 @@ def measure_step(
             requests = [SynthesisRequest(TEXT, *VOICES[i % len(VOICES)]) for i in range(n)]
             prompts = [scheduler.prompts.build(r.text, r.speaker, r.language) for r in requests]
             kv_len = max(p.shape[0] for p in prompts) + steps * (repeat + 2) + 8
-            new_ms, compiled_ms, old_ms, plain_ms = [], [], [], []
+            new_ms, compiled_ms, old_ms, plain_ms, unpadded_ms = [], [], [], [], []
             for _ in range(repeat):  # interleaved, so drift hits all alike
-                for step, times in ((fs.frame_step, new_ms), (compiled, compiled_ms)):
-                    if step is None:
+                variants = (
+                    (fs.frame_step, w, new_ms),
+                    (compiled, w, compiled_ms),
+                    (fs.frame_step, unpadded, unpadded_ms),
+                )
+                for step, weights, times in variants:
+                    if step is None or weights is None:
                         continue
                     with torch.inference_mode():
-                        fs.prefill(w, s, list(range(n)), prompts, [scheduler.sampling_params(i) for i in range(n)])
-                    times.append(ms_per_step(step, w, s, n, kv_len, steps, device.type))
+                        fs.prefill(
+                            weights, s, list(range(n)), prompts, [scheduler.sampling_params(i) for i in range(n)]
+                        )
+                    times.append(ms_per_step(step, weights, s, n, kv_len, steps, device.type))
 
                 old = Wave1Step(engine)
                 with torch.inference_mode():
@@ -86,6 +99,8 @@ def measure_step(
             }
             row["vs_old"] = row["old_ms"] / row["new_ms"]
             row["vs_plain"] = row["plain_ms"] / row["new_ms"]
+            if unpadded_ms:
+                row["unpadded_ms"] = statistics.median(unpadded_ms)
             if compiled_ms:
                 row["compiled_ms"] = statistics.median(compiled_ms)
                 row["compiled_vs_old"] = row["old_ms"] / row["compiled_ms"]
@@ -181,28 +196,55 @@ def sampling_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _markdown(title: str, header: list[str], cells: list[list[str]]) -> list[str]:
+    """A titled markdown table, its columns right-aligned."""
+    rule = "| " + " | ".join("---:" for _ in header) + " |"
+    return [title, "| " + " | ".join(header) + " |", rule, *("| " + " | ".join(row) + " |" for row in cells)]
+
+
 def step_table(rows: list[dict[str, Any]], label: str, steps: int, repeat: int) -> str:
-    lines: list[str] = []
-    emit = lines.append
-    emit(f"\n## Frame step: {label}, ms per frame (median of {repeat} runs of {steps} steps), greedy\n")
-    emit("'new' = frame_step, eager; 'wave 1' = the streaming loop's _step (HF generate inside); 'plain' =")
-    emit("qwen-tts generate_custom_voice, per frame (difference of two lengths). Speed-up = their time / new.\n")
-    emit("| batch | new ms | wave 1 ms | plain qwen-tts ms | new vs wave 1 | new vs plain |")
-    emit("| ---: | ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        emit(
-            f"| {r['batch']} | {r['new_ms']:.1f} | {r['old_ms']:.1f} | {r['plain_ms']:.1f} | "
-            f"{r['vs_old']:.2f}x | {r['vs_plain']:.2f}x |"
+    lines = [
+        f"\n## Frame step: {label}, ms per frame (median of {repeat} runs of {steps} steps), greedy\n",
+        "'new' = frame_step, eager; 'wave 1' = the streaming loop's _step (HF generate inside); 'plain' =",
+    ]
+    lines += _markdown(
+        "qwen-tts generate_custom_voice, per frame (difference of two lengths). Speed-up = their time / new.\n",
+        ["batch", "new ms", "wave 1 ms", "plain qwen-tts ms", "new vs wave 1", "new vs plain"],
+        [
+            [str(r["batch"]), f"{r['new_ms']:.1f}", f"{r['old_ms']:.1f}", f"{r['plain_ms']:.1f}"]
+            + [f"{r['vs_old']:.2f}x", f"{r['vs_plain']:.2f}x"]
+            for r in rows
+        ],
+    )
+    if rows and "unpadded_ms" in rows[0]:
+        lines += _markdown(
+            "\nWhat batch invariance costs (`TTS_BATCH_INVARIANT`: products over at least 4 rows), same run:\n",
+            ["batch", "new ms (padded, the default)", "new ms, unpadded", "padded / unpadded"],
+            [
+                [
+                    str(r["batch"]),
+                    f"{r['new_ms']:.1f}",
+                    f"{r['unpadded_ms']:.1f}",
+                    f"{r['new_ms'] / r['unpadded_ms']:.2f}x",
+                ]
+                for r in rows
+            ],
         )
     if rows and "compiled_ms" in rows[0]:
-        emit("\nThe same frame step compiled (`TTS_COMPILE_STEP`: Inductor, dynamic shapes), same run:\n")
-        emit("| batch | compiled ms | eager ms | compiled vs eager | compiled vs wave 1 | compiled vs plain |")
-        emit("| ---: | ---: | ---: | ---: | ---: | ---: |")
-        for r in rows:
-            emit(
-                f"| {r['batch']} | {r['compiled_ms']:.1f} | {r['new_ms']:.1f} | "
-                f"{r['new_ms'] / r['compiled_ms']:.2f}x | {r['compiled_vs_old']:.2f}x | {r['compiled_vs_plain']:.2f}x |"
-            )
+        lines += _markdown(
+            "\nThe same frame step compiled (`TTS_COMPILE_STEP`: Inductor, dynamic shapes), same run:\n",
+            ["batch", "compiled ms", "eager ms", "compiled vs eager", "compiled vs wave 1", "compiled vs plain"],
+            [
+                [
+                    str(r["batch"]),
+                    f"{r['compiled_ms']:.1f}",
+                    f"{r['new_ms']:.1f}",
+                    f"{r['new_ms'] / r['compiled_ms']:.2f}x",
+                ]
+                + [f"{r['compiled_vs_old']:.2f}x", f"{r['compiled_vs_plain']:.2f}x"]
+                for r in rows
+            ],
+        )
     return "\n".join(lines)
 
 

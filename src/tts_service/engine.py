@@ -259,6 +259,7 @@ class TTSEngine:
             max_len=settings.max_new_tokens + settings.max_prompt_tokens,
             sampling=self.sampling_defaults(),
             cuda_graphs=settings.cuda_graphs,
+            batch_invariant=settings.batch_invariant,
             compile_step=settings.compile_step,
             stateful_streams={"auto": None, "stateful": True, "window": False}[settings.stream_decoder],
             decoder_process={"auto": None, "process": True, "thread": False}[settings.decoder_worker],

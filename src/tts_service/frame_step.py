@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,11 @@ from tts_service.sampling import (
 logger = logging.getLogger(__name__)
 
 NUM_CODE_GROUPS = 16
+# MKL multiplies 1, 2 or 3 rows with other kernels than 4 or more, and from 4 rows on every row comes out
+# with the same bits whatever the row count (measured with 4 to 512 rows, for every weight shape of the
+# model). A step's products run over n rows, so without padding a request's last bits, and now and then a
+# sampled code, would depend on how many others share its steps: a seed would not replay byte for byte.
+INVARIANT_MIN_ROWS = 4
 
 
 @dataclass
@@ -74,6 +79,9 @@ class Stack:
     eps_t: torch.Tensor
     width_t: torch.Tensor  # hidden size: the mean's divisor for the layer norms
     head_dim_t: torch.Tensor  # the divisor for the q/k norms
+    # Products run over at least this many rows (zero rows added): INVARIANT_MIN_ROWS on the CPU, so a
+    # row's bits do not depend on its company; 1: as many as there are.
+    min_rows: int = 1
 
 
 @dataclass
@@ -150,10 +158,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor, width: to
     return weight * (x32 if x.dtype == torch.float32 else x32.to(x.dtype))
 
 
-def linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None, min_rows: int = 1
+) -> torch.Tensor:
     """`F.linear` on 2-D rows, given the weight's transposed view: the same BLAS call `F.linear` makes
-    (it folds [B, T, H] into [B * T, H] too), minus its wrapper's dispatches."""
-    return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
+    (it folds [B, T, H] into [B * T, H] too), minus its wrapper's dispatches. Fewer than `min_rows` rows
+    are padded with zero rows for the product (see INVARIANT_MIN_ROWS)."""
+    rows = x.shape[0]
+    if rows < min_rows:
+        x = F.pad(x, (0, 0, 0, min_rows - rows))
+    out = torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
+    return out if rows >= min_rows else out[:rows]
 
 
 def _project_qkv(
@@ -166,7 +181,8 @@ def _project_qkv(
     is roll(x, D/2) against a sign-flipped sine: the same values as qwen-tts's, in fewer operations."""
     batch = x.shape[0] // length
     d = stack.head_dim
-    qkv = linear(rms_norm(x, layer.input_norm, stack.eps_t, stack.width_t), layer.qkv_t, layer.qkv_bias)
+    normed = rms_norm(x, layer.input_norm, stack.eps_t, stack.width_t)
+    qkv = linear(normed, layer.qkv_t, layer.qkv_bias, stack.min_rows)
     qk, v = qkv.split([(stack.heads + stack.kv_heads) * d, stack.kv_heads * d], dim=-1)
     qk = rms_norm(qk.view(batch, length, stack.heads + stack.kv_heads, d), layer.qk_norm, stack.eps_t, stack.head_dim_t)
     qk = qk * cos + qk.roll(d // 2, dims=-1) * sin
@@ -178,16 +194,31 @@ def _project_qkv(
 def _finish_layer(x: torch.Tensor, attn: torch.Tensor, layer: LayerWeights, stack: Stack) -> torch.Tensor:
     """Output projection, residual, MLP (SiLU-gated), residual. x: rows [B * T, H]; attn: [B, heads, T, D]."""
     attn = attn.transpose(1, 2).reshape(x.shape[0], -1)
-    x = x + linear(attn, layer.o_t, layer.o_bias)
+    x = x + linear(attn, layer.o_t, layer.o_bias, stack.min_rows)
     normed = rms_norm(x, layer.post_norm, stack.eps_t, stack.width_t)
-    gate, up = linear(normed, layer.gate_up_t).split(stack.intermediate, dim=-1)
-    return x + linear(F.silu(gate) * up, layer.down_t)
+    gate, up = linear(normed, layer.gate_up_t, None, stack.min_rows).split(stack.intermediate, dim=-1)
+    return x + linear(F.silu(gate) * up, layer.down_t, None, stack.min_rows)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stack: Stack, **kwargs) -> torch.Tensor:
     return F.scaled_dot_product_attention(
         q, k, v, scale=stack.head_dim**-0.5, enable_gqa=stack.heads != stack.kv_heads, **kwargs
     )
+
+
+def _attend_prompts(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stack: Stack, lengths: list[int]
+) -> torch.Tensor:
+    """Causal attention over right-padded prompts, each over its own length: the CPU's kernel blocks its
+    sums by the sequence length, so a prompt attended at a longer neighbour's length would come out with
+    other last bits than alone. Outputs past a prompt's end are zeros (no query of it looks there)."""
+    if len(set(lengths)) == 1:
+        return _attend(q, k, v, stack, is_causal=True)
+    out = torch.zeros_like(q)
+    for row, length in enumerate(lengths):
+        part = slice(row, row + 1), slice(None), slice(0, length)
+        out[part] = _attend(q[part], k[part], v[part], stack, is_causal=True)
+    return out
 
 
 def choose_first_codebook(
@@ -243,7 +274,7 @@ def _predict_codes(
     stack = w.predictor
 
     def project(x: torch.Tensor) -> torch.Tensor:
-        return x if w.projection_t is None else linear(x, w.projection_t, w.projection_bias)
+        return x if w.projection_t is None else linear(x, w.projection_t, w.projection_bias, stack.min_rows)
 
     x = project(torch.stack((s.past_hidden[:n], talker_embed), dim=1).view(2 * n, -1))  # rows [n * 2, Hc]
     embeds: list[torch.Tensor] = []
@@ -260,7 +291,7 @@ def _predict_codes(
             attn = _attend(q, keys[:n, :, :end], values[:n, :, :end], stack, is_causal=step == 0)
             x = _finish_layer(x, attn, layer, stack)
         hidden = rms_norm(x if length == 1 else x.view(n, length, -1)[:, -1], stack.norm, stack.eps_t, stack.width_t)
-        logits = linear(hidden, w.predictor_heads_t[step]).to(torch.float32)
+        logits = linear(hidden, w.predictor_heads_t[step], None, stack.min_rows).to(torch.float32)
         if draw_keys is not None:
             settings = (s.sub_do_sample[:n], s.sub_temperature[:n], s.sub_top_k[:n], s.sub_top_p[:n])
             code = _choose(w, logits, settings, draw_keys[:, step + 1])
@@ -304,7 +335,7 @@ def frame_step(w: Weights, s: SlotState, n: int, kv_len: int, sample: bool = Tru
         attn = _attend(q, keys[:n, :, :kv_len], values[:n, :, :kv_len], stack, attn_mask=visible)
         x = _finish_layer(x, attn, layer, stack)
     hidden = rms_norm(x, stack.norm, stack.eps_t, stack.width_t)  # [n, H]
-    logits = linear(hidden, w.codec_head_t).to(torch.float32)
+    logits = linear(hidden, w.codec_head_t, None, w.talker.min_rows).to(torch.float32)
     next_token = choose_first_codebook(
         w,
         logits,
@@ -398,10 +429,11 @@ def _stack(model: torch.nn.Module, config, cos: torch.Tensor, sin: torch.Tensor)
 
 
 @torch.inference_mode()
-def build_weights(model: torch.nn.Module, max_len: int, tts_pad: torch.Tensor) -> Weights:
+def build_weights(model: torch.nn.Module, max_len: int, tts_pad: torch.Tensor, min_rows: int = 1) -> Weights:
     """Views of a loaded `Qwen3TTSForConditionalGeneration`'s weights for the frame step.
 
-    `tts_pad` is qwen-tts's projected pad text embedding ([H]), built by the prompt builder.
+    `tts_pad` is qwen-tts's projected pad text embedding ([H]), built by the prompt builder. `min_rows`:
+    the fewest rows a product runs over (`Stack.min_rows`).
     """
     talker = model.talker
     config = model.config.talker_config
@@ -427,8 +459,8 @@ def build_weights(model: torch.nn.Module, max_len: int, tts_pad: torch.Tensor) -
     eos_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
     eos_mask[eos] = True
     return Weights(
-        talker=_stack(talker.model, config, cos3[0, 0], sin3[0, 0]),
-        predictor=_stack(predictor.model, config.code_predictor_config, pcos[0], psin[0]),
+        talker=replace(_stack(talker.model, config, cos3[0, 0], sin3[0, 0]), min_rows=min_rows),
+        predictor=replace(_stack(predictor.model, config.code_predictor_config, pcos[0], psin[0]), min_rows=min_rows),
         codec_embedding=talker.model.codec_embedding.weight.detach(),
         codec_head=talker.codec_head.weight.detach(),
         codec_head_t=talker.codec_head.weight.detach().t(),
@@ -512,11 +544,11 @@ def prefill(
         q, k, v = _project_qkv(x, longest, layer, stack, cos, sin)
         keys[index, :, :longest] = k  # right padding lands beyond each prompt, where no query looks
         values[index, :, :longest] = v
-        x = _finish_layer(x, _attend(q, k, v, stack, is_causal=True), layer, stack)
+        x = _finish_layer(x, _attend_prompts(q, k, v, stack, lengths), layer, stack)
     last = torch.tensor([length - 1 for length in lengths], device=device)
     x = x.view(len(prompts), longest, -1)
     hidden = rms_norm(x[torch.arange(len(prompts), device=device), last], stack.norm, stack.eps_t, stack.width_t)
-    logits = linear(hidden, w.codec_head_t).to(torch.float32)
+    logits = linear(hidden, w.codec_head_t, None, w.talker.min_rows).to(torch.float32)
 
     def column(name: str, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)

@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(2048, ge=2, description="Ceiling on codec frames per request (12.5 per second).")
     greedy: bool = Field(False, description="Greedy decoding (deterministic) instead of the model's sampling.")
     cuda_graphs: bool = Field(True, description="On a GPU, replay the frame step as captured CUDA graphs.")
+    batch_invariant: bool = Field(
+        True,
+        description="On the CPU, a request gets the same bits whatever shares its steps, so a seed replays byte "
+        "for byte in any company: products run over at least 4 rows, which makes a lone request's step 1.3-1.6x "
+        "slower. false: faster alone, but a line's last bits, and rarely a code, may depend on its company.",
+    )
     compile_step: bool = Field(
         False,
         description="Compile the frame step with Inductor at start-up (minutes; cached in TORCHINDUCTOR_CACHE_DIR); "
