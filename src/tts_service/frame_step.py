@@ -209,10 +209,11 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stack: Stack, **k
 def _attend_prompts(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stack: Stack, lengths: list[int]
 ) -> torch.Tensor:
-    """Causal attention over right-padded prompts, each over its own length: the CPU's kernel blocks its
-    sums by the sequence length, so a prompt attended at a longer neighbour's length would come out with
-    other last bits than alone. Outputs past a prompt's end are zeros (no query of it looks there)."""
-    if len(set(lengths)) == 1:
+    """Causal attention over right-padded prompts. Batch invariant (`stack.min_rows` > 1): each prompt over
+    its own length, since the CPU's kernel blocks its sums by the sequence length, so a prompt attended at
+    a longer neighbour's length would come out with other last bits than alone (outputs past a prompt's
+    end are then zeros: no query of it looks there). Otherwise one call at the longest length."""
+    if len(set(lengths)) == 1 or stack.min_rows == 1:
         return _attend(q, k, v, stack, is_causal=True)
     out = torch.zeros_like(q)
     for row, length in enumerate(lengths):
