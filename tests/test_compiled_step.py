@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from tests.company import row_zero_after_steps
 from tests.oracle import ORACLE_REQUESTS, reference
 from tts_service import frame_step as fs
 from tts_service.engine import SynthesisRequest, TTSEngine
@@ -47,6 +48,18 @@ def test_compiled_step_keeps_qwen_tts_codes_at_every_batch_without_compiling_aga
     for end, request in zip(ends, requests, strict=True):
         assert end.error is None
         np.testing.assert_array_equal(end.codes, reference(engine, request)[0], err_msg=str(request))
+
+
+def test_the_compiled_step_keeps_a_rows_bits_alone_and_in_company(compiled_engine) -> None:
+    """Batch invariance through Inductor's fused kernels too: the compiled step (warmed up greedy) gives
+    row 0 the same bits alone and beside 1, 2, 3 and 7 others, each from a warmed-up graph."""
+    step = compiled_engine.scheduler.step_fn
+    eager_before = step.eager_calls
+    alone = row_zero_after_steps(compiled_engine, 1, step=step, sample=False)
+    for n in (2, 3, 4, 8):
+        company = row_zero_after_steps(compiled_engine, n, step=step, sample=False)
+        assert all(torch.equal(a, b) for a, b in zip(alone, company, strict=True)), n
+    assert step.eager_calls == eager_before
 
 
 def _every_voice(engine: TTSEngine) -> list[SynthesisRequest]:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from scripts.census import census
+from tests.company import row_zero_after_steps
 from tests.oracle import ORACLE_REQUESTS, reference
 from tts_service import frame_step as fs
 from tts_service.engine import SynthesisRequest, TTSEngine
@@ -248,35 +249,6 @@ def test_a_move_touches_only_its_two_slots_and_the_row_goes_on_as_in_place(quiet
         assert torch.equal(before[2], after[0]) and torch.equal(before[1], after[1])
 
 
-def _row_zero_after_steps(engine: TTSEngine, n: int, frames: int = 12) -> list[torch.Tensor]:
-    """Row 0 (always the same prompt and seed) prefilled beside n - 1 others, then
-    stepped `frames` times, on one intra-op thread as the engine loop runs: its codes, the first-token
-    logits' inputs and every float it keeps (talker hidden state, talker and predictor keys and values)."""
-    scheduler = engine.scheduler
-    w, s = scheduler.weights, scheduler.state
-    # Shorter and longer prompts than row 0's: a prefill pads to the longest, a step attends up to it.
-    texts = [REQUESTS[0].text] + [REQUESTS[1].text + " and more" * (3 * i) for i in range(1, n)]
-    prompts = [scheduler.prompts.build(text, "ryan", "english") for text in texts]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            fs.prefill(w, s, list(range(n)), prompts, [scheduler.sampling_params(5 + i) for i in range(n)])
-            codes = []
-            for _ in range(frames):
-                kv_len = min(s.max_len, (int(s.position[:n].max()) // 32 + 1) * 32)  # grows with the company
-                codes.append(fs.frame_step(w, s, n, kv_len, True)[0][0].clone())
-            end = int(s.position[0])
-            kept = [torch.stack(codes), s.past_hidden[0].clone()]
-            kept += [cache[0, :, :end].clone() for cache in (*s.keys, *s.values)]
-            kept += [cache[0].clone() for cache in (*s.predictor_keys, *s.predictor_values)]
-            for slot in range(n):
-                fs.release(s, slot)
-    finally:
-        torch.set_num_threads(threads)
-    return kept
-
-
 @pytest.fixture(scope="module")
 def company_engines(tiny_dir: Path, cache_dir: Path) -> dict[bool, TTSEngine]:
     """Sampling engines with 8 slots whose loops never run, batch invariant (the default) and not."""
@@ -298,14 +270,14 @@ def test_a_row_keeps_the_same_bits_alone_and_in_any_company(company_engines, dee
     can tell."""
     for engine in (company_engines[True], deep_engine):
         assert engine.scheduler.weights.talker.min_rows == fs.INVARIANT_MIN_ROWS
-        alone = _row_zero_after_steps(engine, 1)
+        alone = row_zero_after_steps(engine, 1)
         for n in (2, 3, 4, 8):
-            company = _row_zero_after_steps(engine, n)
+            company = row_zero_after_steps(engine, n)
             assert all(torch.equal(a, b) for a, b in zip(alone, company, strict=True)), n
     plain = company_engines[False]
     assert plain.scheduler.weights.talker.min_rows == 1
-    alone = _row_zero_after_steps(plain, 1)
-    company = _row_zero_after_steps(plain, 8)
+    alone = row_zero_after_steps(plain, 1)
+    company = row_zero_after_steps(plain, 8)
     assert torch.equal(alone[0], company[0])  # the same codes here, but not the same floats:
     assert not torch.equal(alone[1], company[1])
 
