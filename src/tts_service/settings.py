@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     batch_invariant: bool = Field(
         True,
         description="On the CPU, a request gets the same bits whatever shares its steps, so a seed replays byte "
-        "for byte in any company: products run over at least 4 rows, which makes a lone request's step 1.3-1.6x "
+        "for byte in any company: products run over at least 4 rows, which makes a lone request's step 1.2-1.6x "
         "slower. false: faster alone, but a line's last bits, and rarely a code, may depend on its company.",
     )
     compile_step: bool = Field(
