@@ -253,7 +253,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     loaded = time.perf_counter()
     engine = TTSEngine.load(settings)
-    print(f"engine loaded (graphs captured) in {time.perf_counter() - loaded:.1f} s; decoding {decoding}")
+    print(
+        f"engine loaded (graphs captured) in {time.perf_counter() - loaded:.1f} s; decoding {decoding}; "
+        f"batch invariance (TTS_BATCH_INVARIANT): {engine.scheduler.invariance}"
+    )
     if args.device.startswith("cuda"):
         print(f"GPU memory after load: {torch.cuda.memory_allocated() / 1e9:.1f} GB allocated")
     scheduler = engine.scheduler
@@ -267,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
         "device": args.device,
         "torch": torch.__version__,
         "decoding": decoding,
+        "invariance": str(engine.scheduler.invariance),
     }
     if args.device.startswith("cuda"):
         report["gpu"] = torch.cuda.get_device_name()

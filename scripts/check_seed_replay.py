@@ -8,6 +8,9 @@ they first differ. Exit status 1 when anything differs.
 
     python scripts/check_seed_replay.py --model tiny --device cpu
     python scripts/check_seed_replay.py --model /tmp/ckpt/random-1.7b-v1 --device cuda
+    python scripts/check_seed_replay.py --model /tmp/ckpt/random-1.7b-v1 --device cuda --batch-invariant true
+
+`--batch-invariant` sets TTS_BATCH_INVARIANT (unset: the service's default, on the CPU only).
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--frames", type=int, default=120, help="at most this many frames per request")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "tts_service")
+    parser.add_argument("--batch-invariant", choices=("default", "true", "false"), default="default")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -85,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_size=16,
         max_new_tokens=args.frames,
         cache_dir=args.cache_dir,
+        batch_invariant=None if args.batch_invariant == "default" else args.batch_invariant == "true",
     )
     engine = TTSEngine.load(settings)
+    print(f"batch invariance: {engine.scheduler.invariance}")
     line = SynthesisRequest(TEXT, engine.resolve_speaker(SPEAKER), engine.resolve_language(LANGUAGE), seed=SEED)
     words = OTHERS_TEXT.split()
     others = [  # seven other lines of different lengths, voices and seeds
@@ -121,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     same = all(r["same_bytes"] for r in results.values())
     print("ALL THE SAME BYTES" if same else "SOME DIFFER: the seed does not replay byte for byte in company here")
     if args.json:
-        args.json.write_text(json.dumps({"device": str(engine.scheduler.device), "results": results}, indent=2))
+        report = {"device": str(engine.scheduler.device), "invariance": str(engine.scheduler.invariance)}
+        args.json.write_text(json.dumps({**report, "results": results}, indent=2))
     return 0 if same else 1
 
 

@@ -27,6 +27,7 @@ from tts_service.sampling import (
     uniform,
     unit_interval,
 )
+from tts_service.scheduler import InvariancePlan, StepScheduler
 from tts_service.segmenting import split_text
 from tts_service.settings import Settings
 
@@ -63,6 +64,94 @@ def test_the_same_seed_gives_the_same_bytes_alone_and_in_a_busy_batch(sampling_e
         list(handle)
     assert busy.batch_size >= 2  # it really shared its steps
     assert pcm16(busy) == pcm16(alone)
+
+
+def _with_plan(
+    tiny_dir: Path, cache_dir: Path, plan: InvariancePlan, decode_batching: bool, greedy: bool = False
+) -> TTSEngine:
+    """An engine with 8 slots whose scheduler follows `plan` and decodes streams as a GPU does by default:
+    windows without carried state, the due ones lengthened to one call when `decode_batching`."""
+    engine = TTSEngine.load(
+        Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=greedy, device="cpu", decoder_worker="thread")
+    )
+    engine.scheduler = StepScheduler(  # its loop and decoder thread start with the first request
+        engine.model,
+        slots=8,
+        max_len=engine.scheduler.max_len,
+        sampling=engine.sampling_defaults(),
+        invariance=plan,
+        decode_batching=decode_batching,
+        stateful_streams=False,
+        decoder_process=False,
+    )
+    return engine
+
+
+def _streamed_alone_and_in_company(engine: TTSEngine) -> tuple[bytes, bytes, int]:
+    """One seeded line streamed alone, then while seven others stream beside it."""
+
+    def heard(handle) -> bytes:
+        return (np.clip(np.concatenate(list(handle)), -1, 1) * 32767).round().astype("<i2").tobytes()
+
+    seeded = SynthesisRequest(LINE.text, LINE.speaker, LINE.language, seed=1234)
+    alone = heard(engine.submit(seeded, "gpu-plan-alone"))
+    others = [
+        engine.submit(SynthesisRequest(o.text + " Again." * i, o.speaker, o.language, o.instruct, seed=i), f"o{i}")
+        for i, o in enumerate([*OTHERS, *OTHERS, OTHERS[0]])
+    ]
+    handle = engine.submit(seeded, "gpu-plan-company")
+    company = heard(handle)
+    for other in others:
+        list(other)
+    return alone, company, handle.end.max_batch
+
+
+def test_the_gpu_invariance_plan_keeps_a_seeds_bytes_on_the_cpu(tiny_dir: Path, cache_dir: Path) -> None:
+    """What batch invariance does on a GPU (products over every slot's row, each prompt prefilled alone,
+    each window decoded alone at its own length), run on the CPU: a seeded stream's bytes are the same
+    alone and beside seven others, and greedy codes still equal qwen-tts's. Without it, on the GPU's
+    default decoding (a due window lengthened to share its neighbours' call), the same line comes out
+    different in company, so this can tell. Whether the GPU's own kernels keep the bits is for
+    scripts/check_seed_replay.py on a GPU."""
+    gpu_plan = InvariancePlan.choose(True, on_cuda=True, slots=8, stateful_decoding=False)
+    assert gpu_plan == InvariancePlan(min_rows=8, prefill_alone=True, decode_alone=True)
+    engine = _with_plan(tiny_dir, cache_dir, gpu_plan, decode_batching=False)
+    assert engine.scheduler.weights.talker.min_rows == 8 and not engine.scheduler.decoder.batched
+    alone, company, batch = _streamed_alone_and_in_company(engine)
+    assert batch >= 4 and company == alone
+    engine = _with_plan(tiny_dir, cache_dir, gpu_plan, decode_batching=False, greedy=True)
+    handles = [engine.submit(r, f"gpu-plan-greedy-{i}", stream=False) for i, r in enumerate([LINE, *OTHERS])]
+    for handle, request in zip(handles, [LINE, *OTHERS], strict=True):
+        list(handle)
+        assert handle.end.max_batch >= 2  # prefilled one by one, stepped together
+        np.testing.assert_array_equal(handle.end.codes, reference(engine, request)[0])
+
+    default = _with_plan(tiny_dir, cache_dir, InvariancePlan(), decode_batching=True)
+    alone, company, batch = _streamed_alone_and_in_company(default)
+    assert batch >= 4 and company != alone
+
+
+def test_stream_windows_without_state_keep_a_seeds_bytes_on_the_cpu(tiny_dir: Path, cache_dir: Path) -> None:
+    """`TTS_STREAM_DECODER=window` on the CPU: batched convolutions would change a window's bits, so with
+    batch invariance on (the default) each window is decoded alone. Batched by length, the same seeded
+    stream comes out different beside seven others."""
+    engine = TTSEngine.load(
+        Settings(
+            model=str(tiny_dir),
+            cache_dir=cache_dir,
+            greedy=False,
+            device="cpu",
+            max_batch_size=8,
+            stream_decoder="window",
+            decoder_worker="thread",
+        )
+    )
+    assert engine.scheduler.invariance == InvariancePlan(min_rows=fs.INVARIANT_MIN_ROWS, decode_alone=True)
+    alone, company, batch = _streamed_alone_and_in_company(engine)
+    assert batch >= 4 and company == alone
+    batched = _with_plan(tiny_dir, cache_dir, InvariancePlan(min_rows=fs.INVARIANT_MIN_ROWS), decode_batching=False)
+    alone, company, batch = _streamed_alone_and_in_company(batched)
+    assert batch >= 4 and company != alone
 
 
 def test_a_different_seed_gives_different_audio(sampling_engine: TTSEngine) -> None:

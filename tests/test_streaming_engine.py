@@ -270,7 +270,7 @@ def test_stateful_windows_of_different_streams_are_decoded_together_when_due(eng
 
 def test_batched_stateful_windows_stay_within_the_limit_and_one_per_stream() -> None:
     """The grouping of windows handed over together: stateful ones by length, at most one per stream per
-    batch and at most `stateful_batch_limit` per batch; windows without state by length."""
+    batch and at most `stateful_batch_limit` per batch; windows without state by length. Unbatched, each alone."""
 
     class Handle:
         end = None
@@ -288,6 +288,8 @@ def test_batched_stateful_windows_stay_within_the_limit_and_one_per_stream() -> 
     ]
     groups = ChunkDecoder._groups(windows)
     assert [[windows.index(w) for w in group] for group in groups] == [[0, 1], [2], [3, 4, 5, 6], [7, 8], [9, 10]]
+    alone = ChunkDecoder._groups(windows, batched=False)  # batch invariance on a GPU: each window alone
+    assert [[windows.index(w) for w in group] for group in alone] == [[i] for i in range(len(windows))]
     assert [stateful_batch_limit(frames) for frames in (1, 2, 3, 4, 16, 64)] == [1, 1, 1, 8, 4, 1]
 
 

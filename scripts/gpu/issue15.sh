@@ -5,7 +5,8 @@
 # fits them all, most important first, each part cut off when the budget (BUDGET_S, 420 s) runs out:
 #     run(command="bash scripts/gpu/issue15.sh quick", carry=[".whl"], timeout_s=540)
 #   quick      engine (with plain qwen-tts at 40 frames), then faster, then 1,000 joins, then the seed
-#              replay check (bf16, in company); one log
+#              replay check (bf16, in company) without and with TTS_BATCH_INVARIANT, then the engine
+#              with it (its cost); one log
 # The single stages, each one call (a machine goes back 30 s after a call, so each installs what it needs):
 #   faster     faster-qwen3-tts 0.5.4 in its own environment (transformers 5.15.1, qwen-tts-hf)
 #   engine     this engine with CUDA graphs (streams 1, 8, 32; census; step) beside plain qwen-tts
@@ -15,12 +16,13 @@
 #              no re-decoded context, not graph-captured) instead of the GPU's default windows
 #   equality   codes equal plain qwen-tts's on the GPU (float32, greedy), memory over 1,000 joins, and
 #              whether a seed replays the same bytes alone and in company (bf16, sampled)
+#   invariance the seed replay check without and with TTS_BATCH_INVARIANT, and the engine with it
 # All of them use the same random-weight checkpoint at the 1.7B sizes (ARCH=0.6b for the small one),
 # the same text and voices (scripts/benchmarks/workload.py) and 250 frames (20 s) per request.
 # Logs and JSON land in $OUT (what the device tool brings back: at most 8 files).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-stage=${1:?usage: issue15.sh quick|faster|engine|compiled|sampled|stateful|equality}
+stage=${1:?usage: issue15.sh quick|faster|engine|compiled|sampled|stateful|equality|invariance}
 arch=${ARCH:-1.7b}
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
@@ -70,15 +72,27 @@ joins() {
     timeout --kill-after=10 "$1" "${in_engine_env[@]}" python3 scripts/join_soak.py --model "$ckpt" --device "$device" \
         --joins 1000
 }
-seeds() {
+seeds() {  # without batch invariance (the GPU's default), then with it; $1 seconds for both
+    local deadline=$((SECONDS + $1))
     timeout --kill-after=10 "$1" "${in_engine_env[@]}" python3 scripts/check_seed_replay.py --model "$ckpt" \
-        --device "$device" --json "$out/seeds-$arch.json"
+        --device "$device" --batch-invariant false --json "$out/seeds-$arch.json" || true
+    local left=$((deadline - SECONDS))
+    if [ "$left" -lt 30 ]; then
+        echo "== seeds with batch invariance: skipped, $left s left"
+        return 124
+    fi
+    timeout --kill-after=10 "$left" "${in_engine_env[@]}" python3 scripts/check_seed_replay.py --model "$ckpt" \
+        --device "$device" --batch-invariant true --json "$out/seeds-invariant-$arch.json"
+}
+invariant_bench() {  # what TTS_BATCH_INVARIANT=true costs (compare with engine_bench's figures)
+    timeout --kill-after=10 "$1" env TTS_BATCH_INVARIANT=true "${in_engine_env[@]}" python3 scripts/bench_engine.py \
+        "${common[@]}" --no-plain --no-eager --json "$out/invariant-$arch.json"
 }
 
 case $stage in
 quick)
     deadline=$((SECONDS + ${BUDGET_S:-420}))
-    for part in engine_bench faster_bench joins seeds; do
+    for part in engine_bench faster_bench joins seeds invariant_bench; do
         left=$((deadline - SECONDS))
         if [ "$left" -lt 30 ]; then
             echo "== $part: skipped, $left s of the budget left"
@@ -93,10 +107,14 @@ engine) engine_bench 0 2>&1 | tee "$out/engine-$arch.log" ;;
 compiled) compiled_bench 0 2>&1 | tee "$out/compiled-$arch.log" ;;
 sampled) sampled_bench 0 2>&1 | tee "$out/sampled-$arch.log" ;;
 stateful) stateful_bench 0 2>&1 | tee "$out/stateful-$arch.log" ;;
+invariance)
+    seeds 600 2>&1 | tee "$out/seeds-$arch.log"
+    invariant_bench 0 2>&1 | tee "$out/invariant-$arch.log"
+    ;;
 equality)
     equality 0 2>&1 | tee "$out/equality.log"
     joins 0 2>&1 | tee "$out/joins-$arch.log"
-    seeds 0 2>&1 | tee "$out/seeds-$arch.log"
+    seeds 600 2>&1 | tee "$out/seeds-$arch.log"
     ;;
 *)
     echo "unknown stage: $stage" >&2

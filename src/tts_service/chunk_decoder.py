@@ -102,6 +102,9 @@ class ChunkDecoder:
         self.samples_per_frame = samples_per_frame
         self.device = device
         self.threaded = threaded
+        # False: every window is decoded alone, so its bits cannot depend on what it was batched with
+        # (the scheduler's InvariancePlan.decode_alone, on a GPU).
+        self.batched = True
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.on_error: Callable[[Any, str], None] = lambda handle, error: None
         self.graph_lengths: tuple[int, ...] = ()  # window lengths with captured graphs (none until capture)
@@ -167,7 +170,7 @@ class ChunkDecoder:
         first = items[0]
         if len(items) != 1 or not isinstance(first, Window) or first.state is None:
             return items
-        limit = stateful_batch_limit(len(first.codes))
+        limit = stateful_batch_limit(len(first.codes)) if self.batched else 1
         queued: list[tuple[int, float, int, list[Window | Ending]]] = []
         while limit > 1:  # the whole queue, in order; what is not taken goes back unchanged
             try:
@@ -207,7 +210,8 @@ class ChunkDecoder:
                 item.finish()
 
     def _decode_windows(self, items: list[Window | Ending]) -> None:
-        for group in self._groups([item for item in items if isinstance(item, Window) and item.handle.end is None]):
+        windows = [item for item in items if isinstance(item, Window) and item.handle.end is None]
+        for group in self._groups(windows, self.batched):
             try:
                 if group[0].state is not None:
                     audio = self.decode_stateful_many([w.state for w in group], [w.codes for w in group])
@@ -234,10 +238,12 @@ class ChunkDecoder:
                     window.handle._put(np.ascontiguousarray(wav[window.context * spf : len(window.codes) * spf]))
 
     @staticmethod
-    def _groups(windows: list[Window]) -> list[list[Window]]:
+    def _groups(windows: list[Window], batched: bool = True) -> list[list[Window]]:
         """Windows decoded together: stateless ones by length; stateful ones by length too, at most one per
         request (a request's next window goes to a later batch, so its chunks stay in order) and at most
-        `stateful_batch_limit` per batch."""
+        `stateful_batch_limit` per batch. Not `batched`: each alone."""
+        if not batched:
+            return [[window] for window in windows]
         groups: dict[tuple, list[Window]] = {}
         seen: dict[Any, int] = {}  # each request's stateful windows so far
         for window in windows:
@@ -300,12 +306,15 @@ class ChunkDecoder:
             return self.streaming.decode_many(states, host.to(self.device)).float().cpu().numpy()
 
     # ---- CUDA graphs of the decoder for its common window shapes -----------------------------------
-    def capture(self, lengths: tuple[int, ...], batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> None:
+    def capture(self, lengths: tuple[int, ...], batches: tuple[int, ...] | None = None) -> None:
         """Capture the decoder for windows of these frame counts (e.g. a stream's steady chunk plus its
-        left context) at these batch sizes. Any other shape is decoded eagerly. If the decoder cannot be
-        captured (a host sync inside), it stays eager and says so."""
+        left context) at these batch sizes (by default 1 to 32, or only 1 when not `batched`). Any other
+        shape is decoded eagerly. If the decoder cannot be captured (a host sync inside), it stays eager
+        and says so."""
         if self.stream is None:
             return
+        if batches is None:
+            batches = (1, 2, 4, 8, 16, 32) if self.batched else (1,)
         self._graphs, self.graph_batches = {}, tuple(sorted(batches))
         pool = torch.cuda.graph_pool_handle()
         try:

@@ -86,6 +86,32 @@ WHOLE_FILE_PLAN = ChunkPlan(first_frames=300, frames=300, left_context=25, strea
 
 
 @dataclass(frozen=True)
+class InvariancePlan:
+    """What keeps a request's bits independent of the company it keeps, so a seed replays byte for byte
+    (`TTS_BATCH_INVARIANT`). Nothing by default: every product runs over the rows there are."""
+
+    min_rows: int = 1  # the step's and the prefill's products run over at least this many rows
+    prefill_alone: bool = False  # each joining prompt is prefilled by itself
+    decode_alone: bool = False  # each window is decoded by itself, at its own length
+
+    @classmethod
+    def choose(cls, invariant: bool, on_cuda: bool, slots: int, stateful_decoding: bool) -> InvariancePlan:
+        """On the CPU, MKL's products give a row the same bits for any count of rows from 4 on (measured up
+        to 4,096), and the stateful decoder keeps them too (`stateful_batch_limit`): padding to 4 rows is
+        enough, and windows without state (`TTS_STREAM_DECODER=window`) are decoded alone, since batched
+        convolutions change their bits. On a GPU, cuBLAS and cuDNN choose kernels by the batch's size, so
+        every product runs at one size (all the slots; with memory-bound weights that should cost little),
+        each prompt is prefilled alone (its rows are its own length), and each window is decoded alone.
+        Whether that suffices there (attention and sampling kernels are not padded) is measured by
+        scripts/check_seed_replay.py."""
+        if not invariant:
+            return cls()
+        if not on_cuda:
+            return cls(min_rows=fs.INVARIANT_MIN_ROWS, decode_alone=not stateful_decoding)
+        return cls(min_rows=slots, prefill_alone=True, decode_alone=True)
+
+
+@dataclass(frozen=True)
 class Job:
     """A validated request as the engine runs it: segments of text, the model's voice keys, a seed."""
 
@@ -230,7 +256,8 @@ class StepScheduler:
         decode_batching: bool | None = None,
         stream_plan: ChunkPlan | None = None,
         cuda_graphs: bool = True,
-        batch_invariant: bool = True,
+        batch_invariant: bool | None = None,
+        invariance: InvariancePlan | None = None,
         stateful_streams: bool | None = None,
         compile_step: bool = False,
         decoder_process: bool | None = None,
@@ -244,10 +271,16 @@ class StepScheduler:
         self.stream_plan = stream_plan or ChunkPlan()
         self.device = self.model.talker.codec_head.weight.device
         self.on_cuda = self.device.type == "cuda"
-        self.decode_batching = self.on_cuda if decode_batching is None else decode_batching
         # Streams decoded with carried state (exact, no re-decoded context) or as windows with left
         # context (batched across streams and graph-captured on a GPU, where it is the measured path).
         self.stateful_streams = (not self.on_cuda) if stateful_streams is None else stateful_streams
+        if invariance is None:  # batch_invariant None: on the CPU, where it is measured to hold
+            invariant = not self.on_cuda if batch_invariant is None else batch_invariant
+            invariance = InvariancePlan.choose(invariant, self.on_cuda, slots, self.stateful_streams)
+        self.invariance = invariance
+        if decode_batching is None:
+            decode_batching = self.on_cuda and not invariance.decode_alone
+        self.decode_batching = decode_batching
         # Whole files: with a stateful decoder, decoded as they are generated (so only the last piece is
         # left at the end); else in qwen-tts's own 300-frame windows with 25 frames of context.
         self.file_plan = ChunkPlan(64, 64, 0, streamed=False) if self.stateful_streams else WHOLE_FILE_PLAN
@@ -259,13 +292,11 @@ class StepScheduler:
             worker = DecoderProcess(speech_decoder)  # starts loading now, beside the rest of start-up
         self.decoder = ChunkDecoder(speech_decoder, self.samples_per_frame, self.device, True, worker)
         self.decoder.on_error = self._decode_failed
+        self.decoder.batched = not invariance.decode_alone
         if self.on_cuda and cuda_graphs:  # a stream's windows, from its first to its steady one
             self.decoder.capture(self.stream_plan.window_lengths())
         self.max_len = max_len
-        # On a GPU, kernels are chosen per step batch bucket; whether a row's bits then depend on its
-        # company is measured by scripts/check_seed_replay.py, not padded for here.
-        min_rows = fs.INVARIANT_MIN_ROWS if batch_invariant and not self.on_cuda else 1
-        self.weights = fs.build_weights(self.model, max_len, self.prompts.pad_embed(), min_rows)
+        self.weights = fs.build_weights(self.model, max_len, self.prompts.pad_embed(), invariance.min_rows)
         self.weights.sampler = SamplerPlan.of(self.sampling_params(0))
         self.state = fs.allocate_state(self.weights, slots, max_len)
         self.step_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -283,11 +314,12 @@ class StepScheduler:
             graphed.capture_all()
             self.step_fn = graphed
         logger.info(
-            "step engine: %d KV slots of %d positions (%.1f MB each) on %s",
+            "step engine: %d KV slots of %d positions (%.1f MB each) on %s; batch invariance: %s",
             slots,
             max_len,
             fs.kv_bytes_per_slot(self.weights, max_len) / 1e6,
             self.device,
+            invariance if invariance != InvariancePlan() else "off",
         )
         self._free = list(range(slots))  # a heap: the lowest free slot first keeps the window short
         self._pending: deque[_Row] = deque()
@@ -434,15 +466,25 @@ class StepScheduler:
                 self._end(row, error=f"{type(exc).__name__}: {exc}")
         if not ready:
             return
-        try:
-            fs.prefill(self.weights, self.state, [row.slot for row in ready], prompts, params)
-        except Exception as exc:
-            logger.exception("prefill failed for %d requests", len(ready))
-            for row in ready:
-                self._end(row, error=f"{type(exc).__name__}: {exc}")
-            return
+        together = [list(range(len(ready)))] if not self.invariance.prefill_alone else [[i] for i in range(len(ready))]
+        prefilled = []
+        for group in together:
+            try:
+                fs.prefill(
+                    self.weights,
+                    self.state,
+                    [ready[i].slot for i in group],
+                    [prompts[i] for i in group],
+                    [params[i] for i in group],
+                )
+            except Exception as exc:
+                logger.exception("prefill failed for %d requests", len(group))
+                for i in group:
+                    self._end(ready[i], error=f"{type(exc).__name__}: {exc}")
+                continue
+            prefilled += group
         admitted = time.perf_counter()
-        for row, prompt, param in zip(ready, prompts, params, strict=True):
+        for row, prompt, param in ((ready[i], prompts[i], params[i]) for i in prefilled):
             if row.segment == 0:
                 row.handle.timeline["prefilled"] = admitted
                 if self.on_admit is not None:

@@ -52,11 +52,14 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(2048, ge=2, description="Ceiling on codec frames per request (12.5 per second).")
     greedy: bool = Field(False, description="Greedy decoding (deterministic) instead of the model's sampling.")
     cuda_graphs: bool = Field(True, description="On a GPU, replay the frame step as captured CUDA graphs.")
-    batch_invariant: bool = Field(
-        True,
-        description="On the CPU, a request gets the same bits whatever shares its steps, so a seed replays byte "
-        "for byte in any company: products run over at least 4 rows, which makes a lone request's step 1.2-1.6x "
-        "slower. false: faster alone, but a line's last bits, and rarely a code, may depend on its company.",
+    batch_invariant: bool | None = Field(
+        None,
+        description="A request gets the same bits whatever shares its steps, so a seed replays byte for byte in any "
+        "company. Unset: on the CPU only, where it holds by construction (tested) and costs a lone request's step "
+        "1.2-1.6x (products run over at least 4 rows). true on a GPU: products run at the full slot count, prompts "
+        "are prefilled and windows decoded one by one (cost and effect not yet measured: "
+        "scripts/check_seed_replay.py). false: faster alone, but a line's last bits, and rarely a code, may depend "
+        "on its company.",
     )
     compile_step: bool = Field(
         False,
