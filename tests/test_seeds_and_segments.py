@@ -87,6 +87,13 @@ def _with_plan(
     return engine
 
 
+def _finished(engine: TTSEngine, requests: list[SynthesisRequest]) -> list:
+    handles = [engine.submit(r, f"finished-{i}", stream=False) for i, r in enumerate(requests)]
+    for handle in handles:
+        list(handle)
+    return handles
+
+
 def _streamed_alone_and_in_company(engine: TTSEngine) -> tuple[bytes, bytes, int]:
     """One seeded line streamed alone, then while seven others stream beside it."""
 
@@ -109,10 +116,9 @@ def _streamed_alone_and_in_company(engine: TTSEngine) -> tuple[bytes, bytes, int
 def test_the_gpu_invariance_plan_keeps_a_seeds_bytes_on_the_cpu(tiny_dir: Path, cache_dir: Path) -> None:
     """What batch invariance does on a GPU (products over every slot's row, each prompt prefilled alone,
     each window decoded alone at its own length), run on the CPU: a seeded stream's bytes are the same
-    alone and beside seven others, and greedy codes still equal qwen-tts's. Without it, on the GPU's
-    default decoding (a due window lengthened to share its neighbours' call), the same line comes out
-    different in company, so this can tell. Whether the GPU's own kernels keep the bits is for
-    scripts/check_seed_replay.py on a GPU."""
+    alone and beside seven others, and greedy codes still equal qwen-tts's. What it avoids, a window
+    lengthened to share its neighbours' call (the GPU's default decoding), gives other samples. Whether
+    the GPU's own kernels keep the bits is for scripts/check_seed_replay.py on a GPU."""
     gpu_plan = InvariancePlan.choose(True, on_cuda=True, slots=8, stateful_decoding=False)
     assert gpu_plan == InvariancePlan(min_rows=8, prefill_alone=True, decode_alone=True)
     engine = _with_plan(tiny_dir, cache_dir, gpu_plan, decode_batching=False)
@@ -120,21 +126,23 @@ def test_the_gpu_invariance_plan_keeps_a_seeds_bytes_on_the_cpu(tiny_dir: Path, 
     alone, company, batch = _streamed_alone_and_in_company(engine)
     assert batch >= 4 and company == alone
     engine = _with_plan(tiny_dir, cache_dir, gpu_plan, decode_batching=False, greedy=True)
-    handles = [engine.submit(r, f"gpu-plan-greedy-{i}", stream=False) for i, r in enumerate([LINE, *OTHERS])]
+    handles = _finished(engine, [LINE, *OTHERS])
     for handle, request in zip(handles, [LINE, *OTHERS], strict=True):
-        list(handle)
         assert handle.end.max_batch >= 2  # prefilled one by one, stepped together
         np.testing.assert_array_equal(handle.end.codes, reference(engine, request)[0])
 
-    default = _with_plan(tiny_dir, cache_dir, InvariancePlan(), decode_batching=True)
-    alone, company, batch = _streamed_alone_and_in_company(default)
-    assert batch >= 4 and company != alone
+    # What the plan avoids: a window lengthened to share a neighbour's call (more left context) gives its
+    # new frames other samples.
+    codes, spf = max((handle.end.codes for handle in handles), key=len), engine.samples_per_frame
+    decoder = engine.scheduler.decoder
+    own, lengthened = decoder.decode([codes[-29:]])[0], decoder.decode([codes[-45:]])[0]
+    assert len(codes) >= 45 and not np.array_equal(own[-4 * spf :], lengthened[-4 * spf :])
 
 
 def test_stream_windows_without_state_keep_a_seeds_bytes_on_the_cpu(tiny_dir: Path, cache_dir: Path) -> None:
     """`TTS_STREAM_DECODER=window` on the CPU: batched convolutions would change a window's bits, so with
-    batch invariance on (the default) each window is decoded alone. Batched by length, the same seeded
-    stream comes out different beside seven others."""
+    batch invariance on (the default) each window is decoded alone, and a seeded stream keeps its bytes
+    beside seven others; the same window decoded beside another comes out different."""
     engine = TTSEngine.load(
         Settings(
             model=str(tiny_dir),
@@ -149,9 +157,11 @@ def test_stream_windows_without_state_keep_a_seeds_bytes_on_the_cpu(tiny_dir: Pa
     assert engine.scheduler.invariance == InvariancePlan(min_rows=fs.INVARIANT_MIN_ROWS, decode_alone=True)
     alone, company, batch = _streamed_alone_and_in_company(engine)
     assert batch >= 4 and company == alone
-    batched = _with_plan(tiny_dir, cache_dir, InvariancePlan(min_rows=fs.INVARIANT_MIN_ROWS), decode_batching=False)
-    alone, company, batch = _streamed_alone_and_in_company(batched)
-    assert batch >= 4 and company != alone
+    # What it avoids: the same window decoded beside another of its length comes out with other bits.
+    seeded = [SynthesisRequest(r.text, r.speaker, r.language, r.instruct, seed=5) for r in (LINE, OTHERS[0])]
+    windows = [handle.end.codes[:16] for handle in _finished(engine, seeded)]
+    decoder = engine.scheduler.decoder
+    assert not np.array_equal(decoder.decode(windows[:1])[0], decoder.decode(windows)[0])
 
 
 def test_a_different_seed_gives_different_audio(sampling_engine: TTSEngine) -> None:
