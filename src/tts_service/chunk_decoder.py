@@ -93,6 +93,7 @@ class ChunkDecoder:
         device: torch.device,
         threaded: bool,
         worker: DecoderProcess | None = None,
+        batched: bool = True,
     ) -> None:
         from tts_service.streaming_decoder import StreamingDecoder
 
@@ -103,8 +104,8 @@ class ChunkDecoder:
         self.device = device
         self.threaded = threaded
         # False: every window is decoded alone, so its bits cannot depend on what it was batched with
-        # (the scheduler's InvariancePlan.decode_alone, on a GPU).
-        self.batched = True
+        # (the scheduler's InvariancePlan.decode_alone).
+        self.batched = batched
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.on_error: Callable[[Any, str], None] = lambda handle, error: None
         self.graph_lengths: tuple[int, ...] = ()  # window lengths with captured graphs (none until capture)

@@ -290,9 +290,10 @@ class StepScheduler:
             from tts_service.decoder_process import DecoderProcess  # CPU only: TTSEngine refuses it on CUDA
 
             worker = DecoderProcess(speech_decoder)  # starts loading now, beside the rest of start-up
-        self.decoder = ChunkDecoder(speech_decoder, self.samples_per_frame, self.device, True, worker)
+        self.decoder = ChunkDecoder(
+            speech_decoder, self.samples_per_frame, self.device, True, worker, batched=not invariance.decode_alone
+        )
         self.decoder.on_error = self._decode_failed
-        self.decoder.batched = not invariance.decode_alone
         if self.on_cuda and cuda_graphs:  # a stream's windows, from its first to its steady one
             self.decoder.capture(self.stream_plan.window_lengths())
         self.max_len = max_len
@@ -466,9 +467,9 @@ class StepScheduler:
                 self._end(row, error=f"{type(exc).__name__}: {exc}")
         if not ready:
             return
-        together = [list(range(len(ready)))] if not self.invariance.prefill_alone else [[i] for i in range(len(ready))]
+        groups = [[i] for i in range(len(ready))] if self.invariance.prefill_alone else [list(range(len(ready)))]
         prefilled = []
-        for group in together:
+        for group in groups:
             try:
                 fs.prefill(
                     self.weights,
