@@ -75,6 +75,8 @@ def test_step_benchmark_smoke(cache_dir: Path, tmp_path: Path) -> None:
     assert all(r["new_ms"] > 0 and r["old_ms"] > 0 for r in rows)
     # plain qwen-tts's per-frame time is a difference of two whole runs; at 2 steps noise can swamp it
     assert all(math.isfinite(r["plain_ms"]) for r in rows)
+    assert "The weights' layout (`batch_invariance` chose" in stdout  # batch invariance is on on the CPU
+    assert all(r["relaid_ms"] > 0 for r in rows)  # (no widening: the benchmark has 2 slots, fewer than 4)
     assert "| batch | whole vocabulary ms | top candidates ms | speed-up | greedy ms |" in stdout
     sampling = json.loads(out.read_text())["sampling"]
     assert [r["batch"] for r in sampling] == [1, 2] and all(r["candidates"] == 66 for r in sampling)

@@ -35,6 +35,7 @@ def compiled_engine(tiny_dir: Path, cache_dir: Path) -> TTSEngine:
 def test_warm_up_shapes_make_both_sizes_dynamic_within_the_slots() -> None:
     assert warm_up_shapes(32, 2560) == [(1, 32), (1, 64), (2, 64), (3, 32), (1, 96), (5, 64)]
     assert warm_up_shapes(2, 2560) == [(1, 32), (1, 64), (2, 64), (2, 32), (1, 96)]
+    assert warm_up_shapes(4, 2560) == [(1, 32), (1, 64), (2, 64), (3, 32), (1, 96), (4, 64)]
     assert warm_up_shapes(1, 2560) == [(1, 32), (1, 64)]
     assert all(kv <= 80 for _, kv in warm_up_shapes(4, 80))
 

@@ -17,6 +17,7 @@ from tests.oracle import ORACLE_REQUESTS, reference
 from tts_service import frame_step as fs
 from tts_service.engine import SynthesisRequest, TTSEngine
 from tts_service.sampling import SamplerPlan
+from tts_service.scheduler import InvariancePlan
 from tts_service.settings import Settings
 
 REQUESTS = ORACLE_REQUESTS
@@ -295,6 +296,30 @@ def test_the_window_shrinks_when_requests_below_a_long_one_leave(engine: TTSEngi
     assert scheduler.moves - moves == 2
     windows = list(scheduler.step_windows)[-ends[2].steps :]
     assert windows[0] == 3 and windows[-1] == 1 and windows.count(1) >= 125 - 10
+
+
+def test_a_lone_request_is_stepped_beside_free_slots_rather_than_padded(engine: TTSEngine, references) -> None:
+    """On the CPU, batch invariance wants every product over at least 4 rows. A step of fewer rows computes
+    free slots beside them instead of padding each product (fewer operations, the same bits): a lone
+    request is stepped in a window of 4 rows and its codes stay qwen-tts's. Fewer than 4 slots: no widening."""
+    scheduler = engine.scheduler
+    assert scheduler.invariance.min_window == fs.INVARIANT_MIN_ROWS
+    assert InvariancePlan.choose(True, on_cuda=False, slots=3, stateful_decoding=True).min_window == 1
+    assert InvariancePlan.choose(True, on_cuda=True, slots=8, stateful_decoding=True).min_window == 1
+    windows: list[int] = []
+    step = scheduler.step_fn
+
+    def recording(w: fs.Weights, s: fs.SlotState, n: int, kv_len: int, sample: bool = True):
+        windows.append(n)
+        return step(w, s, n, kv_len, sample)
+
+    scheduler.step_fn = recording
+    try:
+        [end] = run_all(engine, [REQUESTS[2]], "widened")
+    finally:
+        scheduler.step_fn = step
+    assert end.max_batch == 1 and set(windows) == {fs.INVARIANT_MIN_ROWS} and len(windows) >= end.steps
+    np.testing.assert_array_equal(end.codes, references[REQUESTS[2].text])
 
 
 def test_the_frame_step_compiles_as_one_graph_and_computes_the_same(quiet_engine) -> None:

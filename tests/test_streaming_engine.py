@@ -288,9 +288,12 @@ def test_batched_stateful_windows_stay_within_the_limit_and_one_per_stream() -> 
     ]
     groups = ChunkDecoder._groups(windows)
     assert [[windows.index(w) for w in group] for group in groups] == [[0, 1], [2], [3, 4, 5, 6], [7, 8], [9, 10]]
+    from8 = ChunkDecoder._groups(windows, min_frames=8)  # 4-frame windows alone, as batch invariance may measure
+    assert [[windows.index(w) for w in group] for group in from8] == [[0], [1], [2], [3, 4, 5, 6], [7, 8], [9, 10]]
     alone = ChunkDecoder._groups(windows, batched=False)  # batch invariance on a GPU: each window alone
     assert [[windows.index(w) for w in group] for group in alone] == [[i] for i in range(len(windows))]
     assert [stateful_batch_limit(frames) for frames in (1, 2, 3, 4, 16, 64)] == [1, 1, 1, 8, 4, 1]
+    assert [stateful_batch_limit(frames, 8) for frames in (4, 7, 8, 16)] == [1, 1, 8, 4]  # as measured on a Xeon
 
 
 def test_a_streams_deadline_is_when_its_listener_would_run_out(engine: TTSEngine) -> None:

@@ -46,14 +46,18 @@ def measure_step(
 ) -> list[dict[str, Any]]:
     """Milliseconds per frame for each batch size: new step (eager, and compiled when given), wave 1's
     step, plain qwen-tts; and the new step without its products' row padding (`TTS_BATCH_INVARIANT=false`)
-    when the engine pads."""
+    when the engine pads, and (below the padding's row count) with the step's window widened to that many
+    rows instead: free slots compute beside the batch, so no product needs padding (the batch's frames are
+    checked equal to the padded step's); and the engine's own path (widened, else padded) with the weights
+    copied into the other layout (`batch_invariance`: contiguous [in, out] against transposed views)."""
     scheduler = engine.scheduler
     w, s = scheduler.weights, scheduler.state
-    unpadded = None
+    unpadded = relaid = None
     if w.talker.min_rows > 1:
         unpadded = dataclasses.replace(
             w, talker=dataclasses.replace(w.talker, min_rows=1), predictor=dataclasses.replace(w.predictor, min_rows=1)
         )
+        relaid = other_layout(w)
     device = w.codec_head.device
     rows = []
     with eos_never(engine):
@@ -61,21 +65,26 @@ def measure_step(
             requests = [SynthesisRequest(TEXT, *VOICES[i % len(VOICES)]) for i in range(n)]
             prompts = [scheduler.prompts.build(r.text, r.speaker, r.language) for r in requests]
             kv_len = max(p.shape[0] for p in prompts) + steps * (repeat + 2) + 8
-            new_ms, compiled_ms, old_ms, plain_ms, unpadded_ms = [], [], [], [], []
+            new_ms, compiled_ms, old_ms, plain_ms, unpadded_ms, widened_ms, relaid_ms = [], [], [], [], [], [], []
+            widened = w.talker.min_rows if unpadded is not None and n < w.talker.min_rows <= s.slots else n
             for _ in range(repeat):  # interleaved, so drift hits all alike
                 variants = (
-                    (fs.frame_step, w, new_ms),
-                    (compiled, w, compiled_ms),
-                    (fs.frame_step, unpadded, unpadded_ms),
+                    (fs.frame_step, w, new_ms, n),
+                    (compiled, w, compiled_ms, n),
+                    (fs.frame_step, unpadded, unpadded_ms, n),
+                    (fs.frame_step if widened > n else None, w, widened_ms, widened),
+                    (fs.frame_step, relaid, relaid_ms, widened),
                 )
-                for step, weights, times in variants:
+                for step, weights, times, window in variants:
                     if step is None or weights is None:
                         continue
                     with torch.inference_mode():
                         fs.prefill(
                             weights, s, list(range(n)), prompts, [scheduler.sampling_params(i) for i in range(n)]
                         )
-                    times.append(ms_per_step(step, weights, s, n, kv_len, steps, device.type))
+                    times.append(ms_per_step(step, weights, s, window, kv_len, steps, device.type))
+                if widened > n:
+                    assert widened_frames_equal(scheduler, prompts, n, widened, kv_len)
 
                 old = Wave1Step(engine)
                 with torch.inference_mode():
@@ -102,12 +111,59 @@ def measure_step(
             if unpadded_ms:
                 row["unpadded_ms"] = statistics.median(unpadded_ms)
                 row["padded_rows"] = w.talker.min_rows
+            if widened_ms:
+                row["widened_ms"] = statistics.median(widened_ms)
+            if relaid_ms:
+                row["engine_ms"] = row.get("widened_ms", row["new_ms"])
+                row["relaid_ms"] = statistics.median(relaid_ms)
+                row["contiguous"] = w.codec_head_t.is_contiguous()
             if compiled_ms:
                 row["compiled_ms"] = statistics.median(compiled_ms)
                 row["compiled_vs_old"] = row["old_ms"] / row["compiled_ms"]
                 row["compiled_vs_plain"] = row["plain_ms"] / row["compiled_ms"]
             rows.append(row)
     return rows
+
+
+def widened_frames_equal(scheduler: Any, prompts: list[torch.Tensor], n: int, window: int, kv_len: int) -> bool:
+    """The batch's frames over 3 steps, computed in a window of `window` rows (free slots beside them), equal
+    those of the step over its own n rows with padded products."""
+    w, s = scheduler.weights, scheduler.state
+    runs = []
+    for rows in (n, window):
+        with torch.inference_mode():
+            fs.prefill(w, s, list(range(n)), prompts, [scheduler.sampling_params(i) for i in range(n)])
+            runs.append([fs.frame_step(w, s, rows, kv_len, False)[0][:n].clone() for _ in range(3)])
+    return all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+def other_layout(w: fs.Weights) -> fs.Weights:
+    """The step's weights copied into the other layout: contiguous [in, out] <-> transposed views."""
+
+    def flip(t: torch.Tensor) -> torch.Tensor:
+        return t.t().contiguous().t() if t.is_contiguous() else t.contiguous()
+
+    def stack(s: fs.Stack) -> fs.Stack:
+        layers = [
+            dataclasses.replace(
+                layer,
+                qkv_t=flip(layer.qkv_t),
+                o_t=flip(layer.o_t),
+                gate_up_t=flip(layer.gate_up_t),
+                down_t=flip(layer.down_t),
+            )
+            for layer in s.layers
+        ]
+        return dataclasses.replace(s, layers=layers)
+
+    return dataclasses.replace(
+        w,
+        talker=stack(w.talker),
+        predictor=stack(w.predictor),
+        codec_head_t=flip(w.codec_head_t),
+        predictor_heads_t=[flip(t) for t in w.predictor_heads_t],
+        projection_t=None if w.projection_t is None else flip(w.projection_t),
+    )
 
 
 def plain_ms_per_frame(engine: TTSEngine, requests: list[SynthesisRequest], steps: int, sample: bool) -> float:
@@ -221,13 +277,31 @@ def step_table(rows: list[dict[str, Any]], label: str, steps: int, repeat: int) 
         lines += _markdown(
             f"\nWhat batch invariance costs (`TTS_BATCH_INVARIANT`: products over at least {rows[0]['padded_rows']} "
             "rows), same run:\n",
-            ["batch", "new ms (padded)", "new ms, unpadded", "padded / unpadded"],
+            ["batch", "new ms (padded)", "new ms, unpadded", "padded / unpadded", "window widened instead ms"],
             [
                 [
                     str(r["batch"]),
                     f"{r['new_ms']:.1f}",
                     f"{r['unpadded_ms']:.1f}",
                     f"{r['new_ms'] / r['unpadded_ms']:.2f}x",
+                    f"{r['widened_ms']:.1f}" if "widened_ms" in r else "-",
+                ]
+                for r in rows
+            ],
+        )
+    if rows and "relaid_ms" in rows[0]:
+        held, other = (
+            ("contiguous", "transposed views") if rows[0]["contiguous"] else ("transposed views", "contiguous")
+        )
+        lines += _markdown(
+            f"\nThe weights' layout (`batch_invariance` chose {held} on this CPU), the engine's path, same run:\n",
+            ["batch", f"{held} ms", f"{other} ms", f"{other} / {held}"],
+            [
+                [
+                    str(r["batch"]),
+                    f"{r['engine_ms']:.1f}",
+                    f"{r['relaid_ms']:.1f}",
+                    f"{r['relaid_ms'] / r['engine_ms']:.2f}x",
                 ]
                 for r in rows
             ],

@@ -44,17 +44,18 @@ STATEFUL_BATCH_ROWS = 8
 STATEFUL_BATCH_FRAMES = 64
 # Shorter windows are decoded alone: a seed must replay the same bytes in any company, and with 1 or 2
 # frames a row's matrix products come out different in the last bits when batched (MKL picks other
-# kernels for so few rows); from 4 frames they are the same bits (`test_a_stream_decodes_to_the_same_
-# bits_alone_and_in_a_batch`). Convolutions run row by row for the same reason (streaming_decoder).
+# kernels for so few rows); from 4 frames they are the same bits on an AMD EPYC, from 8 on a Sapphire
+# Rapids, so with batch invariance the scheduler measures it at start-up (`batch_invariance.
+# decoder_batch_min_frames`). Convolutions run row by row for the same reason (streaming_decoder).
 STATEFUL_BATCH_MIN_FRAMES = 4
 # A stream's window with this much time in hand may wait for a batch (a batch of 8 small chunks takes
 # tens of milliseconds on a CPU).
 BATCH_SLACK_S = 0.1
 
 
-def stateful_batch_limit(frames: int) -> int:
-    """How many stateful windows of `frames` frames are decoded as one batch."""
-    if frames < STATEFUL_BATCH_MIN_FRAMES:
+def stateful_batch_limit(frames: int, min_frames: int = STATEFUL_BATCH_MIN_FRAMES) -> int:
+    """How many stateful windows of `frames` frames are decoded as one batch (alone below `min_frames`)."""
+    if frames < min_frames:
         return 1
     return max(1, min(STATEFUL_BATCH_ROWS, STATEFUL_BATCH_FRAMES // max(frames, 1)))
 
@@ -94,6 +95,7 @@ class ChunkDecoder:
         threaded: bool,
         worker: DecoderProcess | None = None,
         batched: bool = True,
+        batch_min_frames: int = STATEFUL_BATCH_MIN_FRAMES,
     ) -> None:
         from tts_service.streaming_decoder import StreamingDecoder
 
@@ -106,6 +108,7 @@ class ChunkDecoder:
         # False: every window is decoded alone, so its bits cannot depend on what it was batched with
         # (the scheduler's InvariancePlan.decode_alone).
         self.batched = batched
+        self.batch_min_frames = batch_min_frames  # stateful windows of fewer frames are decoded alone
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.on_error: Callable[[Any, str], None] = lambda handle, error: None
         self.graph_lengths: tuple[int, ...] = ()  # window lengths with captured graphs (none until capture)
@@ -171,7 +174,7 @@ class ChunkDecoder:
         first = items[0]
         if len(items) != 1 or not isinstance(first, Window) or first.state is None:
             return items
-        limit = stateful_batch_limit(len(first.codes)) if self.batched else 1
+        limit = stateful_batch_limit(len(first.codes), self.batch_min_frames) if self.batched else 1
         queued: list[tuple[int, float, int, list[Window | Ending]]] = []
         while limit > 1:  # the whole queue, in order; what is not taken goes back unchanged
             try:
@@ -212,7 +215,7 @@ class ChunkDecoder:
 
     def _decode_windows(self, items: list[Window | Ending]) -> None:
         windows = [item for item in items if isinstance(item, Window) and item.handle.end is None]
-        for group in self._groups(windows, self.batched):
+        for group in self._groups(windows, self.batched, self.batch_min_frames):
             try:
                 if group[0].state is not None:
                     audio = self.decode_stateful_many([w.state for w in group], [w.codes for w in group])
@@ -239,7 +242,9 @@ class ChunkDecoder:
                     window.handle._put(np.ascontiguousarray(wav[window.context * spf : len(window.codes) * spf]))
 
     @staticmethod
-    def _groups(windows: list[Window], batched: bool = True) -> list[list[Window]]:
+    def _groups(
+        windows: list[Window], batched: bool = True, min_frames: int = STATEFUL_BATCH_MIN_FRAMES
+    ) -> list[list[Window]]:
         """Windows decoded together: stateless ones by length; stateful ones by length too, at most one per
         request (a request's next window goes to a later batch, so its chunks stay in order) and at most
         `stateful_batch_limit` per batch. Not `batched`: each alone."""
@@ -257,7 +262,7 @@ class ChunkDecoder:
             groups.setdefault(key, []).append(window)
         batches: list[list[Window]] = []
         for key, group in groups.items():
-            size = stateful_batch_limit(key[1]) if key[0] == "stateful" else len(group)
+            size = stateful_batch_limit(key[1], min_frames) if key[0] == "stateful" else len(group)
             batches += [group[start : start + size] for start in range(0, len(group), size)]
         return batches
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from tts_service.batch_invariance import ProductShape
 from tts_service.sampling import (
     SamplerPlan,
     SamplingParams,
@@ -39,17 +40,17 @@ from tts_service.sampling import (
 logger = logging.getLogger(__name__)
 
 NUM_CODE_GROUPS = 16
-# MKL multiplies 1, 2 or 3 rows with other kernels than 4 or more, and from 4 rows on every row comes out
-# with the same bits whatever the row count (measured with 4 to 512 rows, for every weight shape of the
-# model). A step's products run over n rows, so without padding a request's last bits, and now and then a
-# sampled code, would depend on how many others share its steps: a seed would not replay byte for byte.
+# MKL multiplies 1, 2 or 3 rows with other kernels than 4 or more. A step's products run over n rows, so
+# without padding a request's last bits, and now and then a sampled code, would depend on how many others
+# share its steps: a seed would not replay byte for byte. Whether every row has the same bits from 4 rows
+# on depends on the CPU and the weights' layout: `batch_invariance` measures it at start-up.
 INVARIANT_MIN_ROWS = 4
 
 
 @dataclass
 class LayerWeights:
     """One transformer layer; q/k/v and gate/up are fused into single matrices. Matrices are held as
-    transposed views ([in, out]) of the model's own weights, ready for `linear`."""
+    [in, out], ready for `linear`: transposed views of the model's own weights, or contiguous."""
 
     input_norm: torch.Tensor
     qkv_t: torch.Tensor
@@ -363,30 +364,70 @@ def frame_step(w: Weights, s: SlotState, n: int, kv_len: int, sample: bool = Tru
 # ---- building the weights and state from a loaded qwen-tts model ---------------------------------
 
 
-def _fuse(modules: Sequence[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One weight for several linears on the same input; the modules are re-pointed at views of it,
-    so qwen-tts's own forward still works and no memory is doubled."""
+def _fuse(modules: Sequence[torch.nn.Linear], contiguous: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One transposed weight ([in, out]) for several linears on the same input, and their bias; the
+    modules are re-pointed at views of it, so qwen-tts's own forward still works and no memory is
+    doubled. `contiguous`: held as [in, out] in memory (see `_transposed`)."""
     weight = torch.cat([m.weight.detach() for m in modules], dim=0)
     has_bias = [m.bias is not None for m in modules]
     bias = torch.cat([m.bias.detach() for m in modules], dim=0) if all(has_bias) else None
     if any(has_bias) and bias is None:
         raise ValueError("cannot fuse linears of which only some have a bias")
+    weight_t = weight.t().contiguous() if contiguous else weight.t()
     start = 0
     for module in modules:
         rows = module.weight.shape[0]
-        module.weight = torch.nn.Parameter(weight[start : start + rows], requires_grad=False)
+        module.weight = torch.nn.Parameter(weight_t[:, start : start + rows].t(), requires_grad=False)
         if bias is not None:
             module.bias = torch.nn.Parameter(bias[start : start + rows], requires_grad=False)
         start += rows
-    return weight, bias
+    return weight_t, bias
 
 
-def _layer_weights(layer: torch.nn.Module) -> LayerWeights:
+def _transposed(module: torch.nn.Linear, contiguous: bool) -> torch.Tensor:
+    """A linear's weight as [in, out] for `linear`: a view of the model's [out, in] weight, or
+    (`contiguous`) a contiguous copy that the module is re-pointed at, so memory is not doubled. Which one
+    keeps a row's bits whatever the row count depends on the CPU (`batch_invariance`)."""
+    if not contiguous:
+        return module.weight.detach().t()
+    weight_t = module.weight.detach().t().contiguous()
+    module.weight = torch.nn.Parameter(weight_t.t(), requires_grad=False)
+    return weight_t
+
+
+def product_shapes(model: torch.nn.Module) -> list[ProductShape]:
+    """The distinct shapes the frame step multiplies by, as `build_weights` fuses them."""
+    talker = model.talker
+    predictor = talker.code_predictor
+    shapes: list[ProductShape] = []
+
+    def add(inputs: int, outputs: int, bias: bool) -> None:
+        shape = ProductShape(int(inputs), int(outputs), bias)
+        if shape not in shapes:
+            shapes.append(shape)
+
+    for stack in (talker.model, predictor.model):
+        for layer in stack.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+            add(attn.q_proj.in_features, sum(m.out_features for m in qkv), attn.q_proj.bias is not None)
+            add(attn.o_proj.in_features, attn.o_proj.out_features, attn.o_proj.bias is not None)
+            add(mlp.gate_proj.in_features, mlp.gate_proj.out_features + mlp.up_proj.out_features, False)
+            add(mlp.down_proj.in_features, mlp.down_proj.out_features, False)
+    heads = [talker.codec_head, *predictor.lm_head]
+    if not isinstance(predictor.small_to_mtp_projection, torch.nn.Identity):
+        heads.append(predictor.small_to_mtp_projection)
+    for head in heads:
+        add(head.in_features, head.out_features, head.bias is not None)
+    return shapes
+
+
+def _layer_weights(layer: torch.nn.Module, contiguous: bool) -> LayerWeights:
     attn, mlp = layer.self_attn, layer.mlp
     if getattr(mlp, "act_fn", None).__class__.__name__ not in ("SiLU", "SiLUActivation"):
         raise ValueError(f"unsupported activation {mlp.act_fn!r}: the frame step assumes SiLU")
-    qkv, qkv_bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-    gate_up, _ = _fuse([mlp.gate_proj, mlp.up_proj])
+    qkv_t, qkv_bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], contiguous)
+    gate_up_t, _ = _fuse([mlp.gate_proj, mlp.up_proj], contiguous)
     heads = attn.q_proj.weight.shape[0] // attn.head_dim
     kv_heads = attn.k_proj.weight.shape[0] // attn.head_dim
     qk_norm = torch.cat(
@@ -394,19 +435,19 @@ def _layer_weights(layer: torch.nn.Module) -> LayerWeights:
     )
     return LayerWeights(
         input_norm=layer.input_layernorm.weight.detach(),
-        qkv_t=qkv.t(),
+        qkv_t=qkv_t,
         qkv_bias=qkv_bias,
         qk_norm=qk_norm,
-        o_t=attn.o_proj.weight.detach().t(),
+        o_t=_transposed(attn.o_proj, contiguous),
         o_bias=None if attn.o_proj.bias is None else attn.o_proj.bias.detach(),
         post_norm=layer.post_attention_layernorm.weight.detach(),
-        gate_up_t=gate_up.t(),
-        down_t=mlp.down_proj.weight.detach().t(),
+        gate_up_t=gate_up_t,
+        down_t=_transposed(mlp.down_proj, contiguous),
     )
 
 
-def _stack(model: torch.nn.Module, config, cos: torch.Tensor, sin: torch.Tensor) -> Stack:
-    layers = [_layer_weights(layer) for layer in model.layers]
+def _stack(model: torch.nn.Module, config, cos: torch.Tensor, sin: torch.Tensor, contiguous: bool) -> Stack:
+    layers = [_layer_weights(layer, contiguous) for layer in model.layers]
     half = cos.shape[-1] // 2
     sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
     head_dim = int(getattr(config, "head_dim", config.hidden_size // config.num_attention_heads))
@@ -430,11 +471,15 @@ def _stack(model: torch.nn.Module, config, cos: torch.Tensor, sin: torch.Tensor)
 
 
 @torch.inference_mode()
-def build_weights(model: torch.nn.Module, max_len: int, tts_pad: torch.Tensor, min_rows: int = 1) -> Weights:
+def build_weights(
+    model: torch.nn.Module, max_len: int, tts_pad: torch.Tensor, min_rows: int = 1, contiguous: bool = False
+) -> Weights:
     """Views of a loaded `Qwen3TTSForConditionalGeneration`'s weights for the frame step.
 
     `tts_pad` is qwen-tts's projected pad text embedding ([H]), built by the prompt builder. `min_rows`:
-    the fewest rows a product runs over (`Stack.min_rows`).
+    the fewest rows a product runs over (`Stack.min_rows`). `contiguous`: the products' weights are held
+    as contiguous [in, out] matrices (the model's modules re-pointed at them) rather than as transposed
+    views of the model's own; `batch_invariance` measures which keeps a row's bits on this CPU.
     """
     talker = model.talker
     config = model.config.talker_config
@@ -446,7 +491,11 @@ def build_weights(model: torch.nn.Module, max_len: int, tts_pad: torch.Tensor, m
     probe = torch.zeros(1, dtype=dtype, device=device)
     positions = torch.arange(max_len, device=device)
     cos3, sin3 = talker.model.rotary_emb(probe, positions.view(1, 1, -1).expand(3, 1, -1))
-    if not (torch.equal(cos3[0], cos3[1]) and torch.equal(cos3[0], cos3[2])):
+    # Equal up to rounding: the three sections' cosines are one elementwise call over [3, positions, D],
+    # split between threads, and a chunk's vector tail may round its last bit otherwise (seen once in
+    # 2026-12-06's suite on a Sapphire Rapids, then not again); the step uses the first section's.
+    tolerance = 4 * torch.finfo(dtype).eps
+    if not all(torch.allclose(cos3[0], cos3[k], rtol=0, atol=tolerance) for k in (1, 2)):
         raise ValueError("the talker's RoPE sections differ for equal positions; the frame step cannot use it")
     predictor = talker.code_predictor
     pcos, psin = predictor.model.rotary_emb(probe, torch.arange(NUM_CODE_GROUPS, device=device).view(1, -1))
@@ -459,15 +508,18 @@ def build_weights(model: torch.nn.Module, max_len: int, tts_pad: torch.Tensor, m
     suppress[eos] = False
     eos_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
     eos_mask[eos] = True
+    codec_head_t = _transposed(talker.codec_head, contiguous)
     return Weights(
-        talker=replace(_stack(talker.model, config, cos3[0, 0], sin3[0, 0]), min_rows=min_rows),
-        predictor=replace(_stack(predictor.model, config.code_predictor_config, pcos[0], psin[0]), min_rows=min_rows),
+        talker=replace(_stack(talker.model, config, cos3[0, 0], sin3[0, 0], contiguous), min_rows=min_rows),
+        predictor=replace(
+            _stack(predictor.model, config.code_predictor_config, pcos[0], psin[0], contiguous), min_rows=min_rows
+        ),
         codec_embedding=talker.model.codec_embedding.weight.detach(),
-        codec_head=talker.codec_head.weight.detach(),
-        codec_head_t=talker.codec_head.weight.detach().t(),
+        codec_head_t=codec_head_t,
+        codec_head=codec_head_t.t(),
         predictor_embeddings=[e.weight.detach() for e in predictor.model.codec_embedding],
-        predictor_heads_t=[h.weight.detach().t() for h in predictor.lm_head],
-        projection_t=None if isinstance(projection, torch.nn.Identity) else projection.weight.detach().t(),
+        predictor_heads_t=[_transposed(h, contiguous) for h in predictor.lm_head],
+        projection_t=None if isinstance(projection, torch.nn.Identity) else _transposed(projection, contiguous),
         projection_bias=None if isinstance(projection, torch.nn.Identity) else projection.bias.detach(),
         tts_pad=tts_pad.reshape(-1).detach(),
         suppress=suppress,

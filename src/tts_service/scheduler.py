@@ -23,7 +23,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,16 @@ import numpy as np
 import torch
 
 from tts_service import frame_step as fs
-from tts_service.chunk_decoder import STREAM, WHOLE_FILE, ChunkDecoder, Ending, Window
+from tts_service.batch_invariance import ProductLayout, ProductShape, choose_layout, decoder_batch_min_frames
+from tts_service.chunk_decoder import (
+    STATEFUL_BATCH_MIN_FRAMES,
+    STREAM,
+    WHOLE_FILE,
+    ChunkDecoder,
+    Ending,
+    Window,
+    stateful_batch_limit,
+)
 from tts_service.prompt import PromptBuilder
 from tts_service.sampling import SamplerPlan, SamplingParams
 from tts_service.voice_prompt import VoicePrompt
@@ -80,6 +89,10 @@ class ChunkPlan:
 LOOP_PHASES = ("admit", "step", "collect", "hand_off")
 # OpenMP teams in a non-main thread are slow; the decoder thread has the other core.
 _CPU_LOOP_THREADS = 1
+# Stateful window lengths the start-up check decodes batched and alone: the stream plan's chunks, and up to
+# the longest that is batched (`stateful_batch_limit`); other lengths (a stream's last window) are taken to
+# follow their neighbours, as every length from 4 to 32 did where measured (docs/PERFORMANCE.md).
+DECODER_CHECK_FRAMES = (4, 8, 16, 32)
 # qwen-tts decodes whole utterances in 300-frame chunks with 25 frames of left context; a whole-file
 # request uses the same windows, so its audio equals qwen-tts's decode of the same codes.
 WHOLE_FILE_PLAN = ChunkPlan(first_frames=300, frames=300, left_context=25, streamed=False)
@@ -93,22 +106,70 @@ class InvariancePlan:
     min_rows: int = 1  # the step's and the prefill's products run over at least this many rows
     prefill_alone: bool = False  # each joining prompt is prefilled by itself
     decode_alone: bool = False  # each window is decoded by itself, at its own length
+    # A step computes at least this many rows, free slots beside the batch's, so that its products have
+    # min_rows rows without padding each one (a lone CPU request's step 18% faster, docs/PERFORMANCE.md)
+    min_window: int = 1
+
+    # The step's weights are held as contiguous [in, out] matrices (on the CPUs where that keeps the bits)
+    contiguous_weights: bool = False
+    # Stateful decoder windows of fewer frames are decoded alone (from it on, batched ones keep their bits)
+    stateful_batch_min_frames: int = STATEFUL_BATCH_MIN_FRAMES
 
     @classmethod
-    def choose(cls, invariant: bool, on_cuda: bool, slots: int, stateful_decoding: bool) -> InvariancePlan:
-        """On the CPU, MKL's products give a row the same bits for any count of rows from 4 on (measured up
-        to 4,096), and the stateful decoder keeps them too (`stateful_batch_limit`): padding to 4 rows is
-        enough, and windows without state (`TTS_STREAM_DECODER=window`) are decoded alone, since batched
-        convolutions change their bits. On a GPU, cuBLAS and cuDNN choose kernels by the batch's size, so
-        every product runs at one size (all the slots; with memory-bound weights that should cost little),
-        each prompt is prefilled alone (its rows are its own length), and each window is decoded alone.
-        Whether that suffices there (attention and sampling kernels are not padded) is measured by
+    def choose(
+        cls,
+        invariant: bool,
+        on_cuda: bool,
+        slots: int,
+        stateful_decoding: bool,
+        shapes: Sequence[ProductShape] | None = None,
+        dtype: torch.dtype = torch.float32,
+        speech_decoder: torch.nn.Module | None = None,
+    ) -> InvariancePlan:
+        """On the CPU, MKL multiplies 1 to 3 rows with other kernels than 4 or more; from 4 on, whether a
+        row keeps its bits at every count depends on the processor and the weights' layout, so it is
+        measured for the model's `shapes` (`batch_invariance.choose_layout`; without shapes, transposed
+        views padded to 4 rows, which hold on the AMD EPYC measured). A step of fewer rows than the
+        padding computes free slots beside them instead of padding every product (the same bits, fewer
+        operations); each prompt is prefilled alone (a prefill's products have as many rows as the prompts
+        have tokens, past what the start-up check covers); the stateful decoder batches windows only from
+        the length at which that keeps their bits, measured with `speech_decoder` (without it, from
+        `STATEFUL_BATCH_MIN_FRAMES`; at no length, each window alone), and windows without state
+        (`TTS_STREAM_DECODER=window`) are decoded alone, since batched convolutions change their bits.
+        On a GPU, cuBLAS and cuDNN choose kernels by
+        the batch's size, so every product runs at one size (all the slots; with memory-bound weights that
+        should cost little), each prompt is prefilled alone and each window is decoded alone. Whether that
+        suffices there (attention and sampling kernels are not padded) is measured by
         scripts/check_seed_replay.py."""
         if not invariant:
             return cls()
-        if not on_cuda:
-            return cls(min_rows=fs.INVARIANT_MIN_ROWS, decode_alone=not stateful_decoding)
-        return cls(min_rows=slots, prefill_alone=True, decode_alone=True)
+        if on_cuda:
+            return cls(min_rows=slots, prefill_alone=True, decode_alone=True)
+        layout = ProductLayout(False, fs.INVARIANT_MIN_ROWS)
+        if shapes is not None:
+            chosen = choose_layout(shapes, slots, _CPU_LOOP_THREADS, fs.INVARIANT_MIN_ROWS, max(slots, 1), dtype)
+            if chosen is None:
+                logger.warning(
+                    "batch invariance: on this CPU a row's bits depend on the row count in every weight layout "
+                    "tried; a seed replays byte for byte alone, not always in company"
+                )
+            layout = chosen or layout
+        decode_alone, min_frames = not stateful_decoding, STATEFUL_BATCH_MIN_FRAMES
+        if stateful_decoding and speech_decoder is not None:
+            from tts_service.streaming_decoder import StreamingDecoder
+
+            lowest = decoder_batch_min_frames(
+                StreamingDecoder(speech_decoder), DECODER_CHECK_FRAMES, stateful_batch_limit
+            )
+            decode_alone, min_frames = lowest is None, lowest or min_frames
+        return cls(
+            min_rows=layout.min_rows,
+            prefill_alone=True,
+            decode_alone=decode_alone,
+            min_window=layout.min_rows if slots >= layout.min_rows else 1,
+            contiguous_weights=layout.contiguous,
+            stateful_batch_min_frames=min_frames,
+        )
 
 
 @dataclass(frozen=True)
@@ -276,7 +337,16 @@ class StepScheduler:
         self.stateful_streams = (not self.on_cuda) if stateful_streams is None else stateful_streams
         if invariance is None:  # batch_invariant None: on the CPU, where it is measured to hold
             invariant = not self.on_cuda if batch_invariant is None else batch_invariant
-            invariance = InvariancePlan.choose(invariant, self.on_cuda, slots, self.stateful_streams)
+            shapes = fs.product_shapes(self.model)
+            invariance = InvariancePlan.choose(
+                invariant,
+                self.on_cuda,
+                slots,
+                self.stateful_streams,
+                shapes,
+                self.model.talker.codec_head.weight.dtype,
+                self.model.speech_tokenizer.model.decoder,
+            )
         self.invariance = invariance
         if decode_batching is None:
             decode_batching = self.on_cuda and not invariance.decode_alone
@@ -291,13 +361,21 @@ class StepScheduler:
 
             worker = DecoderProcess(speech_decoder)  # starts loading now, beside the rest of start-up
         self.decoder = ChunkDecoder(
-            speech_decoder, self.samples_per_frame, self.device, True, worker, batched=not invariance.decode_alone
+            speech_decoder,
+            self.samples_per_frame,
+            self.device,
+            True,
+            worker,
+            batched=not invariance.decode_alone,
+            batch_min_frames=invariance.stateful_batch_min_frames,
         )
         self.decoder.on_error = self._decode_failed
         if self.on_cuda and cuda_graphs:  # a stream's windows, from its first to its steady one
             self.decoder.capture(self.stream_plan.window_lengths())
         self.max_len = max_len
-        self.weights = fs.build_weights(self.model, max_len, self.prompts.pad_embed(), invariance.min_rows)
+        self.weights = fs.build_weights(
+            self.model, max_len, self.prompts.pad_embed(), invariance.min_rows, invariance.contiguous_weights
+        )
         self.weights.sampler = SamplerPlan.of(self.sampling_params(0))
         self.state = fs.allocate_state(self.weights, slots, max_len)
         self.step_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -332,7 +410,7 @@ class StepScheduler:
         self._host_buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._buffer_turn = 0
         self.step_batch_sizes: deque[int] = deque(maxlen=1000)  # recent step batch sizes, for tests
-        self.step_windows: deque[int] = deque(maxlen=1000)  # recent step widths (rows computed), for tests
+        self.step_windows: deque[int] = deque(maxlen=1000)  # recent highest occupied slot + 1, for tests
         self.moves = 0  # rows moved down by compaction
         self.on_step: Callable[[int], None] | None = None  # e.g. a metrics histogram
         self.on_admit: Callable[[float], None] | None = None  # a request's seconds from submit to its prefill
@@ -517,11 +595,12 @@ class StepScheduler:
     def _launch(self) -> _Launch:
         stepping = [row for row in self._rows if row.slot >= 0 and not row.segment_done]
         n = max(row.slot for row in stepping) + 1
+        window = max(n, self.invariance.min_window)  # rows past n are free slots, computed harmlessly
         # Every stepping row's next write position is prompt + steps launched; keys up to it are read.
         furthest = max(row.prompt_len + row.launched for row in stepping)
         kv_len = min(self.max_len, -(-(furthest + 1) // 32) * 32)
         sample = any(row.samples for row in stepping)
-        frames, done = self.step_fn(self.weights, self.state, n, kv_len, sample)
+        frames, done = self.step_fn(self.weights, self.state, window, kv_len, sample)
         batch = len(stepping)
         for row in stepping:
             row.launched += 1
@@ -536,8 +615,8 @@ class StepScheduler:
         if not self.on_cuda:
             return _Launch(placed, frames, done, None)
         host_frames, host_done = self._host_buffer()
-        host_frames[:n].copy_(frames, non_blocking=True)
-        host_done[:n].copy_(done, non_blocking=True)
+        host_frames[:window].copy_(frames, non_blocking=True)
+        host_done[:window].copy_(done, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         return _Launch(placed, host_frames, host_done, event)

@@ -37,15 +37,15 @@ _RECOMPILE_LIMIT = 64
 def warm_up_shapes(slots: int, max_len: int) -> list[tuple[int, int]]:
     """(n, kv_len) calls, in order, that leave dynamic graphs for every shape the scheduler asks for:
     first static, then kv_len changed (kv_len becomes dynamic), then n changed (n >= 2 dynamic), then
-    n = 1 with yet another kv_len (the n = 1 graph with kv_len dynamic), then n past the products' row
+    n = 1 with yet another kv_len (the n = 1 graph with kv_len dynamic), then n at or past the products' row
     padding (`fs.INVARIANT_MIN_ROWS`: below it the graph pads, so it is guarded on n < 4). Lengths are
     the scheduler's multiples of 32, within the slots' positions."""
     short, long = min(32, max_len), min(64, max_len)
     shapes = [(1, short), (1, long)]
     if slots >= 2:
         shapes += [(2, long), (min(3, slots), short), (1, min(96, max_len))]
-    if slots > fs.INVARIANT_MIN_ROWS:
-        shapes.append((fs.INVARIANT_MIN_ROWS + 1, long))
+    if slots >= fs.INVARIANT_MIN_ROWS:  # (the scheduler's window is never narrower on the CPU: InvariancePlan)
+        shapes.append((min(slots, fs.INVARIANT_MIN_ROWS + 1), long))
     return shapes
 
 

@@ -1,0 +1,160 @@
+"""Does this CPU give a row of a product the same bits whatever the product's row count? Measured at
+start-up, for the model's own weight shapes and the engine loop's thread count, because it is a property
+of the BLAS build and the processor, not of PyTorch: on an AMD EPYC, MKL gives every row the same bits
+from 4 rows on with the weights held as transposed views; on an Intel Sapphire Rapids (AVX-512, AMX)
+the same views give other bits from 6 to 16 rows on, while the same weights held contiguous ([in, out])
+give the same bits at every count up to 128 and more. So the engine tries layouts and keeps the first
+that holds (docs/PERFORMANCE.md, seventeenth session)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProductShape:
+    """One weight the frame step multiplies by: [rows, in] @ [in, out] (+ bias)."""
+
+    inputs: int
+    outputs: int
+    bias: bool = False
+
+
+@dataclass(frozen=True)
+class ProductLayout:
+    """How the step's weights are held, and the fewest rows each product runs over (zero rows added)."""
+
+    contiguous: bool  # [in, out] contiguous; else transposed views of the model's [out, in] weights
+    min_rows: int
+
+
+def rows_keep_their_bits(
+    shapes: Iterable[ProductShape],
+    layout: ProductLayout,
+    max_rows: int,
+    threads: int,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> bool:
+    """Whether, for every shape, every row of a product of `layout.min_rows` to `max_rows` rows (fewer
+    padded to min_rows), at every position, has the bits that row has at position 0 of a product of
+    min_rows rows: what a request stepped alone computes. Random values: which kernel runs depends on
+    the shapes, strides and thread count, not on the values."""
+    generator = torch.Generator().manual_seed(seed)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            return all(_shape_keeps_bits(shape, layout, max_rows, dtype, generator) for shape in shapes)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _shape_keeps_bits(
+    shape: ProductShape, layout: ProductLayout, max_rows: int, dtype: torch.dtype, generator: torch.Generator
+) -> bool:
+    weight = (torch.randn(shape.outputs, shape.inputs, generator=generator) / shape.inputs**0.5).to(dtype)
+    weight_t = weight.t().contiguous() if layout.contiguous else weight.t()
+    bias = torch.randn(shape.outputs, generator=generator).to(dtype) if shape.bias else None
+    rows = torch.randn(max_rows, shape.inputs, generator=generator).to(dtype)
+
+    def product(x: torch.Tensor) -> torch.Tensor:
+        padded = torch.nn.functional.pad(x, (0, 0, 0, max(0, layout.min_rows - x.shape[0])))
+        out = torch.mm(padded, weight_t) if bias is None else torch.addmm(bias, padded, weight_t)
+        return out[: x.shape[0]]
+
+    alone = [product(rows[i : i + 1])[0] for i in range(max_rows)]
+    for count in range(1, max_rows + 1):
+        together = product(rows[:count])
+        if not all(torch.equal(together[i], alone[i]) for i in range(count)):
+            logger.debug("%s, %s: a row's bits change at %d rows", shape, layout, count)
+            return False
+    return True
+
+
+def choose_layout(
+    shapes: Sequence[ProductShape],
+    slots: int,
+    threads: int,
+    min_rows: int,
+    fallback_rows: int,
+    dtype: torch.dtype = torch.float32,
+) -> ProductLayout | None:
+    """The first layout under which rows keep their bits up to `slots` rows: transposed views (what the
+    model's weights already are) padded to `min_rows`, then contiguous copies padded to `min_rows`, then
+    each padded to `fallback_rows` (every product at one size). None if none holds."""
+    candidates = [
+        ProductLayout(False, min_rows),
+        ProductLayout(True, min_rows),
+        ProductLayout(False, fallback_rows),
+        ProductLayout(True, fallback_rows),
+    ]
+    started = time.perf_counter()
+    for layout in candidates:
+        if rows_keep_their_bits(shapes, layout, slots, threads, dtype):
+            logger.info(
+                "batch invariance: %s keeps every row's bits from 1 to %d rows on this CPU (checked in %.2f s)",
+                layout,
+                slots,
+                time.perf_counter() - started,
+            )
+            return layout
+    return None
+
+
+def decoder_batch_min_frames(
+    streaming: Any, sizes: Sequence[int], limit: Callable[[int], int], threads: int = 1, seed: int = 0
+) -> int | None:
+    """The fewest frames (one of `sizes`) from which stateful windows decoded together give every stream
+    the bits it has decoded alone, for that size and every larger one: a first window and one with history,
+    `limit(size)` rows together (the most that are batched; fewer rows gave the same verdict wherever
+    measured). None: not even at the largest. `streaming` is a
+    `streaming_decoder.StreamingDecoder`; `threads` as the decoder runs. The decoder's own products run
+    over rows x frames rows, so this is the same property of the CPU as `rows_keep_their_bits`."""
+    generator = torch.Generator().manual_seed(seed)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            holding = [size for size in sizes if _decoder_keeps_bits(streaming, size, limit(size), generator)]
+    finally:
+        torch.set_num_threads(previous)
+    ordered = sorted(sizes)
+    lowest = None
+    for size in reversed(ordered):
+        if size not in holding:
+            break
+        lowest = size
+    logger.info(
+        "batch invariance: stateful decoder windows keep their bits batched at %s of %s frames; batched from %s "
+        "(checked in %.2f s)",
+        sorted(holding),
+        ordered,
+        lowest,
+        time.perf_counter() - started,
+    )
+    return lowest
+
+
+def _decoder_keeps_bits(streaming: Any, size: int, rows: int, generator: torch.Generator) -> bool:
+    if rows < 2:
+        return True  # never batched
+    codes = torch.randint(0, 2048, (rows, 16, 2 * size), generator=generator)
+    chunks = [codes[:, :, k * size : (k + 1) * size] for k in (0, 1)]
+    states = [streaming.new_state() for _ in range(rows + 1)]
+    together = torch.cat([streaming.decode_many(states[:rows], chunk) for chunk in chunks], dim=-1)
+    for row in range(rows):
+        states[rows] = streaming.new_state()
+        alone = torch.cat([streaming.decode(states[rows], chunk[row : row + 1]) for chunk in chunks], dim=-1)
+        if not torch.equal(together[row], alone[0]):
+            return False
+    return True

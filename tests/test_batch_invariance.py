@@ -1,0 +1,134 @@
+"""The start-up check that picks how the CPU step holds its weights, so that a row's bits do not depend on
+how many rows share its products (`tts_service.batch_invariance`), and the contiguous layout it may pick."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.oracle import ORACLE_REQUESTS, reference
+from tts_service import frame_step as fs
+from tts_service.batch_invariance import ProductLayout, ProductShape, choose_layout, rows_keep_their_bits
+from tts_service.engine import TTSEngine
+from tts_service.scheduler import InvariancePlan, StepScheduler
+from tts_service.settings import Settings
+
+SHAPES = [ProductShape(64, 96), ProductShape(96, 64, bias=True)]
+
+
+def test_the_check_catches_a_product_whose_rows_change_with_the_row_count(monkeypatch) -> None:
+    """A BLAS that rounds differently from 6 rows on (as MKL does with transposed views on a Sapphire
+    Rapids): the check rejects padding to 4 rows for 8 slots, accepts it for 5, and for 8 slots falls back
+    to every product at 8 rows, where all rows take the same path."""
+    mm = torch.mm
+
+    def by_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # one row at a time: the same bits at any count
+        out = torch.cat([mm(x[i : i + 1], w) for i in range(x.shape[0])])
+        return out + 1e-3 if x.shape[0] >= 6 else out
+
+    monkeypatch.setattr(torch, "mm", by_rows)
+    monkeypatch.setattr(torch, "addmm", lambda b, x, w: by_rows(x, w) + b)
+    assert not rows_keep_their_bits(SHAPES, ProductLayout(False, 4), max_rows=8, threads=1)
+    assert rows_keep_their_bits(SHAPES, ProductLayout(False, 4), max_rows=5, threads=1)
+    assert choose_layout(SHAPES, slots=8, threads=1, min_rows=4, fallback_rows=8) == ProductLayout(False, 8)
+    assert choose_layout(SHAPES, slots=5, threads=1, min_rows=4, fallback_rows=5) == ProductLayout(False, 4)
+
+
+def test_the_plan_follows_the_check(monkeypatch) -> None:
+    """What the CPU plan does with each verdict: the first layout that holds is kept (contiguous weights
+    when only they hold), padding to every slot when only that holds, and the default with a warning
+    when nothing does."""
+    verdicts: dict[ProductLayout, bool] = {}
+    monkeypatch.setattr(
+        "tts_service.batch_invariance.rows_keep_their_bits", lambda shapes, layout, *args: verdicts[layout]
+    )
+    rows = fs.INVARIANT_MIN_ROWS
+
+    def plan() -> InvariancePlan:
+        return InvariancePlan.choose(True, on_cuda=False, slots=8, stateful_decoding=True, shapes=SHAPES)
+
+    verdicts.update({ProductLayout(False, rows): False, ProductLayout(True, rows): True})
+    assert plan() == InvariancePlan(rows, True, False, rows, contiguous_weights=True)
+    verdicts.update({ProductLayout(True, rows): False, ProductLayout(False, 8): True})
+    assert plan() == InvariancePlan(8, True, False, 8)
+    verdicts.update({ProductLayout(False, 8): False, ProductLayout(True, 8): False})
+    assert plan() == InvariancePlan(rows, True, False, rows)
+
+
+def test_stateful_windows_are_batched_from_the_length_the_decoder_check_finds(engine: TTSEngine, monkeypatch) -> None:
+    """The decoder's verdict: batched from the length it names, or every window alone when none holds."""
+    scheduler = engine.scheduler  # its own plan, measured on this CPU, reaches its decoder
+    assert scheduler.decoder.batch_min_frames == scheduler.invariance.stateful_batch_min_frames >= 4
+    decoder = scheduler.model.speech_tokenizer.model.decoder
+    lowest: list[int | None] = [8]
+    monkeypatch.setattr("tts_service.scheduler.decoder_batch_min_frames", lambda *args: lowest[0])
+
+    def plan() -> InvariancePlan:
+        return InvariancePlan.choose(True, on_cuda=False, slots=8, stateful_decoding=True, speech_decoder=decoder)
+
+    assert (plan().decode_alone, plan().stateful_batch_min_frames) == (False, 8)
+    lowest[0] = None
+    assert plan().decode_alone
+    assert InvariancePlan.choose(True, False, 8, stateful_decoding=False, speech_decoder=decoder).decode_alone
+
+
+def test_the_models_shapes_are_the_products_the_step_runs(engine: TTSEngine) -> None:
+    w = engine.scheduler.weights
+    products = [w.codec_head_t, *w.predictor_heads_t]
+    products += [t for stack in (w.talker, w.predictor) for layer in stack.layers for t in _layer_products(layer)]
+    if w.projection_t is not None:
+        products.append(w.projection_t)
+    shapes = {(s.inputs, s.outputs) for s in fs.product_shapes(engine.scheduler.model)}
+    assert shapes == {tuple(t.shape) for t in products}
+
+
+def _layer_products(layer: fs.LayerWeights) -> list[torch.Tensor]:
+    return [layer.qkv_t, layer.o_t, layer.gate_up_t, layer.down_t]
+
+
+@pytest.fixture(scope="module")
+def contiguous_engine(tiny_dir: Path, cache_dir: Path) -> TTSEngine:
+    """A greedy engine whose step holds its weights contiguous, whatever this CPU's check would pick."""
+    engine = TTSEngine.load(
+        Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu", decoder_worker="thread")
+    )
+    rows = fs.INVARIANT_MIN_ROWS
+    engine.scheduler = StepScheduler(
+        engine.model,
+        slots=8,
+        max_len=engine.scheduler.max_len,
+        sampling=engine.sampling_defaults(),
+        invariance=InvariancePlan(rows, True, False, rows, contiguous_weights=True),
+        decoder_process=False,
+    )
+    return engine
+
+
+def test_contiguous_weights_are_the_models_own_memory_and_give_qwen_tts_codes(contiguous_engine: TTSEngine) -> None:
+    """The contiguous layout re-points qwen-tts's modules at the step's matrices (no second copy of the
+    weights), and the engine's greedy codes still equal qwen-tts's own generate, alone and together."""
+    engine = contiguous_engine
+    w, talker = engine.scheduler.weights, engine.scheduler.model.talker
+    layer, module = w.talker.layers[0], talker.model.layers[0]
+    assert layer.qkv_t.is_contiguous() and layer.down_t.is_contiguous() and w.codec_head_t.is_contiguous()
+    for weight_t, linear in (
+        (layer.qkv_t, module.self_attn.k_proj),
+        (layer.gate_up_t, module.mlp.up_proj),
+        (layer.down_t, module.mlp.down_proj),
+        (w.codec_head_t, talker.codec_head),
+        (w.predictor_heads_t[3], talker.code_predictor.lm_head[3]),
+    ):
+        assert linear.weight.untyped_storage().data_ptr() == weight_t.untyped_storage().data_ptr()
+    expected = {r.text: reference(engine, r)[0] for r in ORACLE_REQUESTS}
+    handles = [engine.submit(r, f"contiguous-{i}", stream=False) for i, r in enumerate(ORACLE_REQUESTS)]
+    for handle in handles:
+        list(handle)
+    alone = engine.submit(ORACLE_REQUESTS[2], "contiguous-alone", stream=False)
+    list(alone)
+    assert max(h.end.max_batch for h in handles) >= 2
+    for handle, request in zip([*handles, alone], [*ORACLE_REQUESTS, ORACLE_REQUESTS[2]], strict=True):
+        assert handle.end.error is None
+        np.testing.assert_array_equal(handle.end.codes, expected[request.text])
