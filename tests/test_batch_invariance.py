@@ -11,7 +11,13 @@ import torch
 
 from tests.oracle import ORACLE_REQUESTS, reference
 from tts_service import frame_step as fs
-from tts_service.batch_invariance import ProductLayout, ProductShape, choose_layout, rows_keep_their_bits
+from tts_service.batch_invariance import (
+    ProductLayout,
+    ProductShape,
+    choose_layout,
+    row_counts,
+    rows_keep_their_bits,
+)
 from tts_service.engine import TTSEngine
 from tts_service.scheduler import InvariancePlan, StepScheduler
 from tts_service.settings import Settings
@@ -35,6 +41,11 @@ def test_the_check_catches_a_product_whose_rows_change_with_the_row_count(monkey
     assert rows_keep_their_bits(SHAPES, ProductLayout(False, 4), max_rows=5, threads=1)
     assert choose_layout(SHAPES, slots=8, threads=1, min_rows=4, fallback_rows=8) == ProductLayout(False, 8)
     assert choose_layout(SHAPES, slots=5, threads=1, min_rows=4, fallback_rows=5) == ProductLayout(False, 4)
+
+
+def test_every_row_count_up_to_32_is_checked_and_a_sample_past_it() -> None:
+    assert row_counts(8) == list(range(1, 9))
+    assert row_counts(100) == [*range(1, 33), 40, 48, 56, 64, 80, 96, 100]
 
 
 def test_the_plan_follows_the_check(monkeypatch) -> None:
