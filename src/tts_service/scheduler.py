@@ -136,11 +136,10 @@ class InvariancePlan:
         the length at which that keeps their bits, measured with `speech_decoder` (without it, from
         `STATEFUL_BATCH_MIN_FRAMES`; at no length, each window alone), and windows without state
         (`TTS_STREAM_DECODER=window`) are decoded alone, since batched convolutions change their bits.
-        On a GPU, cuBLAS and cuDNN choose kernels by
-        the batch's size, so every product runs at one size (all the slots; with memory-bound weights that
-        should cost little), each prompt is prefilled alone and each window is decoded alone. Whether that
-        suffices there (attention and sampling kernels are not padded) is measured by
-        scripts/check_seed_replay.py."""
+        On a GPU, cuBLAS and cuDNN choose kernels by the batch's size, so every product runs at one size
+        (all the slots; with memory-bound weights that should cost little), each prompt is prefilled alone
+        and each window is decoded alone. Whether that suffices there (attention and sampling kernels are
+        not padded) is measured by scripts/check_seed_replay.py."""
         if not invariant:
             return cls()
         if on_cuda:
@@ -337,7 +336,7 @@ class StepScheduler:
         self.stateful_streams = (not self.on_cuda) if stateful_streams is None else stateful_streams
         if invariance is None:  # batch_invariant None: on the CPU, where it is measured to hold
             invariant = not self.on_cuda if batch_invariant is None else batch_invariant
-            shapes = fs.product_shapes(self.model)
+            shapes = fs.product_shapes(self.model) if invariant and not self.on_cuda else None  # (what is checked)
             invariance = InvariancePlan.choose(
                 invariant,
                 self.on_cuda,
