@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tts_service.chunk_decoder import ChunkDecoder, Window
-from tts_service.decoder_process import DecoderProcess, DecoderProcessError, LostStates
+from tts_service.decoder_process import _CHILD_MAIN, DecoderProcess, DecoderProcessError, LostStates
 from tts_service.engine import SynthesisRequest, TTSEngine
 from tts_service.settings import Settings
 from tts_service.streaming_decoder import StreamingDecoder
@@ -121,21 +121,26 @@ def test_a_child_killed_mid_call_fails_that_call_and_its_streams(worker: Decoder
 
 
 def test_a_hung_child_is_killed_after_the_call_timeout_and_replaced(
-    worker: DecoderProcess, monkeypatch: pytest.MonkeyPatch
+    speech_decoder: torch.nn.Module, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
     import tts_service.decoder_process as module
 
-    worker.wait_ready()
-    monkeypatch.setattr(module, "_CALL_TIMEOUT_S", 1.5)
-    old = worker.pid
-    os.kill(old, signal.SIGSTOP)  # alive but silent
-    started = time.monotonic()
-    with pytest.raises(DecoderProcessError, match="did not answer in 1.5 s"):
-        worker.decode([CODES[:4]])
-    assert time.monotonic() - started < 10
-    assert not _alive(old)
-    assert worker.decode([CODES[:4]]).shape == (1, 4 * 1920)
-    assert worker.pid != old
+    worker = DecoderProcess(speech_decoder)  # started here, so its stderr is capfd's
+    try:
+        worker.wait_ready()
+        monkeypatch.setattr(module, "_CALL_TIMEOUT_S", 1.5)
+        old = worker.pid
+        os.kill(old, signal.SIGSTOP)  # alive but silent
+        started = time.monotonic()
+        with pytest.raises(DecoderProcessError, match="did not answer in 1.5 s"):
+            worker.decode([CODES[:4]])
+        assert time.monotonic() - started < 10
+        assert not _alive(old)
+        assert "in serve" in capfd.readouterr().err  # its stack was logged before it was killed
+        assert worker.decode([CODES[:4]]).shape == (1, 4 * 1920)
+        assert worker.pid != old
+    finally:
+        worker.close()
 
 
 def test_a_batch_holding_a_lost_state_fails_that_stream_alone(
@@ -196,6 +201,67 @@ def test_thread_mode_gives_the_same_bytes(engine: TTSEngine, tiny_dir: Path, cac
     assert threaded.synthesize(request).wav == engine.synthesize(request).wav
 
 
+def _withhold_weights(monkeypatch: pytest.MonkeyPatch, children: int) -> None:
+    """The first `children` children never get their decoder: they hang where a stuck start would."""
+    import tts_service.decoder_process as module
+
+    real, withheld = module._send_quietly, iter(range(children))
+
+    def send(conn: object, payload: bytes) -> None:
+        if next(withheld, None) is None:
+            real(conn, payload)
+
+    monkeypatch.setattr(module, "_send_quietly", send)
+
+
+def test_a_child_hung_while_starting_shows_its_stacks_and_is_replaced(
+    speech_decoder: torch.nn.Module,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import tts_service.decoder_process as module
+
+    _withhold_weights(monkeypatch, 1)
+    monkeypatch.setattr(module, "_READY_TIMEOUT_S", 3.0)
+    real_start = DecoderProcess._start
+
+    def start(self: DecoderProcess) -> None:  # the replacement gets all the time a loaded machine needs
+        if self._incarnation:
+            monkeypatch.setattr(module, "_READY_TIMEOUT_S", 300.0)
+        real_start(self)
+
+    monkeypatch.setattr(DecoderProcess, "_start", start)
+    worker = DecoderProcess(speech_decoder)
+    try:
+        hung = worker.pid
+        worker.wait_ready()
+        assert worker.pid != hung and not _alive(hung)
+        assert worker.decode([CODES[:4]]).shape == (1, 4 * 1920)
+    finally:
+        worker.close()
+    assert "did not start in 3 s and was killed (its stacks are logged above)" in caplog.text
+    stacks = capfd.readouterr().err
+    # The hung child's threads, wherever 3 s found it (importing, or waiting for its weights in serve):
+    assert "Current thread" in stacks and "(most recent call first)" in stacks, stacks
+
+
+def test_start_up_gives_up_after_two_children_hang(
+    speech_decoder: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tts_service.decoder_process as module
+
+    _withhold_weights(monkeypatch, 2)
+    monkeypatch.setattr(module, "_READY_TIMEOUT_S", 2.0)
+    worker = DecoderProcess(speech_decoder)
+    try:
+        with pytest.raises(DecoderProcessError, match="did not start in 2 s"):
+            worker.wait_ready()
+        assert worker._incarnation == 2
+    finally:
+        worker.close()
+
+
 def test_the_child_dies_with_its_parent(tiny_dir: Path, cache_dir: Path) -> None:
     script = (
         "import sys, time\n"
@@ -227,7 +293,7 @@ def test_a_child_whose_parent_goes_away_during_its_start_exits_quietly() -> None
 
     ours, theirs = socket.socketpair()
     child = subprocess.Popen(
-        [sys.executable, "-m", "tts_service.decoder_process", str(theirs.fileno()), str(os.getpid())],
+        [sys.executable, "-c", _CHILD_MAIN, str(theirs.fileno()), str(os.getpid())],
         pass_fds=[theirs.fileno()],
         stdin=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

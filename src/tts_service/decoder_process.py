@@ -8,7 +8,9 @@ The child gets its own copy of the decoder (pickled by value: no shared memory, 
 /dev/shm does not matter and a crash in the child cannot corrupt the engine's weights). Stream states
 live in the child, keyed by a number; the parent's `RemoteState` frees its key when it is collected.
 If the child dies, the calls in flight fail (their requests end with an error), and the next call starts
-a new child; requests whose state was in the old one fail too, every other request goes on.
+a new child; requests whose state was in the old one fail too, every other request goes on. A child that
+stays silent past its timeout prints its threads' stacks to the log before it is killed, and one that
+hangs while starting is replaced once before start-up gives up.
 """
 
 from __future__ import annotations
@@ -35,10 +37,22 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_READY_TIMEOUT_S = 300.0
+# A child starts in about 2 s on an idle CPU and 12 s beside three others and two busy cores; one silent
+# for this long from its spawn is hung. Start-up then shows its stacks, kills it and starts another once.
+_READY_TIMEOUT_S = 90.0
+_START_ATTEMPTS = 2
 # One chunk takes milliseconds to seconds; a child silent for this long is hung: killed and restarted,
 # so that one stuck decode cannot stall every later request's audio.
 _CALL_TIMEOUT_S = 120.0
+# The child prints every thread's Python stack to stderr (the server's log) on this signal, which is sent
+# before a hung child is killed: the log then says where it hung.
+_STACKS_SIGNAL = signal.SIGUSR1
+# Run as the child: registers the stack dump before anything is imported (a child can hang importing).
+_CHILD_MAIN = (
+    "import faulthandler, runpy, signal;"
+    f"faulthandler.register(signal.{_STACKS_SIGNAL.name}, all_threads=True);"
+    f"runpy.run_module({__name__!r}, run_name='__main__', alter_sys=True)"
+)
 
 
 class DecoderProcessError(RuntimeError):
@@ -88,7 +102,7 @@ class DecoderProcess:
         ours, theirs = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         process = subprocess.Popen(
-            [sys.executable, "-m", __name__, str(theirs.fileno()), str(os.getpid()), _log_level()],
+            [sys.executable, "-c", _CHILD_MAIN, str(theirs.fileno()), str(os.getpid()), _log_level()],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             env=env,
@@ -97,16 +111,29 @@ class DecoderProcess:
         conn = Connection(ours.detach())
         self._incarnation += 1
         self._process, self._conn, self._ready = process, conn, False
+        self._spawned = time.monotonic()
         self._dropped.clear()  # the old child's states died with it
         weakref.finalize(self, _stop, process, conn)
         # The weights go over the socket from a thread: start-up goes on while the child imports torch.
         payload = pickle.dumps(self._decoder, protocol=pickle.HIGHEST_PROTOCOL)
         threading.Thread(target=_send_quietly, args=(conn, payload), name="decoder-weights", daemon=True).start()
 
-    def wait_ready(self) -> None:
-        """Block until the child has loaded its decoder (start-up calls this before reporting ready)."""
-        if not self._ready:
-            reply = self._receive(_READY_TIMEOUT_S)
+    def wait_ready(self, attempts: int = _START_ATTEMPTS) -> None:
+        """Block until the child has loaded its decoder, at most `_READY_TIMEOUT_S` from its spawn; a child
+        that hangs or dies while starting is replaced, up to `attempts` children in all. (Start-up calls
+        this before reporting ready; a call after a restart waits for one child only, as its request
+        should not wait for two.)"""
+        for attempt in range(1, attempts + 1):
+            if self._ready:
+                return
+            try:
+                remaining = max(1.0, _READY_TIMEOUT_S - (time.monotonic() - self._spawned))
+                reply = self._receive(remaining, f"did not start in {_READY_TIMEOUT_S:g} s")
+            except DecoderProcessError:
+                if attempt == attempts:
+                    raise
+                self._restart()
+                continue
             if reply != ("ready",):
                 raise DecoderProcessError(f"the decoder process did not start: {reply!r}")
             self._ready = True
@@ -146,7 +173,7 @@ class DecoderProcess:
                 raise LostStates(lost)
             for state in states:
                 state.incarnation, state.used = self._incarnation, True
-            self.wait_ready()
+            self.wait_ready(attempts=1)
             dropped = [self._dropped.popleft() for _ in range(len(self._dropped))]
             try:
                 self._conn.send((*message, dropped))
@@ -157,9 +184,9 @@ class DecoderProcess:
                 raise DecoderProcessError(value)
             return value
 
-    def _receive(self, timeout: float) -> Any:
+    def _receive(self, timeout: float, silence: str = "") -> Any:
         """The child's next message; raises if it exits first (checked every second while waiting) or
-        stays silent past `timeout` (then it is killed)."""
+        stays silent past `timeout` (then it is killed, and the error says `silence`)."""
         started = time.monotonic()
         while True:
             try:
@@ -170,8 +197,19 @@ class DecoderProcess:
             if self._process.poll() is not None:
                 self._crashed(None)
             if time.monotonic() - started > timeout:
+                self._show_stacks()
                 self._process.kill()
-                self._crashed(None, f"did not answer in {timeout:g} s and was killed")
+                silence = silence or f"did not answer in {timeout:g} s"
+                self._crashed(None, f"{silence} and was killed (its stacks are logged above)")
+
+    def _show_stacks(self) -> None:
+        """Have a silent child print its threads' stacks to the log before it is killed."""
+        try:
+            self._process.send_signal(_STACKS_SIGNAL)
+            self._process.send_signal(signal.SIGCONT)  # a stopped child handles it only once continued
+        except ProcessLookupError:
+            return
+        time.sleep(1.0)  # faulthandler writes from its signal handler: at once, unless the child is swapped out
 
     def _crashed(self, cause: BaseException | None, what: str = "exited") -> None:
         try:
