@@ -143,3 +143,37 @@ def test_contiguous_weights_are_the_models_own_memory_and_give_qwen_tts_codes(co
     for handle, request in zip([*handles, alone], [*ORACLE_REQUESTS, ORACLE_REQUESTS[2]], strict=True):
         assert handle.end.error is None
         np.testing.assert_array_equal(handle.end.codes, expected[request.text])
+
+
+def test_the_decoder_check_is_measured_once_per_process_for_decoders_of_the_same_shapes(
+    engine: TTSEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A three-model service loads one speech tokenizer's decoder three times: the check runs for the first."""
+    import copy
+
+    import tts_service.batch_invariance as module
+    from tts_service.chunk_decoder import stateful_batch_limit
+    from tts_service.streaming_decoder import StreamingDecoder
+
+    monkeypatch.setattr(module, "_decoder_verdicts", {})
+    measured: list[int] = []
+    real = module._decoder_keeps_bits
+
+    def keeps_bits(streaming, size, rows, generator) -> bool:
+        measured.append(size)
+        return real(streaming, size, rows, generator)
+
+    monkeypatch.setattr(module, "_decoder_keeps_bits", keeps_bits)
+    decoder = engine.model.model.speech_tokenizer.model.decoder
+    lowest = module.decoder_batch_min_frames(StreamingDecoder(decoder), (4, 8, 16, 32), stateful_batch_limit)
+    assert measured[0] == 32  # measured, longest first
+
+    measured.clear()
+    twin = copy.deepcopy(decoder)  # another model's decoder: the same shapes, other weights
+    with torch.no_grad():
+        for parameter in twin.parameters():
+            parameter.mul_(1.5)
+    assert module.decoder_batch_min_frames(StreamingDecoder(twin), (32, 16, 8, 4), stateful_batch_limit) == lowest
+    assert measured == []  # remembered
+    module.decoder_batch_min_frames(StreamingDecoder(twin), (8, 16), stateful_batch_limit)
+    assert measured[0] == 16  # other sizes: measured afresh

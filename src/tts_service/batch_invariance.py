@@ -9,6 +9,7 @@ that holds (docs/PERFORMANCE.md, seventeenth session)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -18,6 +19,11 @@ from typing import Any
 import torch
 
 logger = logging.getLogger(__name__)
+
+# The decoder check's verdicts in this process, by the decoder's parameter shapes and the check's sizes:
+# the verdict is a property of the CPU's kernels for those shapes, and a service's models (custom voice,
+# clone, design) share one speech tokenizer's decoder, so the second and third loads need not pay ~1 s.
+_decoder_verdicts: dict[tuple, int | None] = {}
 
 
 @contextlib.contextmanager
@@ -135,23 +141,40 @@ def decoder_batch_min_frames(
     `limit(size)` rows together (the most that are batched; fewer rows gave the same verdict wherever
     measured). None: not even at the largest. `streaming` is a
     `streaming_decoder.StreamingDecoder`; `threads` as the decoder runs. The decoder's own products run
-    over rows x frames rows, so this is the same property of the CPU as `rows_keep_their_bits`."""
+    over rows x frames rows, so this is the same property of the CPU as `rows_keep_their_bits`. Remembered
+    per process for decoders of the same parameter shapes."""
+    sizes = sorted(sizes)
+    key = (_parameter_shapes(streaming.decoder), tuple((size, limit(size)) for size in sizes), threads, seed)
+    if key in _decoder_verdicts:
+        logger.info(
+            "batch invariance: stateful decoder windows keep their bits batched from %s frames on (as measured "
+            "for an earlier model of these shapes)",
+            _decoder_verdicts[key],
+        )
+        return _decoder_verdicts[key]
     generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
     lowest = None
     with _measuring(threads):
-        for size in sorted(sizes, reverse=True):  # the longest first: the first that fails ends the search
+        for size in reversed(sizes):  # the longest first: the first that fails ends the search
             if not _decoder_keeps_bits(streaming, size, limit(size), generator):
                 break
             lowest = size
     logger.info(
         "batch invariance: stateful decoder windows of %s frames keep their bits batched from %s frames on "
         "(checked in %.2f s)",
-        sorted(sizes),
+        sizes,
         lowest,
         time.perf_counter() - started,
     )
+    _decoder_verdicts[key] = lowest
     return lowest
+
+
+def _parameter_shapes(module: torch.nn.Module) -> tuple:
+    """What the decoder's kernels are chosen by: each parameter's and buffer's name, shape and dtype."""
+    tensors = itertools.chain(module.named_parameters(), module.named_buffers())
+    return tuple((name, tuple(tensor.shape), str(tensor.dtype)) for name, tensor in tensors)
 
 
 def _decoder_keeps_bits(streaming: Any, size: int, rows: int, generator: torch.Generator) -> bool:
