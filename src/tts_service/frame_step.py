@@ -395,30 +395,42 @@ def _transposed(module: torch.nn.Linear, contiguous: bool) -> torch.Tensor:
     return weight_t
 
 
-def product_shapes(model: torch.nn.Module) -> list[ProductShape]:
-    """The distinct shapes the frame step multiplies by, as `build_weights` fuses them."""
-    talker = model.talker
-    predictor = talker.code_predictor
-    shapes: list[ProductShape] = []
+def _layer_products(layer: torch.nn.Module) -> dict[str, list[torch.nn.Linear]]:
+    """A decoder layer's products, each a group of linears on one input that the step multiplies as one."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return {
+        "qkv": [attn.q_proj, attn.k_proj, attn.v_proj],
+        "o": [attn.o_proj],
+        "gate_up": [mlp.gate_proj, mlp.up_proj],
+        "down": [mlp.down_proj],
+    }
 
-    def add(inputs: int, outputs: int, bias: bool) -> None:
-        shape = ProductShape(int(inputs), int(outputs), bias)
+
+def _head_products(talker: torch.nn.Module) -> dict[str, list[torch.nn.Linear]]:
+    """The heads' products (and the code predictor's input projection, where it has one)."""
+    predictor = talker.code_predictor
+    heads = {"codec_head": [talker.codec_head]}
+    heads |= {f"predictor_head_{k}": [head] for k, head in enumerate(predictor.lm_head)}
+    if not isinstance(predictor.small_to_mtp_projection, torch.nn.Identity):
+        heads["projection"] = [predictor.small_to_mtp_projection]
+    return heads
+
+
+def product_shapes(model: torch.nn.Module) -> list[ProductShape]:
+    """The distinct shapes the frame step multiplies by (the groups `build_weights` fuses)."""
+    talker = model.talker
+    groups = [
+        group
+        for stack in (talker.model, talker.code_predictor.model)
+        for layer in stack.layers
+        for group in _layer_products(layer).values()
+    ]
+    groups += _head_products(talker).values()
+    shapes: list[ProductShape] = []
+    for group in groups:
+        shape = ProductShape(group[0].in_features, sum(m.out_features for m in group), group[0].bias is not None)
         if shape not in shapes:
             shapes.append(shape)
-
-    for stack in (talker.model, predictor.model):
-        for layer in stack.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
-            add(attn.q_proj.in_features, sum(m.out_features for m in qkv), attn.q_proj.bias is not None)
-            add(attn.o_proj.in_features, attn.o_proj.out_features, attn.o_proj.bias is not None)
-            add(mlp.gate_proj.in_features, mlp.gate_proj.out_features + mlp.up_proj.out_features, False)
-            add(mlp.down_proj.in_features, mlp.down_proj.out_features, False)
-    heads = [talker.codec_head, *predictor.lm_head]
-    if not isinstance(predictor.small_to_mtp_projection, torch.nn.Identity):
-        heads.append(predictor.small_to_mtp_projection)
-    for head in heads:
-        add(head.in_features, head.out_features, head.bias is not None)
     return shapes
 
 
@@ -426,8 +438,10 @@ def _layer_weights(layer: torch.nn.Module, contiguous: bool) -> LayerWeights:
     attn, mlp = layer.self_attn, layer.mlp
     if getattr(mlp, "act_fn", None).__class__.__name__ not in ("SiLU", "SiLUActivation"):
         raise ValueError(f"unsupported activation {mlp.act_fn!r}: the frame step assumes SiLU")
-    qkv_t, qkv_bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], contiguous)
-    gate_up_t, _ = _fuse([mlp.gate_proj, mlp.up_proj], contiguous)
+    products = _layer_products(layer)
+    qkv_t, qkv_bias = _fuse(products["qkv"], contiguous)
+    gate_up_t, _ = _fuse(products["gate_up"], contiguous)
+    (o_proj,), (down_proj,) = products["o"], products["down"]
     heads = attn.q_proj.weight.shape[0] // attn.head_dim
     kv_heads = attn.k_proj.weight.shape[0] // attn.head_dim
     qk_norm = torch.cat(
@@ -438,11 +452,11 @@ def _layer_weights(layer: torch.nn.Module, contiguous: bool) -> LayerWeights:
         qkv_t=qkv_t,
         qkv_bias=qkv_bias,
         qk_norm=qk_norm,
-        o_t=_transposed(attn.o_proj, contiguous),
-        o_bias=None if attn.o_proj.bias is None else attn.o_proj.bias.detach(),
+        o_t=_transposed(o_proj, contiguous),
+        o_bias=None if o_proj.bias is None else o_proj.bias.detach(),
         post_norm=layer.post_attention_layernorm.weight.detach(),
         gate_up_t=gate_up_t,
-        down_t=_transposed(mlp.down_proj, contiguous),
+        down_t=_transposed(down_proj, contiguous),
     )
 
 
@@ -508,7 +522,8 @@ def build_weights(
     suppress[eos] = False
     eos_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
     eos_mask[eos] = True
-    codec_head_t = _transposed(talker.codec_head, contiguous)
+    heads = {name: _transposed(group[0], contiguous) for name, group in _head_products(talker).items()}
+    codec_head_t = heads["codec_head"]
     return Weights(
         talker=replace(_stack(talker.model, config, cos3[0, 0], sin3[0, 0], contiguous), min_rows=min_rows),
         predictor=replace(
@@ -518,8 +533,8 @@ def build_weights(
         codec_head_t=codec_head_t,
         codec_head=codec_head_t.t(),
         predictor_embeddings=[e.weight.detach() for e in predictor.model.codec_embedding],
-        predictor_heads_t=[_transposed(h, contiguous) for h in predictor.lm_head],
-        projection_t=None if isinstance(projection, torch.nn.Identity) else _transposed(projection, contiguous),
+        predictor_heads_t=[heads[f"predictor_head_{k}"] for k in range(len(predictor.lm_head))],
+        projection_t=heads.get("projection"),
         projection_bias=None if isinstance(projection, torch.nn.Identity) else projection.bias.detach(),
         tts_pad=tts_pad.reshape(-1).detach(),
         suppress=suppress,
