@@ -181,7 +181,7 @@ fi
 # the container's own workers (not another bentoml serve on this machine)
 worker=$(for p in $(descendants "$pid"); do tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -q "_bentoml_impl.worker.service" && echo "$p"; done | head -n 1)
 user=$(stat -c %u "/proc/${worker:-none}" 2>/dev/null || echo "?")
-owner=$(stat -c %u "$data/tts-cache/tiny-v1" 2>/dev/null || echo "none")
+owner=$(stat -c %u "$data/tts-cache/tiny-v2" 2>/dev/null || echo "none")
 if [[ $owner == 1034 && $user == 1034 ]]; then
   record "non-root, writable volumes" PASS "workers run as uid $user; the tiny checkpoint written to the volume by uid 1034"
 else

@@ -192,6 +192,42 @@ def test_the_engine_serves_on_after_its_decoder_process_is_killed(tiny_dir: Path
     np.testing.assert_array_equal(after.audio, before.audio)
 
 
+def test_engines_whose_decoders_have_the_same_weights_share_one_child(engine: TTSEngine, cache_dir: Path) -> None:
+    """A service's models ship one speech tokenizer: its engines share one decoder process (one copy of
+    torch, about 0.5 GB), and a decoder with other weights gets its own."""
+    import copy
+    import gc
+
+    from tts_service.decoder_process import decoder_process_for
+    from tts_service.dev.tiny_checkpoint import ensure_tiny_checkpoint
+
+    design = TTSEngine.load(
+        Settings(model=str(ensure_tiny_checkpoint(cache_dir, kind="voice_design")), cache_dir=cache_dir, device="cpu")
+    )
+    shared = engine.scheduler.decoder.worker
+    assert design.scheduler.decoder.worker is shared  # the tiny kinds share their tokenizer, as the released do
+    instructed = design.synthesize(SynthesisRequest("Mind the gap.", "", "english", instruct="A calm voice."))
+    assert instructed.audio.size > 0 and np.abs(instructed.audio).max() > 0
+
+    other = copy.deepcopy(engine.model.model.speech_tokenizer.model.decoder)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    alone = decoder_process_for(other)
+    try:
+        assert alone is not shared and alone.pid != shared.pid
+        alone.wait_ready()
+        codes = [CODES[:4]]
+        assert not np.array_equal(alone.decode(codes), shared.decode(codes))  # its own weights
+        pid = alone.pid
+    finally:
+        del alone
+    gc.collect()  # the last engine holding a child lets it go: the child stops
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid) and _alive(shared.pid)
+
+
 def test_thread_mode_gives_the_same_bytes(engine: TTSEngine, tiny_dir: Path, cache_dir: Path) -> None:
     threaded = TTSEngine.load(
         Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu", decoder_worker="thread")

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import openai
+import psutil
 import pytest
 import soundfile as sf
 
@@ -49,10 +50,13 @@ def http(studio: LiveServer) -> Iterator[httpx.Client]:
         yield client
 
 
-def test_health_and_models_say_which_model_kinds_are_loaded(http: httpx.Client) -> None:
+def test_health_and_models_say_which_model_kinds_are_loaded(http: httpx.Client, studio: LiveServer) -> None:
     assert http.get("/health").json()["models"] == {"custom_voice": "tiny", "base": "tiny", "voice_design": "tiny"}
     kinds = {card["kind"] for card in http.get("/v1/models").json()["data"]}
     assert kinds == {"custom_voice", "base", "voice_design"}
+    # The three models ship one speech tokenizer, so they share one decoder process (each holds ~0.5 GB).
+    tree = psutil.Process(studio.process.pid).children(recursive=True)
+    assert sum("tts_service.decoder_process" in " ".join(p.cmdline()) for p in tree) == 1
 
 
 def test_a_cloned_voice_speaks_on_every_route(http: httpx.Client, studio: LiveServer) -> None:

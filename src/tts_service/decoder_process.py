@@ -4,8 +4,10 @@ On a CPU the decoder thread and the engine loop share the GIL, and both make tho
 calls: beside a decoding thread the frame step runs about 1.4x slower (`scripts/gil_contention.py`).
 A child process decodes on the other core without touching the loop's GIL.
 
-The child gets its own copy of the decoder (pickled by value: no shared memory, so a container's small
-/dev/shm does not matter and a crash in the child cannot corrupt the engine's weights). Stream states
+Engines whose decoders have the same weights (a service's models ship one speech tokenizer) share one
+child (`decoder_process_for`). The child gets its own copy of the decoder (pickled by value: no shared
+memory, so a container's small /dev/shm does not matter and a crash in the child cannot corrupt the
+engine's weights). Stream states
 live in the child, keyed by a number; the parent's `RemoteState` frees its key when it is collected.
 If the child dies, the calls in flight fail (their requests end with an error), and the next call starts
 a new child; requests whose state was in the old one fail too, every other request goes on. A child that
@@ -225,6 +227,33 @@ class DecoderProcess:
         logger.warning("starting a new decoder process")
         _stop(self._process, self._conn)
         self._start()
+
+
+_running: weakref.WeakSet[DecoderProcess] = weakref.WeakSet()  # each alive while an engine holds it
+_running_lock = threading.Lock()
+
+
+def decoder_process_for(decoder: torch.nn.Module) -> DecoderProcess:
+    """A child for `decoder`, shared with every engine of this process whose decoder has the same weights.
+    A service's models (custom voice, clone, design) ship one speech tokenizer, and a child holds its own
+    torch and qwen-tts: about 0.5 GB of memory that is not shared, and a second of CPU to start. Calls of
+    several engines to one child run one at a time, as they would on its one thread anyway."""
+    with _running_lock:
+        for worker in _running:
+            if _same_weights(worker._decoder, decoder):
+                return worker
+        worker = DecoderProcess(decoder)
+        _running.add(worker)
+        return worker
+
+
+def _same_weights(first: torch.nn.Module, second: torch.nn.Module) -> bool:
+    if first is second:
+        return True
+    ours, theirs = first.state_dict(keep_vars=True), second.state_dict(keep_vars=True)
+    if type(first) is not type(second) or ours.keys() != theirs.keys():
+        return False
+    return all(ours[name].dtype == theirs[name].dtype and torch.equal(ours[name], theirs[name]) for name in ours)
 
 
 def _stop(process: subprocess.Popen | None, conn: Connection | None) -> None:

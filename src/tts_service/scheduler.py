@@ -356,9 +356,9 @@ class StepScheduler:
         speech_decoder = self.model.speech_tokenizer.model.decoder
         worker = None
         if not self.on_cuda if decoder_process is None else decoder_process:
-            from tts_service.decoder_process import DecoderProcess  # CPU only: TTSEngine refuses it on CUDA
+            from tts_service.decoder_process import decoder_process_for  # CPU only: TTSEngine refuses it on CUDA
 
-            worker = DecoderProcess(speech_decoder)  # starts loading now, beside the rest of start-up
+            worker = decoder_process_for(speech_decoder)  # a new one starts loading now, beside the rest of start-up
         self.decoder = ChunkDecoder(
             speech_decoder,
             self.samples_per_frame,

@@ -28,7 +28,7 @@ from tts_service.voices import LANGUAGE_IDS, SPEAKERS
 logger = logging.getLogger(__name__)
 
 # Bump when the checkpoint's content changes, so cached copies are rebuilt.
-TINY_FORMAT_VERSION = 1
+TINY_FORMAT_VERSION = 2  # 2: the speech tokenizer's weights depend on the seed and arch, not the kind
 
 # Codec control ids of the released 12 Hz models (the talker masks the top 1024 ids except EOS).
 CODEC_PAD, CODEC_BOS, CODEC_EOS = 2148, 2149, 2150
@@ -328,14 +328,14 @@ def build_tiny_checkpoint(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
-
     special_ids = _build_text_tokenizer(out)
-    model = _build_talker(arch, special_ids, generator, kind)
+    model = _build_talker(arch, special_ids, torch.Generator().manual_seed(seed), kind)
     if arch.talker_hidden > TINY.talker_hidden:  # bf16 on disk, as released: halves the real-size checkpoints
         model = model.to(torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)
-    _build_speech_tokenizer(arch, out / "speech_tokenizer", generator)
+    # One tokenizer for every kind, as the released models ship one (and a service's models then share
+    # one decoder process).
+    _build_speech_tokenizer(arch, out / "speech_tokenizer", torch.Generator().manual_seed(seed))
 
     # save_pretrained writes an empty model_type for the speaker encoder's config, which then fails to reload.
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
