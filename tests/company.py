@@ -13,11 +13,17 @@ from tts_service.engine import TTSEngine
 
 
 def row_zero_after_steps(
-    engine: TTSEngine, n: int, frames: int = 12, step: Callable | None = None, sample: bool = True
+    engine: TTSEngine,
+    n: int,
+    frames: int = 12,
+    step: Callable | None = None,
+    sample: bool = True,
+    window: int = 1,
 ) -> list[torch.Tensor]:
     """Row 0 (always the same prompt and seed) prefilled beside n - 1 others, then stepped `frames` times
-    by `step` (the eager frame step by default), on one intra-op thread as the engine loop runs: its codes
-    and every float it keeps (talker hidden state, talker and predictor keys and values)."""
+    by `step` (the eager frame step by default) over at least `window` rows (free slots past n, as the
+    scheduler steps them), on one intra-op thread as the engine loop runs: its codes and every float it
+    keeps (talker hidden state, talker and predictor keys and values)."""
     step = step or fs.frame_step
     scheduler = engine.scheduler
     w, s = scheduler.weights, scheduler.state
@@ -32,7 +38,7 @@ def row_zero_after_steps(
             codes = []
             for _ in range(frames):
                 kv_len = min(s.max_len, (int(s.position[:n].max()) // 32 + 1) * 32)  # grows with the company
-                codes.append(step(w, s, n, kv_len, sample)[0][0].clone())
+                codes.append(step(w, s, max(n, window), kv_len, sample)[0][0].clone())
             end = int(s.position[0])
             kept = [torch.stack(codes), s.past_hidden[0].clone()]
             kept += [cache[0, :, :end].clone() for cache in (*s.keys, *s.values)]

@@ -39,8 +39,29 @@ def test_the_check_catches_a_product_whose_rows_change_with_the_row_count(monkey
     monkeypatch.setattr(torch, "addmm", lambda b, x, w: by_rows(x, w) + b)
     assert not rows_keep_their_bits(SHAPES, ProductLayout(False, 4), max_rows=8, threads=1)
     assert rows_keep_their_bits(SHAPES, ProductLayout(False, 4), max_rows=5, threads=1)
-    assert choose_layout(SHAPES, slots=8, threads=1, min_rows=4, fallback_rows=8) == ProductLayout(False, 8)
-    assert choose_layout(SHAPES, slots=5, threads=1, min_rows=4, fallback_rows=5) == ProductLayout(False, 4)
+    assert choose_layout(SHAPES, slots=8, threads=1, paddings=(4,), fallback_rows=8) == ProductLayout(False, 8)
+    assert choose_layout(SHAPES, slots=5, threads=1, paddings=(4,), fallback_rows=5) == ProductLayout(False, 4)
+
+
+def test_the_least_padding_that_holds_is_chosen(monkeypatch) -> None:
+    """Padding to 2 rows is tried before 4, each with the model's own weights (transposed views) before
+    contiguous copies. A BLAS like the Sapphire Rapids' (views round differently from 6 rows on, contiguous
+    weights never): contiguous at 2 rows. One like the AMD EPYC's (1 to 3 rows take other kernels than 4
+    and more, whatever the layout): views at 4 rows."""
+    mm = torch.mm
+    changes: list = [lambda x, w: not w.is_contiguous() and x.shape[0] >= 6]
+
+    def by_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        out = torch.cat([mm(x[i : i + 1], w) for i in range(x.shape[0])])
+        return out + 1e-3 if changes[0](x, w) else out
+
+    monkeypatch.setattr(torch, "mm", by_rows)
+    monkeypatch.setattr(torch, "addmm", lambda b, x, w: by_rows(x, w) + b)
+    paddings = fs.INVARIANT_ROW_PADDINGS
+    assert paddings == (2, 4)
+    assert choose_layout(SHAPES, slots=8, threads=1, paddings=paddings, fallback_rows=8) == ProductLayout(True, 2)
+    changes[0] = lambda x, w: x.shape[0] < 4
+    assert choose_layout(SHAPES, slots=8, threads=1, paddings=paddings, fallback_rows=8) == ProductLayout(False, 4)
 
 
 def test_every_row_count_up_to_32_is_checked_and_a_sample_past_it() -> None:
@@ -49,18 +70,22 @@ def test_every_row_count_up_to_32_is_checked_and_a_sample_past_it() -> None:
 
 
 def test_the_plan_follows_the_check(monkeypatch) -> None:
-    """What the CPU plan does with each verdict: the first layout that holds is kept (contiguous weights
-    when only they hold), padding to every slot when only that holds, and the default with a warning
-    when nothing does."""
+    """What the CPU plan does with each verdict: the first layout that holds is kept (2 rows before 4,
+    contiguous weights when only they hold), padding to every slot when only that holds, and the default
+    with a warning when nothing does."""
     verdicts: dict[ProductLayout, bool] = {}
     monkeypatch.setattr(
-        "tts_service.batch_invariance.rows_keep_their_bits", lambda shapes, layout, *args: verdicts[layout]
+        "tts_service.batch_invariance.rows_keep_their_bits",
+        lambda shapes, layout, *args: verdicts.get(layout, False),
     )
     rows = fs.INVARIANT_MIN_ROWS
 
     def plan() -> InvariancePlan:
         return InvariancePlan.choose(True, on_cuda=False, slots=8, stateful_decoding=True, shapes=SHAPES)
 
+    verdicts.update({ProductLayout(True, 2): True, ProductLayout(True, rows): True})
+    assert plan() == InvariancePlan(2, True, False, 2, contiguous_weights=True)
+    verdicts[ProductLayout(True, 2)] = False
     verdicts.update({ProductLayout(False, rows): False, ProductLayout(True, rows): True})
     assert plan() == InvariancePlan(rows, True, False, rows, contiguous_weights=True)
     verdicts.update({ProductLayout(True, rows): False, ProductLayout(False, 8): True})

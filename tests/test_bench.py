@@ -67,19 +67,23 @@ def test_stream_benchmark_over_http_smoke(server: LiveServer, tmp_path: Path) ->
 def test_step_benchmark_smoke(cache_dir: Path, tmp_path: Path) -> None:
     """The frame step against wave 1's step and plain qwen-tts (scripts/benchmarks/step.py, baseline_step.py)."""
     out = tmp_path / "step.json"
-    args = ["step", "--batch-sizes", "1", "2", "--steps", "2", "--repeat", "1", "--cache-dir", str(cache_dir)]
+    args = ["step", "--batch-sizes", "1", "4", "--steps", "2", "--repeat", "1", "--cache-dir", str(cache_dir)]
     stdout = run_bench(args, out)
     assert "| batch | new ms | wave 1 ms | plain qwen-tts ms |" in stdout
     rows = json.loads(out.read_text())["rows"]
-    assert [r["batch"] for r in rows] == [1, 2]
+    assert [r["batch"] for r in rows] == [1, 4]
     assert all(r["new_ms"] > 0 and r["old_ms"] > 0 for r in rows)
     # plain qwen-tts's per-frame time is a difference of two whole runs; at 2 steps noise can swamp it
     assert all(math.isfinite(r["plain_ms"]) for r in rows)
     assert "The weights' layout (`batch_invariance` chose" in stdout  # batch invariance is on on the CPU
-    assert all(r["relaid_ms"] > 0 for r in rows)  # (no widening: the benchmark has 2 slots, fewer than 4)
+    assert all(r["relaid_ms"] > 0 for r in rows)
+    # 4 slots: the engine's path at the other row padding (2 or 4 rows) it could have chosen, same run
+    assert "The row padding (`batch_invariance` chose" in stdout
+    assert all({int(p) for p in r["paddings"]} == {2, 4} - {r["padded_rows"]} for r in rows)  # (JSON's keys)
+    assert all(min(r["paddings"].values()) > 0 for r in rows)
     assert "| batch | whole vocabulary ms | top candidates ms | speed-up | greedy ms |" in stdout
     sampling = json.loads(out.read_text())["sampling"]
-    assert [r["batch"] for r in sampling] == [1, 2] and all(r["candidates"] == 66 for r in sampling)
+    assert [r["batch"] for r in sampling] == [1, 4] and all(r["candidates"] == 66 for r in sampling)
 
 
 def test_cpu_diagnostic_scripts_smoke(cache_dir: Path) -> None:

@@ -26,9 +26,12 @@ def compiled_engine(tiny_dir: Path, cache_dir: Path) -> TTSEngine:
         Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu", compile_step=True)
     )
     assert isinstance(engine.scheduler.step_fn, CompiledFrameStep)
-    # n = 1 at its first length, n = 1 at any length, n = 2 or 3 (products padded to 4 rows) and n >= 4
-    # at any length: four graphs in all
-    assert counters["stats"]["unique_graphs"] - before == 4
+    # The scheduler steps n from its window (the products' row padding chosen at start-up) on: that n at
+    # its first length, at any length, then any n at any length: three graphs in all (not the n = 1 to 3
+    # graphs of a GPU's or an unpadded step, which this one never runs)
+    plan = engine.scheduler.invariance
+    assert plan.min_window == plan.min_rows > 1
+    assert counters["stats"]["unique_graphs"] - before == 3
     return engine
 
 
@@ -37,6 +40,12 @@ def test_warm_up_shapes_make_both_sizes_dynamic_within_the_slots() -> None:
     assert warm_up_shapes(2, 2560) == [(1, 32), (1, 64), (2, 64), (2, 32), (1, 96)]
     assert warm_up_shapes(4, 2560) == [(1, 32), (1, 64), (2, 64), (3, 32), (1, 96), (4, 64)]
     assert warm_up_shapes(1, 2560) == [(1, 32), (1, 64)]
+    # From the CPU's window (the products' row padding): no n below it, no padding guard to cross.
+    assert warm_up_shapes(32, 2560, min_window=2, min_rows=2) == [(2, 32), (2, 64), (3, 32)]
+    assert warm_up_shapes(32, 2560, min_window=4, min_rows=4) == [(4, 32), (4, 64), (5, 32)]
+    assert warm_up_shapes(2, 2560, min_window=2, min_rows=2) == [(2, 32), (2, 64)]
+    # Padded past 4 rows (a GPU's invariance: every product over all slots): n past it too.
+    assert warm_up_shapes(32, 2560, min_rows=32)[-1] == (32, 64)
     assert all(kv <= 80 for _, kv in warm_up_shapes(4, 80))
 
 
@@ -53,12 +62,14 @@ def test_compiled_step_keeps_qwen_tts_codes_at_every_batch_without_compiling_aga
 
 def test_the_compiled_step_keeps_a_rows_bits_alone_and_in_company(compiled_engine) -> None:
     """Batch invariance through Inductor's fused kernels too: the compiled step (warmed up greedy) gives
-    row 0 the same bits alone and beside 1, 2, 3 and 7 others, each from a warmed-up graph."""
+    row 0 the same bits alone and beside 1, 2, 3 and 7 others, each from a warmed-up graph (stepped in the
+    scheduler's window)."""
     step = compiled_engine.scheduler.step_fn
     eager_before = step.eager_calls
-    alone = row_zero_after_steps(compiled_engine, 1, step=step, sample=False)
+    window = compiled_engine.scheduler.invariance.min_window
+    alone = row_zero_after_steps(compiled_engine, 1, step=step, sample=False, window=window)
     for n in (2, 3, 4, 8):
-        company = row_zero_after_steps(compiled_engine, n, step=step, sample=False)
+        company = row_zero_after_steps(compiled_engine, n, step=step, sample=False, window=window)
         assert all(torch.equal(a, b) for a, b in zip(alone, company, strict=True)), n
     assert step.eager_calls == eager_before
 

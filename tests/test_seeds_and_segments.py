@@ -156,7 +156,8 @@ def test_stream_windows_without_state_keep_a_seeds_bytes_on_the_cpu(tiny_dir: Pa
         )
     )
     plan = engine.scheduler.invariance  # the weights' layout is whichever keeps the bits on this CPU
-    rows = fs.INVARIANT_MIN_ROWS
+    rows = plan.min_rows
+    assert rows in fs.INVARIANT_ROW_PADDINGS
     assert replace(plan, contiguous_weights=False) == InvariancePlan(rows, True, True, rows)
     alone, company, batch = _streamed_alone_and_in_company(engine)
     assert batch >= 4 and company == alone

@@ -48,16 +48,18 @@ def measure_step(
     step, plain qwen-tts; and the new step without its products' row padding (`TTS_BATCH_INVARIANT=false`)
     when the engine pads, and (below the padding's row count) with the step's window widened to that many
     rows instead: free slots compute beside the batch, so no product needs padding (the batch's frames are
-    checked equal to the padded step's); and the engine's own path (widened, else padded) with the weights
-    copied into the other layout (`batch_invariance`: contiguous [in, out] against transposed views)."""
+    checked equal to the padded step's); the engine's own path (widened, else padded) with the weights
+    copied into the other layout (`batch_invariance`: contiguous [in, out] against transposed views); and
+    the engine's path at each other row padding it could have chosen (`fs.INVARIANT_ROW_PADDINGS`, same
+    layout), with whether that padding keeps a row's bits on this CPU."""
     scheduler = engine.scheduler
     w, s = scheduler.weights, scheduler.state
     unpadded = relaid = None
+    paddings: dict[int, fs.Weights] = {}
     if w.talker.min_rows > 1:
-        unpadded = dataclasses.replace(
-            w, talker=dataclasses.replace(w.talker, min_rows=1), predictor=dataclasses.replace(w.predictor, min_rows=1)
-        )
+        unpadded = padded_to(w, 1)
         relaid = other_layout(w)
+        paddings = {p: padded_to(w, p) for p in fs.INVARIANT_ROW_PADDINGS if p != w.talker.min_rows and p <= s.slots}
     device = w.codec_head.device
     rows = []
     with eos_never(engine):
@@ -66,6 +68,7 @@ def measure_step(
             prompts = [scheduler.prompts.build(r.text, r.speaker, r.language) for r in requests]
             kv_len = max(p.shape[0] for p in prompts) + steps * (repeat + 2) + 8
             new_ms, compiled_ms, old_ms, plain_ms, unpadded_ms, widened_ms, relaid_ms = [], [], [], [], [], [], []
+            padding_ms: dict[int, list[float]] = {p: [] for p in paddings}
             widened = w.talker.min_rows if unpadded is not None and n < w.talker.min_rows <= s.slots else n
             for _ in range(repeat):  # interleaved, so drift hits all alike
                 variants = (
@@ -74,6 +77,7 @@ def measure_step(
                     (fs.frame_step, unpadded, unpadded_ms, n),
                     (fs.frame_step if widened > n else None, w, widened_ms, widened),
                     (fs.frame_step, relaid, relaid_ms, widened),
+                    *((fs.frame_step, paddings[p], padding_ms[p], max(n, p)) for p in paddings),
                 )
                 for step, weights, times, window in variants:
                     if step is None or weights is None:
@@ -117,12 +121,31 @@ def measure_step(
                 row["engine_ms"] = row.get("widened_ms", row["new_ms"])
                 row["relaid_ms"] = statistics.median(relaid_ms)
                 row["contiguous"] = w.codec_head_t.is_contiguous()
+            if padding_ms:
+                row["engine_ms"] = row.get("widened_ms", row["new_ms"])
+                row["padded_rows"] = w.talker.min_rows
+                row["paddings"] = {p: statistics.median(times) for p, times in padding_ms.items()}
+                row["padding_holds"] = {p: padding_holds(scheduler, p) for p in paddings}
             if compiled_ms:
                 row["compiled_ms"] = statistics.median(compiled_ms)
                 row["compiled_vs_old"] = row["old_ms"] / row["compiled_ms"]
                 row["compiled_vs_plain"] = row["plain_ms"] / row["compiled_ms"]
             rows.append(row)
     return rows
+
+
+def padded_to(w: fs.Weights, rows: int) -> fs.Weights:
+    """The same weights, their products padded to `rows` rows."""
+    talker, predictor = (dataclasses.replace(stack, min_rows=rows) for stack in (w.talker, w.predictor))
+    return dataclasses.replace(w, talker=talker, predictor=predictor)
+
+
+def padding_holds(scheduler: Any, rows: int) -> bool:
+    """Whether padding to `rows` in the engine's layout keeps every row's bits up to its slots on this CPU."""
+    from tts_service.batch_invariance import ProductLayout, rows_keep_their_bits
+
+    layout = ProductLayout(scheduler.invariance.contiguous_weights, rows)
+    return rows_keep_their_bits(fs.product_shapes(scheduler.model), layout, scheduler.state.slots, threads=1)
 
 
 def widened_frames_equal(scheduler: Any, prompts: list[torch.Tensor], n: int, window: int, kv_len: int) -> bool:
@@ -303,6 +326,21 @@ def step_table(rows: list[dict[str, Any]], label: str, steps: int, repeat: int) 
                     f"{r['relaid_ms']:.1f}",
                     f"{r['relaid_ms'] / r['engine_ms']:.2f}x",
                 ]
+                for r in rows
+            ],
+        )
+    if rows and "paddings" in rows[0]:
+        chosen = rows[0]["padded_rows"]
+        others = sorted(rows[0]["paddings"])
+        verdicts = ", ".join(f"{p} rows {'holds' if rows[0]['padding_holds'][p] else 'does not hold'}" for p in others)
+        lines += _markdown(
+            f"\nThe row padding (`batch_invariance` chose {chosen} rows on this CPU; in its layout, {verdicts}), "
+            "the engine's path, same run:\n",
+            ["batch", f"{chosen} rows ms", *(f"{p} rows ms" for p in others), *(f"{p} / {chosen}" for p in others)],
+            [
+                [str(r["batch"]), f"{r['engine_ms']:.1f}"]
+                + [f"{r['paddings'][p]:.1f}" for p in others]
+                + [f"{r['paddings'][p] / r['engine_ms']:.2f}x" for p in others]
                 for r in rows
             ],
         )

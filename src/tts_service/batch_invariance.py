@@ -3,8 +3,9 @@ start-up, for the model's own weight shapes and the engine loop's thread count, 
 of the BLAS build and the processor, not of PyTorch: on an AMD EPYC, MKL gives every row the same bits
 from 4 rows on with the weights held as transposed views; on an Intel Sapphire Rapids (AVX-512, AMX)
 the same views give other bits from 6 to 16 rows on, while the same weights held contiguous ([in, out])
-give the same bits at every count up to 128 and more. So the engine tries layouts and keeps the first
-that holds (docs/PERFORMANCE.md, seventeenth session)."""
+give the same bits at every count up to 128 and more padded to 4 rows, and up to 32 (as far as checked)
+padded to 2. So the engine tries layouts, the least padding first, and keeps the first that holds
+(docs/PERFORMANCE.md, seventeenth and twentieth sessions)."""
 
 from __future__ import annotations
 
@@ -107,19 +108,15 @@ def choose_layout(
     shapes: Sequence[ProductShape],
     slots: int,
     threads: int,
-    min_rows: int,
+    paddings: Sequence[int],
     fallback_rows: int,
     dtype: torch.dtype = torch.float32,
 ) -> ProductLayout | None:
-    """The first layout under which rows keep their bits up to `slots` rows: transposed views (what the
-    model's weights already are) padded to `min_rows`, then contiguous copies padded to `min_rows`, then
-    each padded to `fallback_rows` (every product at one size). None if none holds."""
-    candidates = [
-        ProductLayout(False, min_rows),
-        ProductLayout(True, min_rows),
-        ProductLayout(False, fallback_rows),
-        ProductLayout(True, fallback_rows),
-    ]
+    """The first layout under which rows keep their bits up to `slots` rows, the least padding first: for
+    each of `paddings` (ascending), transposed views (what the model's weights already are), then
+    contiguous copies; then each padded to `fallback_rows` (every product at one size). None if none holds."""
+    candidates = [ProductLayout(contiguous, rows) for rows in paddings for contiguous in (False, True)]
+    candidates += [ProductLayout(False, fallback_rows), ProductLayout(True, fallback_rows)]
     started = time.perf_counter()
     for layout in candidates:
         if rows_keep_their_bits(shapes, layout, slots, threads, dtype):

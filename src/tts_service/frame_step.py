@@ -40,11 +40,14 @@ from tts_service.sampling import (
 logger = logging.getLogger(__name__)
 
 NUM_CODE_GROUPS = 16
-# MKL multiplies 1, 2 or 3 rows with other kernels than 4 or more. A step's products run over n rows, so
-# without padding a request's last bits, and now and then a sampled code, would depend on how many others
-# share its steps: a seed would not replay byte for byte. Whether every row has the same bits from 4 rows
-# on depends on the CPU and the weights' layout: `batch_invariance` measures it at start-up.
-INVARIANT_MIN_ROWS = 4
+# MKL multiplies few rows with other kernels than many. A step's products run over n rows, so without
+# padding a request's last bits, and now and then a sampled code, would depend on how many others share its
+# steps: a seed would not replay byte for byte. From how many rows on every row keeps its bits depends on
+# the CPU and the weights' layout, so `batch_invariance` measures it at start-up and the fewest rows that
+# hold are kept: 2 with contiguous weights on an Intel Sapphire Rapids, 4 with the model's own (transposed
+# views) on an AMD EPYC. One row never does (a matrix-vector kernel), so it is not tried.
+INVARIANT_ROW_PADDINGS = (2, 4)
+INVARIANT_MIN_ROWS = 4  # the padding when nothing is measured: the one that held on every CPU measured
 
 
 @dataclass
@@ -80,8 +83,8 @@ class Stack:
     eps_t: torch.Tensor
     width_t: torch.Tensor  # hidden size: the mean's divisor for the layer norms
     head_dim_t: torch.Tensor  # the divisor for the q/k norms
-    # Products run over at least this many rows (zero rows added): INVARIANT_MIN_ROWS on the CPU, so a
-    # row's bits do not depend on its company; 1: as many as there are.
+    # Products run over at least this many rows (zero rows added): one of INVARIANT_ROW_PADDINGS on the
+    # CPU, so a row's bits do not depend on its company; 1: as many as there are.
     min_rows: int = 1
 
 
@@ -164,7 +167,7 @@ def linear(
 ) -> torch.Tensor:
     """`F.linear` on 2-D rows, given the weight's transposed view: the same BLAS call `F.linear` makes
     (it folds [B, T, H] into [B * T, H] too), minus its wrapper's dispatches. Fewer than `min_rows` rows
-    are padded with zero rows for the product (see INVARIANT_MIN_ROWS)."""
+    are padded with zero rows for the product (see INVARIANT_ROW_PADDINGS)."""
     rows = x.shape[0]
     if rows < min_rows:
         x = F.pad(x, (0, 0, 0, min_rows - rows))

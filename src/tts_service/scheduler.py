@@ -126,10 +126,10 @@ class InvariancePlan:
         dtype: torch.dtype = torch.float32,
         speech_decoder: torch.nn.Module | None = None,
     ) -> InvariancePlan:
-        """On the CPU, MKL multiplies 1 to 3 rows with other kernels than 4 or more; from 4 on, whether a
-        row keeps its bits at every count depends on the processor and the weights' layout, so it is
-        measured for the model's `shapes` (`batch_invariance.choose_layout`; without shapes, transposed
-        views padded to 4 rows, which hold on the AMD EPYC measured). A step of fewer rows than the
+        """On the CPU, MKL multiplies few rows with other kernels than many; from how many rows on a row
+        keeps its bits at every count depends on the processor and the weights' layout, so it is measured
+        for the model's `shapes` (`batch_invariance.choose_layout`: 2 rows, then 4; without shapes,
+        transposed views padded to 4 rows, which hold on the AMD EPYC measured). A step of fewer rows than the
         padding computes free slots beside them instead of padding every product (the same bits, fewer
         operations); each prompt is prefilled alone (a prefill's products have as many rows as the prompts
         have tokens, past what the start-up check covers); the stateful decoder batches windows only from
@@ -146,7 +146,7 @@ class InvariancePlan:
             return cls(min_rows=slots, prefill_alone=True, decode_alone=True)
         layout = ProductLayout(False, fs.INVARIANT_MIN_ROWS)
         if shapes is not None:
-            chosen = choose_layout(shapes, slots, _CPU_LOOP_THREADS, fs.INVARIANT_MIN_ROWS, max(slots, 1), dtype)
+            chosen = choose_layout(shapes, slots, _CPU_LOOP_THREADS, fs.INVARIANT_ROW_PADDINGS, max(slots, 1), dtype)
             if chosen is None:
                 logger.warning(
                     "batch invariance: on this CPU a row's bits depend on the row count in every weight layout "
@@ -384,7 +384,9 @@ class StepScheduler:
 
             params = self.sampling_params(0)
             sample = params.do_sample or params.sub_do_sample  # as each row's `samples` is set in _admit
-            self.step_fn = compiled_step(self.weights, self.state, sample, None if self.on_cuda else _CPU_LOOP_THREADS)
+            self.step_fn = compiled_step(
+                self.weights, self.state, sample, None if self.on_cuda else _CPU_LOOP_THREADS, invariance.min_window
+            )
         if self.on_cuda and cuda_graphs:
             from tts_service.cuda_graphs import GraphedFrameStep
 

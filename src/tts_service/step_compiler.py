@@ -34,18 +34,23 @@ logger = logging.getLogger(__name__)
 _RECOMPILE_LIMIT = 64
 
 
-def warm_up_shapes(slots: int, max_len: int) -> list[tuple[int, int]]:
-    """(n, kv_len) calls, in order, that leave dynamic graphs for every shape the scheduler asks for:
-    first static, then kv_len changed (kv_len becomes dynamic), then n changed (n >= 2 dynamic), then
-    n = 1 with yet another kv_len (the n = 1 graph with kv_len dynamic), then n at or past the products' row
-    padding (`fs.INVARIANT_MIN_ROWS`: below it the graph pads, so it is guarded on n < 4). Lengths are
-    the scheduler's multiples of 32, within the slots' positions."""
+def warm_up_shapes(slots: int, max_len: int, min_window: int = 1, min_rows: int = 1) -> list[tuple[int, int]]:
+    """(n, kv_len) calls, in order, that leave dynamic graphs for every shape the scheduler asks for: n
+    from `min_window` (its narrowest step) to `slots`. First static, then kv_len changed (kv_len becomes
+    dynamic), then n changed (n >= 2 dynamic); from n = 1, n = 1 again with yet another kv_len (the n = 1
+    graph with kv_len dynamic). Then n past the products' row padding `min_rows` where smaller n are
+    stepped (below it the graph pads, so it is guarded on n < min_rows); from n = 1, past at least 4, as
+    on a GPU. Lengths are the scheduler's multiples of 32, within the slots' positions."""
     short, long = min(32, max_len), min(64, max_len)
-    shapes = [(1, short), (1, long)]
-    if slots >= 2:
+    first = max(1, min(min_window, slots))
+    shapes = [(first, short), (first, long)]
+    if first == 1 and slots >= 2:
         shapes += [(2, long), (min(3, slots), short), (1, min(96, max_len))]
-    if slots >= fs.INVARIANT_MIN_ROWS:  # (the scheduler's window is never narrower on the CPU: InvariancePlan)
-        shapes.append((min(slots, fs.INVARIANT_MIN_ROWS + 1), long))
+    elif first < slots:
+        shapes.append((first + 1, short))
+    padded = max(min_rows, fs.INVARIANT_MIN_ROWS) if first == 1 else min_rows
+    if first < padded <= slots:
+        shapes.append((min(slots, padded + 1), long))
     return shapes
 
 
@@ -60,12 +65,14 @@ class CompiledFrameStep:
         self.warm = False  # compiles allowed until warm_up has run; after it, a missing shape runs eagerly
         self.eager_calls = 0
 
-    def warm_up(self, weights: fs.Weights, state: fs.SlotState, sample: bool, threads: int | None) -> float:
-        """Compile for every shape (all slots must be free: the calls run for real on the idle slots,
-        which any later prefill resets). `threads`: the engine loop's intra-op threads, which the graphs
-        are guarded on (None: leave as is). Returns the seconds it took."""
+    def warm_up(
+        self, weights: fs.Weights, state: fs.SlotState, sample: bool, threads: int | None, min_window: int = 1
+    ) -> float:
+        """Compile for every shape from `min_window` rows (all slots must be free: the calls run for real
+        on the idle slots, which any later prefill resets). `threads`: the engine loop's intra-op threads,
+        which the graphs are guarded on (None: leave as is). Returns the seconds it took."""
         started = time.perf_counter()
-        shapes = warm_up_shapes(state.slots, state.max_len)
+        shapes = warm_up_shapes(state.slots, state.max_len, min_window, weights.talker.min_rows)
         outer = torch.get_num_threads()
         try:
             torch.set_num_threads(threads or outer)
@@ -108,9 +115,15 @@ class CompiledFrameStep:
 
 
 def compiled_step(
-    weights: fs.Weights, state: fs.SlotState, sample: bool, threads: int | None, backend: str = "inductor"
+    weights: fs.Weights,
+    state: fs.SlotState,
+    sample: bool,
+    threads: int | None,
+    min_window: int = 1,
+    backend: str = "inductor",
 ) -> Callable:
-    """The frame step compiled and warmed up for the scheduler's shapes and threads."""
+    """The frame step compiled and warmed up for the scheduler's shapes (steps of `min_window` rows and
+    more) and threads."""
     step = CompiledFrameStep(backend)
-    step.warm_up(weights, state, sample, threads)
+    step.warm_up(weights, state, sample, threads, min_window)
     return step
