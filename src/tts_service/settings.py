@@ -56,7 +56,7 @@ class Settings(BaseSettings):
         None,
         description="A request gets the same bits whatever shares its steps, so a seed replays byte for byte in any "
         "company. Unset: on the CPU only, where it holds by construction (tested; the weights' layout and the "
-        "decoder's batching are checked at start-up on that processor) and costs a lone request's step 1.0-1.6x "
+        "decoder's batching are checked at start-up on that processor) and costs a lone request's step 1.0-1.7x "
         "(a step computes at least 2 or 4 rows, as measured at start-up; prompts are prefilled one by one). true "
         "on a GPU: products run at the full slot count, prompts are prefilled and windows decoded one by one (cost "
         "and effect not yet measured: "
