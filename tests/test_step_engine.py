@@ -266,10 +266,9 @@ def company_engines(tiny_dir: Path, cache_dir: Path) -> dict[bool, TTSEngine]:
 def test_a_row_keeps_the_same_bits_alone_and_in_any_company(company_engines, deep_engine) -> None:
     """A seed replays byte for byte only if nothing a row computes depends on how many rows share the
     step: with products padded to the rows the start-up check chose (2 or 4 on the CPUs measured) and each
-    prompt attended over its own length, every float the
-    row keeps is bit-identical alone and beside 1, 2, 3 or 7 others (longer prompts lengthen the keys
-    a step attends over). Without the padding the same comparison differs in the last bits, so this test
-    can tell."""
+    prompt attended over its own length, every float the row keeps is bit-identical alone and beside 1, 2,
+    3 or 7 others (longer prompts lengthen the keys a step attends over). Without the padding the same
+    comparison differs in the last bits, so this test can tell."""
     for engine in (company_engines[True], deep_engine):
         assert engine.scheduler.weights.talker.min_rows in fs.INVARIANT_ROW_PADDINGS
         alone = row_zero_after_steps(engine, 1)

@@ -7,8 +7,8 @@ A child process decodes on the other core without touching the loop's GIL.
 Engines whose decoders have the same weights (a service's models ship one speech tokenizer) share one
 child (`decoder_process_for`). The child gets its own copy of the decoder (pickled by value: no shared
 memory, so a container's small /dev/shm does not matter and a crash in the child cannot corrupt the
-engine's weights). Stream states
-live in the child, keyed by a number; the parent's `RemoteState` frees its key when it is collected.
+engine's weights). Stream states live in the child, keyed by a number; the parent's `RemoteState` frees
+its key when it is collected.
 If the child dies, the calls in flight fail (their requests end with an error), and the next call starts
 a new child; requests whose state was in the old one fail too, every other request goes on. A child that
 stays silent past its timeout prints its threads' stacks to the log before it is killed, and one that
