@@ -199,6 +199,18 @@ def time_steps(
     return ms_per_step(step, *args, warm=3, sample=sample)
 
 
+def stream_plans(base: ChunkPlan, ramps: list[str], first_frames: list[int] | None) -> dict[str, ChunkPlan]:
+    """The chunk plans to run side by side, by name: each of `ramps` ("ramp", "step") with each first chunk
+    size (the serving plan's own when None); names carry only what varies."""
+    sizes = first_frames or [base.first_frames]
+    plans = {}
+    for ramp in ramps:
+        for size in sizes:
+            parts = ([ramp] if len(ramps) > 1 else []) + ([f"first {size}"] if len(sizes) > 1 else [])
+            plans[", ".join(parts)] = replace(base, ramp=ramp == "ramp", first_frames=size)
+    return plans
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="1.7b")
@@ -222,6 +234,13 @@ def main(argv: list[str] | None = None) -> None:
         choices=("ramp", "step"),
         default=["ramp"],
         help="stream chunk plans to run side by side: ramp (serving: 4, 4, 8, 16, ...) or step (4, 16, 16, ...)",
+    )
+    parser.add_argument(
+        "--first-frames",
+        type=int,
+        nargs="+",
+        default=None,
+        help="first chunk sizes (TTS_STREAM_FIRST_FRAMES) to run side by side with each plan; default: the setting's",
     )
     parser.add_argument(
         "--sampling",
@@ -312,8 +331,10 @@ def main(argv: list[str] | None = None) -> None:
             f"| {row['batch'] * 1000 / g:.0f} |"
         )
 
-    plans = {"ramp": replace(scheduler.stream_plan, ramp=True), "step": replace(scheduler.stream_plan, ramp=False)}
-    plans = {name: plans[name] for name in args.plans}
+    plans = stream_plans(scheduler.stream_plan, args.plans, args.first_frames)
+    if scheduler.on_cuda and scheduler.decoder.graph_lengths:  # every plan's windows as graphs, as in serving
+        lengths = sorted({n for plan in plans.values() for n in plan.window_lengths()})
+        scheduler.decoder.capture(tuple(lengths))
     report["load"] = []
     modes = [("graphs", scheduler.step_fn)]
     if not args.no_eager and scheduler.step_fn is not fs.frame_step:
