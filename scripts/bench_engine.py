@@ -33,7 +33,7 @@ from tts_service import chunk_decoder  # noqa: E402
 from tts_service import frame_step as fs  # noqa: E402
 from tts_service.dev.tiny_checkpoint import CODEC_EOS, ensure_tiny_checkpoint  # noqa: E402
 from tts_service.engine import TTSEngine  # noqa: E402
-from tts_service.scheduler import LOOP_PHASES, ChunkPlan, Job, StepScheduler  # noqa: E402
+from tts_service.scheduler import LOOP_PHASES, ChunkPlan, InvariancePlan, Job, StepScheduler  # noqa: E402
 from tts_service.settings import Settings  # noqa: E402
 
 logger = logging.getLogger("bench_engine")
@@ -199,15 +199,22 @@ def time_steps(
     return ms_per_step(step, *args, warm=3, sample=sample)
 
 
-def stream_plans(base: ChunkPlan, ramps: list[str], first_frames: list[int] | None) -> dict[str, ChunkPlan]:
-    """The chunk plans to run side by side, by name: each of `ramps` ("ramp", "step") with each first chunk
-    size (the serving plan's own when None); names carry only what varies."""
-    sizes = first_frames or [base.first_frames]
+def stream_plans(
+    base: ChunkPlan, ramps: list[str], first_frames: list[str] | None
+) -> dict[str, tuple[ChunkPlan, bool]]:
+    """The chunk plans to run side by side, by name, each with whether quick start is on: each of `ramps`
+    ("ramp", "step") with each first chunk size, "quick" being the serving plan's size with quick start
+    (`TTS_STREAM_QUICK_START`: 1 frame when the engine has time to spare); the serving plan's own size without
+    it when None. Names carry only what varies."""
+    sizes = first_frames or [str(base.first_frames)]
     plans = {}
     for ramp in ramps:
         for size in sizes:
-            parts = ([ramp] if len(ramps) > 1 else []) + ([f"first {size}"] if len(sizes) > 1 else [])
-            plans[", ".join(parts)] = replace(base, ramp=ramp == "ramp", first_frames=size)
+            quick = size == "quick"
+            label = "quick start" if quick else f"first {size}"
+            parts = ([ramp] if len(ramps) > 1 else []) + ([label] if len(sizes) > 1 else [])
+            first = base.first_frames if quick else int(size)
+            plans[", ".join(parts)] = (replace(base, ramp=ramp == "ramp", first_frames=first), quick)
     return plans
 
 
@@ -237,10 +244,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--first-frames",
-        type=int,
         nargs="+",
         default=None,
-        help="first chunk sizes (TTS_STREAM_FIRST_FRAMES) to run side by side with each plan; default: the setting's",
+        help="first chunk sizes (TTS_STREAM_FIRST_FRAMES) to run side by side with each plan, and 'quick': the "
+        "setting's with quick start (TTS_STREAM_QUICK_START); default: the setting's, quick start as set",
     )
     parser.add_argument(
         "--sampling",
@@ -331,10 +338,17 @@ def main(argv: list[str] | None = None) -> None:
             f"| {row['batch'] * 1000 / g:.0f} |"
         )
 
+    for size in args.first_frames or []:
+        if size != "quick" and not size.isdigit():
+            parser.error(f"--first-frames: {size!r} is neither a frame count nor 'quick'")
+        if size == "quick" and scheduler.invariance != InvariancePlan():
+            parser.error("--first-frames quick: batch invariance fixes the chunk plan (TTS_BATCH_INVARIANT=false)")
     plans = stream_plans(scheduler.stream_plan, args.plans, args.first_frames)
     if scheduler.on_cuda and scheduler.decoder.graph_lengths:  # every plan's windows as graphs, as in serving
-        lengths = sorted({n for plan in plans.values() for n in plan.window_lengths()})
-        scheduler.decoder.capture(tuple(lengths))
+        windows = [scheduler.quick_plan] + [plan for plan, _ in plans.values()]
+        scheduler.decoder.capture(tuple(sorted({n for plan in windows for n in plan.window_lengths()})))
+    if args.first_frames and "quick" in args.first_frames and not scheduler.step_intervals:
+        scheduler.step_intervals.append(scheduler.time_a_step())  # what the engine does when it is on
     report["load"] = []
     modes = [("graphs", scheduler.step_fn)]
     if not args.no_eager and scheduler.step_fn is not fs.frame_step:
@@ -345,8 +359,10 @@ def main(argv: list[str] | None = None) -> None:
         for count in args.streams:
             if count > scheduler.slots:
                 continue
-            for name, plan in plans.items():  # side by side, one count at a time
+            for name, (plan, quick) in plans.items():  # side by side, one count at a time
                 scheduler.step_batch_sizes.clear()
+                if args.first_frames:
+                    scheduler.quick_start = quick
                 result = run_streams(scheduler, count, args.frames, args.stagger_ms / 1000 if count > 1 else 0, plan)
                 result["mode"] = mode if len(plans) == 1 else f"{mode}, {name}"
                 report["load"].append(result)

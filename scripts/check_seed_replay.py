@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         batch_invariant=None if args.batch_invariant == "default" else args.batch_invariant == "true",
     )
     engine = TTSEngine.load(settings)
-    print(f"batch invariance: {engine.scheduler.invariance}")
+    quick = engine.scheduler.quick_start  # a lone stream's chunks then differ from one's in company
+    print(f"batch invariance: {engine.scheduler.invariance}; quick start (TTS_STREAM_QUICK_START): {quick}")
     line = SynthesisRequest(TEXT, engine.resolve_speaker(SPEAKER), engine.resolve_language(LANGUAGE), seed=SEED)
     words = OTHERS_TEXT.split()
     others = [  # seven other lines of different lengths, voices and seeds

@@ -137,6 +137,63 @@ def test_streams_joining_at_different_times_share_steps_and_keep_their_codes(
     assert handles[0].end.shared_steps < handles[0].end.steps
 
 
+@pytest.fixture(scope="module")
+def quick_engine(tiny_dir, cache_dir) -> TTSEngine:
+    """Batch invariance off (a GPU's default), so quick start is on."""
+    return TTSEngine.load(
+        Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu", batch_invariant=False)
+    )
+
+
+def test_quick_start_needs_time_to_spare() -> None:
+    """A quick first chunk only while no request waits for a slot, steps run 3x faster than real time and
+    every other stream has half a second of audio in hand (one that has sent none has nothing in hand)."""
+    from tts_service.scheduler import QUICK_START_MAX_STEP_S, quick_start_fits
+
+    fast = QUICK_START_MAX_STEP_S / 2
+    assert quick_start_fits([], fast, waiting=False)
+    assert quick_start_fits([0.5, 3.0], fast, waiting=False)
+    assert not quick_start_fits([0.5, 0.49], fast, waiting=False)  # one of them is ramping up
+    assert not quick_start_fits([None], fast, waiting=False)  # it has not started yet
+    assert not quick_start_fits([], fast, waiting=True)
+    assert not quick_start_fits([], QUICK_START_MAX_STEP_S * 1.01, waiting=False)
+    assert not quick_start_fits([], None, waiting=False)  # no step measured
+
+
+def test_a_stream_starts_with_one_frame_only_while_the_engine_has_time_to_spare(
+    quick_engine: TTSEngine, engine: TTSEngine, reference
+) -> None:
+    """With batch invariance off, a stream that starts with nobody else ramping up gets a first chunk of
+    1 frame and ramps 1, 1, 2, 4, 8, 16; two starting together both get the plan's 4 (each would ramp while
+    the other does); one starting beside streams with seconds in hand gets 1 again. Codes are qwen-tts's
+    and the audio its whole decode either way. With batch invariance (the CPU default) the plan is fixed."""
+    assert quick_engine.scheduler.quick_start and not engine.scheduler.quick_start
+    lone = quick_engine.submit(LONG, "quick-lone", stream=True)
+    chunks = list(lone)
+    assert [len(c) // SPF for c in chunks][:7] == [1, 1, 2, 4, 8, 16, 16]
+    ref_codes, ref_audio = reference[LONG.text]
+    np.testing.assert_array_equal(lone.end.codes, ref_codes)
+    assert np.abs(_as_pcm16(chunks) - ref_audio).max() <= 1.5 / 32768
+
+    with quick_engine.scheduler._wake:  # the loop admits both in one turn (it takes the queue under this lock)
+        pair = [quick_engine.submit(LONG, f"quick-pair-{i}", stream=True) for i in range(2)]
+    streams = [iter(handle) for handle in pair]
+    heard: list[list[np.ndarray]] = [[], []]
+    for index, stream in enumerate(streams):  # until each has 2 s of audio out, far ahead of a listener
+        while sum(len(c) for c in heard[index]) < 2 * 24000:
+            heard[index].append(next(stream))
+    late = quick_engine.submit(REQUESTS[1], "quick-late", stream=True)
+    late_chunks = list(late)
+    for index, stream in enumerate(streams):
+        heard[index].extend(stream)
+    assert [len(heard[i][0]) // SPF for i in range(2)] == [4, 4]
+    assert [len(c) // SPF for c in late_chunks][:3] == [1, 1, 2]
+    for handle in pair:
+        np.testing.assert_array_equal(handle.end.codes, ref_codes)
+    np.testing.assert_array_equal(late.end.codes, reference[REQUESTS[1].text][0])
+    assert np.abs(_as_pcm16(late_chunks) - reference[REQUESTS[1].text][1]).max() <= 1.5 / 32768
+
+
 def test_the_time_to_first_audio_is_broken_down_in_order(engine: TTSEngine) -> None:
     """Each handle's timeline (bench_engine.py's first-audio table): submitted, prefilled, first frame read,
     first window queued to the decoder, first audio handed over, in that order, for a stream and a whole

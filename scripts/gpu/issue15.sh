@@ -9,7 +9,7 @@
 #              with it (its cost); one log
 # The single stages, each one call (a machine goes back 30 s after a call, so each installs what it needs):
 #   faster     faster-qwen3-tts 0.5.4 in its own environment (transformers 5.15.1, qwen-tts-hf)
-#   engine     this engine with CUDA graphs (streams 1, 8, 32, each with a first chunk of 1 and of 4 frames;
+#   engine     this engine with CUDA graphs (streams 1, 8, 32, each with first chunks of 4, quick start, 1;
 #              census; step) beside plain qwen-tts
 #   compiled   the same with the Inductor-compiled step (TTS_COMPILE_STEP), no plain qwen-tts
 #   sampled    engine with qwen-tts's sampling settings (the service's default) beside plain qwen-tts sampled
@@ -54,7 +54,7 @@ faster_bench() {
 }
 engine_bench() {
     timeout --kill-after=10 "$1" "${in_engine_env[@]}" python3 scripts/bench_engine.py "${common[@]}" \
-        --plain-frames 40 --no-eager --first-frames 1 4 --json "$out/engine-$arch.json"
+        --plain-frames 40 --no-eager --first-frames 4 quick 1 --json "$out/engine-$arch.json"
 }
 sampled_bench() {
     timeout --kill-after=10 "$1" "${in_engine_env[@]}" python3 scripts/bench_engine.py "${common[@]}" \

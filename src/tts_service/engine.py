@@ -266,6 +266,7 @@ class TTSEngine:
             stream_plan=ChunkPlan(
                 settings.stream_first_frames, settings.stream_chunk_frames, settings.stream_left_context
             ),
+            quick_start=settings.stream_quick_start,
         )
 
     @classmethod

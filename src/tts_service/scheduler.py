@@ -23,8 +23,8 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -96,6 +96,25 @@ DECODER_CHECK_FRAMES = (4, 8, 16, 32)
 # qwen-tts decodes whole utterances in 300-frame chunks with 25 frames of left context; a whole-file
 # request uses the same windows, so its audio equals qwen-tts's decode of the same codes.
 WHOLE_FILE_PLAN = ChunkPlan(first_frames=300, frames=300, left_context=25, streamed=False)
+# Quick start: a stream that starts while the engine has time to spare gets a first chunk of this many
+# frames instead of its plan's, and ramps from there (1, 1, 2, 4, 8, 16, ...): first audio after one frame
+# step instead of four. Its next chunk is then due 80 ms after its first audio, so it is given only while
+# every other stream has at least QUICK_START_HEADROOM_S of audio in hand (none is ramping up, each of
+# whose chunks would be as urgent) and steps come at least 3x faster than real time (measured on a CPU:
+# a first chunk of 1 frame halves first audio, but listeners run dry when several streams ramp from 1 at
+# once or a stream gets under about 4x real time; docs/PERFORMANCE.md).
+QUICK_START_FRAMES = 1
+QUICK_START_HEADROOM_S = 0.5
+QUICK_START_MAX_STEP_S = 0.080 / 3
+
+
+def quick_start_fits(others_in_hand: Iterable[float | None], step_interval: float | None, waiting: bool) -> bool:
+    """Whether a stream starting now may take a quick first chunk: no request waits for a slot, recent steps
+    came at least 3x faster than real time (`step_interval`, seconds; None: none measured yet), and every
+    other stream has `QUICK_START_HEADROOM_S` of audio in hand (None: it has sent no audio yet)."""
+    if waiting or step_interval is None or step_interval > QUICK_START_MAX_STEP_S:
+        return False
+    return all(in_hand is not None and in_hand >= QUICK_START_HEADROOM_S for in_hand in others_in_hand)
 
 
 @dataclass(frozen=True)
@@ -273,6 +292,7 @@ class _Row:
 
     job: Job
     handle: RequestHandle
+    plan: ChunkPlan | None = None  # the job's, or its quick-start variant (set at admission)
     slot: int = -1
     segment: int = 0
     segment_frames: int = 0
@@ -291,6 +311,10 @@ class _Row:
     steps: int = 0
     shared_steps: int = 0
     max_batch: int = 0
+
+    def __post_init__(self) -> None:
+        if self.plan is None:
+            self.plan = self.job.plan
 
 
 @dataclass
@@ -321,6 +345,7 @@ class StepScheduler:
         stateful_streams: bool | None = None,
         compile_step: bool = False,
         decoder_process: bool | None = None,
+        quick_start: bool | None = None,
     ) -> None:
         self.wrapper = wrapper
         self.model = wrapper.model
@@ -347,6 +372,13 @@ class StepScheduler:
                 self.model.speech_tokenizer.model.decoder,
             )
         self.invariance = invariance
+        # A stream's first chunk size depends on the load at its start, and chunk boundaries change a
+        # stream's last bits: with batch invariance (seeds replay byte for byte) the plan is fixed.
+        invariant = invariance != InvariancePlan()
+        if quick_start and invariant:
+            logger.warning("TTS_STREAM_QUICK_START is ignored: batch invariance fixes every stream's chunk plan")
+        self.quick_start = (not invariant) if quick_start is None else quick_start and not invariant
+        self.quick_plan = replace(self.stream_plan, first_frames=min(QUICK_START_FRAMES, self.stream_plan.first_frames))
         if decode_batching is None:
             decode_batching = self.on_cuda and not invariance.decode_alone
         self.decode_batching = decode_batching
@@ -370,7 +402,8 @@ class StepScheduler:
         )
         self.decoder.on_error = self._decode_failed
         if self.on_cuda and cuda_graphs:  # a stream's windows, from its first to its steady one
-            self.decoder.capture(self.stream_plan.window_lengths())
+            plans = (self.stream_plan, self.quick_plan) if self.quick_start else (self.stream_plan,)
+            self.decoder.capture(tuple(sorted({n for plan in plans for n in plan.window_lengths()})))
         self.max_len = max_len
         self.weights = fs.build_weights(
             self.model, max_len, self.prompts.pad_embed(), invariance.min_rows, invariance.contiguous_weights
@@ -417,6 +450,28 @@ class StepScheduler:
         self.on_admit: Callable[[float], None] | None = None  # a request's seconds from submit to its prefill
         # Where the loop's time goes, summed (seconds): benchmarks read and reset it (bench_engine.py).
         self.loop_seconds: dict[str, float] = dict.fromkeys(LOOP_PHASES, 0.0)
+        # Seconds between consecutive steps while the loop is busy (a quick start needs them short); the
+        # first from a timed step now, so that the first request is judged too.
+        self.step_intervals: deque[float] = deque(maxlen=8)
+        self._last_launch: float | None = None
+        if self.quick_start:
+            self.step_intervals.append(self.time_a_step())
+
+    def time_a_step(self) -> float:
+        """Seconds of one step at the narrowest window, on free slots (as graph capture runs them; a
+        prefill resets a slot's state)."""
+        window = max(1, self.invariance.min_window)
+        params = self.sampling_params(0)
+        sample = params.do_sample or params.sub_do_sample  # the service's mode, as _admit sets each row's
+        with torch.inference_mode():
+            self.step_fn(self.weights, self.state, window, 32, sample)  # warm
+            if self.on_cuda:
+                torch.cuda.synchronize(self.device)
+            started = time.perf_counter()
+            for _ in range(3):
+                frames, _done = self.step_fn(self.weights, self.state, window, 32, sample)
+            frames.cpu()
+        return (time.perf_counter() - started) / 3
 
     # ---- public ----------------------------------------------------------------------------------
     def reset_time_accounting(self) -> None:
@@ -496,6 +551,9 @@ class StepScheduler:
         admitted = clock()
         launch = self._launch() if any(row.slot >= 0 and not row.segment_done for row in self._rows) else None
         launched = clock()
+        if launch is not None and self._last_launch is not None:
+            self.step_intervals.append(launched - self._last_launch)
+        self._last_launch = launched if launch is not None else None  # an idle turn breaks the chain
         if self.on_cuda:  # read the previous step while this one runs
             previous, self._in_flight = self._in_flight, launch
             if previous is not None:
@@ -546,6 +604,10 @@ class StepScheduler:
                 self._end(row, error=f"{type(exc).__name__}: {exc}")
         if not ready:
             return
+        if self.quick_start:
+            for row in ready:
+                if row.segment == 0 and row.plan.streamed and self._quick_start_fits(row):
+                    row.plan = replace(row.plan, first_frames=min(QUICK_START_FRAMES, row.plan.first_frames))
         groups = [[i] for i in range(len(ready))] if self.invariance.prefill_alone else [list(range(len(ready)))]
         prefilled = []
         for group in groups:
@@ -573,6 +635,20 @@ class StepScheduler:
             row.slots_used.append(row.slot)
             row.prompt_len = int(prompt.shape[0])
             row.samples = param.do_sample or param.sub_do_sample
+
+    def _quick_start_fits(self, row: _Row) -> bool:
+        """`quick_start_fits` for `row` now: the other streams' audio in hand, the recent steps' pace."""
+        now = time.perf_counter()
+        others = [
+            other
+            for other in self._rows
+            if other is not row and other.plan.streamed and not other.retired and not other.handle.cancelled.is_set()
+        ]
+        in_hand = [
+            self._deadline(other, now) - now if "first_audio" in other.handle.timeline else None for other in others
+        ]
+        interval = sum(self.step_intervals) / len(self.step_intervals) if self.step_intervals else None
+        return quick_start_fits(in_hand, interval, bool(self._pending))
 
     def _compact(self) -> None:
         """Keep the step window short: while a slot below the highest occupied one is free (requests left
@@ -670,11 +746,11 @@ class StepScheduler:
         for row in self._rows:
             if row.retired or row.handle.cancelled.is_set() or len(row.codes) <= row.decoded:
                 continue
-            if row.finished or len(row.codes) - row.decoded >= row.job.plan.target(row.decoded):
+            if row.finished or len(row.codes) - row.decoded >= row.plan.target(row.decoded):
                 due.append(row)
         if due and self.decode_batching:
             for row in self._rows:
-                plan = row.job.plan
+                plan = row.plan
                 waiting = len(row.codes) - row.decoded
                 if row not in due and plan.streamed and row.decoded > 0 and 2 * waiting >= plan.frames:
                     due.append(row)
@@ -693,12 +769,12 @@ class StepScheduler:
             windows.append(Window(row.handle, codes, context, row.decoder_state, self._deadline(row, now)))
             row.decoded = end
         due = [row for row in due if row not in stateful]
-        lengths = {row: self._window_end(row) - row.decoded + row.job.plan.left_context for row in due}
-        longest = max((lengths[row] for row in due if row.job.plan.streamed), default=0)
+        lengths = {row: self._window_end(row) - row.decoded + row.plan.left_context for row in due}
+        longest = max((lengths[row] for row in due if row.plan.streamed), default=0)
         for row in due:
             end = self._window_end(row)
             length = lengths[row]
-            if self.decode_batching and row.job.plan.streamed:
+            if self.decode_batching and row.plan.streamed:
                 length = longest  # more left context, same window length: one decoder call for all
             lead = 0 if row.lead_in is None else len(row.lead_in)  # context reaches back into the reference
             start = max(-lead, end - length)
@@ -723,7 +799,7 @@ class StepScheduler:
     def _window_end(row: _Row) -> int:
         if row.finished:
             return len(row.codes)
-        return min(len(row.codes), row.decoded + max(row.job.plan.target(row.decoded), len(row.codes) - row.decoded))
+        return min(len(row.codes), row.decoded + max(row.plan.target(row.decoded), len(row.codes) - row.decoded))
 
     def _hand_off(self) -> None:
         """Queue due windows, then the ends of requests whose last frame is queued; free their slots.
@@ -737,7 +813,7 @@ class StepScheduler:
                 ending = Ending(row.handle, lambda row=row, end=end: self._deliver(row, end))
                 ending.deadline = self._deadline(row, now)  # row.decoded is every frame by now
                 items.append(ending)
-        streams = {row.handle for row in self._rows if row.job.plan.streamed}
+        streams = {row.handle for row in self._rows if row.plan.streamed}
         self.decoder.put([item for item in items if item.handle in streams], STREAM)
         self.decoder.put([item for item in items if item.handle not in streams], WHOLE_FILE)
         self._rows = [row for row in self._rows if not row.retired]
@@ -748,7 +824,7 @@ class StepScheduler:
         sooner than now, so a first window's deadline is the moment it is due, and a stream that is already
         late goes before it. Whole files have none (0). (The decoder's queue keeps each request's items in
         order whatever their deadlines.)"""
-        if not row.job.plan.streamed:
+        if not row.plan.streamed:
             return 0.0
         started = row.handle.timeline.get("first_audio", now)
         return started + row.decoded * self.samples_per_frame / self.sample_rate
@@ -785,7 +861,7 @@ class StepScheduler:
             "request %s (%s) %s: %d frames in %.2f s (first audio after %s), %d segments, %d decode steps, "
             "%d of them shared (batch up to %d)",
             row.handle.request_id,
-            "stream" if row.job.plan.streamed else "whole file",
+            "stream" if row.plan.streamed else "whole file",
             outcome,
             end.frames,
             time.perf_counter() - timeline["submitted"],

@@ -92,6 +92,13 @@ class Settings(BaseSettings):
     stream_chunk_frames: int = Field(
         16, ge=1, description="Codec frames in each later chunk, reached by doubling (none longer than the audio sent)."
     )
+    stream_quick_start: bool | None = Field(
+        None,
+        description="A stream that starts while every other stream has 0.5 s of audio in hand and steps run 3x "
+        "faster than real time gets a first chunk of 1 frame (then 1, 2, 4, ...): first audio after one step "
+        "instead of TTS_STREAM_FIRST_FRAMES. Unset: on where batch invariance is off (a GPU by default); never "
+        "with batch invariance, where a stream's chunks must not depend on the load.",
+    )
     stream_left_context: int = Field(25, ge=0, description="Frames of left context when decoding a chunk.")
     stream_decoder: Literal["auto", "stateful", "window"] = Field(
         "auto",
