@@ -456,6 +456,11 @@ class StepScheduler:
         self._last_launch: float | None = None
         if self.quick_start:
             self.step_intervals.append(self.time_a_step())
+            logger.info(
+                "quick start (TTS_STREAM_QUICK_START): on; a lone step takes %.1f ms (a quick start needs %.1f)",
+                self.step_intervals[-1] * 1000,
+                QUICK_START_MAX_STEP_S * 1000,
+            )
 
     def time_a_step(self) -> float:
         """Seconds of one step at the narrowest window, on free slots (as graph capture runs them; a
