@@ -161,13 +161,14 @@ def test_quick_start_needs_time_to_spare() -> None:
 
 
 def test_a_stream_starts_with_one_frame_only_while_the_engine_has_time_to_spare(
-    quick_engine: TTSEngine, engine: TTSEngine, reference
+    quick_engine: TTSEngine, engine: TTSEngine, reference, caplog: pytest.LogCaptureFixture
 ) -> None:
     """With batch invariance off, a stream that starts with nobody else ramping up gets a first chunk of
     1 frame and ramps 1, 1, 2, 4, 8, 16; two starting together both get the plan's 4 (each would ramp while
     the other does); one starting beside streams with seconds in hand gets 1 again. Codes are qwen-tts's
     and the audio its whole decode either way. With batch invariance (the CPU default) the plan is fixed."""
     assert quick_engine.scheduler.quick_start and not engine.scheduler.quick_start
+    caplog.set_level("INFO", logger="tts_service.scheduler")
     lone = quick_engine.submit(LONG, "quick-lone", stream=True)
     chunks = list(lone)
     assert [len(c) // SPF for c in chunks][:7] == [1, 1, 2, 4, 8, 16, 16]
@@ -192,6 +193,7 @@ def test_a_stream_starts_with_one_frame_only_while_the_engine_has_time_to_spare(
         np.testing.assert_array_equal(handle.end.codes, ref_codes)
     np.testing.assert_array_equal(late.end.codes, reference[REQUESTS[1].text][0])
     assert np.abs(_as_pcm16(late_chunks) - reference[REQUESTS[1].text][1]).max() <= 1.5 / 32768
+    assert "request quick-lone (stream, quick start) done" in caplog.text  # the log says which got one
 
 
 def test_the_time_to_first_audio_is_broken_down_in_order(engine: TTSEngine) -> None:

@@ -866,7 +866,7 @@ class StepScheduler:
             "request %s (%s) %s: %d frames in %.2f s (first audio after %s), %d segments, %d decode steps, "
             "%d of them shared (batch up to %d)",
             row.handle.request_id,
-            "stream" if row.plan.streamed else "whole file",
+            "whole file" if not row.plan.streamed else "stream, quick start" if row.plan != row.job.plan else "stream",
             outcome,
             end.frames,
             time.perf_counter() - timeline["submitted"],
