@@ -54,3 +54,35 @@ def test_a_window_padded_to_its_bucket_computes_the_active_rows_the_same(tiny_di
     for (frames, done), (frames_b, done_b) in zip(exact, padded, strict=True):
         for row in (0, 2):  # the active rows; row 1 is a free slot
             assert torch.equal(frames[row], frames_b[row]) and torch.equal(done[row], done_b[row])
+
+
+def test_a_decoder_window_length_that_cannot_be_captured_leaves_the_others_captured(monkeypatch) -> None:
+    """A window length whose decode cannot be captured as a CUDA graph (say a host sync at 1 frame) is
+    decoded eagerly, and only it: the other lengths keep their graphs. (CUDA's graph API stands in here by
+    context managers that run the decoder as capture would: the CPU has no CUDA.)"""
+    import contextlib
+
+    from tts_service.chunk_decoder import ChunkDecoder
+
+    class Decoder(torch.nn.Module):
+        total_upsample = 1920
+
+        def forward(self, codes: torch.Tensor) -> torch.Tensor:
+            if codes.shape[-1] == 1:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            return torch.zeros(codes.shape[0], 1, codes.shape[-1] * self.total_upsample)
+
+    class Graph:
+        def replay(self) -> None:
+            pass
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None, stream=None: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    decoder = ChunkDecoder(Decoder(), 1920, torch.device("cpu"), threaded=False)
+    decoder.stream = object()  # as on a GPU
+    decoder.capture((1, 2, 4))
+    assert decoder.graph_lengths == (2, 4)
+    assert {length for _, length in decoder._graphs} == {2, 4}
+    assert decoder._graph_for(1, 1) is None and decoder._graph_for(3, 4) is not None

@@ -315,17 +315,18 @@ class ChunkDecoder:
     def capture(self, lengths: tuple[int, ...], batches: tuple[int, ...] | None = None) -> None:
         """Capture the decoder for windows of these frame counts (e.g. a stream's steady chunk plus its
         left context) at these batch sizes (by default 1 to 32, or only 1 when not `batched`). Any other
-        shape is decoded eagerly. If the decoder cannot be captured (a host sync inside), it stays eager
-        and says so."""
+        shape is decoded eagerly. A length the decoder cannot be captured at (a host sync inside) stays
+        eager, and the log says so; the others keep their graphs."""
         if self.stream is None:
             return
         if batches is None:
             batches = (1, 2, 4, 8, 16, 32) if self.batched else (1,)
         self._graphs, self.graph_batches = {}, tuple(sorted(batches))
         pool = torch.cuda.graph_pool_handle()
-        try:
-            with torch.inference_mode(), torch.cuda.stream(self.stream):
-                for length in lengths:
+        captured = []
+        for length in lengths:
+            try:
+                with torch.inference_mode(), torch.cuda.stream(self.stream):
                     for batch in self.graph_batches:
                         static_in = torch.zeros(batch, 16, length, dtype=torch.long, device=self.device)
                         for _ in range(2):
@@ -334,11 +335,17 @@ class ChunkDecoder:
                         with torch.cuda.graph(graph, pool=pool, stream=self.stream):
                             static_out = self.decoder(static_in).squeeze(1).float()
                         self._graphs[(batch, length)] = (static_in, static_out, graph)
-            self.graph_lengths = tuple(lengths)
-            logger.info("captured %d CUDA graphs of the speech decoder (windows %s)", len(self._graphs), lengths)
-        except Exception:
-            logger.warning("the speech decoder could not be captured as a CUDA graph; decoding eagerly", exc_info=True)
-            self._graphs, self.graph_lengths = None, ()
+                captured.append(length)
+            except Exception:
+                logger.warning(
+                    "the speech decoder could not be captured as a CUDA graph for %d-frame windows; decoding them "
+                    "eagerly",
+                    length,
+                    exc_info=True,
+                )
+                self._graphs = {key: value for key, value in self._graphs.items() if key[1] != length}
+        self.graph_lengths = tuple(captured)
+        logger.info("captured %d CUDA graphs of the speech decoder (windows %s)", len(self._graphs), self.graph_lengths)
 
     def _graph_for(self, batch: int, length: int):
         if not self._graphs or length not in self.graph_lengths:
