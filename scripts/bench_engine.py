@@ -192,6 +192,44 @@ def step_census(scheduler: StepScheduler, n: int, device: str) -> dict:
     return out
 
 
+def prefill_census(scheduler: StepScheduler, device: str) -> dict:
+    """What admitting one request costs (its prompt built, then prefilled into a free slot): ops, kernels,
+    syncs, tensors from Python data, milliseconds (median of 5), and on CUDA the kernels the profiler sees.
+    Unlike the step, the prefill runs eagerly, so each kernel is a launch from the host."""
+    speaker, language = VOICES[0]
+    params = [scheduler.sampling_params(0)]
+
+    def admit() -> None:
+        prompt = scheduler.prompts.build(TEXT, speaker, language, "", None)
+        fs.prefill(scheduler.weights, scheduler.state, [0], [prompt], params)
+
+    out: dict[str, Any] = {"prompt_tokens": int(scheduler.prompts.build(TEXT, speaker, language, "", None).shape[0])}
+    with torch.inference_mode():
+        admit()
+        with census() as counted:
+            admit()
+        out.update(
+            ops=counted.ops, kernel_ops=counted.kernels, syncs=counted.syncs, python_tensors=counted.python_tensors
+        )
+        times = []
+        for _ in range(5):
+            sync(device)
+            started = time.perf_counter()
+            admit()
+            sync(device)
+            times.append((time.perf_counter() - started) * 1000)
+        out["ms"] = statistics.median(times)
+        if device.startswith("cuda"):
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                admit()
+                sync(device)
+            out["cuda_kernels"] = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+    fs.release(scheduler.state, 0)
+    return out
+
+
 def time_steps(
     step, scheduler: StepScheduler, n: int, kv_len: int, device: str, repeat: int = 20, sample: bool = False
 ) -> float:
@@ -317,6 +355,9 @@ def main(argv: list[str] | None = None) -> None:
     print("\n## Frame step census\n")
     for row in report["census"]:
         print(row)
+    report["prefill_census"] = prefill_census(scheduler, args.device)
+    print("\n## Prefill census (one request's prompt built and prefilled, eagerly)\n")
+    print(report["prefill_census"])
 
     kv = 256
     report["step_ms"] = []

@@ -210,6 +210,27 @@ def test_the_frame_step_has_no_host_sync_and_no_tensor_from_python_data(
             assert counted.kernels > 100  # it did count the step's work
 
 
+def test_a_prefill_sends_its_python_values_in_two_copies(quiet_engine) -> None:
+    """Admitting requests is not a step (it runs eagerly, not in a graph), but on a GPU each tensor made from
+    Python data is a blocking copy that waits for the step in flight: the prefill of 1 or 3 prompts sends its
+    slots, lengths and sampling settings in two (integers, floats), and never waits for the device."""
+    scheduler = quiet_engine.scheduler
+    for slots in ([0], [0, 1, 2]):
+        prompts = [scheduler.prompts.build(REQUESTS[i % 3].text, "ryan", "english") for i in slots]
+        params = [scheduler.sampling_params(i) for i in slots]
+        with torch.inference_mode(), census() as counted:
+            fs.prefill(scheduler.weights, scheduler.state, slots, prompts, params)
+        assert counted.syncs == 0, counted.sync_ops
+        assert counted.python_tensors == 2
+        assert counted.kernels > 100  # it did count the prefill's work
+        for slot, param in zip(slots, params, strict=True):  # the values landed in their slots
+            assert int(scheduler.state.seed[slot]) == param.seed
+            assert int(scheduler.state.position[slot]) == prompts[slots.index(slot)].shape[0]
+            assert float(scheduler.state.temperature[slot]) == pytest.approx(param.temperature)
+        for slot in slots:
+            fs.release(scheduler.state, slot)
+
+
 def test_join_and_leave_touch_no_other_slot(quiet_engine) -> None:
     w, s = _prefilled(quiet_engine, [0, 2])
     with torch.inference_mode():

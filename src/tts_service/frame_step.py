@@ -608,7 +608,31 @@ def prefill(
     x = torch.zeros(len(prompts), longest, prompts[0].shape[-1], dtype=dtype, device=device)
     for row, prompt in enumerate(prompts):
         x[row, : prompt.shape[0]] = prompt
-    index = torch.tensor(list(slots), device=device)
+    # Every small per-request value reaches the device in two copies, integers and floats, from pinned memory
+    # on a GPU: a tensor made on the device from Python data is a blocking copy, which would wait for the step
+    # in flight (and for this prefill's own layers) once per value.
+    integers = _from_host(
+        [
+            list(slots),
+            [length - 1 for length in lengths],
+            lengths,
+            [p.seed for p in params],
+            [p.do_sample for p in params],
+            [p.top_k for p in params],
+            [p.sub_do_sample for p in params],
+            [p.sub_top_k for p in params],
+        ],
+        torch.long,
+        device,
+    )
+    index, last, length, seed, do_sample, top_k, sub_do_sample, sub_top_k = integers.unbind(0)
+    floats = _from_host(
+        [[getattr(p, name) for p in params] for name in ("temperature", "top_p", "repetition_penalty")]
+        + [[getattr(p, name) for p in params] for name in ("sub_temperature", "sub_top_p")],
+        torch.float32,
+        device,
+    )
+    temperature, top_p, repetition_penalty, sub_temperature, sub_top_p = floats.unbind(0)
     cos, sin = stack.cos[:longest][None, :, None], stack.sin[:longest][None, :, None]
     x = x.view(len(prompts) * longest, -1)
     for layer, keys, values in zip(stack.layers, s.keys, s.values, strict=True):
@@ -616,25 +640,21 @@ def prefill(
         keys[index, :, :longest] = k  # right padding lands beyond each prompt, where no query looks
         values[index, :, :longest] = v
         x = _finish_layer(x, _attend_prompts(q, k, v, stack, lengths), layer, stack)
-    last = torch.tensor([length - 1 for length in lengths], device=device)
     x = x.view(len(prompts), longest, -1)
     hidden = rms_norm(x[torch.arange(len(prompts), device=device), last], stack.norm, stack.eps_t, stack.width_t)
     logits = linear(hidden, w.codec_head_t, None, w.talker.min_rows).to(torch.float32)
 
-    def column(name: str, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
-
     per_slot = {
-        "seed": column("seed", torch.long),
-        "do_sample": column("do_sample", torch.bool),
-        "temperature": column("temperature", torch.float32),
-        "top_k": column("top_k", torch.long),
-        "top_p": column("top_p", torch.float32),
-        "repetition_penalty": column("repetition_penalty", torch.float32),
-        "sub_do_sample": column("sub_do_sample", torch.bool),
-        "sub_temperature": column("sub_temperature", torch.float32),
-        "sub_top_k": column("sub_top_k", torch.long),
-        "sub_top_p": column("sub_top_p", torch.float32),
+        "seed": seed,
+        "do_sample": do_sample.bool(),
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "repetition_penalty": repetition_penalty,
+        "sub_do_sample": sub_do_sample.bool(),
+        "sub_temperature": sub_temperature,
+        "sub_top_k": sub_top_k,
+        "sub_top_p": sub_top_p,
     }
     for name, value in per_slot.items():
         getattr(s, name)[index] = value
@@ -656,8 +676,14 @@ def prefill(
     s.generated[index] = generated + 1
     s.last_token[index] = first
     s.past_hidden[index] = hidden
-    s.position[index] = torch.tensor(lengths, device=device)
-    s.active[index] = True
+    s.position[index] = length
+    s.active.index_fill_(0, index, True)
+
+
+def _from_host(rows: list[list], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Python values as one [len(rows), n] tensor on `device`: one copy, not blocking the host on a GPU."""
+    on_cuda = device.type == "cuda"
+    return torch.tensor(rows, dtype=dtype, pin_memory=on_cuda).to(device, non_blocking=on_cuda)
 
 
 # Per-slot state a request carries from step to step (besides its K/V); the predictor's cache is
