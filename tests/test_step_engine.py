@@ -212,9 +212,14 @@ def test_the_frame_step_has_no_host_sync_and_no_tensor_from_python_data(
 
 def test_a_prefill_sends_its_python_values_in_two_copies(quiet_engine) -> None:
     """Admitting requests is not a step (it runs eagerly, not in a graph), but on a GPU each tensor made from
-    Python data is a blocking copy that waits for the step in flight: the prefill of 1 or 3 prompts sends its
-    slots, lengths and sampling settings in two (integers, floats), and never waits for the device."""
+    Python data is a blocking copy that waits for the step in flight: a prompt sends only its text's ids, and
+    the prefill of 1 or 3 prompts its slots, lengths and sampling settings in two (integers, floats), and
+    neither waits for the device."""
     scheduler = quiet_engine.scheduler
+    scheduler.prompts.build(REQUESTS[0].text, "ryan", "english")
+    with census() as counted:  # a prompt's codec ids (tags, speaker, pad) come from a cache on the device
+        scheduler.prompts.build(REQUESTS[1].text, "ryan", "english")
+    assert counted.python_tensors == 2  # the tokenizer's output (ids and mask), host-side
     for slots in ([0], [0, 1, 2]):
         prompts = [scheduler.prompts.build(REQUESTS[i % 3].text, "ryan", "english") for i in slots]
         params = [scheduler.sampling_params(i) for i in slots]

@@ -682,8 +682,15 @@ def prefill(
 
 def _from_host(rows: list[list], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Python values as one [len(rows), n] tensor on `device`: one copy, not blocking the host on a GPU."""
-    on_cuda = device.type == "cuda"
-    return torch.tensor(rows, dtype=dtype, pin_memory=on_cuda).to(device, non_blocking=on_cuda)
+    return host_to_device(torch.tensor(rows, dtype=dtype), device)
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; on a GPU through pinned memory without blocking, where a plain copy of
+    pageable memory waits for the stream (the step in flight)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 # Per-slot state a request carries from step to step (besides its K/V); the predictor's cache is
