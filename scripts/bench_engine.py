@@ -33,7 +33,7 @@ from tts_service import chunk_decoder  # noqa: E402
 from tts_service import frame_step as fs  # noqa: E402
 from tts_service.dev.tiny_checkpoint import CODEC_EOS, ensure_tiny_checkpoint  # noqa: E402
 from tts_service.engine import TTSEngine  # noqa: E402
-from tts_service.scheduler import LOOP_PHASES, ChunkPlan, InvariancePlan, Job, StepScheduler  # noqa: E402
+from tts_service.scheduler import LOOP_PHASES, ChunkPlan, InvariancePlan, Job, StepScheduler, window_lengths  # noqa: E402
 from tts_service.settings import Settings  # noqa: E402
 
 logger = logging.getLogger("bench_engine")
@@ -386,8 +386,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--first-frames quick: batch invariance fixes the chunk plan (TTS_BATCH_INVARIANT=false)")
     plans = stream_plans(scheduler.stream_plan, args.plans, args.first_frames)
     if scheduler.on_cuda and scheduler.decoder.graph_lengths:  # every plan's windows as graphs, as in serving
-        windows = [scheduler.quick_plan] + [plan for plan, _ in plans.values()]
-        scheduler.decoder.capture(tuple(sorted({n for plan in windows for n in plan.window_lengths()})))
+        scheduler.decoder.capture(window_lengths([scheduler.quick_plan, *(plan for plan, _ in plans.values())]))
     if args.first_frames and "quick" in args.first_frames and not scheduler.step_intervals:
         scheduler.step_intervals.append(scheduler.time_a_step())  # what the engine does when it is on
     report["load"] = []

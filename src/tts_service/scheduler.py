@@ -71,6 +71,10 @@ class ChunkPlan:
             return self.first_frames
         return min(self.frames, max(self.first_frames, decoded)) if self.ramp else self.frames
 
+    def quick(self) -> ChunkPlan:
+        """This plan with a quick start's first chunk (never larger than its own)."""
+        return replace(self, first_frames=min(QUICK_START_FRAMES, self.first_frames))
+
     def window_lengths(self) -> tuple[int, ...]:
         """The window lengths (new frames plus left context) a stream's chunks take until they are steady."""
         lengths, decoded = [], 0
@@ -80,6 +84,11 @@ class ChunkPlan:
             if chunk == self.frames and decoded >= self.left_context:
                 return tuple(sorted(set(lengths)))
             decoded += chunk
+
+
+def window_lengths(plans: Iterable[ChunkPlan]) -> tuple[int, ...]:
+    """Every window length these plans' streams take until they are steady (the decoder's graphs)."""
+    return tuple(sorted({length for plan in plans for length in plan.window_lengths()}))
 
 
 # The engine loop's phases, as `StepScheduler.loop_seconds` sums them: cancellations, prefills and
@@ -378,7 +387,7 @@ class StepScheduler:
         if quick_start and invariant:
             logger.warning("TTS_STREAM_QUICK_START is ignored: batch invariance fixes every stream's chunk plan")
         self.quick_start = (not invariant) if quick_start is None else quick_start and not invariant
-        self.quick_plan = replace(self.stream_plan, first_frames=min(QUICK_START_FRAMES, self.stream_plan.first_frames))
+        self.quick_plan = self.stream_plan.quick()
         if decode_batching is None:
             decode_batching = self.on_cuda and not invariance.decode_alone
         self.decode_batching = decode_batching
@@ -403,7 +412,7 @@ class StepScheduler:
         self.decoder.on_error = self._decode_failed
         if self.on_cuda and cuda_graphs:  # a stream's windows, from its first to its steady one
             plans = (self.stream_plan, self.quick_plan) if self.quick_start else (self.stream_plan,)
-            self.decoder.capture(tuple(sorted({n for plan in plans for n in plan.window_lengths()})))
+            self.decoder.capture(window_lengths(plans))
         self.max_len = max_len
         self.weights = fs.build_weights(
             self.model, max_len, self.prompts.pad_embed(), invariance.min_rows, invariance.contiguous_weights
@@ -612,7 +621,7 @@ class StepScheduler:
         if self.quick_start:
             for row in ready:
                 if row.segment == 0 and row.plan.streamed and self._quick_start_fits(row):
-                    row.plan = replace(row.plan, first_frames=min(QUICK_START_FRAMES, row.plan.first_frames))
+                    row.plan = row.plan.quick()
         groups = [[i] for i in range(len(ready))] if self.invariance.prefill_alone else [list(range(len(ready)))]
         prefilled = []
         for group in groups:
