@@ -192,18 +192,21 @@ def step_census(scheduler: StepScheduler, n: int, device: str) -> dict:
     return out
 
 
-def prefill_census(scheduler: StepScheduler, device: str) -> dict:
-    """What admitting one request costs (its prompt built, then prefilled into a free slot): ops, kernels,
-    syncs, tensors from Python data, milliseconds (median of 5), and on CUDA the kernels the profiler sees.
-    Unlike the step, the prefill runs eagerly, so each kernel is a launch from the host."""
+def prefill_census(scheduler: StepScheduler, device: str, prefill=fs.prefill) -> dict:
+    """What admitting one request costs (its prompt built, then prefilled into a free slot by `prefill`: eager,
+    or the serving path's graphs): ops, kernels, syncs, tensors from Python data, milliseconds (median of 5),
+    and on CUDA the kernels the profiler sees. Eagerly, each kernel is a launch from the host."""
     speaker, language = VOICES[0]
     params = [scheduler.sampling_params(0)]
 
     def admit() -> None:
         prompt = scheduler.prompts.build(TEXT, speaker, language, "", None)
-        fs.prefill(scheduler.weights, scheduler.state, [0], [prompt], params)
+        prefill(scheduler.weights, scheduler.state, [0], [prompt], params)
 
-    out: dict[str, Any] = {"prompt_tokens": int(scheduler.prompts.build(TEXT, speaker, language, "", None).shape[0])}
+    out: dict[str, Any] = {
+        "prefill": "eager" if prefill is fs.prefill else "graphs",
+        "prompt_tokens": int(scheduler.prompts.build(TEXT, speaker, language, "", None).shape[0]),
+    }
     with torch.inference_mode():
         admit()
         with census() as counted:
@@ -228,6 +231,34 @@ def prefill_census(scheduler: StepScheduler, device: str) -> dict:
             out["cuda_kernels"] = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
     fs.release(scheduler.state, 0)
     return out
+
+
+def lone_first_audio_by_prefill(scheduler: StepScheduler, repeat: int = 6, frames: int = 16) -> list[dict]:
+    """A lone stream's time to first audio with the prompt prefilled by the serving path's graphs and eagerly,
+    alternating (`repeat` streams each), with quick start when the engine has it on. On a GPU the prefill's
+    launch returns before its kernels end, so its time shows in "prefill to first frame" as much as in "to
+    prefill"; the time to first audio is what counts."""
+    graphed = scheduler.prefill_fn
+    plan = scheduler.stream_plan
+    runs: dict[str, list[dict]] = {"graphs": [], "eager": []}
+    for _ in range(repeat):
+        for name, prefill in (("graphs", graphed), ("eager", fs.prefill)):
+            scheduler.prefill_fn = prefill
+            runs[name].append(run_streams(scheduler, 1, frames, 0, plan))
+    scheduler.prefill_fn = graphed
+    rows = []
+    for name, results in runs.items():
+        row = {"prefill": name, "ttfa_p50_ms": statistics.median(r["ttfa_p50_ms"] for r in results)}
+        for label, _, _ in FIRST_AUDIO_PHASES:
+            row[label] = statistics.median(r["first_audio_ms"][label] for r in results)
+        rows.append(row)
+    print(f"\n## A lone stream's first audio by prefill, {repeat} streams each, alternating (median ms)\n")
+    print("| prefill | " + " | ".join(label for label, _, _ in FIRST_AUDIO_PHASES) + " | TTFA p50 |")
+    print("| --- | " + " | ".join("---:" for _ in FIRST_AUDIO_PHASES) + " | ---: |")
+    for row in rows:
+        phases = " | ".join(f"{row[label]:.1f}" for label, _, _ in FIRST_AUDIO_PHASES)
+        print(f"| {row['prefill']} | {phases} | {row['ttfa_p50_ms']:.1f} |")
+    return rows
 
 
 def time_steps(
@@ -340,24 +371,33 @@ def main(argv: list[str] | None = None) -> None:
         report["gpu"] = torch.cuda.get_device_name()
 
     if scheduler.step_fn is not fs.frame_step:  # bf16: graphs replay the eager kernels, so codes must match
-        codes, graphed = {}, scheduler.step_fn
-        for name, step in (("graphs", graphed), ("eager", fs.frame_step)):
-            scheduler.step_fn = step
+        codes, graphed, graphed_prefill = {}, scheduler.step_fn, scheduler.prefill_fn
+        variants = [("graphs", graphed, graphed_prefill), ("eager", fs.frame_step, fs.prefill)]
+        if graphed_prefill is not fs.prefill:  # a prompt padded to its bucket may round otherwise: kept apart
+            variants.insert(1, ("graphs, eager prefill", graphed, fs.prefill))
+        for name, step, prefill in variants:
+            scheduler.step_fn, scheduler.prefill_fn = step, prefill
             handle = scheduler.submit(job(0, 60, scheduler.stream_plan), f"equal-{name}")
             list(handle)
             codes[name] = handle.end.codes
-        scheduler.step_fn = graphed
-        differs = [i for i, (a, b) in enumerate(zip(codes["graphs"], codes["eager"], strict=True)) if (a != b).any()]
-        report["graphs_vs_eager_first_divergent_frame"] = differs[0] if differs else None
-        first = differs[0] if differs else None
-        print(f"fast path (graphs or compiled) vs eager, batch 1, 60 frames: first divergent frame = {first}")
+        scheduler.step_fn, scheduler.prefill_fn = graphed, graphed_prefill
+        for name, _, _ in variants[:-1]:
+            differs = [i for i, (a, b) in enumerate(zip(codes[name], codes["eager"], strict=True)) if (a != b).any()]
+            first = differs[0] if differs else None
+            key = "graphs_vs_eager" if name == "graphs" else "graphs_eager_prefill_vs_eager"
+            report[f"{key}_first_divergent_frame"] = first
+            print(f"fast path ({name}; or compiled) vs eager, batch 1, 60 frames: first divergent frame = {first}")
     report["census"] = [step_census(scheduler, n, args.device) for n in (1, 8) if n <= scheduler.slots]
     print("\n## Frame step census\n")
     for row in report["census"]:
         print(row)
-    report["prefill_census"] = prefill_census(scheduler, args.device)
-    print("\n## Prefill census (one request's prompt built and prefilled, eagerly)\n")
-    print(report["prefill_census"])
+    prefills = [fs.prefill] + ([scheduler.prefill_fn] if scheduler.prefill_fn is not fs.prefill else [])
+    report["prefill_census"] = [prefill_census(scheduler, args.device, prefill) for prefill in prefills]
+    print("\n## Prefill census (one request's prompt built and prefilled, eagerly and as the service does)\n")
+    for row in report["prefill_census"]:
+        print(row)
+    if scheduler.prefill_fn is not fs.prefill:
+        report["lone_first_audio_by_prefill"] = lone_first_audio_by_prefill(scheduler)
 
     kv = 256
     report["step_ms"] = []
@@ -393,8 +433,10 @@ def main(argv: list[str] | None = None) -> None:
     modes = [("graphs", scheduler.step_fn)]
     if not args.no_eager and scheduler.step_fn is not fs.frame_step:
         modes.append(("eager", fs.frame_step))
+    graphed_prefill = scheduler.prefill_fn
     for mode, step in modes:
         scheduler.step_fn = step
+        scheduler.prefill_fn = fs.prefill if step is fs.frame_step else graphed_prefill
         run_streams(scheduler, 1, 16, 0, scheduler.stream_plan)  # warm-up
         for count in args.streams:
             if count > scheduler.slots:
@@ -407,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
                 result["mode"] = mode if len(plans) == 1 else f"{mode}, {name}"
                 report["load"].append(result)
                 print(result["mode"], result, flush=True)
-        scheduler.step_fn = modes[0][1]
+        scheduler.step_fn, scheduler.prefill_fn = modes[0][1], graphed_prefill
     print(
         f"\n## Streams, {args.frames} frames ({args.frames / FRAME_RATE:.0f} s) each, "
         f"staggered {args.stagger_ms:.0f} ms\n"

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from tts_service import frame_step as fs
-from tts_service.cuda_graphs import batch_buckets, bucket_for, kv_buckets
+from tts_service.cuda_graphs import batch_buckets, bucket_for, kv_buckets, prompt_buckets
 from tts_service.engine import TTSEngine
 from tts_service.settings import Settings
 
@@ -86,3 +87,112 @@ def test_a_decoder_window_length_that_cannot_be_captured_leaves_the_others_captu
     assert decoder.graph_lengths == (2, 4)
     assert {length for _, length in decoder._graphs} == {2, 4}
     assert decoder._graph_for(1, 1) is None and decoder._graph_for(3, 4) is not None
+
+
+def test_prompt_buckets_pad_a_prompt_by_at_most_half() -> None:
+    assert prompt_buckets(1024) == [16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
+    assert prompt_buckets(100) == [16, 32, 64, 96, 100] and prompt_buckets(10) == [10]
+    buckets = prompt_buckets(2047)
+    assert buckets[-1] == 2047
+    assert all(bucket_for(n, buckets) <= max(16, 2 * n) for n in range(1, 2048))
+    assert all(bucket_for(n, buckets) <= 1.5 * n for n in range(64, 2048))
+
+
+class _Replaying:
+    """Stands in for a captured CUDA graph on the CPU: a replay runs the captured function again, on the
+    same static inputs, as the graph's kernels would."""
+
+    def __init__(self, run) -> None:
+        self.run = run
+
+    def replay(self) -> None:
+        self.run()
+
+
+@pytest.fixture()
+def graphed_prefill(tiny_dir: Path, cache_dir: Path, monkeypatch):
+    """An engine (batch invariance off, as on a GPU) whose prefill goes through `GraphedPrefill`, with
+    CUDA's capture stood in by `_Replaying` (the CPU has no CUDA graphs): what is tested is everything
+    around the graph, its static inputs, padding, bucket choice and fallbacks."""
+    from tts_service import cuda_graphs
+
+    def stand_in(run, pool):
+        return _Replaying(run), run()
+
+    monkeypatch.setattr(cuda_graphs, "capture", stand_in)
+    engine = TTSEngine.load(
+        Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu", batch_invariant=False)
+    )
+    scheduler = engine.scheduler
+    prefill = cuda_graphs.GraphedPrefill(scheduler.weights, scheduler.state, lengths=[64, 128, 192], pool=object())
+    prefill.capture_all(scheduler.sampling_params(0))
+    scheduler.prefill_fn = prefill
+    return engine, prefill
+
+
+def _codes(engine: TTSEngine, requests: list, prefix: str) -> list:
+    with engine.scheduler._wake:  # the loop admits them in one turn (it takes the queue under this lock)
+        handles = [engine.submit(r, f"{prefix}-{i}", stream=False) for i, r in enumerate(requests)]
+    for handle in handles:
+        list(handle)
+    assert all(handle.end.error is None for handle in handles)
+    return [handle.end.codes for handle in handles]
+
+
+def test_a_prefill_replayed_from_its_length_bucket_equals_qwen_tts(graphed_prefill) -> None:
+    """Prompts copied into their bucket's static inputs, zero-padded to its length and replayed, one after
+    another (two of them in the same bucket): each request's codes equal qwen-tts's alone, greedy. Then the
+    same group prefilled eagerly as one batch, as when the replays' measured times exceed an eager prefill's."""
+    from tests.oracle import ORACLE_REQUESTS, reference
+
+    engine, prefill = graphed_prefill
+    requests = [ORACLE_REQUESTS[i] for i in (0, 1, 3)]  # prompts of 108, 52 and 78 tokens
+    build = engine.scheduler.prompts.build
+    lengths = [int(build(r.text, r.speaker, r.language, r.instruct, None).shape[0]) for r in requests]
+    buckets = [bucket_for(n, prefill.lengths) for n in lengths]
+    assert len(set(buckets)) < len(buckets) and all(n < b for n, b in zip(lengths, buckets, strict=True)), buckets
+    expected = [reference(engine, r)[0] for r in requests]
+    assert prefill.replayed == 0 and prefill.eager_groups == 0
+    for i, request in enumerate(requests):  # alone
+        np.testing.assert_array_equal(_codes(engine, [request], f"alone-{i}")[0], expected[i])
+    assert prefill.replayed == 3 and prefill.eager_groups == 0
+    prefill.eager_s = float("inf")  # together, replayed one by one
+    for codes, want in zip(_codes(engine, requests, "replayed"), expected, strict=True):
+        np.testing.assert_array_equal(codes, want)
+    assert prefill.replayed == 6 and prefill.eager_groups == 0
+    prefill.eager_s = 0.0  # together, one eager batch
+    for codes, want in zip(_codes(engine, requests, "eager"), expected, strict=True):
+        np.testing.assert_array_equal(codes, want)
+    assert prefill.replayed == 6 and prefill.eager_groups == 1
+
+
+def test_a_prompt_past_the_largest_bucket_or_of_a_failed_capture_is_prefilled_eagerly(
+    tiny_dir: Path, cache_dir: Path, monkeypatch
+) -> None:
+    from tests.oracle import ORACLE_REQUESTS, reference
+    from tts_service import cuda_graphs
+
+    def stand_in(run, pool):
+        result = run()
+        if captured and len(captured) == 1:  # the second length's capture fails
+            captured.append(None)
+            raise RuntimeError("operation not permitted when stream is capturing")
+        captured.append(run)
+        return _Replaying(run), result
+
+    captured: list = []
+    monkeypatch.setattr(cuda_graphs, "capture", stand_in)
+    engine = TTSEngine.load(
+        Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu", batch_invariant=False)
+    )
+    scheduler = engine.scheduler
+    prefill = cuda_graphs.GraphedPrefill(scheduler.weights, scheduler.state, lengths=[8, 16, 24], pool=object())
+    prefill.capture_all(scheduler.sampling_params(0))
+    assert sorted(prefill.graphs) == [8, 24] and not scheduler.state.active.any()
+    scheduler.prefill_fn = prefill
+    request = ORACLE_REQUESTS[0]
+    length = int(scheduler.prompts.build(request.text, request.speaker, request.language, "", None).shape[0])
+    assert length > 24
+    np.testing.assert_array_equal(_codes(engine, [request], "long")[0], reference(engine, request)[0])
+    assert prefill.replayed == 0 and prefill.eager_groups == 1
+    assert prefill._graph_for(12) is None and prefill._graph_for(20) is not None

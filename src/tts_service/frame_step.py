@@ -600,7 +600,6 @@ def prefill(
     writing K/V straight into its slot; pick its first token and reset its per-slot state.
     Touches only the given slots."""
     device, dtype = w.codec_head.device, w.codec_head.dtype
-    stack = w.talker
     lengths = [int(p.shape[0]) for p in prompts]
     longest = max(lengths)
     if longest >= s.max_len:
@@ -611,37 +610,53 @@ def prefill(
     # Every small per-request value reaches the device in two copies, integers and floats, from pinned memory
     # on a GPU: a tensor made on the device from Python data is a blocking copy, which would wait for the step
     # in flight (and for this prefill's own layers) once per value.
-    integers = _from_host(
-        [
-            list(slots),
-            [length - 1 for length in lengths],
-            lengths,
-            [p.seed for p in params],
-            [p.do_sample for p in params],
-            [p.top_k for p in params],
-            [p.sub_do_sample for p in params],
-            [p.sub_top_k for p in params],
-        ],
-        torch.long,
-        device,
-    )
+    integers, floats = prefill_values(slots, lengths, params)
+    prefill_rows(w, s, x, host_to_device(integers, device), host_to_device(floats, device), lengths)
+
+
+def prefill_values(
+    slots: Sequence[int], lengths: Sequence[int], params: Sequence[SamplingParams]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The joining rows' slots, lengths and sampling settings as two host tensors, [8, rows] integers and
+    [5, rows] floats, in the order `prefill_rows` reads them."""
+    integers = [
+        list(slots),
+        [length - 1 for length in lengths],
+        list(lengths),
+        [p.seed for p in params],
+        [p.do_sample for p in params],
+        [p.top_k for p in params],
+        [p.sub_do_sample for p in params],
+        [p.sub_top_k for p in params],
+    ]
+    floats = [[getattr(p, name) for p in params] for name in _PREFILL_FLOATS]
+    return torch.tensor(integers, dtype=torch.long), torch.tensor(floats, dtype=torch.float32)
+
+
+_PREFILL_FLOATS = ("temperature", "top_p", "repetition_penalty", "sub_temperature", "sub_top_p")
+
+
+@torch.inference_mode()
+def prefill_rows(
+    w: Weights, s: SlotState, x: torch.Tensor, integers: torch.Tensor, floats: torch.Tensor, lengths: Sequence[int]
+) -> None:
+    """The device part of `prefill`: x [rows, T, H] right-padded prompts, `integers` and `floats` from
+    `prefill_values` on the device. No host sync and no tensor from Python data, so one prompt's prefill at
+    a fixed T can be captured as a CUDA graph (`cuda_graphs.GraphedPrefill`); `lengths` only chooses how
+    prompts of different lengths are attended (one row needs none but its own)."""
+    stack = w.talker
+    rows, longest = x.shape[0], x.shape[1]
     index, last, length, seed, do_sample, top_k, sub_do_sample, sub_top_k = integers.unbind(0)
-    floats = _from_host(
-        [[getattr(p, name) for p in params] for name in ("temperature", "top_p", "repetition_penalty")]
-        + [[getattr(p, name) for p in params] for name in ("sub_temperature", "sub_top_p")],
-        torch.float32,
-        device,
-    )
     temperature, top_p, repetition_penalty, sub_temperature, sub_top_p = floats.unbind(0)
     cos, sin = stack.cos[:longest][None, :, None], stack.sin[:longest][None, :, None]
-    x = x.view(len(prompts) * longest, -1)
+    x = x.reshape(rows * longest, -1)
     for layer, keys, values in zip(stack.layers, s.keys, s.values, strict=True):
         q, k, v = _project_qkv(x, longest, layer, stack, cos, sin)
         keys[index, :, :longest] = k  # right padding lands beyond each prompt, where no query looks
         values[index, :, :longest] = v
-        x = _finish_layer(x, _attend_prompts(q, k, v, stack, lengths), layer, stack)
-    x = x.view(len(prompts), longest, -1)
-    hidden = rms_norm(x[torch.arange(len(prompts), device=device), last], stack.norm, stack.eps_t, stack.width_t)
+        x = _finish_layer(x, _attend_prompts(q, k, v, stack, list(lengths)), layer, stack)
+    x = x.view(rows, longest, -1)
+    hidden = rms_norm(x[s.rows[:rows], last], stack.norm, stack.eps_t, stack.width_t)
     logits = linear(hidden, w.codec_head_t, None, w.talker.min_rows).to(torch.float32)
 
     per_slot = {
@@ -658,8 +673,8 @@ def prefill(
     }
     for name, value in per_slot.items():
         getattr(s, name)[index] = value
-    seen = torch.zeros(len(prompts), s.seen.shape[1], dtype=torch.bool, device=device)
-    generated = torch.zeros(len(prompts), dtype=torch.long, device=device)
+    seen = torch.zeros(rows, s.seen.shape[1], dtype=torch.bool, device=x.device)
+    generated = torch.zeros(rows, dtype=torch.long, device=x.device)
     first = choose_first_codebook(
         w,
         logits,
@@ -680,17 +695,20 @@ def prefill(
     s.active.index_fill_(0, index, True)
 
 
-def _from_host(rows: list[list], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Python values as one [len(rows), n] tensor on `device`: one copy, not blocking the host on a GPU."""
-    return host_to_device(torch.tensor(rows, dtype=dtype), device)
-
-
 def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device`; on a GPU through pinned memory without blocking, where a plain copy of
     pageable memory waits for the stream (the step in flight)."""
     if device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def copy_from_host(target: torch.Tensor, tensor: torch.Tensor) -> None:
+    """`target.copy_(tensor)` from the host, as `host_to_device` sends it (a graph's static input)."""
+    if target.device.type != "cuda":
+        target.copy_(tensor)
+    else:
+        target.copy_(tensor.pin_memory(), non_blocking=True)
 
 
 # Per-slot state a request carries from step to step (besides its K/V); the predictor's cache is

@@ -355,6 +355,7 @@ class StepScheduler:
         compile_step: bool = False,
         decoder_process: bool | None = None,
         quick_start: bool | None = None,
+        prefill_graphs: bool = True,
     ) -> None:
         self.wrapper = wrapper
         self.model = wrapper.model
@@ -421,6 +422,7 @@ class StepScheduler:
         self.state = fs.allocate_state(self.weights, slots, max_len)
         self.step_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
         self.step_fn = fs.frame_step
+        self.prefill_fn: Callable[..., None] = fs.prefill
         if compile_step:  # every request shares the service's sampling settings, so one mode is warmed
             from tts_service.step_compiler import compiled_step
 
@@ -435,6 +437,12 @@ class StepScheduler:
             graphed = GraphedFrameStep(self.weights, self.state, step=self.step_fn)
             graphed.capture_all()
             self.step_fn = graphed
+            if prefill_graphs:
+                from tts_service.cuda_graphs import GraphedPrefill
+
+                prefill = GraphedPrefill(self.weights, self.state, pool=graphed.pool)
+                prefill.capture_all(self.sampling_params(0))
+                self.prefill_fn = prefill
         logger.info(
             "step engine: %d KV slots of %d positions (%.1f MB each) on %s; batch invariance: %s",
             slots,
@@ -626,7 +634,7 @@ class StepScheduler:
         prefilled = []
         for group in groups:
             try:
-                fs.prefill(
+                self.prefill_fn(
                     self.weights,
                     self.state,
                     [ready[i].slot for i in group],
