@@ -109,23 +109,30 @@ class _Replaying:
         self.run()
 
 
-@pytest.fixture()
-def graphed_prefill(tiny_dir: Path, cache_dir: Path, monkeypatch):
-    """An engine (batch invariance off, as on a GPU) whose prefill goes through `GraphedPrefill`, with
-    CUDA's capture stood in by `_Replaying` (the CPU has no CUDA graphs): what is tested is everything
-    around the graph, its static inputs, padding, bucket choice and fallbacks."""
+def _graphed_prefill(tiny_dir: Path, cache_dir: Path, monkeypatch, lengths: list[int], failing: int = 0):
+    """An engine (batch invariance off, as on a GPU) whose prefill goes through `GraphedPrefill` with these
+    length buckets, CUDA's capture stood in by `_Replaying` (the CPU has no CUDA graphs): what is tested is
+    everything around the graph, its static inputs, padding, bucket choice and fallbacks. The capture of
+    the `failing` length raises, as a capture can."""
     from tts_service import cuda_graphs
 
     def stand_in(run, pool):
-        return _Replaying(run), run()
+        result = run()
+        if failing and len(captured) == lengths.index(failing):
+            captured.append(None)
+            raise RuntimeError("operation not permitted when stream is capturing")
+        captured.append(run)
+        return _Replaying(run), result
 
+    captured: list = []
     monkeypatch.setattr(cuda_graphs, "capture", stand_in)
     engine = TTSEngine.load(
         Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu", batch_invariant=False)
     )
     scheduler = engine.scheduler
-    prefill = cuda_graphs.GraphedPrefill(scheduler.weights, scheduler.state, lengths=[64, 128, 192], pool=object())
+    prefill = cuda_graphs.GraphedPrefill(scheduler.weights, scheduler.state, lengths=lengths, pool=object())
     prefill.capture_all(scheduler.sampling_params(0))
+    assert not scheduler.state.active.any()  # capture ran in a free slot, which it released
     scheduler.prefill_fn = prefill
     return engine, prefill
 
@@ -139,13 +146,15 @@ def _codes(engine: TTSEngine, requests: list, prefix: str) -> list:
     return [handle.end.codes for handle in handles]
 
 
-def test_a_prefill_replayed_from_its_length_bucket_equals_qwen_tts(graphed_prefill) -> None:
+def test_a_prefill_replayed_from_its_length_bucket_equals_qwen_tts(
+    tiny_dir: Path, cache_dir: Path, monkeypatch
+) -> None:
     """Prompts copied into their bucket's static inputs, zero-padded to its length and replayed, one after
     another (two of them in the same bucket): each request's codes equal qwen-tts's alone, greedy. Then the
     same group prefilled eagerly as one batch, as when the replays' measured times exceed an eager prefill's."""
     from tests.oracle import ORACLE_REQUESTS, reference
 
-    engine, prefill = graphed_prefill
+    engine, prefill = _graphed_prefill(tiny_dir, cache_dir, monkeypatch, [64, 128, 192])
     requests = [ORACLE_REQUESTS[i] for i in (0, 1, 3)]  # prompts of 108, 52 and 78 tokens
     build = engine.scheduler.prompts.build
     lengths = [int(build(r.text, r.speaker, r.language, r.instruct, None).shape[0]) for r in requests]
@@ -170,26 +179,10 @@ def test_a_prompt_past_the_largest_bucket_or_of_a_failed_capture_is_prefilled_ea
     tiny_dir: Path, cache_dir: Path, monkeypatch
 ) -> None:
     from tests.oracle import ORACLE_REQUESTS, reference
-    from tts_service import cuda_graphs
 
-    def stand_in(run, pool):
-        result = run()
-        if captured and len(captured) == 1:  # the second length's capture fails
-            captured.append(None)
-            raise RuntimeError("operation not permitted when stream is capturing")
-        captured.append(run)
-        return _Replaying(run), result
-
-    captured: list = []
-    monkeypatch.setattr(cuda_graphs, "capture", stand_in)
-    engine = TTSEngine.load(
-        Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu", batch_invariant=False)
-    )
+    engine, prefill = _graphed_prefill(tiny_dir, cache_dir, monkeypatch, [8, 16, 24], failing=16)
     scheduler = engine.scheduler
-    prefill = cuda_graphs.GraphedPrefill(scheduler.weights, scheduler.state, lengths=[8, 16, 24], pool=object())
-    prefill.capture_all(scheduler.sampling_params(0))
-    assert sorted(prefill.graphs) == [8, 24] and not scheduler.state.active.any()
-    scheduler.prefill_fn = prefill
+    assert sorted(prefill.graphs) == [8, 24]
     request = ORACLE_REQUESTS[0]
     length = int(scheduler.prompts.build(request.text, request.speaker, request.language, "", None).shape[0])
     assert length > 24
