@@ -4,13 +4,15 @@
 # minutes of device time in all, a machine's start included, so the first call should be the one that
 # fits them all, most important first, each part cut off when the budget (BUDGET_S, 420 s) runs out:
 #     run(command="bash scripts/gpu/issue15.sh quick", carry=[".whl"], timeout_s=540)
-#   quick      engine (with plain qwen-tts at 40 frames), then faster, then 1,000 joins, then the seed
+#   quick      engine (with plain qwen-tts at 40 frames), then faster, then http, then 1,000 joins, then the seed
 #              replay check (bf16, in company) without and with TTS_BATCH_INVARIANT, then the engine
 #              with it (its cost); one log
 # The single stages, each one call (a machine goes back 30 s after a call, so each installs what it needs):
 #   faster     faster-qwen3-tts 0.5.4 in its own environment (transformers 5.15.1, qwen-tts-hf)
 #   engine     this engine with CUDA graphs (streams 1, 8, 32, each with first chunks of 4, quick start, 1;
 #              census; step) beside plain qwen-tts
+#   http       the service itself (`bentoml serve`, greedy): first bytes of /v1/tts/stream at 1 and 8 streams
+#              beside /v1/tts/synthesize (scripts/bench.py stream --url), and the server's own first-audio lines
 #   compiled   the same with the Inductor-compiled step (TTS_COMPILE_STEP), no plain qwen-tts
 #   sampled    engine with qwen-tts's sampling settings (the service's default) beside plain qwen-tts sampled
 #   stateful   engine with the stateful stream decoder (TTS_STREAM_DECODER=stateful: batched across streams,
@@ -23,7 +25,7 @@
 # Logs and JSON land in $OUT (what the device tool brings back: at most 8 files).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-stage=${1:?usage: issue15.sh quick|faster|engine|compiled|sampled|stateful|equality|invariance}
+stage=${1:?usage: issue15.sh quick|faster|engine|http|compiled|sampled|stateful|equality|invariance}
 arch=${ARCH:-1.7b}
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
@@ -85,6 +87,34 @@ seeds() {  # without batch invariance (the GPU's default), then with it; $1 seco
     timeout --kill-after=10 "$left" "${in_engine_env[@]}" python3 scripts/check_seed_replay.py --model "$ckpt" \
         --device "$device" --batch-invariant true --json "$out/seeds-invariant-$arch.json"
 }
+http_bench() {  # `bentoml serve` on this machine, then first bytes over HTTP at 1 and 8 streams; $1 s in all (0: 600)
+    install /tmp/http http
+    local budget=$1 port=38200 pid status=0
+    [ "$budget" -gt 0 ] || budget=600
+    local deadline=$((SECONDS + budget)) served=/tmp/http-serve.log  # not in $out: a call brings back 8 files
+    env "PYTHONPATH=/tmp/engine:/tmp/http:$PWD/src" TTS_MODEL="$ckpt" TTS_DEVICE="$device" TTS_GREEDY=true \
+        BENTOML_HOME=/tmp/bentoml-home BENTOML_DO_NOT_TRACK=True python3 -m bentoml serve --port "$port" >"$served" 2>&1 &
+    pid=$!
+    until engine_python -c "import httpx, sys; sys.exit(httpx.get('http://127.0.0.1:$port/readyz').status_code != 200)" \
+        2>/dev/null; do
+        if ! kill -0 "$pid" 2>/dev/null || [ "$SECONDS" -ge "$deadline" ]; then
+            echo "== http: the server is not ready after $((budget - deadline + SECONDS)) s; its log's end:"
+            tail -n 30 "$served"
+            kill -TERM "$pid" 2>/dev/null || true
+            wait "$pid" || true
+            return 1
+        fi
+        sleep 2
+    done
+    echo "== http: ready after $((budget - deadline + SECONDS)) s"
+    grep -E "captured|step engine|quick start|loaded" "$served" | cut -c1-300 || true
+    timeout --kill-after=10 "$((deadline - SECONDS))" "${in_engine_env[@]}" python3 scripts/bench.py stream \
+        --url "http://127.0.0.1:$port" --concurrency 1 8 --repeat 5 || status=$?
+    grep -E "\(stream.*first audio after" "$served" | tail -n 12 | cut -c1-300 || true
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" || true
+    return "$status"
+}
 invariant_bench() {  # what TTS_BATCH_INVARIANT=true costs (compare with engine_bench's figures)
     timeout --kill-after=10 "$1" env TTS_BATCH_INVARIANT=true "${in_engine_env[@]}" python3 scripts/bench_engine.py \
         "${common[@]}" --no-plain --no-eager --json "$out/invariant-$arch.json"
@@ -93,7 +123,7 @@ invariant_bench() {  # what TTS_BATCH_INVARIANT=true costs (compare with engine_
 case $stage in
 quick)
     deadline=$((SECONDS + ${BUDGET_S:-420}))
-    for part in engine_bench faster_bench joins seeds invariant_bench; do
+    for part in engine_bench faster_bench http_bench joins seeds invariant_bench; do
         left=$((deadline - SECONDS))
         if [ "$left" -lt 30 ]; then
             echo "== $part: skipped, $left s of the budget left"
@@ -105,6 +135,7 @@ quick)
     ;;
 faster) faster_bench 0 2>&1 | tee "$out/faster-$arch.log" ;;
 engine) engine_bench 0 2>&1 | tee "$out/engine-$arch.log" ;;
+http) http_bench 0 2>&1 | tee "$out/http-$arch.log" ;;
 compiled) compiled_bench 0 2>&1 | tee "$out/compiled-$arch.log" ;;
 sampled) sampled_bench 0 2>&1 | tee "$out/sampled-$arch.log" ;;
 stateful) stateful_bench 0 2>&1 | tee "$out/stateful-$arch.log" ;;

@@ -12,7 +12,6 @@ import asyncio
 import io
 from dataclasses import dataclass
 
-import av
 import numpy as np
 
 MIN_SECONDS, MAX_SECONDS = 1.0, 30.0
@@ -45,6 +44,8 @@ class ReferenceAudio:
 
 def decode_reference(data: bytes, sample_rate: int = 24_000) -> ReferenceAudio:
     """Decode and check one upload (blocking; see `decode_reference_async`)."""
+    import av  # FFmpeg's bindings load with the first upload, not with the service (as for `audio.encode`)
+
     if not data:
         raise ReferenceAudioError("the file is empty")
     try:
