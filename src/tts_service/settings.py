@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(4096, ge=1, le=100_000)
     max_new_tokens: int = Field(2048, ge=2, description="Ceiling on codec frames per request (12.5 per second).")
     greedy: bool = Field(False, description="Greedy decoding (deterministic) instead of the model's sampling.")
-    cuda_graphs: bool = Field(True, description="On a GPU, replay the frame step, a prompt's prefill and the stream decoder as captured CUDA graphs.")
+    cuda_graphs: bool = Field(
+        True, description="On a GPU, replay the frame step, a prompt's prefill and the stream decoder as CUDA graphs."
+    )
     batch_invariant: bool | None = Field(
         None,
         description="A request gets the same bits whatever shares its steps, so a seed replays byte for byte in any "
