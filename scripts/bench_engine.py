@@ -33,8 +33,11 @@ from tts_service import chunk_decoder  # noqa: E402
 from tts_service import frame_step as fs  # noqa: E402
 from tts_service.dev.tiny_checkpoint import CODEC_EOS, ensure_tiny_checkpoint  # noqa: E402
 from tts_service.engine import TTSEngine  # noqa: E402
-from tts_service.scheduler import LOOP_PHASES, ChunkPlan, InvariancePlan, Job, StepScheduler, window_lengths  # noqa: E402
+from tts_service.invariance_plan import InvariancePlan  # noqa: E402
+from tts_service.request_handle import Job  # noqa: E402
+from tts_service.scheduler import LOOP_PHASES, StepScheduler  # noqa: E402
 from tts_service.settings import Settings  # noqa: E402
+from tts_service.stream_plan import ChunkPlan, window_lengths  # noqa: E402
 
 logger = logging.getLogger("bench_engine")
 

@@ -31,7 +31,7 @@ from benchmarks.workload import VOICES  # noqa: E402
 
 from tts_service.dev.tiny_checkpoint import ensure_tiny_checkpoint  # noqa: E402
 from tts_service.engine import SynthesisRequest, TTSEngine  # noqa: E402
-from tts_service.scheduler import RequestHandle  # noqa: E402
+from tts_service.request_handle import RequestHandle  # noqa: E402
 from tts_service.settings import Settings  # noqa: E402
 
 TEXT = "The harbour master raises his lantern and calls across the water."

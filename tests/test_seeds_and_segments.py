@@ -15,6 +15,7 @@ from tests.oracle import reference
 from tts_service import frame_step as fs
 from tts_service.dev.tiny_checkpoint import CODEC_EOS
 from tts_service.engine import SynthesisRequest, TTSEngine
+from tts_service.invariance_plan import InvariancePlan
 from tts_service.sampling import (
     MAX_CANDIDATES,
     TIE_MARGIN,
@@ -28,7 +29,7 @@ from tts_service.sampling import (
     uniform,
     unit_interval,
 )
-from tts_service.scheduler import InvariancePlan, StepScheduler
+from tts_service.scheduler import StepScheduler
 from tts_service.segmenting import split_text
 from tts_service.settings import Settings
 

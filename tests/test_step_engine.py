@@ -16,8 +16,8 @@ from tests.company import row_zero_after_steps
 from tests.oracle import ORACLE_REQUESTS, reference
 from tts_service import frame_step as fs
 from tts_service.engine import SynthesisRequest, TTSEngine
+from tts_service.invariance_plan import InvariancePlan
 from tts_service.sampling import SamplerPlan
-from tts_service.scheduler import InvariancePlan
 from tts_service.settings import Settings
 
 REQUESTS = ORACLE_REQUESTS

@@ -25,7 +25,8 @@ from tests.oracle import ORACLE_REQUESTS
 from tests.oracle import reference as plain_qwen_tts
 from tts_service.chunk_decoder import STREAM, WHOLE_FILE, ChunkDecoder, Ending, Window, stateful_batch_limit
 from tts_service.engine import SynthesisRequest, TTSEngine
-from tts_service.scheduler import RequestHandle, _Row
+from tts_service.request_handle import RequestHandle
+from tts_service.scheduler import _Row
 from tts_service.settings import Settings
 
 SPF = 1920  # samples per codec frame
@@ -148,7 +149,7 @@ def quick_engine(tiny_dir, cache_dir) -> TTSEngine:
 def test_quick_start_needs_time_to_spare() -> None:
     """A quick first chunk only while no request waits for a slot, steps run 3x faster than real time and
     every other stream has half a second of audio in hand (one that has sent none has nothing in hand)."""
-    from tts_service.scheduler import QUICK_START_MAX_STEP_S, quick_start_fits
+    from tts_service.stream_plan import QUICK_START_MAX_STEP_S, quick_start_fits
 
     fast = QUICK_START_MAX_STEP_S / 2
     assert quick_start_fits([], fast, waiting=False)

@@ -18,10 +18,12 @@ from typing import Any
 import numpy as np
 
 from tts_service.codec import FRAME_RATE_HZ
-from tts_service.scheduler import ChunkPlan, Job, RequestHandle, StepScheduler
+from tts_service.request_handle import Job, RequestHandle
+from tts_service.scheduler import StepScheduler
 from tts_service.schemas import ModelInfo, SpeakerInfo
 from tts_service.segmenting import split_text
 from tts_service.settings import Settings
+from tts_service.stream_plan import ChunkPlan
 from tts_service.voice_prompt import VoicePrompt, extract_voice_prompt
 from tts_service.voices import SPEAKERS_BY_KEY
 

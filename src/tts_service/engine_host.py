@@ -20,7 +20,7 @@ import numpy as np
 from tts_service.audio import encode
 from tts_service.engine import ModelLoadError, SynthesisError, TTSEngine
 from tts_service.metrics import queue_wait, step_batch_size
-from tts_service.scheduler import RequestHandle
+from tts_service.request_handle import RequestHandle
 from tts_service.schemas import (
     ModelInfo,
     SynthesisJob,

@@ -9,8 +9,10 @@ One thread owns the model. Each turn of its loop:
    memory on CUDA) and read one step later, so the GPU never waits for the host;
 5. chunks that are due are decoded (with left context) and handed to their requests.
 
-A request's audio arrives as float32 chunks through its `RequestHandle`, iterable from a thread or an
-event loop. A whole-file request is the same stream with large chunks, drained by its caller.
+A request's audio arrives as float32 chunks through its `RequestHandle` (request_handle.py), iterable
+from a thread or an event loop. A whole-file request is the same stream with large chunks, drained by
+its caller. How streams are cut into chunks: stream_plan.py; what keeps a seed's bytes in company:
+invariance_plan.py.
 """
 
 from __future__ import annotations
@@ -18,77 +20,29 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
-import queue
 import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from tts_service import frame_step as fs
-from tts_service.batch_invariance import ProductLayout, ProductShape, choose_layout, decoder_batch_min_frames
-from tts_service.chunk_decoder import (
-    STATEFUL_BATCH_MIN_FRAMES,
-    STREAM,
-    WHOLE_FILE,
-    ChunkDecoder,
-    Ending,
-    Window,
-    stateful_batch_limit,
-)
+from tts_service.chunk_decoder import STREAM, WHOLE_FILE, ChunkDecoder, Ending, Window
+from tts_service.invariance_plan import InvariancePlan
 from tts_service.prompt import PromptBuilder
+from tts_service.request_handle import Job, RequestEnd, RequestHandle
 from tts_service.sampling import SamplerPlan, SamplingParams
-from tts_service.voice_prompt import VoicePrompt
+from tts_service.stream_plan import QUICK_START_MAX_STEP_S, WHOLE_FILE_PLAN, ChunkPlan, quick_start_fits, window_lengths
 
 logger = logging.getLogger(__name__)
 
 SEED_SPACE = 1 << 63  # seeds are non-negative int64
 _SEGMENT_SEED_STRIDE = 0x9E3779B97F4A7C15  # each later segment of a long text draws from its own sequence
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    """Frames per decoded chunk: a small first chunk for a fast start, larger ones for efficiency.
-
-    With `ramp`, chunks grow from the first to the steady size but none is longer than all the audio
-    sent before it (4, 4, 8, 16, 16, ... frames): a listener who starts playing at the first byte keeps
-    hearing audio whenever generation runs at 1.75x real time or better. Jumping from 4 frames straight
-    to 16 needs 4x, which a busy GPU (32 streams) does not give every stream."""
-
-    first_frames: int = 4
-    frames: int = 16
-    left_context: int = 25  # qwen-tts's own chunked_decode uses 25
-    ramp: bool = True
-    streamed: bool = True  # a listener hears each chunk as it comes (else the chunks make one file)
-
-    def target(self, decoded: int) -> int:
-        if decoded == 0:
-            return self.first_frames
-        return min(self.frames, max(self.first_frames, decoded)) if self.ramp else self.frames
-
-    def quick(self) -> ChunkPlan:
-        """This plan with a quick start's first chunk (never larger than its own)."""
-        return replace(self, first_frames=min(QUICK_START_FRAMES, self.first_frames))
-
-    def window_lengths(self) -> tuple[int, ...]:
-        """The window lengths (new frames plus left context) a stream's chunks take until they are steady."""
-        lengths, decoded = [], 0
-        while True:
-            chunk = self.target(decoded)
-            lengths.append(chunk + min(decoded, self.left_context))
-            if chunk == self.frames and decoded >= self.left_context:
-                return tuple(sorted(set(lengths)))
-            decoded += chunk
-
-
-def window_lengths(plans: Iterable[ChunkPlan]) -> tuple[int, ...]:
-    """Every window length these plans' streams take until they are steady (the decoder's graphs)."""
-    return tuple(sorted({length for plan in plans for length in plan.window_lengths()}))
 
 
 # The engine loop's phases, as `StepScheduler.loop_seconds` sums them: cancellations, prefills and
@@ -97,202 +51,7 @@ def window_lengths(plans: Iterable[ChunkPlan]) -> tuple[int, ...]:
 # of the wall time the loop waits for work.
 LOOP_PHASES = ("admit", "step", "collect", "hand_off")
 # OpenMP teams in a non-main thread are slow; the decoder thread has the other core.
-_CPU_LOOP_THREADS = 1
-# Stateful window lengths the start-up check decodes batched and alone: the stream plan's chunks, and up to
-# the longest that is batched (`stateful_batch_limit`); other lengths (a stream's last window) are taken to
-# follow their neighbours, as every length from 4 to 32 did where measured (docs/PERFORMANCE.md).
-DECODER_CHECK_FRAMES = (4, 8, 16, 32)
-# qwen-tts decodes whole utterances in 300-frame chunks with 25 frames of left context; a whole-file
-# request uses the same windows, so its audio equals qwen-tts's decode of the same codes.
-WHOLE_FILE_PLAN = ChunkPlan(first_frames=300, frames=300, left_context=25, streamed=False)
-# Quick start: a stream that starts while the engine has time to spare gets a first chunk of this many
-# frames instead of its plan's, and ramps from there (1, 1, 2, 4, 8, 16, ...): first audio after one frame
-# step instead of four. Its next chunk is then due 80 ms after its first audio, so it is given only while
-# every other stream has at least QUICK_START_HEADROOM_S of audio in hand (none is ramping up, each of
-# whose chunks would be as urgent) and steps come at least 3x faster than real time (measured on a CPU:
-# a first chunk of 1 frame halves first audio, but listeners run dry when several streams ramp from 1 at
-# once or a stream gets under about 4x real time; docs/PERFORMANCE.md).
-QUICK_START_FRAMES = 1
-QUICK_START_HEADROOM_S = 0.5
-QUICK_START_MAX_STEP_S = 0.080 / 3
-
-
-def quick_start_fits(others_in_hand: Iterable[float | None], step_interval: float | None, waiting: bool) -> bool:
-    """Whether a stream starting now may take a quick first chunk: no request waits for a slot, recent steps
-    came at least 3x faster than real time (`step_interval`, seconds; None: none measured yet), and every
-    other stream has `QUICK_START_HEADROOM_S` of audio in hand (None: it has sent no audio yet)."""
-    if waiting or step_interval is None or step_interval > QUICK_START_MAX_STEP_S:
-        return False
-    return all(in_hand is not None and in_hand >= QUICK_START_HEADROOM_S for in_hand in others_in_hand)
-
-
-@dataclass(frozen=True)
-class InvariancePlan:
-    """What keeps a request's bits independent of the company it keeps, so a seed replays byte for byte
-    (`TTS_BATCH_INVARIANT`). Nothing by default: every product runs over the rows there are."""
-
-    min_rows: int = 1  # the step's and the prefill's products run over at least this many rows
-    prefill_alone: bool = False  # each joining prompt is prefilled by itself
-    decode_alone: bool = False  # each window is decoded by itself, at its own length
-    # A step computes at least this many rows, free slots beside the batch's, so that its products have
-    # min_rows rows without padding each one (a lone request's step: 18% faster on an AMD EPYC, the same on a Xeon)
-    min_window: int = 1
-
-    # The step's weights are held as contiguous [in, out] matrices (on the CPUs where that keeps the bits)
-    contiguous_weights: bool = False
-    # Stateful decoder windows of fewer frames are decoded alone (from it on, batched ones keep their bits)
-    stateful_batch_min_frames: int = STATEFUL_BATCH_MIN_FRAMES
-
-    @classmethod
-    def choose(
-        cls,
-        invariant: bool,
-        on_cuda: bool,
-        slots: int,
-        stateful_decoding: bool,
-        shapes: Sequence[ProductShape] | None = None,
-        dtype: torch.dtype = torch.float32,
-        speech_decoder: torch.nn.Module | None = None,
-    ) -> InvariancePlan:
-        """On the CPU, MKL multiplies few rows with other kernels than many; from how many rows on a row
-        keeps its bits at every count depends on the processor and the weights' layout, so it is measured
-        for the model's `shapes` (`batch_invariance.choose_layout`: 2 rows, then 4; without shapes,
-        transposed views padded to 4 rows, which hold on the AMD EPYC measured). A step of fewer rows than the
-        padding computes free slots beside them instead of padding every product (the same bits, fewer
-        operations); each prompt is prefilled alone (a prefill's products have as many rows as the prompts
-        have tokens, past what the start-up check covers); the stateful decoder batches windows only from
-        the length at which that keeps their bits, measured with `speech_decoder` (without it, from
-        `STATEFUL_BATCH_MIN_FRAMES`; at no length, each window alone), and windows without state
-        (`TTS_STREAM_DECODER=window`) are decoded alone, since batched convolutions change their bits.
-        On a GPU, cuBLAS and cuDNN choose kernels by the batch's size, so every product runs at one size
-        (all the slots; with memory-bound weights that should cost little), each prompt is prefilled alone
-        and each window is decoded alone. Whether that suffices there (attention and sampling kernels are
-        not padded) is measured by scripts/check_seed_replay.py."""
-        if not invariant:
-            return cls()
-        if on_cuda:
-            return cls(min_rows=slots, prefill_alone=True, decode_alone=True)
-        layout = ProductLayout(False, fs.INVARIANT_MIN_ROWS)
-        if shapes is not None:
-            chosen = choose_layout(shapes, slots, _CPU_LOOP_THREADS, fs.INVARIANT_ROW_PADDINGS, max(slots, 1), dtype)
-            if chosen is None:
-                logger.warning(
-                    "batch invariance: on this CPU a row's bits depend on the row count in every weight layout "
-                    "tried; a seed replays byte for byte alone, not always in company"
-                )
-            layout = chosen or layout
-        decode_alone, min_frames = not stateful_decoding, STATEFUL_BATCH_MIN_FRAMES
-        if stateful_decoding and speech_decoder is not None:
-            from tts_service.streaming_decoder import StreamingDecoder
-
-            lowest = decoder_batch_min_frames(
-                StreamingDecoder(speech_decoder), DECODER_CHECK_FRAMES, stateful_batch_limit
-            )
-            decode_alone, min_frames = lowest is None, lowest or min_frames
-        return cls(
-            min_rows=layout.min_rows,
-            prefill_alone=True,
-            decode_alone=decode_alone,
-            min_window=layout.min_rows if slots >= layout.min_rows else 1,
-            contiguous_weights=layout.contiguous,
-            stateful_batch_min_frames=min_frames,
-        )
-
-
-@dataclass(frozen=True)
-class Job:
-    """A validated request as the engine runs it: segments of text, the model's voice keys, a seed."""
-
-    segments: tuple[str, ...]
-    speaker: str
-    language: str
-    instruct: str
-    seed: int
-    plan: ChunkPlan
-    budgets: tuple[int, ...]  # most frames per segment
-    voice: VoicePrompt | None = None  # a cloned voice (Base models), in place of a speaker
-
-
-@dataclass(frozen=True)
-class RequestEnd:
-    """The last item of every request."""
-
-    frames: int
-    truncated: bool  # some segment stopped at its frame budget rather than at end of speech
-    steps: int  # decode steps this request took part in
-    shared_steps: int  # of those, steps shared with at least one other request
-    max_batch: int  # the largest step batch it shared
-    segments: int = 1
-    error: str | None = None
-    cancelled: bool = False
-    codes: np.ndarray | None = None  # [frames, 16]: every codec frame generated, all segments
-    slots: tuple[int, ...] = ()  # the KV slot each segment was prefilled into (compaction may move it)
-
-
-class RequestHandle:
-    """What `StepScheduler.submit` returns: iterate it (sync or async) for float32 chunks; then `end`."""
-
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None) -> None:
-        self.request_id = request_id
-        self.cancelled = threading.Event()
-        self.end: RequestEnd | None = None
-        # Where the time to first audio goes (time.perf_counter): submitted, prefilled (launched, on a
-        # GPU), first_frame (read back), first_window (queued to the decoder), first_audio (handed over).
-        self.timeline: dict[str, float] = {"submitted": time.perf_counter()}
-        self._ending = threading.Lock()
-        self._loop = loop
-        self._async_queue: asyncio.Queue | None = asyncio.Queue() if loop else None
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-
-    def _put(self, item: np.ndarray | RequestEnd) -> None:
-        if not isinstance(item, RequestEnd):
-            self.timeline.setdefault("first_audio", time.perf_counter())
-        if self._loop is not None and self._async_queue is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._async_queue.put_nowait, item)
-            except RuntimeError:  # the caller's loop is gone: it is not listening any more
-                self.cancelled.set()
-        else:
-            self._queue.put(item)
-
-    def cancel(self) -> None:
-        """Stop generating for this request; its slot is freed before the next step."""
-        self.cancelled.set()
-
-    def deliver_end(self, end: RequestEnd) -> bool:
-        """Hand over the request's end, once (the engine and the decoder may both try); False if late."""
-        with self._ending:
-            if self.end is not None:
-                return False
-            self.end = end
-        self._put(end)
-        return True
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        while True:
-            item = self._queue.get()
-            if isinstance(item, RequestEnd):
-                self.end = item
-                return
-            yield item
-
-    async def __aiter__(self) -> AsyncIterator[np.ndarray]:
-        assert self._async_queue is not None, "submit(..., loop=...) for async iteration"
-        try:
-            while True:
-                item = await self._async_queue.get()
-                if isinstance(item, RequestEnd):
-                    self.end = item
-                    return
-                yield item
-        finally:
-            if self.end is None:  # the consumer stopped early
-                self.cancel()
-
-    def collect(self) -> np.ndarray:
-        """Drain a synchronous handle: the whole waveform."""
-        chunks = list(self)
-        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+CPU_LOOP_THREADS = 1
 
 
 @dataclass(eq=False)  # rows are compared and hashed by identity
@@ -380,6 +139,7 @@ class StepScheduler:
                 shapes,
                 self.model.talker.codec_head.weight.dtype,
                 self.model.speech_tokenizer.model.decoder,
+                CPU_LOOP_THREADS,
             )
         self.invariance = invariance
         # A stream's first chunk size depends on the load at its start, and chunk boundaries change a
@@ -429,7 +189,7 @@ class StepScheduler:
             params = self.sampling_params(0)
             sample = params.do_sample or params.sub_do_sample  # as each row's `samples` is set in _admit
             self.step_fn = compiled_step(
-                self.weights, self.state, sample, None if self.on_cuda else _CPU_LOOP_THREADS, invariance.min_window
+                self.weights, self.state, sample, None if self.on_cuda else CPU_LOOP_THREADS, invariance.min_window
             )
         if self.on_cuda and cuda_graphs:
             from tts_service.cuda_graphs import GraphedFrameStep
@@ -552,7 +312,7 @@ class StepScheduler:
     # ---- the loop --------------------------------------------------------------------------------
     def _run(self) -> None:
         if not self.on_cuda:
-            torch.set_num_threads(_CPU_LOOP_THREADS)
+            torch.set_num_threads(CPU_LOOP_THREADS)
         while True:
             with self._wake:
                 while not self._pending and not self._rows and self._in_flight is None:
