@@ -197,6 +197,21 @@ def test_a_stream_starts_with_one_frame_only_while_the_engine_has_time_to_spare(
     assert "request quick-lone (stream, quick start) done" in caplog.text  # the log says which got one
 
 
+def test_one_slow_turn_does_not_cost_a_lone_stream_its_quick_start(quick_engine: TTSEngine) -> None:
+    """The engine's pace is the median of its last 8 step intervals: one slow turn among them (a long
+    admission, a pause of the whole process) leaves a lone stream its first chunk of 1 frame; mostly slow
+    steps take it away."""
+    from tts_service.stream_plan import QUICK_START_MAX_STEP_S
+
+    scheduler = quick_engine.scheduler
+    fast, slow = QUICK_START_MAX_STEP_S / 4, 0.4
+    for index, (intervals, first) in enumerate((([fast] * 7 + [slow], 1), ([slow] * 5 + [fast] * 3, 4))):
+        scheduler.step_intervals.clear()  # the loop is idle: the last request has ended
+        scheduler.step_intervals.extend(intervals)
+        chunks = list(quick_engine.submit(REQUESTS[3], f"pace-{index}", stream=True))
+        assert len(chunks[0]) // SPF == first, intervals
+
+
 def test_the_time_to_first_audio_is_broken_down_in_order(engine: TTSEngine) -> None:
     """Each handle's timeline (bench_engine.py's first-audio table): submitted, prefilled, first frame read,
     first window queued to the decoder, first audio handed over, in that order, for a stream and a whole

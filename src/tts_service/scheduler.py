@@ -21,6 +21,7 @@ import asyncio
 import heapq
 import logging
 import secrets
+import statistics
 import threading
 import time
 from collections import deque
@@ -245,14 +246,20 @@ class StepScheduler:
         window = max(1, self.invariance.min_window)
         params = self.sampling_params(0)
         sample = params.do_sample or params.sub_do_sample  # the service's mode, as _admit sets each row's
-        with torch.inference_mode():
-            self.step_fn(self.weights, self.state, window, 32, sample)  # warm
-            if self.on_cuda:
-                torch.cuda.synchronize(self.device)
-            started = time.perf_counter()
-            for _ in range(3):
-                frames, _done = self.step_fn(self.weights, self.state, window, 32, sample)
-            frames.cpu()
+        threads = torch.get_num_threads()
+        if not self.on_cuda:  # on the loop's thread count, as the loop will step
+            torch.set_num_threads(CPU_LOOP_THREADS)
+        try:
+            with torch.inference_mode():
+                self.step_fn(self.weights, self.state, window, 32, sample)  # warm
+                if self.on_cuda:
+                    torch.cuda.synchronize(self.device)
+                started = time.perf_counter()
+                for _ in range(3):
+                    frames, _done = self.step_fn(self.weights, self.state, window, 32, sample)
+                frames.cpu()
+        finally:
+            torch.set_num_threads(threads)
         return (time.perf_counter() - started) / 3
 
     # ---- public ----------------------------------------------------------------------------------
@@ -429,7 +436,8 @@ class StepScheduler:
         in_hand = [
             self._deadline(other, now) - now if "first_audio" in other.handle.timeline else None for other in others
         ]
-        interval = sum(self.step_intervals) / len(self.step_intervals) if self.step_intervals else None
+        # the median: one slow turn (a long admission, a pause of the process) says little of the pace
+        interval = statistics.median(self.step_intervals) if self.step_intervals else None
         return quick_start_fits(in_hand, interval, bool(self._pending))
 
     def _compact(self) -> None:
