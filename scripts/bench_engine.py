@@ -195,6 +195,65 @@ def step_census(scheduler: StepScheduler, n: int, device: str) -> dict:
     return out
 
 
+def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60) -> list[dict]:
+    """The frame step with qwen-tts's own ops and with the GPU's fewer-kernel forms (`Stack.fused_norms`,
+    `Stack.grouped_decode_attention`; the serving path in bf16), side by side: kernels per frame (and on a GPU
+    the most frequent kernels' names, which tell the attention backend), the step's time (as CUDA graphs on a
+    GPU) at batch 1, 8 and 32, and the first frame where a lone greedy request's codes differ. Needs every
+    slot free."""
+    serving, s = scheduler.weights, scheduler.state
+    cuda = device.startswith("cuda")
+    prompt = scheduler.prompts.build(TEXT, *VOICES[0])
+    rows, codes = [], {}
+    for fewer in (False, True):
+        w = fs.with_fewer_kernels(serving, fewer)
+        row: dict[str, Any] = {"forms": "fewer kernels" if fewer else "qwen-tts's ops"}
+        with torch.inference_mode():
+            fs.frame_step(w, s, 1, 256, False)
+            with census() as counted:
+                fs.frame_step(w, s, 1, 256, False)
+            row["kernel_ops"] = counted.kernels
+            step: Any = fs.frame_step
+            if cuda:
+                from collections import Counter
+
+                from torch.profiler import ProfilerActivity, profile
+
+                from tts_service.cuda_graphs import GraphedFrameStep
+
+                sync(device)
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    fs.frame_step(w, s, 1, 256, False)
+                    sync(device)
+                names = Counter(e.name for e in prof.events() if e.device_type.name == "CUDA")
+                row["cuda_kernels"] = sum(names.values())
+                row["top_kernels"] = [[name[:90], count] for name, count in names.most_common(12)]
+                step = GraphedFrameStep(w, s, [n for n in (1, 8, 32) if n <= s.slots], [256])
+                step.capture_all()
+            for n in (1, 8, 32):
+                if n <= s.slots:
+                    row[f"ms_batch_{n}"] = ms_per_step(step, w, s, n, 256, 20, device, warm=3)
+            fs.prefill(w, s, [0], [prompt], [scheduler.sampling_params(0)])
+            codes[fewer] = torch.stack([step(w, s, 1, 256, False)[0][0].clone() for _ in range(frames)]).cpu()
+            fs.release(s, 0)
+        rows.append(row)
+    differs = (codes[True] != codes[False]).any(dim=1).nonzero().flatten().tolist()
+    rows[1]["first_divergent_frame"] = differs[0] if differs else None
+    print(f"\n## The step's kernel forms (keys 256, greedy; the codes of one request over {frames} frames)\n")
+    print("| forms | kernel ops | CUDA kernels | ms batch 1 | ms batch 8 | ms batch 32 | first frame differing |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        times = " | ".join(f"{row[f'ms_batch_{n}']:.2f}" if f"ms_batch_{n}" in row else "-" for n in (1, 8, 32))
+        print(
+            f"| {row['forms']} | {row['kernel_ops']} | {row.get('cuda_kernels', '-')} | {times} "
+            f"| {row.get('first_divergent_frame', '-')} |"
+        )
+    for row in rows:
+        if "top_kernels" in row:
+            print(f"\n{row['forms']}, most frequent kernels per frame: {row['top_kernels']}")
+    return rows
+
+
 def prefill_census(scheduler: StepScheduler, device: str, prefill=fs.prefill) -> dict:
     """What admitting one request costs (its prompt built, then prefilled into a free slot by `prefill`: eager,
     or the serving path's graphs): ops, kernels, syncs, tensors from Python data, milliseconds (median of 5),
@@ -394,6 +453,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n## Frame step census\n")
     for row in report["census"]:
         print(row)
+    report["kernel_forms"] = kernel_forms(scheduler, args.device)
     prefills = [fs.prefill] + ([scheduler.prefill_fn] if scheduler.prefill_fn is not fs.prefill else [])
     report["prefill_census"] = [prefill_census(scheduler, args.device, prefill) for prefill in prefills]
     print("\n## Prefill census (one request's prompt built and prefilled, eagerly and as the service does)\n")

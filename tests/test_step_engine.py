@@ -5,6 +5,7 @@ other slot, the step compiles as one graph, failures stay with their requests.""
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,54 @@ def test_real_layer_counts_equal_qwen_tts(deep_engine: TTSEngine) -> None:
         np.testing.assert_array_equal(end.codes, reference(deep_engine, request)[0])
 
 
+def test_the_gpus_fewer_kernel_forms_give_qwen_tts_codes(engine: TTSEngine, deep_engine: TTSEngine, references) -> None:
+    """A GPU in bf16 steps with fused norms and grouped decode attention (`Stack`); their logic is checked
+    here in float32, where a wrong head mapping or norm would change the codes: alone, all together, and at
+    the real layer counts."""
+    for tested in (engine, deep_engine):
+        scheduler = tested.scheduler
+        plain = scheduler.weights
+        scheduler.weights = fs.with_fewer_kernels(plain)
+        try:
+            if tested is engine:
+                for index, request in enumerate(REQUESTS[:3]):
+                    [end] = run_all(engine, [request], f"fewer-single-{index}")
+                    np.testing.assert_array_equal(end.codes, references[request.text])
+                ends = run_all(engine, REQUESTS, "fewer-together")
+                assert max(end.max_batch for end in ends) == len(REQUESTS)
+                for end, request in zip(ends, REQUESTS, strict=True):
+                    np.testing.assert_array_equal(end.codes, references[request.text])
+            else:
+                requests = [REQUESTS[1], SynthesisRequest("Hello from the gallery.", "ryan", "english")]
+                for end, request in zip(run_all(deep_engine, requests, "fewer-deep"), requests, strict=True):
+                    np.testing.assert_array_equal(end.codes, reference(deep_engine, request)[0])
+        finally:
+            scheduler.weights = plain
+
+
+def test_grouped_decode_attention_reads_each_query_heads_own_kv_head(quiet_engine) -> None:
+    """qwen-tts's repeat_kv: query head h reads KV head h // group. Every KV head holds other values, so a
+    wrong mapping shows; rows see different numbers of keys."""
+    generator = torch.Generator().manual_seed(3)
+    stack = replace(quiet_engine.scheduler.weights.talker, heads=16, kv_heads=4, head_dim=8)
+    grouped = replace(stack, grouped_decode_attention=True)
+    q = torch.randn(3, 16, 1, 8, generator=generator)
+    k, v = (torch.randn(3, 4, 20, 8, generator=generator) for _ in range(2))
+    visible = (torch.arange(20)[None, :] <= torch.tensor([4, 11, 19])[:, None])[:, None, None]
+    bias = torch.full(visible.shape, float("-inf")).masked_fill_(visible, 0.0)
+    expected = fs._attend_decode(q, k, v, stack, visible)
+    np.testing.assert_allclose(fs._attend_decode(q, k, v, grouped, bias), expected, rtol=0, atol=1e-6)
+    by_hand = torch.softmax((q @ k.repeat_interleave(4, 1).transpose(-1, -2)) * 8**-0.5 + bias, -1)
+    np.testing.assert_allclose(expected, by_hand @ v.repeat_interleave(4, 1), rtol=0, atol=1e-6)
+
+
+def test_fewer_kernels_are_taken_on_a_gpu_in_half_precision_only() -> None:
+    assert fs.fewer_kernels_for(torch.device("cuda", 0), torch.bfloat16)
+    assert fs.fewer_kernels_for(torch.device("cuda"), torch.float16)
+    assert not fs.fewer_kernels_for(torch.device("cuda"), torch.float32)  # GPU equality checks run in float32
+    assert not fs.fewer_kernels_for(torch.device("cpu"), torch.bfloat16)
+
+
 # ---- the frame function ---------------------------------------------------------------------------
 
 
@@ -189,18 +238,20 @@ def quiet_engine(tiny_dir: Path, cache_dir: Path) -> TTSEngine:
 
 
 @pytest.mark.parametrize(
-    ("sample", "plan"),
+    ("sample", "plan", "fewer_kernels"),
     [
-        (False, SamplerPlan()),
-        (True, SamplerPlan()),  # sampling over the whole vocabulary
-        (True, SamplerPlan(candidates=50, top_p=True, greedy_rows=True)),  # over the top candidates
+        (False, SamplerPlan(), False),
+        (True, SamplerPlan(), False),  # sampling over the whole vocabulary
+        (True, SamplerPlan(candidates=50, top_p=True, greedy_rows=True), False),  # over the top candidates
+        (True, SamplerPlan(candidates=50, top_p=True, greedy_rows=True), True),  # in the GPU's bf16 forms
     ],
 )
 def test_the_frame_step_has_no_host_sync_and_no_tensor_from_python_data(
-    quiet_engine, sample: bool, plan: SamplerPlan
+    quiet_engine, sample: bool, plan: SamplerPlan, fewer_kernels: bool
 ) -> None:
     w, s = _prefilled(quiet_engine, [0, 1, 2])
     w.sampler = plan
+    w = fs.with_fewer_kernels(w, fewer_kernels)
     with torch.inference_mode():
         for n in (1, 3):
             with census() as counted:

@@ -83,9 +83,19 @@ class Stack:
     eps_t: torch.Tensor
     width_t: torch.Tensor  # hidden size: the mean's divisor for the layer norms
     head_dim_t: torch.Tensor  # the divisor for the q/k norms
+    eps: float  # the same epsilon as a number, for `F.rms_norm`
     # Products run over at least this many rows (zero rows added): one of INVARIANT_ROW_PADDINGS on the
     # CPU, so a row's bits do not depend on its company; 1: as many as there are.
     min_rows: int = 1
+    # Fewer kernels where each one is a launch (a GPU, bf16 or fp16; `build_weights(fewer_kernels=...)`):
+    # - each RMSNorm is `F.rms_norm` (aten's fused kernel on CUDA) then the weight: 2 kernels instead of 9,
+    #   rounded as qwen-tts rounds (normed value to the model dtype, then times the weight), only the
+    #   mean of squares summed in another order;
+    # - the talker's decode attention puts each KV head's query heads in the query-length axis instead of
+    #   asking SDPA for GQA, with the mask as an additive bias made once per frame: a masked GQA call has
+    #   no fused kernel (flash takes no mask, memory-efficient no GQA) and falls back to the math one.
+    fused_norms: bool = False
+    grouped_decode_attention: bool = False
 
 
 @dataclass
@@ -162,6 +172,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor, width: to
     return weight * (x32 if x.dtype == torch.float32 else x32.to(x.dtype))
 
 
+def norm(x: torch.Tensor, weight: torch.Tensor, stack: Stack, width: torch.Tensor) -> torch.Tensor:
+    """The stack's RMSNorm over the last dimension (`width` its size as a 0-dim tensor): `rms_norm`, or
+    with `stack.fused_norms` the normalization as one kernel, then the weight."""
+    if stack.fused_norms:
+        return F.rms_norm(x, (x.shape[-1],), None, stack.eps) * weight
+    return rms_norm(x, weight, stack.eps_t, width)
+
+
 def linear(
     x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None, min_rows: int = 1
 ) -> torch.Tensor:
@@ -185,10 +203,10 @@ def _project_qkv(
     is roll(x, D/2) against a sign-flipped sine: the same values as qwen-tts's, in fewer operations."""
     batch = x.shape[0] // length
     d = stack.head_dim
-    normed = rms_norm(x, layer.input_norm, stack.eps_t, stack.width_t)
+    normed = norm(x, layer.input_norm, stack, stack.width_t)
     qkv = linear(normed, layer.qkv_t, layer.qkv_bias, stack.min_rows)
     qk, v = qkv.split([(stack.heads + stack.kv_heads) * d, stack.kv_heads * d], dim=-1)
-    qk = rms_norm(qk.view(batch, length, stack.heads + stack.kv_heads, d), layer.qk_norm, stack.eps_t, stack.head_dim_t)
+    qk = norm(qk.view(batch, length, stack.heads + stack.kv_heads, d), layer.qk_norm, stack, stack.head_dim_t)
     qk = qk * cos + qk.roll(d // 2, dims=-1) * sin
     q, k = qk.transpose(1, 2).split([stack.heads, stack.kv_heads], dim=1)
     v = v.view(batch, length, stack.kv_heads, d).transpose(1, 2)
@@ -199,7 +217,7 @@ def _finish_layer(x: torch.Tensor, attn: torch.Tensor, layer: LayerWeights, stac
     """Output projection, residual, MLP (SiLU-gated), residual. x: rows [B * T, H]; attn: [B, heads, T, D]."""
     attn = attn.transpose(1, 2).reshape(x.shape[0], -1)
     x = x + linear(attn, layer.o_t, layer.o_bias, stack.min_rows)
-    normed = rms_norm(x, layer.post_norm, stack.eps_t, stack.width_t)
+    normed = norm(x, layer.post_norm, stack, stack.width_t)
     gate, up = linear(normed, layer.gate_up_t, None, stack.min_rows).split(stack.intermediate, dim=-1)
     return x + linear(F.silu(gate) * up, layer.down_t, None, stack.min_rows)
 
@@ -208,6 +226,18 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stack: Stack, **k
     return F.scaled_dot_product_attention(
         q, k, v, scale=stack.head_dim**-0.5, enable_gqa=stack.heads != stack.kv_heads, **kwargs
     )
+
+
+def _attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stack: Stack, mask: torch.Tensor) -> torch.Tensor:
+    """One query per row (q [n, heads, 1, D]) over k, v [n, kv_heads, L, D]. `mask`: [n, 1, 1, L], boolean
+    (True: visible), or with `stack.grouped_decode_attention` an additive bias in q's dtype; then the query
+    heads sharing a KV head (qwen-tts's repeat_kv: head h reads KV head h // group) are that head's queries."""
+    if not stack.grouped_decode_attention:
+        return _attend(q, k, v, stack, attn_mask=mask)
+    n, d = q.shape[0], stack.head_dim
+    grouped = q.reshape(n, stack.kv_heads, stack.heads // stack.kv_heads, d)
+    out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=d**-0.5)
+    return out.reshape(n, stack.heads, 1, d)
 
 
 def _attend_prompts(
@@ -295,7 +325,7 @@ def _predict_codes(
             end = start + length
             attn = _attend(q, keys[:n, :, :end], values[:n, :, :end], stack, is_causal=step == 0)
             x = _finish_layer(x, attn, layer, stack)
-        hidden = rms_norm(x if length == 1 else x.view(n, length, -1)[:, -1], stack.norm, stack.eps_t, stack.width_t)
+        hidden = norm(x if length == 1 else x.view(n, length, -1)[:, -1], stack.norm, stack, stack.width_t)
         logits = linear(hidden, w.predictor_heads_t[step], None, stack.min_rows).to(torch.float32)
         if draw_keys is not None:
             settings = (s.sub_do_sample[:n], s.sub_temperature[:n], s.sub_top_k[:n], s.sub_top_p[:n])
@@ -333,13 +363,15 @@ def frame_step(w: Weights, s: SlotState, n: int, kv_len: int, sample: bool = Tru
     sin = stack.sin[position][:, None, None]
     rows = s.rows[:n]
     visible = (s.key_index[:kv_len][None, :] <= position[:, None])[:, None, None]  # [n, 1, 1, kv_len]
+    if stack.grouped_decode_attention:
+        visible = torch.full(visible.shape, float("-inf"), dtype=x.dtype, device=x.device).masked_fill_(visible, 0.0)
     for layer, keys, values in zip(stack.layers, s.keys, s.values, strict=True):
         q, k, v = _project_qkv(x, 1, layer, stack, cos, sin)
         keys[rows, :, position] = k[:, :, 0]
         values[rows, :, position] = v[:, :, 0]
-        attn = _attend(q, keys[:n, :, :kv_len], values[:n, :, :kv_len], stack, attn_mask=visible)
+        attn = _attend_decode(q, keys[:n, :, :kv_len], values[:n, :, :kv_len], stack, visible)
         x = _finish_layer(x, attn, layer, stack)
-    hidden = rms_norm(x, stack.norm, stack.eps_t, stack.width_t)  # [n, H]
+    hidden = norm(x, stack.norm, stack, stack.width_t)  # [n, H]
     logits = linear(hidden, w.codec_head_t, None, w.talker.min_rows).to(torch.float32)
     next_token = choose_first_codebook(
         w,
@@ -482,14 +514,26 @@ def _stack(model: torch.nn.Module, config, cos: torch.Tensor, sin: torch.Tensor,
         cos=cos,
         sin=sin,
         eps_t=scalar(float(model.norm.variance_epsilon)),
+        eps=float(model.norm.variance_epsilon),
         width_t=scalar(model.norm.weight.shape[0]),
         head_dim_t=scalar(head_dim),
     )
 
 
+def fewer_kernels_for(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the step takes `Stack`'s kernel-saving forms: on a GPU, where each kernel is a launch, in a
+    half-precision dtype; float32 keeps qwen-tts's own ops (GPU equality checks against it run there)."""
+    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+
+
 @torch.inference_mode()
 def build_weights(
-    model: torch.nn.Module, max_len: int, tts_pad: torch.Tensor, min_rows: int = 1, contiguous: bool = False
+    model: torch.nn.Module,
+    max_len: int,
+    tts_pad: torch.Tensor,
+    min_rows: int = 1,
+    contiguous: bool = False,
+    fewer_kernels: bool = False,
 ) -> Weights:
     """Views of a loaded `Qwen3TTSForConditionalGeneration`'s weights for the frame step.
 
@@ -497,6 +541,7 @@ def build_weights(
     the fewest rows a product runs over (`Stack.min_rows`). `contiguous`: the products' weights are held
     as contiguous [in, out] matrices (the model's modules re-pointed at them) rather than as transposed
     views of the model's own; `batch_invariance` measures which keeps a row's bits on this CPU.
+    `fewer_kernels`: `Stack.fused_norms` and `Stack.grouped_decode_attention` (see `fewer_kernels_for`).
     """
     talker = model.talker
     config = model.config.talker_config
@@ -527,7 +572,7 @@ def build_weights(
     eos_mask[eos] = True
     heads = {name: _transposed(group[0], contiguous) for name, group in _head_products(talker).items()}
     codec_head_t = heads["codec_head"]
-    return Weights(
+    weights = Weights(
         talker=replace(_stack(talker.model, config, cos3[0, 0], sin3[0, 0], contiguous), min_rows=min_rows),
         predictor=replace(
             _stack(predictor.model, config.code_predictor_config, pcos[0], psin[0], contiguous), min_rows=min_rows
@@ -547,6 +592,13 @@ def build_weights(
         codebooks=torch.arange(NUM_CODE_GROUPS, device=device),
         frame_offsets=(torch.arange(NUM_CODE_GROUPS, device=device) > 0).long(),
     )
+    return with_fewer_kernels(weights, fewer_kernels)
+
+
+def with_fewer_kernels(w: Weights, fewer: bool = True) -> Weights:
+    """`w` with `Stack`'s kernel-saving forms on or off (the same tensors)."""
+    forms = {"fused_norms": fewer, "grouped_decode_attention": fewer}
+    return replace(w, talker=replace(w.talker, **forms), predictor=replace(w.predictor, **forms))
 
 
 def allocate_state(w: Weights, slots: int, max_len: int) -> SlotState:
@@ -656,7 +708,7 @@ def prefill_rows(
         values[index, :, :longest] = v
         x = _finish_layer(x, _attend_prompts(q, k, v, stack, list(lengths)), layer, stack)
     x = x.view(rows, longest, -1)
-    hidden = rms_norm(x[s.rows[:rows], last], stack.norm, stack.eps_t, stack.width_t)
+    hidden = norm(x[s.rows[:rows], last], stack.norm, stack, stack.width_t)
     logits = linear(hidden, w.codec_head_t, None, w.talker.min_rows).to(torch.float32)
 
     per_slot = {

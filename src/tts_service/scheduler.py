@@ -177,7 +177,12 @@ class StepScheduler:
             self.decoder.capture(window_lengths(plans))
         self.max_len = max_len
         self.weights = fs.build_weights(
-            self.model, max_len, self.prompts.pad_embed(), invariance.min_rows, invariance.contiguous_weights
+            self.model,
+            max_len,
+            self.prompts.pad_embed(),
+            invariance.min_rows,
+            invariance.contiguous_weights,
+            fs.fewer_kernels_for(self.device, self.model.talker.codec_head.weight.dtype),
         )
         self.weights.sampler = SamplerPlan.of(self.sampling_params(0))
         self.state = fs.allocate_state(self.weights, slots, max_len)
@@ -205,12 +210,14 @@ class StepScheduler:
                 prefill.capture_all(self.sampling_params(0))
                 self.prefill_fn = prefill
         logger.info(
-            "step engine: %d KV slots of %d positions (%.1f MB each) on %s; batch invariance: %s",
+            "step engine: %d KV slots of %d positions (%.1f MB each) on %s; batch invariance: %s; fused norms "
+            "and grouped decode attention: %s",
             slots,
             max_len,
             fs.kv_bytes_per_slot(self.weights, max_len) / 1e6,
             self.device,
             invariance if invariance != InvariancePlan() else "off",
+            "on" if self.weights.talker.fused_norms else "off (float32 or CPU: qwen-tts's own ops)",
         )
         self._free = list(range(slots))  # a heap: the lowest free slot first keeps the window short
         self._pending: deque[_Row] = deque()
