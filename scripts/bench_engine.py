@@ -196,8 +196,8 @@ def step_census(scheduler: StepScheduler, n: int, device: str) -> dict:
 
 
 def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60) -> list[dict]:
-    """The frame step with qwen-tts's own ops and with the GPU's fewer-kernel forms (`Stack.fused_norms`,
-    `Stack.grouped_decode_attention`; the serving path in bf16), side by side: kernels per frame (and on a GPU
+    """The frame step with qwen-tts's own ops and with the GPU's fewer-kernel forms (`Stack.fewer_kernels`;
+    the serving path in bf16), side by side: kernels per frame (and on a GPU
     the most frequent kernels' names, which tell the attention backend), the step's time (as CUDA graphs on a
     GPU) at batch 1, 8 and 32, and the first frame where a lone greedy request's codes differ. Needs every
     slot free."""

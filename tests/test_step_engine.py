@@ -188,7 +188,7 @@ def test_grouped_decode_attention_reads_each_query_heads_own_kv_head(quiet_engin
     wrong mapping shows; rows see different numbers of keys."""
     generator = torch.Generator().manual_seed(3)
     stack = replace(quiet_engine.scheduler.weights.talker, heads=16, kv_heads=4, head_dim=8)
-    grouped = replace(stack, grouped_decode_attention=True)
+    grouped = replace(stack, fewer_kernels=True)
     q = torch.randn(3, 16, 1, 8, generator=generator)
     k, v = (torch.randn(3, 4, 20, 8, generator=generator) for _ in range(2))
     visible = (torch.arange(20)[None, :] <= torch.tensor([4, 11, 19])[:, None])[:, None, None]

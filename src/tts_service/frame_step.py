@@ -87,15 +87,15 @@ class Stack:
     # Products run over at least this many rows (zero rows added): one of INVARIANT_ROW_PADDINGS on the
     # CPU, so a row's bits do not depend on its company; 1: as many as there are.
     min_rows: int = 1
-    # Fewer kernels where each one is a launch (a GPU, bf16 or fp16; `build_weights(fewer_kernels=...)`):
+    # Fewer kernels where each one is a launch (a GPU, bf16 or fp16; see `fewer_kernels_for`):
     # - each RMSNorm is `F.rms_norm` (aten's fused kernel on CUDA) then the weight: 2 kernels instead of 9,
     #   rounded as qwen-tts rounds (normed value to the model dtype, then times the weight), only the
     #   mean of squares summed in another order;
+    # - RoPE's second product and the sum are one `addcmul` (rounded once, not twice);
     # - the talker's decode attention puts each KV head's query heads in the query-length axis instead of
     #   asking SDPA for GQA, with the mask as an additive bias made once per frame: a masked GQA call has
     #   no fused kernel (flash takes no mask, memory-efficient no GQA) and falls back to the math one.
-    fused_norms: bool = False
-    grouped_decode_attention: bool = False
+    fewer_kernels: bool = False
 
 
 @dataclass
@@ -174,8 +174,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor, width: to
 
 def norm(x: torch.Tensor, weight: torch.Tensor, stack: Stack, width: torch.Tensor) -> torch.Tensor:
     """The stack's RMSNorm over the last dimension (`width` its size as a 0-dim tensor): `rms_norm`, or
-    with `stack.fused_norms` the normalization as one kernel, then the weight."""
-    if stack.fused_norms:
+    with `stack.fewer_kernels` the normalization as one kernel, then the weight."""
+    if stack.fewer_kernels:
         return F.rms_norm(x, (x.shape[-1],), None, stack.eps) * weight
     return rms_norm(x, weight, stack.eps_t, width)
 
@@ -207,7 +207,10 @@ def _project_qkv(
     qkv = linear(normed, layer.qkv_t, layer.qkv_bias, stack.min_rows)
     qk, v = qkv.split([(stack.heads + stack.kv_heads) * d, stack.kv_heads * d], dim=-1)
     qk = norm(qk.view(batch, length, stack.heads + stack.kv_heads, d), layer.qk_norm, stack, stack.head_dim_t)
-    qk = qk * cos + qk.roll(d // 2, dims=-1) * sin
+    if stack.fewer_kernels:
+        qk = torch.addcmul(qk * cos, qk.roll(d // 2, dims=-1), sin)
+    else:
+        qk = qk * cos + qk.roll(d // 2, dims=-1) * sin
     q, k = qk.transpose(1, 2).split([stack.heads, stack.kv_heads], dim=1)
     v = v.view(batch, length, stack.kv_heads, d).transpose(1, 2)
     return q, k, v
@@ -230,9 +233,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stack: Stack, **k
 
 def _attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stack: Stack, mask: torch.Tensor) -> torch.Tensor:
     """One query per row (q [n, heads, 1, D]) over k, v [n, kv_heads, L, D]. `mask`: [n, 1, 1, L], boolean
-    (True: visible), or with `stack.grouped_decode_attention` an additive bias in q's dtype; then the query
+    (True: visible), or with `stack.fewer_kernels` an additive bias in q's dtype; then the query
     heads sharing a KV head (qwen-tts's repeat_kv: head h reads KV head h // group) are that head's queries."""
-    if not stack.grouped_decode_attention:
+    if not stack.fewer_kernels:
         return _attend(q, k, v, stack, attn_mask=mask)
     n, d = q.shape[0], stack.head_dim
     grouped = q.reshape(n, stack.kv_heads, stack.heads // stack.kv_heads, d)
@@ -363,7 +366,7 @@ def frame_step(w: Weights, s: SlotState, n: int, kv_len: int, sample: bool = Tru
     sin = stack.sin[position][:, None, None]
     rows = s.rows[:n]
     visible = (s.key_index[:kv_len][None, :] <= position[:, None])[:, None, None]  # [n, 1, 1, kv_len]
-    if stack.grouped_decode_attention:
+    if stack.fewer_kernels:
         visible = torch.full(visible.shape, float("-inf"), dtype=x.dtype, device=x.device).masked_fill_(visible, 0.0)
     for layer, keys, values in zip(stack.layers, s.keys, s.values, strict=True):
         q, k, v = _project_qkv(x, 1, layer, stack, cos, sin)
@@ -541,7 +544,7 @@ def build_weights(
     the fewest rows a product runs over (`Stack.min_rows`). `contiguous`: the products' weights are held
     as contiguous [in, out] matrices (the model's modules re-pointed at them) rather than as transposed
     views of the model's own; `batch_invariance` measures which keeps a row's bits on this CPU.
-    `fewer_kernels`: `Stack.fused_norms` and `Stack.grouped_decode_attention` (see `fewer_kernels_for`).
+    `fewer_kernels`: `Stack.fewer_kernels` (see `fewer_kernels_for`).
     """
     talker = model.talker
     config = model.config.talker_config
@@ -596,9 +599,10 @@ def build_weights(
 
 
 def with_fewer_kernels(w: Weights, fewer: bool = True) -> Weights:
-    """`w` with `Stack`'s kernel-saving forms on or off (the same tensors)."""
-    forms = {"fused_norms": fewer, "grouped_decode_attention": fewer}
-    return replace(w, talker=replace(w.talker, **forms), predictor=replace(w.predictor, **forms))
+    """`w` with `Stack.fewer_kernels` on or off (the same tensors)."""
+    return replace(
+        w, talker=replace(w.talker, fewer_kernels=fewer), predictor=replace(w.predictor, fewer_kernels=fewer)
+    )
 
 
 def allocate_state(w: Weights, slots: int, max_len: int) -> SlotState:

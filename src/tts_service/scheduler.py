@@ -210,14 +210,13 @@ class StepScheduler:
                 prefill.capture_all(self.sampling_params(0))
                 self.prefill_fn = prefill
         logger.info(
-            "step engine: %d KV slots of %d positions (%.1f MB each) on %s; batch invariance: %s; fused norms "
-            "and grouped decode attention: %s",
+            "step engine: %d KV slots of %d positions (%.1f MB each) on %s; batch invariance: %s; kernels: %s",
             slots,
             max_len,
             fs.kv_bytes_per_slot(self.weights, max_len) / 1e6,
             self.device,
             invariance if invariance != InvariancePlan() else "off",
-            "on" if self.weights.talker.fused_norms else "off (float32 or CPU: qwen-tts's own ops)",
+            "fewer (fused norms, grouped decode attention)" if self.weights.talker.fewer_kernels else "qwen-tts's ops",
         )
         self._free = list(range(slots))  # a heap: the lowest free slot first keeps the window short
         self._pending: deque[_Row] = deque()
