@@ -195,20 +195,21 @@ def step_census(scheduler: StepScheduler, n: int, device: str) -> dict:
     return out
 
 
-def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60) -> list[dict]:
+def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds: int = 3) -> list[dict]:
     """The frame step with qwen-tts's own ops and with the GPU's fewer-kernel forms (`Stack.fewer_kernels`;
-    the serving path in bf16), side by side: kernels per frame (and on a GPU
-    the most frequent kernels' names, which tell the attention backend), the step's time (as CUDA graphs on a
-    GPU) at batch 1, 8 and 32, and the first frame where a lone greedy request's codes differ. Needs every
-    slot free."""
+    the serving path in bf16), side by side: kernels per frame (and on a GPU the most frequent kernels'
+    names, which tell the attention backend), the step's time (as CUDA graphs on a GPU) at batch 1, 8 and 32
+    (median of `rounds`, the forms alternating), and the first frame where a lone greedy request's codes
+    differ. Needs every slot free."""
     serving, s = scheduler.weights, scheduler.state
     cuda = device.startswith("cuda")
-    prompt = scheduler.prompts.build(TEXT, *VOICES[0])
-    rows, codes = [], {}
-    for fewer in (False, True):
-        w = fs.with_fewer_kernels(serving, fewer)
-        row: dict[str, Any] = {"forms": "fewer kernels" if fewer else "qwen-tts's ops"}
-        with torch.inference_mode():
+    batches = [n for n in (1, 8, 32) if n <= s.slots]
+    rows: list[dict[str, Any]] = []
+    steps: list[tuple[fs.Weights, Any]] = []
+    with torch.inference_mode():
+        for fewer in (False, True):
+            w = fs.with_fewer_kernels(serving, fewer)
+            row: dict[str, Any] = {"forms": "fewer kernels" if fewer else "qwen-tts's ops"}
             fs.frame_step(w, s, 1, 256, False)
             with census() as counted:
                 fs.frame_step(w, s, 1, 256, False)
@@ -228,24 +229,35 @@ def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60) -> lis
                 names = Counter(e.name for e in prof.events() if e.device_type.name == "CUDA")
                 row["cuda_kernels"] = sum(names.values())
                 row["top_kernels"] = [[name[:90], count] for name, count in names.most_common(12)]
-                step = GraphedFrameStep(w, s, [n for n in (1, 8, 32) if n <= s.slots], [256])
+                step = GraphedFrameStep(w, s, batches, [256])
                 step.capture_all()
-            for n in (1, 8, 32):
-                if n <= s.slots:
-                    row[f"ms_batch_{n}"] = ms_per_step(step, w, s, n, 256, 20, device, warm=3)
+            rows.append(row)
+            steps.append((w, step))
+        times: list[dict[int, list[float]]] = [{n: [] for n in batches} for _ in steps]
+        for _ in range(rounds):
+            for (w, step), timed in zip(steps, times, strict=True):
+                for n in batches:
+                    timed[n].append(ms_per_step(step, w, s, n, 256, 20, device, warm=3))
+        prompt = scheduler.prompts.build(TEXT, *VOICES[0])
+        codes = []
+        for w, step in steps:
             fs.prefill(w, s, [0], [prompt], [scheduler.sampling_params(0)])
-            codes[fewer] = torch.stack([step(w, s, 1, 256, False)[0][0].clone() for _ in range(frames)]).cpu()
+            codes.append(torch.stack([step(w, s, 1, 256, False)[0][0].clone() for _ in range(frames)]).cpu())
             fs.release(s, 0)
-        rows.append(row)
-    differs = (codes[True] != codes[False]).any(dim=1).nonzero().flatten().tolist()
+    for row, timed in zip(rows, times, strict=True):
+        row.update({f"ms_batch_{n}": statistics.median(values) for n, values in timed.items()})
+    differs = (codes[0] != codes[1]).any(dim=1).nonzero().flatten().tolist()
     rows[1]["first_divergent_frame"] = differs[0] if differs else None
-    print(f"\n## The step's kernel forms (keys 256, greedy; the codes of one request over {frames} frames)\n")
+    print(
+        f"\n## The step's kernel forms (keys 256, greedy, ms: median of {rounds}; the codes of one request over "
+        f"{frames} frames)\n"
+    )
     print("| forms | kernel ops | CUDA kernels | ms batch 1 | ms batch 8 | ms batch 32 | first frame differing |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
-        times = " | ".join(f"{row[f'ms_batch_{n}']:.2f}" if f"ms_batch_{n}" in row else "-" for n in (1, 8, 32))
+        times_ms = " | ".join(f"{row[f'ms_batch_{n}']:.2f}" if f"ms_batch_{n}" in row else "-" for n in (1, 8, 32))
         print(
-            f"| {row['forms']} | {row['kernel_ops']} | {row.get('cuda_kernels', '-')} | {times} "
+            f"| {row['forms']} | {row['kernel_ops']} | {row.get('cuda_kernels', '-')} | {times_ms} "
             f"| {row.get('first_divergent_frame', '-')} |"
         )
     for row in rows:
