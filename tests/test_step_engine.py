@@ -401,8 +401,10 @@ def test_a_lone_request_is_stepped_beside_free_slots_rather_than_padded(engine: 
     np.testing.assert_array_equal(end.codes, references[REQUESTS[2].text])
 
 
-def test_the_frame_step_compiles_as_one_graph_and_computes_the_same(quiet_engine) -> None:
+@pytest.mark.parametrize("fewer_kernels", [False, True])
+def test_the_frame_step_compiles_as_one_graph_and_computes_the_same(quiet_engine, fewer_kernels: bool) -> None:
     w, s = _prefilled(quiet_engine, [0, 1])
+    w = fs.with_fewer_kernels(w, fewer_kernels)
     with torch.inference_mode():
         saved = _snapshot(s)
         eager = [fs.frame_step(w, s, 2, 64, True) for _ in range(3)]

@@ -91,7 +91,8 @@ class Stack:
     # - each RMSNorm is `F.rms_norm` (aten's fused kernel on CUDA) then the weight: 2 kernels instead of 9,
     #   rounded as qwen-tts rounds (normed value to the model dtype, then times the weight), only the
     #   mean of squares summed in another order;
-    # - RoPE's second product and the sum are one `addcmul` (rounded once, not twice);
+    # - RoPE's second product and the sum are one `addcmul` (rounded once, not twice), and the MLP's
+    #   residual sum is the down projection's own (`addmm_`);
     # - the talker's decode attention puts each KV head's query heads in the query-length axis instead of
     #   asking SDPA for GQA, with the mask as an additive bias made once per frame: a masked GQA call has
     #   no fused kernel (flash takes no mask, memory-efficient no GQA) and falls back to the math one.
@@ -222,6 +223,8 @@ def _finish_layer(x: torch.Tensor, attn: torch.Tensor, layer: LayerWeights, stac
     x = x + linear(attn, layer.o_t, layer.o_bias, stack.min_rows)
     normed = norm(x, layer.post_norm, stack, stack.width_t)
     gate, up = linear(normed, layer.gate_up_t, None, stack.min_rows).split(stack.intermediate, dim=-1)
+    if stack.fewer_kernels and x.shape[0] >= stack.min_rows:  # x is this function's own: added to in place
+        return x.addmm_(F.silu(gate) * up, layer.down_t)
     return x + linear(F.silu(gate) * up, layer.down_t, None, stack.min_rows)
 
 
