@@ -109,11 +109,13 @@ class _Replaying:
         self.run()
 
 
-def _graphed_prefill(tiny_dir: Path, cache_dir: Path, monkeypatch, lengths: list[int], failing: int = 0):
+def _graphed_prefill(
+    tiny_dir: Path, cache_dir: Path, monkeypatch, lengths: list[int], failing: int = 0, fewer_kernels: bool = False
+):
     """An engine (batch invariance off, as on a GPU) whose prefill goes through `GraphedPrefill` with these
     length buckets, CUDA's capture stood in by `_Replaying` (the CPU has no CUDA graphs): what is tested is
     everything around the graph, its static inputs, padding, bucket choice and fallbacks. The capture of
-    the `failing` length raises, as a capture can."""
+    the `failing` length raises, as a capture can. `fewer_kernels`: the step's forms of a GPU in bf16."""
     from tts_service import cuda_graphs
 
     def stand_in(run, pool):
@@ -130,6 +132,7 @@ def _graphed_prefill(tiny_dir: Path, cache_dir: Path, monkeypatch, lengths: list
         Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu", batch_invariant=False)
     )
     scheduler = engine.scheduler
+    scheduler.weights = fs.with_fewer_kernels(scheduler.weights, fewer_kernels)
     prefill = cuda_graphs.GraphedPrefill(scheduler.weights, scheduler.state, lengths=lengths, pool=object())
     prefill.capture_all(scheduler.sampling_params(0))
     assert not scheduler.state.active.any()  # capture ran in a free slot, which it released
@@ -146,15 +149,16 @@ def _codes(engine: TTSEngine, requests: list, prefix: str) -> list:
     return [handle.end.codes for handle in handles]
 
 
+@pytest.mark.parametrize("fewer_kernels", [False, True])
 def test_a_prefill_replayed_from_its_length_bucket_equals_qwen_tts(
-    tiny_dir: Path, cache_dir: Path, monkeypatch
+    tiny_dir: Path, cache_dir: Path, monkeypatch, fewer_kernels: bool
 ) -> None:
     """Prompts copied into their bucket's static inputs, zero-padded to its length and replayed, one after
     another (two of them in the same bucket): each request's codes equal qwen-tts's alone, greedy. Then the
     same group prefilled eagerly as one batch, as when the replays' measured times exceed an eager prefill's."""
     from tests.oracle import ORACLE_REQUESTS, reference
 
-    engine, prefill = _graphed_prefill(tiny_dir, cache_dir, monkeypatch, [64, 128, 192])
+    engine, prefill = _graphed_prefill(tiny_dir, cache_dir, monkeypatch, [64, 128, 192], fewer_kernels=fewer_kernels)
     requests = [ORACLE_REQUESTS[i] for i in (0, 1, 3)]  # prompts of 108, 52 and 78 tokens
     build = engine.scheduler.prompts.build
     lengths = [int(build(r.text, r.speaker, r.language, r.instruct, None).shape[0]) for r in requests]

@@ -91,8 +91,8 @@ class Stack:
     # - each RMSNorm is `F.rms_norm` (aten's fused kernel on CUDA) then the weight: 2 kernels instead of 9,
     #   rounded as qwen-tts rounds (normed value to the model dtype, then times the weight), only the
     #   mean of squares summed in another order;
-    # - RoPE's second product and the sum are one `addcmul` (rounded once, not twice), and the MLP's
-    #   residual sum is the down projection's own (`addmm_`);
+    # - RoPE's second product and the sum are one `addcmul` (rounded once, not twice), and each residual
+    #   sum is its projection's own (`addmm_`, into a sum no one else reads);
     # - the talker's decode attention puts each KV head's query heads in the query-length axis instead of
     #   asking SDPA for GQA, with the mask as an additive bias made once per frame: a masked GQA call has
     #   no fused kernel (flash takes no mask, memory-efficient no GQA) and falls back to the math one.
@@ -217,13 +217,21 @@ def _project_qkv(
     return q, k, v
 
 
-def _finish_layer(x: torch.Tensor, attn: torch.Tensor, layer: LayerWeights, stack: Stack) -> torch.Tensor:
-    """Output projection, residual, MLP (SiLU-gated), residual. x: rows [B * T, H]; attn: [B, heads, T, D]."""
+def _finish_layer(
+    x: torch.Tensor, attn: torch.Tensor, layer: LayerWeights, stack: Stack, owned: bool = False
+) -> torch.Tensor:
+    """Output projection, residual, MLP (SiLU-gated), residual. x: rows [B * T, H]; attn: [B, heads, T, D].
+    `owned`: nothing else reads x (an earlier layer's output), so with `stack.fewer_kernels` the output
+    projection may add to it in place; the MLP's sum always may (it is this function's own)."""
     attn = attn.transpose(1, 2).reshape(x.shape[0], -1)
-    x = x + linear(attn, layer.o_t, layer.o_bias, stack.min_rows)
+    in_place = stack.fewer_kernels and x.shape[0] >= stack.min_rows
+    if in_place and owned and layer.o_bias is None:
+        x = x.addmm_(attn, layer.o_t)
+    else:
+        x = x + linear(attn, layer.o_t, layer.o_bias, stack.min_rows)
     normed = norm(x, layer.post_norm, stack, stack.width_t)
     gate, up = linear(normed, layer.gate_up_t, None, stack.min_rows).split(stack.intermediate, dim=-1)
-    if stack.fewer_kernels and x.shape[0] >= stack.min_rows:  # x is this function's own: added to in place
+    if in_place:
         return x.addmm_(F.silu(gate) * up, layer.down_t)
     return x + linear(F.silu(gate) * up, layer.down_t, None, stack.min_rows)
 
@@ -324,13 +332,14 @@ def _predict_codes(
         start, length = (0, 2) if step == 0 else (step + 1, 1)
         cos = stack.cos[start : start + length][None, :, None]
         sin = stack.sin[start : start + length][None, :, None]
-        for layer, keys, values in zip(stack.layers, s.predictor_keys, s.predictor_values, strict=True):
+        layers = zip(stack.layers, s.predictor_keys, s.predictor_values, strict=True)
+        for index, (layer, keys, values) in enumerate(layers):
             q, k, v = _project_qkv(x, length, layer, stack, cos, sin)
             keys[:n, :, start : start + length] = k
             values[:n, :, start : start + length] = v
             end = start + length
             attn = _attend(q, keys[:n, :, :end], values[:n, :, :end], stack, is_causal=step == 0)
-            x = _finish_layer(x, attn, layer, stack)
+            x = _finish_layer(x, attn, layer, stack, owned=index > 0)  # the first's x may be an embedding
         hidden = norm(x if length == 1 else x.view(n, length, -1)[:, -1], stack.norm, stack, stack.width_t)
         logits = linear(hidden, w.predictor_heads_t[step], None, stack.min_rows).to(torch.float32)
         if draw_keys is not None:
@@ -371,12 +380,12 @@ def frame_step(w: Weights, s: SlotState, n: int, kv_len: int, sample: bool = Tru
     visible = (s.key_index[:kv_len][None, :] <= position[:, None])[:, None, None]  # [n, 1, 1, kv_len]
     if stack.fewer_kernels:
         visible = torch.full(visible.shape, float("-inf"), dtype=x.dtype, device=x.device).masked_fill_(visible, 0.0)
-    for layer, keys, values in zip(stack.layers, s.keys, s.values, strict=True):
+    for index, (layer, keys, values) in enumerate(zip(stack.layers, s.keys, s.values, strict=True)):
         q, k, v = _project_qkv(x, 1, layer, stack, cos, sin)
         keys[rows, :, position] = k[:, :, 0]
         values[rows, :, position] = v[:, :, 0]
         attn = _attend_decode(q, keys[:n, :, :kv_len], values[:n, :, :kv_len], stack, visible)
-        x = _finish_layer(x, attn, layer, stack)
+        x = _finish_layer(x, attn, layer, stack, owned=index > 0)
     hidden = norm(x, stack.norm, stack, stack.width_t)  # [n, H]
     logits = linear(hidden, w.codec_head_t, None, w.talker.min_rows).to(torch.float32)
     next_token = choose_first_codebook(
@@ -709,11 +718,11 @@ def prefill_rows(
     temperature, top_p, repetition_penalty, sub_temperature, sub_top_p = floats.unbind(0)
     cos, sin = stack.cos[:longest][None, :, None], stack.sin[:longest][None, :, None]
     x = x.reshape(rows * longest, -1)
-    for layer, keys, values in zip(stack.layers, s.keys, s.values, strict=True):
+    for number, (layer, keys, values) in enumerate(zip(stack.layers, s.keys, s.values, strict=True)):
         q, k, v = _project_qkv(x, longest, layer, stack, cos, sin)
         keys[index, :, :longest] = k  # right padding lands beyond each prompt, where no query looks
         values[index, :, :longest] = v
-        x = _finish_layer(x, _attend_prompts(q, k, v, stack, list(lengths)), layer, stack)
+        x = _finish_layer(x, _attend_prompts(q, k, v, stack, list(lengths)), layer, stack, owned=number > 0)
     x = x.view(rows, longest, -1)
     hidden = norm(x[s.rows[:rows], last], stack.norm, stack, stack.width_t)
     logits = linear(hidden, w.codec_head_t, None, w.talker.min_rows).to(torch.float32)
