@@ -2,6 +2,7 @@
 throughput under staggered streams, the frame step's kernel and sync census, graphs against eager.
 
     python scripts/bench_engine.py --arch 1.7b --device cuda            # random weights, real sizes
+    python scripts/bench_engine.py --arch 1.7b --device cuda --kernel-forms   # + qwen-tts's ops vs fewer kernels
     python scripts/bench_engine.py --arch deep --device cpu --streams 1 4
     python scripts/bench_engine.py --arch 1.7b --device cuda --compile-step   # the compiled step, graphed
 
@@ -403,6 +404,11 @@ def main(argv: list[str] | None = None) -> None:
         default=chunk_decoder.STATEFUL_BATCH_ROWS,
         help="most stateful chunks (of different requests) decoded as one batch; 1: one by one, as before",
     )
+    parser.add_argument(
+        "--kernel-forms",
+        action="store_true",
+        help="also the step with qwen-tts's ops beside the GPU's fewer-kernel forms (kernels, ms, codes)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     chunk_decoder.STATEFUL_BATCH_ROWS = args.stateful_batch_rows
@@ -465,7 +471,8 @@ def main(argv: list[str] | None = None) -> None:
     print("\n## Frame step census\n")
     for row in report["census"]:
         print(row)
-    report["kernel_forms"] = kernel_forms(scheduler, args.device)
+    if args.kernel_forms:
+        report["kernel_forms"] = kernel_forms(scheduler, args.device)
     prefills = [fs.prefill] + ([scheduler.prefill_fn] if scheduler.prefill_fn is not fs.prefill else [])
     report["prefill_census"] = [prefill_census(scheduler, args.device, prefill) for prefill in prefills]
     print("\n## Prefill census (one request's prompt built and prefilled, eagerly and as the service does)\n")

@@ -99,7 +99,7 @@ def test_cpu_diagnostic_scripts_smoke(cache_dir: Path) -> None:
         "join_soak.py": (["--joins", "12", "--concurrency", "4", "--every", "4"], "Growth from 4 to 12 joins: rss_mb"),
         "bench_engine.py": (
             ["--arch", "tiny", "--device", "cpu", "--frames", "8", "--no-plain", "--streams", "1", "2"]
-            + ["--stagger-ms", "5", "--slots", "2", "--sampling", "--first-frames", "1", "quick"],
+            + ["--stagger-ms", "5", "--slots", "2", "--sampling", "--first-frames", "1", "quick", "--kernel-forms"],
             "| graphs, quick start | 2 |",  # quick start needs batch invariance off: TTS_BATCH_INVARIANT below
         ),
         # the GPU kit's seed check; on the CPU a seed must replay the same bytes in any company
@@ -115,6 +115,8 @@ def test_cpu_diagnostic_scripts_smoke(cache_dir: Path) -> None:
         )
         assert result.returncode == 0, result.stdout + result.stderr
         assert expected in result.stdout, result.stdout
+        if script == "bench_engine.py":  # the two forms' codes agree in float32
+            assert "| fewer kernels |" in result.stdout and result.stdout.count("| None |") == 1, result.stdout
 
 
 def test_gpu_kit_runs_without_the_service_only_packages() -> None:

@@ -10,7 +10,7 @@
 # The single stages, each one call (a machine goes back 30 s after a call, so each installs what it needs):
 #   faster     faster-qwen3-tts 0.5.4 in its own environment (transformers 5.15.1, qwen-tts-hf)
 #   engine     this engine with CUDA graphs (streams 1, 8, 32, each with first chunks of 4, quick start, 1;
-#              census; step) beside plain qwen-tts
+#              census; the step's kernel forms, qwen-tts's ops beside fewer kernels; step) beside plain qwen-tts
 #   http       the service itself (`bentoml serve`, greedy): first bytes of /v1/tts/stream at 1 and 8 streams
 #              beside /v1/tts/synthesize (scripts/bench.py stream --url), and the server's own first-audio lines
 #   compiled   the same with the Inductor-compiled step (TTS_COMPILE_STEP), no plain qwen-tts
@@ -56,7 +56,7 @@ faster_bench() {
 }
 engine_bench() {
     timeout --kill-after=10 "$1" "${in_engine_env[@]}" python3 scripts/bench_engine.py "${common[@]}" \
-        --plain-frames 40 --no-eager --first-frames 4 quick 1 --json "$out/engine-$arch.json"
+        --plain-frames 40 --no-eager --first-frames 4 quick 1 --kernel-forms --json "$out/engine-$arch.json"
 }
 sampled_bench() {
     timeout --kill-after=10 "$1" "${in_engine_env[@]}" python3 scripts/bench_engine.py "${common[@]}" \
