@@ -92,7 +92,8 @@ class Stack:
     #   rounded as qwen-tts rounds (normed value to the model dtype, then times the weight), only the
     #   mean of squares summed in another order;
     # - RoPE's second product and the sum are one `addcmul` (rounded once, not twice), and each residual
-    #   sum is its projection's own (`addmm_`, into a sum no one else reads);
+    #   sum is its projection's own (`addmm_`, into a sum no one else reads); a sampled frame's draws are
+    #   made for every id at once (`frame_draws`), not per token for its candidates;
     # - the talker's decode attention puts each KV head's query heads in the query-length axis instead of
     #   asking SDPA for GQA, with the mask as an additive bias made once per frame: a masked GQA call has
     #   no fused kernel (flash takes no mask, memory-efficient no GQA) and falls back to the math one.
@@ -284,8 +285,8 @@ def choose_first_codebook(
 ) -> torch.Tensor:
     """The talker's logits rules as qwen-tts sets them for HF generate: repetition penalty over the
     row's own codes, codec control ids suppressed, no end of speech before the second token.
-    `key`: each row's draw key for this token (`sampling.row_keys`); None (every row greedy, known to
-    the host) skips the sampling work."""
+    `key`: each row's draw key for this token (`sampling.row_keys`), or its draws (`frame_draws`); None
+    (every row greedy, known to the host) skips the sampling work."""
     penalty = repetition_penalty[:, None]
     logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
     logits = logits.masked_fill(w.suppress[None, :], float("-inf"))
@@ -299,10 +300,21 @@ RowSettings = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # d
 
 
 def _choose(w: Weights, logits: torch.Tensor, settings: RowSettings, key: torch.Tensor) -> torch.Tensor:
-    """A sampled (or, per row, greedy) token: over the top candidates when the settings allow it."""
+    """A sampled (or, per row, greedy) token: over the top candidates when the settings allow it. `key`:
+    each row's draw key [n], or its draws already made for every id [n, V] (`frame_draws`)."""
     if w.sampler.candidates:
         return choose_among_top(logits, *settings, key, w.mixed_ids, w.sampler)
-    return filter_and_choose(logits, *settings, draws_from(key, w.mixed_ids[: logits.shape[-1]]))
+    vocab = logits.shape[-1]
+    return filter_and_choose(
+        logits, *settings, key[:, :vocab] if key.dim() == 2 else draws_from(key, w.mixed_ids[:vocab])
+    )
+
+
+def frame_draws(w: Weights, keys: torch.Tensor) -> torch.Tensor:
+    """The draws of a frame's 16 tokens for every id, [n, 16, V], from its keys [n, 16] (`frame_keys`): the
+    same values `draws_from` gives token by token, in one set of kernels instead of one per token
+    (`Stack.fewer_kernels`; on a CPU the candidates' draws alone cost less)."""
+    return draws_from(keys.reshape(-1), w.mixed_ids).view(keys.shape[0], keys.shape[1], -1)
 
 
 def frame_keys(w: Weights, seed: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
@@ -371,6 +383,8 @@ def frame_step(w: Weights, s: SlotState, n: int, kv_len: int, sample: bool = Tru
     talker_embed = F.embedding(token, w.codec_embedding)  # [n, H]
     generated = s.generated[:n]
     draw_keys = frame_keys(w, s.seed[:n], generated) if sample else None
+    if draw_keys is not None and stack.fewer_kernels:
+        draw_keys = frame_draws(w, draw_keys)
     codes, embeds = _predict_codes(w, s, n, talker_embed, draw_keys)
     x = torch.stack([talker_embed, *embeds], dim=1).sum(dim=1) + w.tts_pad  # rows [n, H]
 

@@ -142,7 +142,8 @@ def choose_among_top(
     mixed: torch.Tensor,
     plan: SamplerPlan,
 ) -> torch.Tensor:
-    """`filter_and_choose` with the draws of `draws_from(key, mixed)`, done over each row's
+    """`filter_and_choose` with the draws of `draws_from(key, mixed)` (or, `key` being [rows, vocab], those
+    draws already made), done over each row's
     `plan.candidates` largest logits instead of the whole vocabulary: the same token, since every row's
     top-k is on and below that (see `SamplerPlan.of`), so no other token can be drawn unless more than
     TIE_MARGIN logits tie with its k-th largest. (With top-p, a cumulative sum within float rounding of
@@ -168,6 +169,7 @@ def choose_among_top(
     # Without top-p (p = 1), filter_and_choose drops only tokens whose probability is 0 in float32, 103
     # or more below the largest: Gumbel noise from these draws lies between -2.9 and 16.7, so such a
     # token never wins anyway.
-    gumbel = -torch.log(-torch.log(draws_from(key, mixed[ids])))
+    draws = key.gather(1, ids) if key.dim() == 2 else draws_from(key, mixed[ids])
+    gumbel = -torch.log(-torch.log(draws))
     sampled = ids.gather(1, (values + gumbel).argmax(dim=-1, keepdim=True)).squeeze(1)
     return torch.where(do_sample, sampled, logits.argmax(dim=-1)) if plan.greedy_rows else sampled
