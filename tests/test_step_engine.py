@@ -18,7 +18,7 @@ from tests.oracle import ORACLE_REQUESTS, reference
 from tts_service import frame_step as fs
 from tts_service.engine import SynthesisRequest, TTSEngine
 from tts_service.invariance_plan import InvariancePlan
-from tts_service.sampling import SamplerPlan, draws_from
+from tts_service.sampling import SamplerPlan, draws_from, gumbel_noise
 from tts_service.settings import Settings
 
 REQUESTS = ORACLE_REQUESTS
@@ -201,14 +201,14 @@ def test_grouped_decode_attention_reads_each_query_heads_own_kv_head(quiet_engin
 
 @pytest.mark.parametrize("plan", [SamplerPlan(), SamplerPlan(candidates=66, top_p=True, greedy_rows=True)])
 def test_a_frames_draws_made_at_once_pick_the_tokens_drawn_token_by_token(quiet_engine, plan: SamplerPlan) -> None:
-    """`frame_draws` (the GPU's fewer kernels) makes every draw of a frame at once: the same values, so the
+    """`frame_noise` (the GPU's fewer kernels) makes every draw of a frame at once: the same values, so the
     same tokens, over the whole vocabulary and over the top candidates, and a seed replays as before."""
     w = replace(quiet_engine.scheduler.weights, sampler=plan)
     n = 6
     keys = fs.frame_keys(w, torch.arange(n) * 7919 + 3, torch.arange(n) + 2)
-    draws = fs.frame_draws(w, keys)
-    assert draws.shape == (n, fs.NUM_CODE_GROUPS, w.mixed_ids.shape[0])
-    np.testing.assert_array_equal(draws[:, 3], draws_from(keys[:, 3], w.mixed_ids))
+    noise = fs.frame_noise(w, keys)
+    assert noise.shape == (n, fs.NUM_CODE_GROUPS, w.mixed_ids.shape[0])
+    np.testing.assert_array_equal(noise[:, 3], gumbel_noise(draws_from(keys[:, 3], w.mixed_ids)))
     settings = (
         torch.tensor([True, True, False, True, True, True]),
         torch.full((n,), 0.9),
@@ -220,7 +220,7 @@ def test_a_frames_draws_made_at_once_pick_the_tokens_drawn_token_by_token(quiet_
         for _ in range(20):
             logits = torch.randn(n, vocab, generator=generator) * 2
             by_token = fs._choose(w, logits, settings, keys[:, column])
-            assert torch.equal(fs._choose(w, logits, settings, draws[:, column]), by_token)
+            assert torch.equal(fs._choose(w, logits, settings, noise[:, column]), by_token)
 
 
 def test_fewer_kernels_are_taken_on_a_gpu_in_half_precision_only() -> None:

@@ -33,6 +33,7 @@ from tts_service.sampling import (
     choose_among_top,
     draws_from,
     filter_and_choose,
+    gumbel_noise,
     mixed_ids,
     row_keys,
 )
@@ -93,7 +94,7 @@ class Stack:
     #   mean of squares summed in another order;
     # - RoPE's second product and the sum are one `addcmul` (rounded once, not twice), and each residual
     #   sum is its projection's own (`addmm_`, into a sum no one else reads); a sampled frame's draws are
-    #   made for every id at once (`frame_draws`), not per token for its candidates;
+    #   made for every id at once (`frame_noise`), not per token for its candidates;
     # - the talker's decode attention puts each KV head's query heads in the query-length axis instead of
     #   asking SDPA for GQA, with the mask as an additive bias made once per frame: a masked GQA call has
     #   no fused kernel (flash takes no mask, memory-efficient no GQA) and falls back to the math one.
@@ -285,7 +286,7 @@ def choose_first_codebook(
 ) -> torch.Tensor:
     """The talker's logits rules as qwen-tts sets them for HF generate: repetition penalty over the
     row's own codes, codec control ids suppressed, no end of speech before the second token.
-    `key`: each row's draw key for this token (`sampling.row_keys`), or its draws (`frame_draws`); None
+    `key`: each row's draw key for this token (`sampling.row_keys`), or its noise (`frame_noise`); None
     (every row greedy, known to the host) skips the sampling work."""
     penalty = repetition_penalty[:, None]
     logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
@@ -301,20 +302,20 @@ RowSettings = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # d
 
 def _choose(w: Weights, logits: torch.Tensor, settings: RowSettings, key: torch.Tensor) -> torch.Tensor:
     """A sampled (or, per row, greedy) token: over the top candidates when the settings allow it. `key`:
-    each row's draw key [n], or its draws already made for every id [n, V] (`frame_draws`)."""
+    each row's draw key [n], or the Gumbel noise of its draws for every id [n, V] (`frame_noise`)."""
     if w.sampler.candidates:
         return choose_among_top(logits, *settings, key, w.mixed_ids, w.sampler)
     vocab = logits.shape[-1]
-    return filter_and_choose(
-        logits, *settings, key[:, :vocab] if key.dim() == 2 else draws_from(key, w.mixed_ids[:vocab])
-    )
+    if key.dim() == 2:
+        return filter_and_choose(logits, *settings, None, key[:, :vocab])
+    return filter_and_choose(logits, *settings, draws_from(key, w.mixed_ids[:vocab]))
 
 
-def frame_draws(w: Weights, keys: torch.Tensor) -> torch.Tensor:
-    """The draws of a frame's 16 tokens for every id, [n, 16, V], from its keys [n, 16] (`frame_keys`): the
-    same values `draws_from` gives token by token, in one set of kernels instead of one per token
-    (`Stack.fewer_kernels`; on a CPU the candidates' draws alone cost less)."""
-    return draws_from(keys.reshape(-1), w.mixed_ids).view(keys.shape[0], keys.shape[1], -1)
+def frame_noise(w: Weights, keys: torch.Tensor) -> torch.Tensor:
+    """The Gumbel noise of a frame's 16 tokens' draws for every id, [n, 16, V], from its keys [n, 16]
+    (`frame_keys`): the values token-by-token sampling makes, in one set of kernels instead of one per
+    token (`Stack.fewer_kernels`; on a CPU the candidates' draws alone cost less)."""
+    return gumbel_noise(draws_from(keys.reshape(-1), w.mixed_ids)).view(keys.shape[0], keys.shape[1], -1)
 
 
 def frame_keys(w: Weights, seed: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
@@ -384,7 +385,7 @@ def frame_step(w: Weights, s: SlotState, n: int, kv_len: int, sample: bool = Tru
     generated = s.generated[:n]
     draw_keys = frame_keys(w, s.seed[:n], generated) if sample else None
     if draw_keys is not None and stack.fewer_kernels:
-        draw_keys = frame_draws(w, draw_keys)
+        draw_keys = frame_noise(w, draw_keys)
     codes, embeds = _predict_codes(w, s, n, talker_embed, draw_keys)
     x = torch.stack([talker_embed, *embeds], dim=1).sum(dim=1) + w.tts_pad  # rows [n, H]
 

@@ -48,6 +48,11 @@ def uniform(seed: torch.Tensor, counter: torch.Tensor, codebook: int, vocab: int
     return draws_from(key, mixed_ids(vocab, seed.device))
 
 
+def gumbel_noise(uniforms: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise from uniform draws: a token's noise added to its logit, the largest sum wins."""
+    return -torch.log(-torch.log(uniforms))
+
+
 def unit_interval(bits: torch.Tensor) -> torch.Tensor:
     """32-bit values -> floats strictly inside (0, 1): the top 23 bits plus a half, times 2**-23. Every
     such value is exact in float32 (with 24 bits, 2**24 - 1 + 0.5 rounds up to 2**24, i.e. u = 1.0,
@@ -107,10 +112,12 @@ def filter_and_choose(
     temperature: torch.Tensor,
     top_k: torch.Tensor,
     top_p: torch.Tensor,
-    uniforms: torch.Tensor,
+    uniforms: torch.Tensor | None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Greedy rows take the argmax; sampled rows apply temperature, top-k and top-p as HF's warpers do,
-    then draw by Gumbel-max. `logits` is float32 [rows, vocab]; the other tensors are per row."""
+    then draw by Gumbel-max. `logits` is float32 [rows, vocab]; the other tensors are per row. `noise`:
+    the Gumbel noise of the draws, when already made (then `uniforms` is not read)."""
     vocab = logits.shape[-1]
     greedy = logits.argmax(dim=-1)
     scaled = logits / temperature[:, None]
@@ -127,7 +134,7 @@ def filter_and_choose(
     drop_sorted = (cumulative <= (1 - top_p)[:, None]) & not_largest
     drop = drop_sorted.scatter(1, order, drop_sorted)
     scaled = scaled.masked_fill(drop, float("-inf"))
-    gumbel = -torch.log(-torch.log(uniforms))
+    gumbel = gumbel_noise(uniforms) if noise is None else noise
     sampled = (scaled + gumbel).argmax(dim=-1)
     return torch.where(do_sample, sampled, greedy)
 
@@ -142,8 +149,8 @@ def choose_among_top(
     mixed: torch.Tensor,
     plan: SamplerPlan,
 ) -> torch.Tensor:
-    """`filter_and_choose` with the draws of `draws_from(key, mixed)` (or, `key` being [rows, vocab], those
-    draws already made), done over each row's
+    """`filter_and_choose` with the draws of `draws_from(key, mixed)` (or, `key` being [rows, vocab], their
+    Gumbel noise already made), done over each row's
     `plan.candidates` largest logits instead of the whole vocabulary: the same token, since every row's
     top-k is on and below that (see `SamplerPlan.of`), so no other token can be drawn unless more than
     TIE_MARGIN logits tie with its k-th largest. (With top-p, a cumulative sum within float rounding of
@@ -169,7 +176,6 @@ def choose_among_top(
     # Without top-p (p = 1), filter_and_choose drops only tokens whose probability is 0 in float32, 103
     # or more below the largest: Gumbel noise from these draws lies between -2.9 and 16.7, so such a
     # token never wins anyway.
-    draws = key.gather(1, ids) if key.dim() == 2 else draws_from(key, mixed[ids])
-    gumbel = -torch.log(-torch.log(draws))
+    gumbel = key.gather(1, ids) if key.dim() == 2 else gumbel_noise(draws_from(key, mixed[ids]))
     sampled = ids.gather(1, (values + gumbel).argmax(dim=-1, keepdim=True)).squeeze(1)
     return torch.where(do_sample, sampled, logits.argmax(dim=-1)) if plan.greedy_rows else sampled
