@@ -89,9 +89,9 @@ class Stack:
     # CPU, so a row's bits do not depend on its company; 1: as many as there are.
     min_rows: int = 1
     # Fewer kernels where each one is a launch (a GPU, bf16 or fp16; see `fewer_kernels_for`):
-    # - each RMSNorm is `F.rms_norm` (aten's fused kernel on CUDA) then the weight: 2 kernels instead of 9,
-    #   rounded as qwen-tts rounds (normed value to the model dtype, then times the weight), only the
-    #   mean of squares summed in another order;
+    # - each RMSNorm is `F.rms_norm` (aten's fused kernel on CUDA): 1 kernel instead of 9, the weight
+    #   applied inside, so rounded once where qwen-tts rounds the normed value, then its product with
+    #   the weight (the q/k norms, whose weight differs by head, apply it after: 2 kernels);
     # - RoPE's second product and the sum are one `addcmul` (rounded once, not twice), and each residual
     #   sum is its projection's own (`addmm_`, into a sum no one else reads); a sampled frame's draws are
     #   made for every id at once (`frame_noise`), not per token for its candidates;
@@ -177,9 +177,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor, width: to
 
 def norm(x: torch.Tensor, weight: torch.Tensor, stack: Stack, width: torch.Tensor) -> torch.Tensor:
     """The stack's RMSNorm over the last dimension (`width` its size as a 0-dim tensor): `rms_norm`, or
-    with `stack.fewer_kernels` the normalization as one kernel, then the weight."""
+    with `stack.fewer_kernels` as one kernel (see `Stack`)."""
     if stack.fewer_kernels:
-        return F.rms_norm(x, (x.shape[-1],), None, stack.eps) * weight
+        if weight.dim() == 1:  # the weight inside the kernel: rounded once
+            return F.rms_norm(x, weight.shape, weight, stack.eps)
+        return F.rms_norm(x, (x.shape[-1],), None, stack.eps) * weight  # a weight per head (q/k norms)
     return rms_norm(x, weight, stack.eps_t, width)
 
 
