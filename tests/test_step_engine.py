@@ -183,6 +183,21 @@ def test_the_gpus_fewer_kernel_forms_give_qwen_tts_codes(engine: TTSEngine, deep
             scheduler.weights = plain
 
 
+def test_tts_fewer_kernels_turns_the_forms_on_and_off(tiny_dir: Path, cache_dir: Path, monkeypatch, references) -> None:
+    """`TTS_FEWER_KERNELS` overrides the device's choice (on a CPU: off), e.g. to turn the forms off on a GPU."""
+    monkeypatch.setenv("TTS_FEWER_KERNELS", "true")
+    settings = Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu", max_batch_size=2)
+    forced = TTSEngine.load(settings)
+    weights = forced.scheduler.weights
+    assert weights.talker.fewer_kernels and weights.predictor.fewer_kernels
+    [end] = run_all(forced, [REQUESTS[2]], "forced-fewer")
+    np.testing.assert_array_equal(end.codes, references[REQUESTS[2].text])
+    monkeypatch.setenv("TTS_FEWER_KERNELS", "false")
+    assert Settings().fewer_kernels is False
+    monkeypatch.delenv("TTS_FEWER_KERNELS")
+    assert Settings().fewer_kernels is None
+
+
 def test_grouped_decode_attention_reads_each_query_heads_own_kv_head(quiet_engine) -> None:
     """qwen-tts's repeat_kv: query head h reads KV head h // group. Every KV head holds other values, so a
     wrong mapping shows; rows see different numbers of keys."""

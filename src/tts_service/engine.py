@@ -269,6 +269,7 @@ class TTSEngine:
                 settings.stream_first_frames, settings.stream_chunk_frames, settings.stream_left_context
             ),
             quick_start=settings.stream_quick_start,
+            fewer_kernels=settings.fewer_kernels,
         )
 
     @classmethod

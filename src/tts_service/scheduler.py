@@ -116,6 +116,7 @@ class StepScheduler:
         decoder_process: bool | None = None,
         quick_start: bool | None = None,
         prefill_graphs: bool = True,
+        fewer_kernels: bool | None = None,
     ) -> None:
         self.wrapper = wrapper
         self.model = wrapper.model
@@ -182,7 +183,9 @@ class StepScheduler:
             self.prompts.pad_embed(),
             invariance.min_rows,
             invariance.contiguous_weights,
-            fs.fewer_kernels_for(self.device, self.model.talker.codec_head.weight.dtype),
+            fs.fewer_kernels_for(self.device, self.model.talker.codec_head.weight.dtype)
+            if fewer_kernels is None
+            else fewer_kernels,
         )
         self.weights.sampler = SamplerPlan.of(self.sampling_params(0))
         self.state = fs.allocate_state(self.weights, slots, max_len)

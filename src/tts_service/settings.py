@@ -65,6 +65,13 @@ class Settings(BaseSettings):
         "scripts/check_seed_replay.py). false: faster alone, but a line's last bits, and rarely a code, may depend "
         "on its company.",
     )
+    fewer_kernels: bool | None = Field(
+        None,
+        description="The frame step's forms with fewer kernels: fused RMSNorm, RoPE as addcmul, residuals added by "
+        "their projection, the decode attention without GQA, a sampled frame's noise made at once. Unset: on a "
+        "GPU in bfloat16 or float16, where each kernel is a launch; float32 and the CPU keep qwen-tts's own ops "
+        "(on a CPU the forms are no faster). Not yet measured on a GPU.",
+    )
     compile_step: bool = Field(
         False,
         description="Compile the frame step with Inductor at start-up (minutes; cached in TORCHINDUCTOR_CACHE_DIR); "
