@@ -159,9 +159,9 @@ def test_real_layer_counts_equal_qwen_tts(deep_engine: TTSEngine) -> None:
 
 
 def test_the_gpus_fewer_kernel_forms_give_qwen_tts_codes(engine: TTSEngine, deep_engine: TTSEngine, references) -> None:
-    """A GPU in bf16 steps with fused norms and grouped decode attention (`Stack`); their logic is checked
-    here in float32, where a wrong head mapping or norm would change the codes: alone, all together, and at
-    the real layer counts."""
+    """A GPU in bf16 steps in the fewer-kernel forms (`Stack.fewer_kernels`); their logic is checked here in
+    float32, where a wrong head mapping, norm or in-place sum would change the codes: alone, all together
+    (admitted in one turn), and at the real layer counts."""
     for tested in (engine, deep_engine):
         scheduler = tested.scheduler
         plain = scheduler.weights
@@ -171,7 +171,11 @@ def test_the_gpus_fewer_kernel_forms_give_qwen_tts_codes(engine: TTSEngine, deep
                 for index, request in enumerate(REQUESTS[:3]):
                     [end] = run_all(engine, [request], f"fewer-single-{index}")
                     np.testing.assert_array_equal(end.codes, references[request.text])
-                ends = run_all(engine, REQUESTS, "fewer-together")
+                with scheduler._wake:  # the loop takes the queue under this lock: one turn admits them all
+                    handles = [engine.submit(r, f"fewer-together-{i}", stream=False) for i, r in enumerate(REQUESTS)]
+                for handle in handles:
+                    list(handle)
+                ends = [handle.end for handle in handles]
                 assert max(end.max_batch for end in ends) == len(REQUESTS)
                 for end, request in zip(ends, REQUESTS, strict=True):
                     np.testing.assert_array_equal(end.codes, references[request.text])
