@@ -19,6 +19,7 @@ import statistics
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,18 @@ def plain_qwen_tts(engine: TTSEngine, batch: int, frames: int, device: str, samp
     return {"batch": batch, "frames": frames, "wall_s": wall, "audio_s": audio, "rtf_per_stream": audio / batch / wall}
 
 
+def cuda_kernels(run: Any, device: str) -> Counter:
+    """The CUDA kernels `run()` launches, by name, as the profiler sees them (the GPU is synchronized before
+    and after)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        sync(device)
+    return Counter(e.name for e in prof.events() if e.device_type.name == "CUDA")
+
+
 def step_census(scheduler: StepScheduler, n: int, device: str) -> dict:
     """Ops, kernels and syncs of one eager frame step at batch n, plus CUDA kernels seen by the profiler."""
     w, s = scheduler.weights, scheduler.state
@@ -169,21 +182,11 @@ def step_census(scheduler: StepScheduler, n: int, device: str) -> dict:
             ops=counted.ops, kernel_ops=counted.kernels, syncs=counted.syncs, python_tensors=counted.python_tensors
         )
         if device.startswith("cuda"):
-            from torch.profiler import ProfilerActivity, profile
-
-            sync(device)
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                fs.frame_step(w, s, n, 256, True)
-                sync(device)
-            out["cuda_kernels_eager"] = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+            out["cuda_kernels_eager"] = cuda_kernels(lambda: fs.frame_step(w, s, n, 256, True), device).total()
             step = scheduler.step_fn
             if not isinstance(step, type(fs.frame_step)):
                 step(w, s, n, 256, True)
-                sync(device)
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    step(w, s, n, 256, True)
-                    sync(device)
-                out["cuda_kernels_graph"] = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+                out["cuda_kernels_graph"] = cuda_kernels(lambda: step(w, s, n, 256, True), device).total()
             torch.cuda.set_sync_debug_mode("error")
             try:
                 for _ in range(3):
@@ -217,18 +220,10 @@ def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds
             row["kernel_ops"] = counted.kernels
             step: Any = fs.frame_step
             if cuda:
-                from collections import Counter
-
-                from torch.profiler import ProfilerActivity, profile
-
                 from tts_service.cuda_graphs import GraphedFrameStep
 
-                sync(device)
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    fs.frame_step(w, s, 1, 256, False)
-                    sync(device)
-                names = Counter(e.name for e in prof.events() if e.device_type.name == "CUDA")
-                row["cuda_kernels"] = sum(names.values())
+                names = cuda_kernels(lambda: fs.frame_step(w, s, 1, 256, False), device)  # noqa: B023 (run now)
+                row["cuda_kernels"] = names.total()
                 row["top_kernels"] = [[name[:90], count] for name, count in names.most_common(12)]
                 step = GraphedFrameStep(w, s, batches, [256])
                 step.capture_all()
@@ -298,12 +293,7 @@ def prefill_census(scheduler: StepScheduler, device: str, prefill=fs.prefill) ->
             times.append((time.perf_counter() - started) * 1000)
         out["ms"] = statistics.median(times)
         if device.startswith("cuda"):
-            from torch.profiler import ProfilerActivity, profile
-
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                admit()
-                sync(device)
-            out["cuda_kernels"] = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+            out["cuda_kernels"] = cuda_kernels(admit, device).total()
     fs.release(scheduler.state, 0)
     return out
 
