@@ -187,6 +187,26 @@ def test_the_gpus_fewer_kernel_forms_give_qwen_tts_codes(engine: TTSEngine, deep
             scheduler.weights = plain
 
 
+def test_the_gpus_triton_kernels_give_qwen_tts_codes(engine: TTSEngine, references) -> None:
+    """The fewer forms with the Triton kernels (`Stack.triton_kernels`), which a GPU compiles; run here in
+    Triton's interpreter in float32, the step's own code path: three requests together (one turn), so
+    per-row positions, slots and the code predictor's multi-token first step all matter."""
+    scheduler = engine.scheduler
+    plain = scheduler.weights
+    scheduler.weights = fs.with_fewer_kernels(plain, True, triton=True)
+    try:
+        together = [REQUESTS[1], REQUESTS[3], REQUESTS[4]]
+        with scheduler._wake:  # the loop takes the queue under this lock: one turn admits them all
+            handles = [engine.submit(r, f"triton-together-{i}", stream=False) for i, r in enumerate(together)]
+        for handle in handles:
+            list(handle)
+        assert max(handle.end.max_batch for handle in handles) == len(together)
+        for handle, request in zip(handles, together, strict=True):
+            np.testing.assert_array_equal(handle.end.codes, references[request.text])
+    finally:
+        scheduler.weights = plain
+
+
 def test_tts_fewer_kernels_turns_the_forms_on_and_off(tiny_dir: Path, cache_dir: Path, monkeypatch, references) -> None:
     """`TTS_FEWER_KERNELS` overrides the device's choice (on a CPU: off), e.g. to turn the forms off on a GPU."""
     monkeypatch.setenv("TTS_FEWER_KERNELS", "true")
@@ -194,6 +214,7 @@ def test_tts_fewer_kernels_turns_the_forms_on_and_off(tiny_dir: Path, cache_dir:
     forced = TTSEngine.load(settings)
     weights = forced.scheduler.weights
     assert weights.talker.fewer_kernels and weights.predictor.fewer_kernels
+    assert not weights.talker.triton_kernels  # a GPU's only: on a CPU they would run in Triton's interpreter
     [end] = run_all(forced, [REQUESTS[2]], "forced-fewer")
     np.testing.assert_array_equal(end.codes, references[REQUESTS[2].text])
     monkeypatch.setenv("TTS_FEWER_KERNELS", "false")

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from tts_service import fused_kernels
 from tts_service.batch_invariance import ProductShape
 from tts_service.sampling import (
     SamplerPlan,
@@ -99,6 +100,9 @@ class Stack:
     #   asking SDPA for GQA, with the mask as an additive bias made once per frame: a masked GQA call has
     #   no fused kernel (flash takes no mask, memory-efficient no GQA) and falls back to the math one.
     fewer_kernels: bool = False
+    # Triton kernels in the decode steps (`fused_kernels`; a GPU, checked usable at start-up): a layer's
+    # q/k norm, RoPE and K/V cache writes are one kernel instead of seven, SiLU(gate) * up one instead of two.
+    triton_kernels: bool = False
 
 
 @dataclass
@@ -198,6 +202,31 @@ def linear(
     return out if rows >= min_rows else out[:rows]
 
 
+def _qkv_rows(x: torch.Tensor, layer: LayerWeights, stack: Stack) -> torch.Tensor:
+    """The layer's input norm and fused QKV product: rows [B * T, H] -> [B * T, (heads + 2 * kv_heads) * D]."""
+    return linear(norm(x, layer.input_norm, stack, stack.width_t), layer.qkv_t, layer.qkv_bias, stack.min_rows)
+
+
+def _fused_attention_inputs(
+    x: torch.Tensor,
+    length: int,
+    layer: LayerWeights,
+    stack: Stack,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor | None,
+    start: int,
+) -> torch.Tensor:
+    """`stack.triton_kernels`' form of `_project_qkv` and the cache writes after it: q [B, heads, T, D], with
+    k and v written to keys/values at slot = row and position = positions[row] (the talker, T = 1) or start
+    + token (the code predictor, positions None)."""
+    qkv = _qkv_rows(x, layer, stack)
+    return fused_kernels.qk_norm_rope_into_cache(
+        qkv, length, layer.qk_norm, stack.cos, stack.sin, positions, start, keys, values, stack.heads,
+        stack.kv_heads, stack.eps,
+    )  # fmt: skip
+
+
 def _project_qkv(
     x: torch.Tensor, length: int, layer: LayerWeights, stack: Stack, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -208,8 +237,7 @@ def _project_qkv(
     is roll(x, D/2) against a sign-flipped sine: the same values as qwen-tts's, in fewer operations."""
     batch = x.shape[0] // length
     d = stack.head_dim
-    normed = norm(x, layer.input_norm, stack, stack.width_t)
-    qkv = linear(normed, layer.qkv_t, layer.qkv_bias, stack.min_rows)
+    qkv = _qkv_rows(x, layer, stack)
     qk, v = qkv.split([(stack.heads + stack.kv_heads) * d, stack.kv_heads * d], dim=-1)
     qk = norm(qk.view(batch, length, stack.heads + stack.kv_heads, d), layer.qk_norm, stack, stack.head_dim_t)
     if stack.fewer_kernels:
@@ -234,10 +262,15 @@ def _finish_layer(
     else:
         x = x + linear(attn, layer.o_t, layer.o_bias, stack.min_rows)
     normed = norm(x, layer.post_norm, stack, stack.width_t)
-    gate, up = linear(normed, layer.gate_up_t, None, stack.min_rows).split(stack.intermediate, dim=-1)
+    gate_up = linear(normed, layer.gate_up_t, None, stack.min_rows)
+    if stack.triton_kernels:
+        gated = fused_kernels.silu_mul(gate_up)
+    else:
+        gate, up = gate_up.split(stack.intermediate, dim=-1)
+        gated = F.silu(gate) * up
     if in_place:
-        return x.addmm_(F.silu(gate) * up, layer.down_t)
-    return x + linear(F.silu(gate) * up, layer.down_t, None, stack.min_rows)
+        return x.addmm_(gated, layer.down_t)
+    return x + linear(gated, layer.down_t, None, stack.min_rows)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stack: Stack, **kwargs) -> torch.Tensor:
@@ -349,9 +382,12 @@ def _predict_codes(
         sin = stack.sin[start : start + length][None, :, None]
         layers = zip(stack.layers, s.predictor_keys, s.predictor_values, strict=True)
         for index, (layer, keys, values) in enumerate(layers):
-            q, k, v = _project_qkv(x, length, layer, stack, cos, sin)
-            keys[:n, :, start : start + length] = k
-            values[:n, :, start : start + length] = v
+            if stack.triton_kernels:
+                q = _fused_attention_inputs(x, length, layer, stack, keys, values, None, start)
+            else:
+                q, k, v = _project_qkv(x, length, layer, stack, cos, sin)
+                keys[:n, :, start : start + length] = k
+                values[:n, :, start : start + length] = v
             end = start + length
             attn = _attend(q, keys[:n, :, :end], values[:n, :, :end], stack, is_causal=step == 0)
             x = _finish_layer(x, attn, layer, stack, owned=index > 0)  # the first's x may be an embedding
@@ -391,16 +427,20 @@ def frame_step(w: Weights, s: SlotState, n: int, kv_len: int, sample: bool = Tru
     codes, embeds = _predict_codes(w, s, n, talker_embed, draw_keys)
     x = torch.stack([talker_embed, *embeds], dim=1).sum(dim=1) + w.tts_pad  # rows [n, H]
 
-    cos = stack.cos[position][:, None, None]  # [n, 1, 1, D]: one position per row
-    sin = stack.sin[position][:, None, None]
+    if not stack.triton_kernels:  # (the Triton kernel reads the tables at each row's position)
+        cos = stack.cos[position][:, None, None]  # [n, 1, 1, D]: one position per row
+        sin = stack.sin[position][:, None, None]
     rows = s.rows[:n]
     visible = (s.key_index[:kv_len][None, :] <= position[:, None])[:, None, None]  # [n, 1, 1, kv_len]
     if stack.fewer_kernels:
         visible = torch.full(visible.shape, float("-inf"), dtype=x.dtype, device=x.device).masked_fill_(visible, 0.0)
     for index, (layer, keys, values) in enumerate(zip(stack.layers, s.keys, s.values, strict=True)):
-        q, k, v = _project_qkv(x, 1, layer, stack, cos, sin)
-        keys[rows, :, position] = k[:, :, 0]
-        values[rows, :, position] = v[:, :, 0]
+        if stack.triton_kernels:
+            q = _fused_attention_inputs(x, 1, layer, stack, keys, values, position, 0)
+        else:
+            q, k, v = _project_qkv(x, 1, layer, stack, cos, sin)
+            keys[rows, :, position] = k[:, :, 0]
+            values[rows, :, position] = v[:, :, 0]
         attn = _attend_decode(q, keys[:n, :, :kv_len], values[:n, :, :kv_len], stack, visible)
         x = _finish_layer(x, attn, layer, stack, owned=index > 0)
     hidden = norm(x, stack.norm, stack, stack.width_t)  # [n, H]
@@ -627,11 +667,18 @@ def build_weights(
     return with_fewer_kernels(weights, fewer_kernels)
 
 
-def with_fewer_kernels(w: Weights, fewer: bool = True) -> Weights:
-    """`w` with `Stack.fewer_kernels` on or off (the same tensors)."""
-    return replace(
-        w, talker=replace(w.talker, fewer_kernels=fewer), predictor=replace(w.predictor, fewer_kernels=fewer)
-    )
+def kernel_forms(w: Weights) -> str:
+    """The step's forms in words, for the start-up log."""
+    if not w.talker.fewer_kernels:
+        return "qwen-tts's ops"
+    triton = ", Triton q/k norm + RoPE + cache writes and SiLU-mul" if w.talker.triton_kernels else ""
+    return f"fewer (fused norms, grouped decode attention{triton})"
+
+
+def with_fewer_kernels(w: Weights, fewer: bool = True, triton: bool = False) -> Weights:
+    """`w` with `Stack.fewer_kernels` and `Stack.triton_kernels` on or off (the same tensors)."""
+    forms = {"fewer_kernels": fewer, "triton_kernels": triton}
+    return replace(w, talker=replace(w.talker, **forms), predictor=replace(w.predictor, **forms))
 
 
 def allocate_state(w: Weights, slots: int, max_len: int) -> SlotState:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from tts_service import frame_step as fs
+from tts_service import fused_kernels
 from tts_service.chunk_decoder import STREAM, WHOLE_FILE, ChunkDecoder, Ending, Window
 from tts_service.invariance_plan import InvariancePlan
 from tts_service.prompt import PromptBuilder
@@ -177,16 +178,14 @@ class StepScheduler:
             plans = (self.stream_plan, self.quick_plan) if self.quick_start else (self.stream_plan,)
             self.decoder.capture(window_lengths(plans))
         self.max_len = max_len
+        dtype = self.model.talker.codec_head.weight.dtype
+        fewer = fs.fewer_kernels_for(self.device, dtype) if fewer_kernels is None else fewer_kernels
         self.weights = fs.build_weights(
-            self.model,
-            max_len,
-            self.prompts.pad_embed(),
-            invariance.min_rows,
-            invariance.contiguous_weights,
-            fs.fewer_kernels_for(self.device, self.model.talker.codec_head.weight.dtype)
-            if fewer_kernels is None
-            else fewer_kernels,
+            self.model, max_len, self.prompts.pad_embed(), invariance.min_rows, invariance.contiguous_weights, fewer
         )
+        # Triton's kernels on a GPU with the fewer forms, unless Inductor compiles the step (it fuses its own)
+        if fewer and self.on_cuda and not compile_step and fused_kernels.usable(self.device, dtype):
+            self.weights = fs.with_fewer_kernels(self.weights, True, triton=True)
         self.weights.sampler = SamplerPlan.of(self.sampling_params(0))
         self.state = fs.allocate_state(self.weights, slots, max_len)
         self.step_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -219,7 +218,7 @@ class StepScheduler:
             fs.kv_bytes_per_slot(self.weights, max_len) / 1e6,
             self.device,
             invariance if invariance != InvariancePlan() else "off",
-            "fewer (fused norms, grouped decode attention)" if self.weights.talker.fewer_kernels else "qwen-tts's ops",
+            fs.kernel_forms(self.weights),
         )
         self._free = list(range(slots))  # a heap: the lowest free slot first keeps the window short
         self._pending: deque[_Row] = deque()

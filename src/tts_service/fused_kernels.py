@@ -1,0 +1,247 @@
+"""Triton kernels that do in one launch what the frame step's decode layers do in several (GPU only).
+
+Why: on a GPU the step is bound by kernel launches, not by arithmetic (issue 15; run 3: about 1.8 us a
+kernel). Per layer and token, the eager step spends seven kernels between the QKV product and attention
+(q/k RMSNorm, its per-head weight, RoPE's two products and sum, the K and V cache writes) and two on
+SiLU(gate) * up. `qk_norm_rope_into_cache` and `silu_mul` are one kernel each.
+
+Both compute in float32 and round to the activations' dtype where qwen-tts's ops do: the normed value,
+its product with the weight, RoPE's two products and their sum; SiLU, then its product with `up`. So on a
+GPU (round to nearest) bf16 should give qwen-tts's values up to the order of the variance's sum, where one
+rounding at the end would not. Triton's interpreter truncates instead, so the CPU tests check bf16 within
+a few steps and float32 exactly; the GPU kit reports the first frame where bf16 codes part.
+
+On a CUDA tensor a kernel is compiled by Triton (torch's Linux wheels ship it); on a CPU tensor it runs
+in Triton's interpreter, which is how the suite tests the same kernel code without a GPU (slow: tests
+only). `usable` checks at start-up that the kernels compile and agree with the eager forms on the device,
+so a GPU Triton cannot serve (an unsupported architecture) falls back to the eager step with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - torch's Linux wheels require triton
+    triton = None
+
+
+def _qk_norm_rope_kv(
+    qkv_ptr,
+    qkv_row_stride,
+    weight_ptr,
+    cos_ptr,
+    sin_ptr,
+    pos_ptr,
+    pos_offset,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    cache_slot_stride,
+    cache_head_stride,
+    cache_pos_stride,
+    tokens,
+    eps,
+    HEADS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    HALF: tl.constexpr,
+    HAS_POS: tl.constexpr,
+):
+    """One program per (token, head) of qkv rows [rows, (HEADS + 2 * KV_HEADS) * 2 * HALF]: a q head is
+    normed, weighted, rotated and stored to q [rows, HEADS, D]; a k head the same, into the K cache at
+    (slot = row // tokens, position); a v head is copied into the V cache there. position = the row's
+    `pos_ptr` entry (HAS_POS) + pos_offset + the token's index in its row. RoPE's tables are indexed by
+    the same position; `sin` is sign-flipped on its first half (roll(x) * sin = rotate_half(x) * sin)."""
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    row = token // tokens
+    position = token % tokens + pos_offset
+    if HAS_POS:
+        position += tl.load(pos_ptr + row)
+    offs = tl.arange(0, HALF)
+    src = qkv_ptr + token * qkv_row_stride + head * (2 * HALF)
+    lo = tl.load(src + offs)
+    hi = tl.load(src + HALF + offs)
+    cache_at = row * cache_slot_stride + position * cache_pos_stride + offs
+    if head < HEADS + KV_HEADS:
+        dtype = lo.dtype
+        lo32 = lo.to(tl.float32)
+        hi32 = hi.to(tl.float32)
+        # tl.sum is tl.reduce with this combine function; called so, Triton's interpreter runs it too
+        squares = tl.reduce(lo32 * lo32, 0, tl.standard._sum_combine)
+        squares += tl.reduce(hi32 * hi32, 0, tl.standard._sum_combine)
+        mean = squares / (2 * HALF)
+        scale = 1.0 / tl.sqrt(mean + eps)
+        w_lo = tl.load(weight_ptr + head * (2 * HALF) + offs).to(tl.float32)
+        w_hi = tl.load(weight_ptr + head * (2 * HALF) + HALF + offs).to(tl.float32)
+        # qwen-tts: weight * (x * rsqrt(var + eps)).to(dtype), each product rounded to the dtype
+        n_lo = (w_lo * (lo32 * scale).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        n_hi = (w_hi * (hi32 * scale).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        table = position * (2 * HALF)
+        c_lo = tl.load(cos_ptr + table + offs).to(tl.float32)
+        c_hi = tl.load(cos_ptr + table + HALF + offs).to(tl.float32)
+        s_lo = tl.load(sin_ptr + table + offs).to(tl.float32)
+        s_hi = tl.load(sin_ptr + table + HALF + offs).to(tl.float32)
+        # q * cos + rotate_half(q) * sin, each product and the sum rounded
+        out_lo = ((n_lo * c_lo).to(dtype).to(tl.float32) + (n_hi * s_lo).to(dtype).to(tl.float32)).to(dtype)
+        out_hi = ((n_hi * c_hi).to(dtype).to(tl.float32) + (n_lo * s_hi).to(dtype).to(tl.float32)).to(dtype)
+        if head < HEADS:
+            dst = q_ptr + (token * HEADS + head) * (2 * HALF) + offs
+            tl.store(dst, out_lo)
+            tl.store(dst + HALF, out_hi)
+        else:
+            dst = k_ptr + cache_at + (head - HEADS) * cache_head_stride
+            tl.store(dst, out_lo)
+            tl.store(dst + HALF, out_hi)
+    else:
+        dst = v_ptr + cache_at + (head - HEADS - KV_HEADS) * cache_head_stride
+        tl.store(dst, lo)
+        tl.store(dst + HALF, hi)
+
+
+def _silu_mul(gate_up_ptr, row_stride, out_ptr, width, BLOCK: tl.constexpr):
+    """SiLU(gate) * up for rows [rows, 2 * width] (gate, then up) into out [rows, width]; as torch
+    computes SiLU (x / (1 + exp(-x)) in float32) and rounds it, then the product."""
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < width
+    gate = tl.load(gate_up_ptr + row * row_stride + cols, mask=inside, other=0.0)
+    up = tl.load(gate_up_ptr + row * row_stride + width + cols, mask=inside, other=0.0)
+    g = gate.to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(up.dtype).to(tl.float32)
+    tl.store(out_ptr + row * width + cols, (silu * up.to(tl.float32)).to(up.dtype), mask=inside)
+
+
+@cache
+def _kernel(name: str, device_type: str):
+    """The kernel compiled for CUDA, or in Triton's interpreter for CPU tensors (tests)."""
+    fn = {"qk_norm_rope_kv": _qk_norm_rope_kv, "silu_mul": _silu_mul}[name]
+    if device_type == "cuda":
+        return triton.jit(fn)
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return InterpretedFunction(fn)
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def qk_norm_rope_into_cache(
+    qkv: torch.Tensor,
+    tokens: int,
+    weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor | None,
+    offset: int,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    eps: float,
+) -> torch.Tensor:
+    """qkv rows [batch * tokens, (heads + 2 * kv_heads) * D] -> q [batch, heads, tokens, D] (a view),
+    normed and rotated; k (normed, rotated) and v written to keys/values [slots, kv_heads, L, D] at slot =
+    batch row, position = positions[row] (or 0 when None) + offset + token. `weight`: [heads + kv_heads,
+    D]; cos/sin: [positions, D] (sin sign-flipped on its first half, as `Stack.sin`)."""
+    rows, d = qkv.shape[0], cos.shape[-1]
+    if qkv.stride(1) != 1 or keys.stride() != values.stride() or keys.stride(3) != 1:
+        raise ValueError("qkv's columns and the caches' last dimension must be contiguous, the caches alike")
+    q = torch.empty(rows // tokens, tokens, heads, d, dtype=qkv.dtype, device=qkv.device)
+    _kernel("qk_norm_rope_kv", qkv.device.type)[(rows, heads + 2 * kv_heads)](
+        qkv,
+        qkv.stride(0),
+        weight,
+        cos,
+        sin,
+        qkv if positions is None else positions,  # (not read without positions)
+        offset,
+        q,
+        keys,
+        values,
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        tokens,
+        eps,
+        HEADS=heads,
+        KV_HEADS=kv_heads,
+        HALF=d // 2,
+        HAS_POS=positions is not None,
+    )
+    return q.transpose(1, 2)
+
+
+SILU_BLOCK = 1024
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up of rows [rows, 2 * width] (gate first, as the fused gate/up product), [rows, width]."""
+    rows, width = gate_up.shape[0], gate_up.shape[1] // 2
+    if gate_up.stride(1) != 1:
+        raise ValueError("gate_up's columns must be contiguous")
+    out = torch.empty(rows, width, dtype=gate_up.dtype, device=gate_up.device)
+    _kernel("silu_mul", gate_up.device.type)[(rows, triton.cdiv(width, SILU_BLOCK))](
+        gate_up, gate_up.stride(0), out, width, BLOCK=SILU_BLOCK
+    )
+    return out
+
+
+def _reference_qk(qkv, tokens, weight, cos, sin, positions, offset, heads, kv_heads, eps):
+    """The eager ops the q/k kernel stands for, in float32 (for `usable`): q, k and v [rows, heads, D]."""
+    d = cos.shape[-1]
+    x = qkv.float().view(qkv.shape[0], heads + 2 * kv_heads, d)
+    qk, v = x[:, : heads + kv_heads], x[:, heads + kv_heads :]
+    normed = qk * torch.rsqrt(qk.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    at = torch.arange(qkv.shape[0], device=qkv.device)
+    at = at % tokens + offset + (0 if positions is None else positions[at // tokens])
+    rotated = normed * cos.float()[at][:, None] + normed.roll(d // 2, dims=-1) * sin.float()[at][:, None]
+    return rotated[:, :heads], rotated[:, heads:], v
+
+
+def usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether both kernels compile and run on `device` and agree with the eager ops there, checked on
+    small tensors at start-up: False (with a warning) where Triton cannot serve this GPU or this dtype."""
+    if triton is None:
+        logger.warning("Triton is not installed: the frame step runs without its Triton kernels")
+        return False
+    try:
+        generator = torch.Generator(device=device).manual_seed(0)
+        heads, kv_heads, d, batch, tokens, length = 4, 2, 128, 3, 2, 8
+
+        def rand(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=generator, device=device).to(dtype)
+
+        qkv, weight = rand(batch * tokens, (heads + 2 * kv_heads) * d), rand(heads + kv_heads, d)
+        cos, sin = rand(length, d), rand(length, d)
+        positions = torch.tensor([0, 3, 5], device=device)
+        keys, values = rand(batch, kv_heads, length, d), rand(batch, kv_heads, length, d)
+        q = qk_norm_rope_into_cache(qkv, tokens, weight, cos, sin, positions, 1, keys, values, heads, kv_heads, 1e-6)
+        ref_q, ref_k, ref_v = _reference_qk(qkv, tokens, weight, cos, sin, positions, 1, heads, kv_heads, 1e-6)
+        at = positions.repeat_interleave(tokens) + 1 + torch.arange(tokens, device=device).repeat(batch)
+        rows = torch.arange(batch, device=device).repeat_interleave(tokens)
+        gate_up = rand(5, 2 * 1500)
+        gate, up = gate_up.float().split(1500, dim=-1)
+        pairs = [
+            (q.transpose(1, 2).reshape(-1, heads, d), ref_q),
+            (keys[rows, :, at], ref_k),
+            (values[rows, :, at], ref_v),
+            (silu_mul(gate_up), torch.nn.functional.silu(gate) * up),
+        ]
+        tolerance = 4 * torch.finfo(dtype).eps  # a few roundings in the dtype, relative to the values
+        for got, expected in pairs:
+            if not torch.allclose(got.float(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item()):
+                error = (got.float() - expected).abs().max().item()
+                raise ValueError(f"a kernel's values differ from the eager ops' by {error}")
+    except Exception as error:  # a compiler or driver failure: the eager forms still serve
+        logger.warning("the frame step runs without its Triton kernels: they failed on %s: %r", device, error)
+        return False
+    return True

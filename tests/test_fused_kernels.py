@@ -1,0 +1,120 @@
+"""The GPU step's Triton kernels (`fused_kernels`), run here in Triton's interpreter on CPU tensors (the same
+kernel code a GPU compiles), against the eager ops they replace; and compiled ahead of time for the H100
+and the DGX Spark's GB10, which needs no GPU."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tts_service import frame_step as fs
+from tts_service import fused_kernels as fk
+
+HEADS, KV_HEADS, D = 4, 2, 16
+
+
+def qwen_tts_q_k(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """qwen-tts's q/k norm (Qwen3's RMSNorm) and apply_rotary_pos_emb, op by op; x [..., heads, D], cos/sin
+    [..., 1, D] (sin as the model's, not sign-flipped)."""
+    x32 = x.float()
+    normed = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+    half = D // 2
+    rotated = torch.cat((-normed[..., half:], normed[..., :half]), dim=-1)
+    return normed * cos + rotated * sin
+
+
+def case(dtype: torch.dtype, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    width = (HEADS + 2 * KV_HEADS) * D
+    qkv = rand(3 * 2, width + 8)[:, :width]  # rows with a longer stride, as a padded product's slice
+    weight = rand(HEADS + KV_HEADS, D)
+    cos, model_sin = rand(12, D), rand(12, D)
+    sin = torch.cat([-model_sin[:, : D // 2], model_sin[:, D // 2 :]], dim=-1)  # as Stack.sin
+    return qkv, weight, cos, model_sin, sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("positions", [None, [0, 4, 9]])
+def test_the_qk_kernel_gives_qwen_tts_values_and_writes_both_caches(dtype: torch.dtype, positions) -> None:
+    """Two tokens per row (the code predictor's first step); per-row positions (the talker's) or none. bf16
+    is checked against the float32 values within a few bf16 steps: Triton's interpreter truncates where a
+    GPU rounds to nearest, so qwen-tts's bf16 bits are a GPU measurement (the kit's first divergent frame)."""
+    qkv, weight, cos, model_sin, sin = case(dtype)
+    at = None if positions is None else torch.tensor(positions)
+    keys = torch.full((5, KV_HEADS, 12, D), 7.0, dtype=dtype)
+    values = keys.clone()
+    q = fk.qk_norm_rope_into_cache(qkv, 2, weight, cos, sin, at, 1, keys, values, HEADS, KV_HEADS, 1e-6)
+    assert q.shape == (3, HEADS, 2, D)
+
+    x = qkv.reshape(3, 2, HEADS + 2 * KV_HEADS, D)
+    place = (torch.arange(2)[None, :] + 1 + (0 if at is None else at[:, None])).expand(3, 2)  # [row, token]
+    tables = cos.float()[place][:, :, None], model_sin.float()[place][:, :, None]
+    expected = qwen_tts_q_k(x[:, :, : HEADS + KV_HEADS].float(), weight.float(), *tables)
+    steps = 1e-5 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps  # float32: op order; bf16: roundings
+    tolerance = {"rtol": steps, "atol": steps * expected.abs().max().item()}
+    torch.testing.assert_close(q.transpose(1, 2).float(), expected[:, :, :HEADS], **tolerance)
+    written = torch.zeros(5, 12, dtype=torch.bool)
+    for row in range(3):
+        for token in range(2):
+            p = int(place[row, token])
+            written[row, p] = True
+            torch.testing.assert_close(keys[row, :, p].float(), expected[row, token, HEADS:], **tolerance)
+            assert torch.equal(values[row, :, p], x[row, token, HEADS + KV_HEADS :])
+    untouched = ~written[:, None, :, None].expand_as(keys)
+    assert bool((keys[untouched] == 7).all() and (values[untouched] == 7).all())  # nothing else written
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_silu_mul_kernel_gives_torchs_values(dtype: torch.dtype) -> None:
+    """A width that is not a multiple of the kernel's block; rows with a longer stride."""
+    width = fk.SILU_BLOCK + 37
+    gate_up = torch.randn(3, 2 * width + 5, generator=torch.Generator().manual_seed(1)).to(dtype)[:, : 2 * width]
+    gate, up = gate_up.float().split(width, dim=-1)
+    steps = 1e-6 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    torch.testing.assert_close(fk.silu_mul(gate_up).float(), F.silu(gate) * up, rtol=steps, atol=steps)
+
+
+def test_usable_checks_the_kernels_against_the_eager_ops(monkeypatch, caplog) -> None:
+    assert fk.usable(torch.device("cpu"), torch.bfloat16)
+    monkeypatch.setattr(fk, "silu_mul", lambda gate_up: torch.zeros_like(gate_up[:, : gate_up.shape[1] // 2]))
+    with caplog.at_level(logging.WARNING, logger="tts_service.fused_kernels"):
+        assert not fk.usable(torch.device("cpu"), torch.bfloat16)
+    assert "without its Triton kernels" in caplog.text and "differ from the eager ops" in caplog.text
+
+
+@pytest.mark.parametrize("arch", [90, 121])  # the H100, the DGX Spark's GB10
+def test_the_kernels_compile_for_the_gpus_without_one(arch: int) -> None:
+    """Triton compiles to PTX and ptxas to a cubin with no GPU present: the kernels' code is valid GPU code."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    pointer, number = "*bf16", "i32"
+    qk_signature = dict.fromkeys(["qkv_ptr", "weight_ptr", "cos_ptr", "sin_ptr", "q_ptr", "k_ptr", "v_ptr"], pointer)
+    qk_signature |= {"pos_ptr": "*i64", "eps": "fp32"}
+    names = ["qkv_row_stride", "pos_offset", "cache_slot_stride", "cache_head_stride", "cache_pos_stride", "tokens"]
+    qk_signature |= dict.fromkeys(names, number)
+    qk_constants = {"HEADS": 16, "KV_HEADS": 8, "HALF": 64, "HAS_POS": True}
+    silu_signature = {"gate_up_ptr": pointer, "row_stride": number, "out_ptr": pointer, "width": number}
+    sources = [
+        (fk._qk_norm_rope_kv, qk_signature, qk_constants),
+        (fk._silu_mul, silu_signature, {"BLOCK": fk.SILU_BLOCK}),
+    ]
+    for fn, signature, constants in sources:
+        source = ASTSource(triton.jit(fn), signature | dict.fromkeys(constants, "constexpr"), constexprs=constants)
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
+        assert f".target sm_{arch}" in compiled.asm["ptx"] and compiled.asm["cubin"]
+
+
+def test_the_step_names_its_kernel_forms(engine) -> None:
+    w = engine.scheduler.weights
+    assert fs.kernel_forms(fs.with_fewer_kernels(w, False)) == "qwen-tts's ops"
+    assert "Triton" not in fs.kernel_forms(fs.with_fewer_kernels(w, True))
+    assert "Triton" in fs.kernel_forms(fs.with_fewer_kernels(w, True, triton=True))
