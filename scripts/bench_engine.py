@@ -31,7 +31,7 @@ from benchmarks.common import ms_per_step, sync  # noqa: E402
 from benchmarks.workload import FRAME_RATE, TEXT, VOICES  # noqa: E402
 from census import census  # noqa: E402
 
-from tts_service import chunk_decoder  # noqa: E402
+from tts_service import chunk_decoder, fused_kernels  # noqa: E402
 from tts_service import frame_step as fs  # noqa: E402
 from tts_service.dev.tiny_checkpoint import CODEC_EOS, ensure_tiny_checkpoint  # noqa: E402
 from tts_service.engine import TTSEngine  # noqa: E402
@@ -200,20 +200,24 @@ def step_census(scheduler: StepScheduler, n: int, device: str) -> dict:
 
 
 def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds: int = 3) -> list[dict]:
-    """The frame step with qwen-tts's own ops and with the GPU's fewer-kernel forms (`Stack.fewer_kernels`;
-    the serving path in bf16), side by side: kernels per frame (and on a GPU the most frequent kernels'
+    """The frame step with qwen-tts's own ops, with the GPU's fewer-kernel forms (`Stack.fewer_kernels`) and,
+    on a GPU where they work, with those and the Triton kernels (`Stack.triton_kernels`: the serving path in
+    bf16), side by side: kernels per frame (and on a GPU the most frequent kernels'
     names, which tell the attention backend), the step's time (as CUDA graphs on a GPU) at batch 1, 8 and 32
     (median of `rounds`, the forms alternating), and the first frame where a lone greedy request's codes
-    differ. Needs every slot free."""
+    differ from the first form's. Needs every slot free."""
     serving, s = scheduler.weights, scheduler.state
     cuda = device.startswith("cuda")
+    forms = {"qwen-tts's ops": (False, False), "fewer kernels": (True, False)}
+    if cuda and fused_kernels.usable(torch.device(device), serving.codec_head.dtype):
+        forms["fewer + Triton"] = (True, True)  # (a CPU would run them in Triton's interpreter)
     batches = [n for n in (1, 8, 32) if n <= s.slots]
     rows: list[dict[str, Any]] = []
     steps: list[tuple[fs.Weights, Any]] = []
     with torch.inference_mode():
-        for fewer in (False, True):
-            w = fs.with_fewer_kernels(serving, fewer)
-            row: dict[str, Any] = {"forms": "fewer kernels" if fewer else "qwen-tts's ops"}
+        for name, (fewer, triton) in forms.items():
+            w = fs.with_fewer_kernels(serving, fewer, triton)
+            row: dict[str, Any] = {"forms": name}
             fs.frame_step(w, s, 1, 256, False)
             with census() as counted:
                 fs.frame_step(w, s, 1, 256, False)
@@ -242,8 +246,9 @@ def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds
             fs.release(s, 0)
     for row, timed in zip(rows, times, strict=True):
         row.update({f"ms_batch_{n}": statistics.median(values) for n, values in timed.items()})
-    differs = (codes[0] != codes[1]).any(dim=1).nonzero().flatten().tolist()
-    rows[1]["first_divergent_frame"] = differs[0] if differs else None
+    for row, form_codes in zip(rows[1:], codes[1:], strict=True):
+        differs = (codes[0] != form_codes).any(dim=1).nonzero().flatten().tolist()
+        row["first_divergent_frame"] = differs[0] if differs else None
     print(
         f"\n## The step's kernel forms (keys 256, greedy, ms: median of {rounds}; the codes of one request over "
         f"{frames} frames)\n"

@@ -4,6 +4,9 @@ Python data. Used by the census test (the frame step must have no syncs) and by 
 A sync is an op whose result the host must wait for: `.item()`/`bool()`/`int()` on a tensor
 (`_local_scalar_dense`), data-dependent shapes (`nonzero`, `masked_select`, `unique`...), and
 `.tolist()`/`.numpy()`, which bypass the dispatcher and are counted by wrapping them.
+
+A launch of one of the step's Triton kernels (`fused_kernels`) is one kernel op, named after its function;
+what it does inside is not counted (on a CPU that is Triton's interpreter, not the kernel's work).
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+from tts_service import fused_kernels
+
+TRITON_LAUNCHERS = ("qk_norm_rope_into_cache", "silu_mul")
 
 SYNC_OPS = {
     "aten._local_scalar_dense",
@@ -99,11 +106,28 @@ def census() -> Iterator[Census]:
 
         return wrapper
 
+    def launching(name):
+        original = getattr(fused_kernels, name)
+
+        def launch(*args, **kwargs):
+            result.ops += 1
+            result.kernels += 1
+            result.by_op[f"triton.{name}"] += 1
+            with _disable_current_modes():
+                return original(*args, **kwargs)
+
+        return launch
+
+    launchers = {name: getattr(fused_kernels, name) for name in TRITON_LAUNCHERS}
     for name in originals:
         setattr(torch.Tensor, name, counting(name))
+    for name in launchers:
+        setattr(fused_kernels, name, launching(name))
     try:
         with _Mode(result):
             yield result
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
+        for name, original in launchers.items():
+            setattr(fused_kernels, name, original)

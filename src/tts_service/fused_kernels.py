@@ -61,7 +61,7 @@ def _qk_norm_rope_kv(
     the same position; `sin` is sign-flipped on its first half (roll(x) * sin = rotate_half(x) * sin)."""
     token = tl.program_id(0)
     head = tl.program_id(1)
-    row = token // tokens
+    row = (token // tokens).to(tl.int64)  # (cache offsets can pass 2**31 with many long slots)
     position = token % tokens + pos_offset
     if HAS_POS:
         position += tl.load(pos_ptr + row)
