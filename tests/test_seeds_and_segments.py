@@ -19,6 +19,7 @@ from tts_service.invariance_plan import InvariancePlan
 from tts_service.sampling import (
     MAX_CANDIDATES,
     TIE_MARGIN,
+    Draws,
     SamplerPlan,
     SamplingParams,
     choose_among_top,
@@ -255,12 +256,12 @@ def test_sampling_among_the_top_candidates_draws_what_the_whole_vocabulary_draws
     whole = filter_and_choose(logits, do_sample, temperature, top_k, top_ps, draws_from(key, mixed))
     assert torch.equal(draws_from(key, mixed), uniform(seed, counter, 5, vocab))  # a key per row, hashed once
     plan = SamplerPlan(candidates=50 + TIE_MARGIN, top_p=top_p < 1, greedy_rows=True)
-    assert torch.equal(choose_among_top(logits, do_sample, temperature, top_k, top_ps, key, mixed, plan), whole)
+    assert torch.equal(choose_among_top(logits, do_sample, temperature, top_k, top_ps, Draws(key), mixed, plan), whole)
     # Every row sampling with top-k 50 (qwen-tts's): the plan leaves the greedy argmax out.
     everyone, fifty = torch.ones(rows, dtype=torch.bool), torch.full((rows,), 50)
     whole = filter_and_choose(logits, everyone, temperature, fifty, top_ps, draws_from(key, mixed))
     plan = SamplerPlan(candidates=50 + TIE_MARGIN, top_p=top_p < 1, greedy_rows=False)
-    assert torch.equal(choose_among_top(logits, everyone, temperature, fifty, top_ps, key, mixed, plan), whole)
+    assert torch.equal(choose_among_top(logits, everyone, temperature, fifty, top_ps, Draws(key), mixed, plan), whole)
 
 
 def test_the_sampler_plan_follows_the_services_settings() -> None:

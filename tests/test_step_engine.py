@@ -18,7 +18,7 @@ from tests.oracle import ORACLE_REQUESTS, reference
 from tts_service import frame_step as fs
 from tts_service.engine import SynthesisRequest, TTSEngine
 from tts_service.invariance_plan import InvariancePlan
-from tts_service.sampling import SamplerPlan, draws_from, gumbel_noise
+from tts_service.sampling import Draws, SamplerPlan, draws_from, gumbel_noise
 from tts_service.settings import Settings
 
 REQUESTS = ORACLE_REQUESTS
@@ -259,8 +259,8 @@ def test_a_frames_draws_made_at_once_pick_the_tokens_drawn_token_by_token(quiet_
     for column, vocab in ((0, w.codec_head.shape[0]), (7, w.predictor_heads_t[6].shape[1])):
         for _ in range(20):
             logits = torch.randn(n, vocab, generator=generator) * 2
-            by_token = fs._choose(w, logits, settings, keys[:, column])
-            assert torch.equal(fs._choose(w, logits, settings, noise[:, column]), by_token)
+            by_token = fs._choose(w, logits, settings, Draws(keys[:, column]))
+            assert torch.equal(fs._choose(w, logits, settings, Draws(noise=noise[:, column])), by_token)
 
 
 def test_fewer_kernels_are_taken_on_a_gpu_in_half_precision_only() -> None:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tts_service import fused_kernels
 from tts_service.batch_invariance import ProductShape
 from tts_service.sampling import (
+    Draws,
     SamplerPlan,
     SamplingParams,
     choose_among_top,
@@ -312,7 +313,7 @@ def choose_first_codebook(
     logits: torch.Tensor,
     seen: torch.Tensor,
     generated: torch.Tensor,
-    key: torch.Tensor | None,
+    draws: Draws | None,
     do_sample: torch.Tensor,
     temperature: torch.Tensor,
     top_k: torch.Tensor,
@@ -321,29 +322,33 @@ def choose_first_codebook(
 ) -> torch.Tensor:
     """The talker's logits rules as qwen-tts sets them for HF generate: repetition penalty over the
     row's own codes, codec control ids suppressed, no end of speech before the second token.
-    `key`: each row's draw key for this token (`sampling.row_keys`), or its noise (`frame_noise`); None
-    (every row greedy, known to the host) skips the sampling work."""
+    `draws`: what this token's draws come from (`Draws`); None (every row greedy, known to the host) skips
+    the sampling work."""
     penalty = repetition_penalty[:, None]
     logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
     logits = logits.masked_fill(w.suppress[None, :], float("-inf"))
     logits = logits.masked_fill((generated < 2)[:, None] & w.eos_mask[None, :], float("-inf"))
-    if key is None:
+    if draws is None:
         return logits.argmax(dim=-1)
-    return _choose(w, logits, (do_sample, temperature, top_k, top_p), key)
+    return _choose(w, logits, (do_sample, temperature, top_k, top_p), draws)
 
 
 RowSettings = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # do_sample, temperature, top-k, top-p
 
 
-def _choose(w: Weights, logits: torch.Tensor, settings: RowSettings, key: torch.Tensor) -> torch.Tensor:
-    """A sampled (or, per row, greedy) token: over the top candidates when the settings allow it. `key`:
-    each row's draw key [n], or the Gumbel noise of its draws for every id [n, V] (`frame_noise`)."""
+def _choose(w: Weights, logits: torch.Tensor, settings: RowSettings, draws: Draws) -> torch.Tensor:
+    """A sampled (or, per row, greedy) token: over the top candidates when the settings allow it."""
     if w.sampler.candidates:
-        return choose_among_top(logits, *settings, key, w.mixed_ids, w.sampler)
+        return choose_among_top(logits, *settings, draws, w.mixed_ids, w.sampler)
     vocab = logits.shape[-1]
-    if key.dim() == 2:
-        return filter_and_choose(logits, *settings, None, key[:, :vocab])
-    return filter_and_choose(logits, *settings, draws_from(key, w.mixed_ids[:vocab]))
+    if draws.noise is not None:
+        return filter_and_choose(logits, *settings, None, draws.noise[:, :vocab])
+    return filter_and_choose(logits, *settings, draws_from(draws.key, w.mixed_ids[:vocab]))
+
+
+def _token_draws(keys: torch.Tensor, noise: torch.Tensor | None, column: int) -> Draws:
+    """The draws of a frame's token `column` (see `frame_keys`, `frame_noise`)."""
+    return Draws(keys[:, column]) if noise is None else Draws(noise=noise[:, column])
 
 
 def frame_noise(w: Weights, keys: torch.Tensor) -> torch.Tensor:
@@ -364,7 +369,12 @@ def frame_keys(w: Weights, seed: torch.Tensor, generated: torch.Tensor) -> torch
 
 
 def _predict_codes(
-    w: Weights, s: SlotState, n: int, talker_embed: torch.Tensor, draw_keys: torch.Tensor | None
+    w: Weights,
+    s: SlotState,
+    n: int,
+    talker_embed: torch.Tensor,
+    draw_keys: torch.Tensor | None,
+    noise: torch.Tensor | None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The code predictor's 15 residual codebooks for rows [:n], unrolled over its per-frame cache.
     Returns the 15 codes and their embeddings in the talker's space; writes nothing but that cache."""
@@ -395,7 +405,7 @@ def _predict_codes(
         logits = linear(hidden, w.predictor_heads_t[step], None, stack.min_rows).to(torch.float32)
         if draw_keys is not None:
             settings = (s.sub_do_sample[:n], s.sub_temperature[:n], s.sub_top_k[:n], s.sub_top_p[:n])
-            code = _choose(w, logits, settings, draw_keys[:, step + 1])
+            code = _choose(w, logits, settings, _token_draws(draw_keys, noise, step + 1))
         else:
             code = logits.argmax(dim=-1)
         codes.append(code)
@@ -422,9 +432,8 @@ def frame_step(w: Weights, s: SlotState, n: int, kv_len: int, sample: bool = Tru
     talker_embed = F.embedding(token, w.codec_embedding)  # [n, H]
     generated = s.generated[:n]
     draw_keys = frame_keys(w, s.seed[:n], generated) if sample else None
-    if draw_keys is not None and stack.fewer_kernels:
-        draw_keys = frame_noise(w, draw_keys)
-    codes, embeds = _predict_codes(w, s, n, talker_embed, draw_keys)
+    noise = frame_noise(w, draw_keys) if draw_keys is not None and stack.fewer_kernels else None
+    codes, embeds = _predict_codes(w, s, n, talker_embed, draw_keys, noise)
     x = torch.stack([talker_embed, *embeds], dim=1).sum(dim=1) + w.tts_pad  # rows [n, H]
 
     if not stack.triton_kernels:  # (the Triton kernel reads the tables at each row's position)
@@ -450,7 +459,7 @@ def frame_step(w: Weights, s: SlotState, n: int, kv_len: int, sample: bool = Tru
         logits,
         s.seen[:n],
         generated,
-        None if draw_keys is None else draw_keys[:, 0],
+        None if draw_keys is None else _token_draws(draw_keys, noise, 0),
         s.do_sample[:n],
         s.temperature[:n],
         s.top_k[:n],
@@ -812,7 +821,7 @@ def prefill_rows(
         logits,
         seen,
         generated,
-        row_keys(per_slot["seed"], generated, w.codebooks[0]),
+        Draws(row_keys(per_slot["seed"], generated, w.codebooks[0])),
         per_slot["do_sample"],
         per_slot["temperature"],
         per_slot["top_k"],

@@ -10,6 +10,7 @@ from the same distribution as HF's softmax + multinomial.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -139,18 +140,29 @@ def filter_and_choose(
     return torch.where(do_sample, sampled, greedy)
 
 
+class Draws(NamedTuple):
+    """What rows' sampled tokens draw from: each row's `key` [n], hashed with the ids that need a draw, or
+    `noise` [n, V], the Gumbel noise of every id's draw made ahead (`frame_step.frame_noise`)."""
+
+    key: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+
+    def gumbel(self, mixed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The noise of ids [n, k]; `mixed`: every id's hashed id (`mixed_ids`)."""
+        return self.noise.gather(1, ids) if self.noise is not None else gumbel_noise(draws_from(self.key, mixed[ids]))
+
+
 def choose_among_top(
     logits: torch.Tensor,
     do_sample: torch.Tensor,
     temperature: torch.Tensor,
     top_k: torch.Tensor,
     top_p: torch.Tensor,
-    key: torch.Tensor,
+    draws: Draws,
     mixed: torch.Tensor,
     plan: SamplerPlan,
 ) -> torch.Tensor:
-    """`filter_and_choose` with the draws of `draws_from(key, mixed)` (or, `key` being [rows, vocab], their
-    Gumbel noise already made), done over each row's
+    """`filter_and_choose` with the draws of `draws` (`mixed`: every id's hashed id), done over each row's
     `plan.candidates` largest logits instead of the whole vocabulary: the same token, since every row's
     top-k is on and below that (see `SamplerPlan.of`), so no other token can be drawn unless more than
     TIE_MARGIN logits tie with its k-th largest. (With top-p, a cumulative sum within float rounding of
@@ -176,6 +188,5 @@ def choose_among_top(
     # Without top-p (p = 1), filter_and_choose drops only tokens whose probability is 0 in float32, 103
     # or more below the largest: Gumbel noise from these draws lies between -2.9 and 16.7, so such a
     # token never wins anyway.
-    gumbel = key.gather(1, ids) if key.dim() == 2 else gumbel_noise(draws_from(key, mixed[ids]))
-    sampled = ids.gather(1, (values + gumbel).argmax(dim=-1, keepdim=True)).squeeze(1)
+    sampled = ids.gather(1, (values + draws.gumbel(mixed, ids)).argmax(dim=-1, keepdim=True)).squeeze(1)
     return torch.where(do_sample, sampled, logits.argmax(dim=-1)) if plan.greedy_rows else sampled
