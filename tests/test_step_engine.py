@@ -191,6 +191,7 @@ def test_the_gpus_triton_kernels_give_qwen_tts_codes(engine: TTSEngine, referenc
     """The fewer forms with the Triton kernels (`Stack.triton_kernels`), which a GPU compiles; run here in
     Triton's interpreter in float32, the step's own code path: three requests together (one turn), so
     per-row positions, slots and the code predictor's multi-token first step all matter."""
+    pytest.importorskip("triton")
     scheduler = engine.scheduler
     plain = scheduler.weights
     scheduler.weights = fs.with_fewer_kernels(plain, True, triton=True)
@@ -315,6 +316,8 @@ def test_the_frame_step_has_no_host_sync_and_no_tensor_from_python_data(
     quiet_engine, sample: bool, plan: SamplerPlan, fewer_kernels: bool | str
 ) -> None:
     """(A Triton kernel's launch counts as one kernel; what Triton's interpreter does inside is not counted.)"""
+    if fewer_kernels == "triton":
+        pytest.importorskip("triton")
     w, s = _prefilled(quiet_engine, [0, 1, 2])
     w.sampler = plan
     w = fs.with_fewer_kernels(w, bool(fewer_kernels), triton=fewer_kernels == "triton")
