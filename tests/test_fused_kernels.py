@@ -83,6 +83,29 @@ def test_the_silu_mul_kernel_gives_torchs_values(dtype: torch.dtype) -> None:
     torch.testing.assert_close(fk.silu_mul(gate_up).float(), F.silu(gate) * up, rtol=steps, atol=steps)
 
 
+def test_the_kernels_refuse_shapes_they_would_read_out_of_bounds() -> None:
+    """The kernels index by offsets, unchecked; their wrappers check what the offsets assume."""
+    qkv, weight, cos, _, sin = case(torch.float32)
+    keys = torch.zeros(5, KV_HEADS, 12, D)
+    values = keys.clone()
+    arguments = {"qkv": qkv, "weight": weight, "keys": keys, "values": values, "positions": torch.tensor([0, 4, 9])}
+    wrong = {
+        "qkv": qkv[:, :-D],  # a head short
+        "weight": weight[:-1],
+        "keys/values": keys[:, :1],  # one KV head fewer than the model's
+        "positions": torch.tensor([0, 4]),  # one position short of the rows
+    }
+    for name, bad in wrong.items():
+        given = dict(arguments, **{name.split("/")[0]: bad})
+        with pytest.raises(ValueError, match=name):
+            fk.qk_norm_rope_into_cache(
+                given["qkv"], 2, given["weight"], cos, sin, given["positions"], 1, given["keys"], values, HEADS,
+                KV_HEADS, 1e-6,
+            )  # fmt: skip
+    with pytest.raises(ValueError, match="gate_up"):
+        fk.silu_mul(torch.zeros(3, 7))
+
+
 def test_usable_checks_the_kernels_against_the_eager_ops(monkeypatch, caplog) -> None:
     assert fk.usable(torch.device("cpu"), torch.bfloat16)
     monkeypatch.setattr(fk, "silu_mul", lambda gate_up: torch.zeros_like(gate_up[:, : gate_up.shape[1] // 2]))

@@ -153,8 +153,23 @@ def qk_norm_rope_into_cache(
     batch row, position = positions[row] (or 0 when None) + offset + token. `weight`: [heads + kv_heads,
     D]; cos/sin: [positions, D] (sin sign-flipped on its first half, as `Stack.sin`)."""
     rows, d = qkv.shape[0], cos.shape[-1]
-    if qkv.stride(1) != 1 or keys.stride() != values.stride() or keys.stride(3) != 1:
-        raise ValueError("qkv's columns and the caches' last dimension must be contiguous, the caches alike")
+    # The kernel reads and writes by offsets, unchecked: what the shapes and layouts promise is checked here
+    # (host-side, no sync; a captured graph replays without it).
+    expected = {
+        "qkv": (qkv.shape[1] == (heads + 2 * kv_heads) * d and rows % tokens == 0 and qkv.stride(1) == 1),
+        "weight": weight.shape == (heads + kv_heads, d) and weight.is_contiguous(),
+        "cos/sin": cos.shape == sin.shape and cos.is_contiguous() and sin.is_contiguous(),
+        "keys/values": keys.shape == values.shape
+        and keys.stride() == values.stride()
+        and keys.stride(3) == 1
+        and keys.shape[1] == kv_heads
+        and keys.shape[3] == d
+        and keys.shape[0] >= rows // tokens,
+        "positions": positions is None or (positions.shape == (rows // tokens,) and positions.is_contiguous()),
+    }
+    if not all(expected.values()):
+        wrong = ", ".join(name for name, ok in expected.items() if not ok)
+        raise ValueError(f"qk_norm_rope_into_cache: {wrong} do not have the shape or layout the kernel reads")
     q = torch.empty(rows // tokens, tokens, heads, d, dtype=qkv.dtype, device=qkv.device)
     _kernel("qk_norm_rope_kv", qkv.device.type)[(rows, heads + 2 * kv_heads)](
         qkv,
@@ -186,8 +201,8 @@ SILU_BLOCK = 1024
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up of rows [rows, 2 * width] (gate first, as the fused gate/up product), [rows, width]."""
     rows, width = gate_up.shape[0], gate_up.shape[1] // 2
-    if gate_up.stride(1) != 1:
-        raise ValueError("gate_up's columns must be contiguous")
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(1) != 1:
+        raise ValueError("silu_mul: gate_up must be rows [rows, 2 * width] with contiguous columns")
     out = torch.empty(rows, width, dtype=gate_up.dtype, device=gate_up.device)
     _kernel("silu_mul", gate_up.device.type)[(rows, triton.cdiv(width, SILU_BLOCK))](
         gate_up, gate_up.stride(0), out, width, BLOCK=SILU_BLOCK
