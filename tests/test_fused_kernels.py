@@ -106,12 +106,21 @@ def test_the_kernels_refuse_shapes_they_would_read_out_of_bounds() -> None:
         fk.silu_mul(torch.zeros(3, 7))
 
 
-def test_usable_checks_the_kernels_against_the_eager_ops(monkeypatch, caplog) -> None:
-    assert fk.usable(torch.device("cpu"), torch.bfloat16)
+def test_usable_checks_the_kernels_against_the_eager_ops(engine, monkeypatch, caplog) -> None:
+    """At the model's own sizes, in each of the step's call forms."""
+    sizes = fs.sizes(engine.scheduler.weights)
+    assert fk.usable(torch.device("cpu"), torch.bfloat16, sizes)
+    calls = []
+    original = fk.qk_norm_rope_into_cache
+    monkeypatch.setattr(fk, "qk_norm_rope_into_cache", lambda *a, **k: calls.append(a) or original(*a, **k))
     monkeypatch.setattr(fk, "silu_mul", lambda gate_up: torch.zeros_like(gate_up[:, : gate_up.shape[1] // 2]))
     with caplog.at_level(logging.WARNING, logger="tts_service.fused_kernels"):
-        assert not fk.usable(torch.device("cpu"), torch.bfloat16)
+        assert not fk.usable(torch.device("cpu"), torch.bfloat16, sizes)
     assert "without its Triton kernels" in caplog.text and "differ from the eager ops" in caplog.text
+    # the talker's sizes were checked in each call form before the first SiLU-mul failed
+    heads, kv_heads, head_dim, _ = sizes[0]
+    assert {(c[1], c[5] is not None, c[6]) for c in calls} == set(fk.STEP_CALLS)
+    assert {tuple(c[2].shape) for c in calls} == {(heads + kv_heads, head_dim)}
 
 
 @pytest.mark.parametrize("arch", [90, 121])  # the H100, the DGX Spark's GB10

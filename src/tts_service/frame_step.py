@@ -676,6 +676,11 @@ def build_weights(
     return with_fewer_kernels(weights, fewer_kernels)
 
 
+def sizes(w: Weights) -> list[tuple[int, int, int, int]]:
+    """Each stack's heads, KV heads, head size and MLP width (what `fused_kernels.usable` checks)."""
+    return [(stack.heads, stack.kv_heads, stack.head_dim, stack.intermediate) for stack in (w.talker, w.predictor)]
+
+
 def kernel_forms(w: Weights) -> str:
     """The step's forms in words, for the start-up log."""
     if not w.talker.fewer_kernels:

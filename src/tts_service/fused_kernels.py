@@ -20,6 +20,7 @@ so a GPU Triton cannot serve (an unsupported architecture) falls back to the eag
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from functools import cache
 
 import torch
@@ -222,40 +223,52 @@ def _reference_qk(qkv, tokens, weight, cos, sin, positions, offset, heads, kv_he
     return rotated[:, :heads], rotated[:, heads:], v
 
 
-def usable(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether both kernels compile and run on `device` and agree with the eager ops there, checked on
-    small tensors at start-up: False (with a warning) where Triton cannot serve this GPU or this dtype."""
+# The step's calls: the talker's (a position per row, one token), the code predictor's first step (two
+# tokens from position 0) and its later ones (one token at a fixed position).
+STEP_CALLS = ((1, True, 0), (2, False, 0), (1, False, 5))
+
+
+def usable(device: torch.device, dtype: torch.dtype, sizes: Sequence[tuple[int, int, int, int]]) -> bool:
+    """Whether both kernels compile and run on `device` and agree with the eager ops there, checked at
+    start-up on small tensors of each stack's `sizes` (heads, kv_heads, head_dim, MLP width) in each of the
+    step's call forms, so every variant the step launches is compiled here, where a failure costs nothing:
+    False (with a warning) where Triton cannot serve this GPU or dtype."""
     if triton is None:
         logger.warning("Triton is not installed: the frame step runs without its Triton kernels")
         return False
     try:
         generator = torch.Generator(device=device).manual_seed(0)
-        heads, kv_heads, d, batch, tokens, length = 4, 2, 128, 3, 2, 8
 
         def rand(*shape: int) -> torch.Tensor:
             return torch.randn(*shape, generator=generator, device=device).to(dtype)
 
-        qkv, weight = rand(batch * tokens, (heads + 2 * kv_heads) * d), rand(heads + kv_heads, d)
-        cos, sin = rand(length, d), rand(length, d)
-        positions = torch.tensor([0, 3, 5], device=device)
-        keys, values = rand(batch, kv_heads, length, d), rand(batch, kv_heads, length, d)
-        q = qk_norm_rope_into_cache(qkv, tokens, weight, cos, sin, positions, 1, keys, values, heads, kv_heads, 1e-6)
-        ref_q, ref_k, ref_v = _reference_qk(qkv, tokens, weight, cos, sin, positions, 1, heads, kv_heads, 1e-6)
-        at = positions.repeat_interleave(tokens) + 1 + torch.arange(tokens, device=device).repeat(batch)
-        rows = torch.arange(batch, device=device).repeat_interleave(tokens)
-        gate_up = rand(5, 2 * 1500)
-        gate, up = gate_up.float().split(1500, dim=-1)
-        pairs = [
-            (q.transpose(1, 2).reshape(-1, heads, d), ref_q),
-            (keys[rows, :, at], ref_k),
-            (values[rows, :, at], ref_v),
-            (silu_mul(gate_up), torch.nn.functional.silu(gate) * up),
-        ]
         tolerance = 4 * torch.finfo(dtype).eps  # a few roundings in the dtype, relative to the values
-        for got, expected in pairs:
+
+        def check(got: torch.Tensor, expected: torch.Tensor) -> None:
             if not torch.allclose(got.float(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item()):
                 error = (got.float() - expected).abs().max().item()
                 raise ValueError(f"a kernel's values differ from the eager ops' by {error}")
+
+        batch, length = 3, 16
+        for heads, kv_heads, d, width in sizes:
+            weight, cos, sin = rand(heads + kv_heads, d), rand(length, d), rand(length, d)
+            for tokens, with_positions, offset in STEP_CALLS:
+                qkv = rand(batch * tokens, (heads + 2 * kv_heads) * d)
+                positions = torch.tensor([0, 3, 9], device=device) if with_positions else None
+                keys, values = rand(batch, kv_heads, length, d), rand(batch, kv_heads, length, d)
+                arguments = (qkv, tokens, weight, cos, sin, positions, offset)
+                q = qk_norm_rope_into_cache(*arguments, keys, values, heads, kv_heads, 1e-6)
+                ref_q, ref_k, ref_v = _reference_qk(*arguments, heads, kv_heads, 1e-6)
+                at = torch.arange(tokens, device=device).repeat(batch) + offset
+                if positions is not None:
+                    at += positions.repeat_interleave(tokens)
+                rows = torch.arange(batch, device=device).repeat_interleave(tokens)
+                check(q.transpose(1, 2).reshape(-1, heads, d), ref_q)
+                check(keys[rows, :, at], ref_k)
+                check(values[rows, :, at], ref_v)
+            gate_up = rand(batch, 2 * width)
+            gate, up = gate_up.float().split(width, dim=-1)
+            check(silu_mul(gate_up), torch.nn.functional.silu(gate) * up)
     except Exception as error:  # a compiler or driver failure: the eager forms still serve
         logger.warning("the frame step runs without its Triton kernels: they failed on %s: %r", device, error)
         return False
