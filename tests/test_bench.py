@@ -89,7 +89,8 @@ def test_step_benchmark_smoke(cache_dir: Path, tmp_path: Path) -> None:
 
 def test_cpu_diagnostic_scripts_smoke(cache_dir: Path) -> None:
     """The diagnostic scripts, briefly (their figures are in PERFORMANCE): gil_contention.py,
-    burst_inprocess.py, join_soak.py, and bench_engine.py and check_seed_replay.py (GPU checks, here on the CPU)."""
+    burst_inprocess.py, join_soak.py, kernel_census.py, and bench_engine.py and check_seed_replay.py (GPU checks,
+    here on the CPU)."""
     runs = {
         "gil_contention.py": (
             ["--batch", "2", "--steps", "3", "--repeat", "1"],
@@ -102,6 +103,7 @@ def test_cpu_diagnostic_scripts_smoke(cache_dir: Path) -> None:
             + ["--stagger-ms", "5", "--slots", "2", "--sampling", "--first-frames", "1", "quick", "--kernel-forms"],
             "| graphs, quick start | 2 |",  # quick start needs batch invariance off: TTS_BATCH_INVARIANT below
         ),
+        "kernel_census.py": (["--arch", "tiny"], "| fewer + Triton |"),
         # the GPU kit's seed check; on the CPU a seed must replay the same bytes in any company
         "check_seed_replay.py": (["--model", "tiny", "--device", "cpu", "--frames", "24"], "ALL THE SAME BYTES"),
     }
@@ -117,6 +119,12 @@ def test_cpu_diagnostic_scripts_smoke(cache_dir: Path) -> None:
         assert expected in result.stdout, result.stdout
         if script == "bench_engine.py":  # the two forms' codes agree in float32
             assert "| fewer kernels |" in result.stdout and result.stdout.count("| None |") == 1, result.stdout
+        if script == "kernel_census.py":  # each form launches fewer than the one before, greedy and sampled
+            lines = [line for line in result.stdout.splitlines() if line.startswith(("| qwen", "| fewer"))]
+            counts = [[int(cell.strip().replace(",", "")) for cell in line.split("|")[2:4]] for line in lines]
+            assert len(counts) == 3, result.stdout
+            for more, fewer in zip(counts, counts[1:], strict=False):
+                assert more[0] > fewer[0] and more[1] > fewer[1], counts
 
 
 def test_gpu_kit_runs_without_the_service_only_packages() -> None:
