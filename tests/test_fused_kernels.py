@@ -138,13 +138,14 @@ def test_the_kernels_compile_for_the_gpus_without_one(arch: int) -> None:
     qk_constants = {"HEADS": 16, "KV_HEADS": 8, "HALF": 64, "HAS_POS": True}
     silu_signature = {"gate_up_ptr": pointer, "row_stride": number, "out_ptr": pointer, "width": number}
     sources = [
-        (fk._qk_norm_rope_kv, qk_signature, qk_constants),
-        (fk._silu_mul, silu_signature, {"BLOCK": fk.SILU_BLOCK}),
+        (fk._qk_norm_rope_kv, qk_signature, qk_constants, fk.QK_WARPS),
+        (fk._silu_mul, silu_signature, {"BLOCK": fk.SILU_BLOCK}, 4),
     ]
-    for fn, signature, constants in sources:
+    for fn, signature, constants, warps in sources:
         source = ASTSource(triton.jit(fn), signature | dict.fromkeys(constants, "constexpr"), constexprs=constants)
-        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
         assert f".target sm_{arch}" in compiled.asm["ptx"] and compiled.asm["cubin"]
+        assert compiled.metadata.num_warps == warps
 
 
 def test_the_step_names_its_kernel_forms(engine) -> None:

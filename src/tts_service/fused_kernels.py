@@ -132,6 +132,9 @@ def _kernel(name: str, device_type: str):
     return InterpretedFunction(fn)
 
 
+QK_WARPS = 1  # a program's vectors are half a head (64 elements at 128): one warp's lanes hold them
+
+
 def qk_norm_rope_into_cache(
     qkv: torch.Tensor,
     tokens: int,
@@ -189,6 +192,7 @@ def qk_norm_rope_into_cache(
         KV_HEADS=kv_heads,
         HALF=d // 2,
         HAS_POS=positions is not None,
+        num_warps=QK_WARPS,
     )
     return q.transpose(1, 2)
 
