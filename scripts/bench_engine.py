@@ -249,7 +249,8 @@ def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds
     serving, s = scheduler.weights, scheduler.state
     cuda = device.startswith("cuda")
     forms = {"qwen-tts's ops": (False, False), "fewer kernels": (True, False)}
-    if cuda and fused_kernels.usable(torch.device(device), serving.codec_head.dtype, fs.sizes(serving)):
+    sizes, vocabularies = fs.sizes(serving), fs.vocabularies(serving)
+    if cuda and fused_kernels.usable(torch.device(device), serving.codec_head.dtype, sizes, vocabularies):
         forms["fewer + Triton"] = (True, True)  # (a CPU would run them in Triton's interpreter)
     batches = [n for n in (1, 8, 32) if n <= s.slots]
     rows: list[dict[str, Any]] = []

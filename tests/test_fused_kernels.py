@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from tts_service import frame_step as fs
 from tts_service import fused_kernels as fk
+from tts_service.sampling import Draws, SamplerPlan, choose_among_top, gumbel_noise
 
 pytest.importorskip("triton")  # torch's Linux wheels require it; elsewhere the step runs without these kernels
 
@@ -83,6 +84,28 @@ def test_the_silu_mul_kernel_gives_torchs_values(dtype: torch.dtype) -> None:
     torch.testing.assert_close(fk.silu_mul(gate_up).float(), F.silu(gate) * up, rtol=steps, atol=steps)
 
 
+@pytest.mark.parametrize("vocab", [2048, 3072])  # the code predictor's, the talker's (not a power of 2)
+def test_the_sampling_kernel_draws_choose_among_tops_token(vocab: int) -> None:
+    """Per-row temperature and top-k (0 and past the candidates clamp to 1 and to them), greedy and sampling
+    rows, suppressed ids (-inf), with greedy rows on and off: the same token as `choose_among_top`."""
+    generator = torch.Generator().manual_seed(vocab)
+    rows = 6
+    temperature = torch.tensor([0.9, 1.0, 0.5, 1.3, 0.9, 2.0])
+    top_k = torch.tensor([50, 1, 10, 50, 0, 70])
+    do_sample = torch.tensor([True, True, False, True, True, False])
+    for trial in range(8):
+        logits = torch.randn(rows, vocab, generator=generator) * 3
+        if trial % 2:
+            logits[:, vocab - 1024 :] = float("-inf")
+        noise = gumbel_noise(torch.rand(rows, 3072, generator=generator))  # as frame_noise: the widest vocabulary
+        for greedy_rows in (True, False):
+            plan = SamplerPlan(candidates=60, top_p=False, greedy_rows=greedy_rows)
+            settings = (do_sample, temperature, top_k, torch.ones(rows))
+            expected = choose_among_top(logits, *settings, Draws(noise=noise), torch.empty(0), plan)
+            got = fk.sample_top_k(logits, noise, temperature, top_k, do_sample, plan.candidates, greedy_rows)
+            assert torch.equal(got, expected), (trial, greedy_rows, got, expected)
+
+
 def test_the_kernels_refuse_shapes_they_would_read_out_of_bounds() -> None:
     """The kernels index by offsets, unchecked; their wrappers check what the offsets assume."""
     qkv, weight, cos, _, sin = case(torch.float32)
@@ -108,14 +131,14 @@ def test_the_kernels_refuse_shapes_they_would_read_out_of_bounds() -> None:
 
 def test_usable_checks_the_kernels_against_the_eager_ops(engine, monkeypatch, caplog) -> None:
     """At the model's own sizes, in each of the step's call forms."""
-    sizes = fs.sizes(engine.scheduler.weights)
-    assert fk.usable(torch.device("cpu"), torch.bfloat16, sizes)
+    sizes, vocabularies = fs.sizes(engine.scheduler.weights), fs.vocabularies(engine.scheduler.weights)
+    assert fk.usable(torch.device("cpu"), torch.bfloat16, sizes, vocabularies)
     calls = []
     original = fk.qk_norm_rope_into_cache
     monkeypatch.setattr(fk, "qk_norm_rope_into_cache", lambda *a, **k: calls.append(a) or original(*a, **k))
     monkeypatch.setattr(fk, "silu_mul", lambda gate_up: torch.zeros_like(gate_up[:, : gate_up.shape[1] // 2]))
     with caplog.at_level(logging.WARNING, logger="tts_service.fused_kernels"):
-        assert not fk.usable(torch.device("cpu"), torch.bfloat16, sizes)
+        assert not fk.usable(torch.device("cpu"), torch.bfloat16, sizes, vocabularies)
     assert "without its Triton kernels" in caplog.text and "differ from the eager ops" in caplog.text
     # the talker's sizes were checked in each call form before the first SiLU-mul failed
     heads, kv_heads, head_dim, _ = sizes[0]

@@ -264,6 +264,32 @@ def test_a_frames_draws_made_at_once_pick_the_tokens_drawn_token_by_token(quiet_
             assert torch.equal(fs._choose(w, logits, settings, Draws(noise=noise[:, column])), by_token)
 
 
+def test_the_gpus_sampling_kernel_draws_the_fewer_forms_tokens(quiet_engine) -> None:
+    """Sampled frames (per-row temperature, top-k, greedy and sampling rows; no top-p, the service's default)
+    step for step from the same state: with the Triton kernels, whose sampling is one kernel per token
+    (`fused_kernels.sample_top_k`, in Triton's interpreter here), the same codes as the fewer forms'."""
+    pytest.importorskip("triton")
+    w, s = _prefilled(quiet_engine, [0, 1, 2])
+    w.sampler = SamplerPlan(candidates=50, top_p=False, greedy_rows=True)
+    s.seed[:3] = torch.tensor([11, 12, 13])
+    for sampled, temperature, top_k in (
+        (s.do_sample, s.temperature, s.top_k),
+        (s.sub_do_sample, s.sub_temperature, s.sub_top_k),
+    ):
+        sampled[:3] = torch.tensor([True, False, True])
+        temperature[:3] = torch.tensor([0.9, 1.0, 1.3])
+        top_k[:3] = torch.tensor([50, 50, 7])
+    saved = _snapshot(s)
+    frames = {}
+    for triton in (False, True):
+        _restore(s, saved)
+        forms = fs.with_fewer_kernels(w, True, triton=triton)
+        with torch.inference_mode():
+            frames[triton] = torch.stack([fs.frame_step(forms, s, 3, 64, True)[0] for _ in range(3)])
+    assert torch.equal(frames[True], frames[False])
+    assert not torch.equal(frames[False][:, 0], frames[False][:, 1])  # rows sampled differently
+
+
 def test_fewer_kernels_are_taken_on_a_gpu_in_half_precision_only() -> None:
     assert fs.fewer_kernels_for(torch.device("cuda", 0), torch.bfloat16)
     assert fs.fewer_kernels_for(torch.device("cuda"), torch.float16)

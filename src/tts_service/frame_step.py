@@ -102,7 +102,8 @@ class Stack:
     #   no fused kernel (flash takes no mask, memory-efficient no GQA) and falls back to the math one.
     fewer_kernels: bool = False
     # Triton kernels in the decode steps (`fused_kernels`; a GPU, checked usable at start-up): a layer's
-    # q/k norm, RoPE and K/V cache writes are one kernel instead of seven, SiLU(gate) * up one instead of two.
+    # q/k norm, RoPE and K/V cache writes are one kernel instead of seven, SiLU(gate) * up one instead of two,
+    # and a sampled token without top-p one instead of about ten.
     triton_kernels: bool = False
 
 
@@ -337,8 +338,15 @@ RowSettings = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # d
 
 
 def _choose(w: Weights, logits: torch.Tensor, settings: RowSettings, draws: Draws) -> torch.Tensor:
-    """A sampled (or, per row, greedy) token: over the top candidates when the settings allow it."""
+    """A sampled (or, per row, greedy) token: over the top candidates when the settings allow it; with
+    the Triton kernels and no top-p, in one kernel (`fused_kernels.sample_top_k`, the same token)."""
     if w.sampler.candidates:
+        if w.talker.triton_kernels and draws.noise is not None and not w.sampler.top_p:
+            do_sample, temperature, top_k, _ = settings
+            plan = w.sampler
+            return fused_kernels.sample_top_k(
+                logits, draws.noise, temperature, top_k, do_sample, plan.candidates, plan.greedy_rows
+            )
         return choose_among_top(logits, *settings, draws, w.mixed_ids, w.sampler)
     vocab = logits.shape[-1]
     if draws.noise is not None:
@@ -681,11 +689,16 @@ def sizes(w: Weights) -> list[tuple[int, int, int, int]]:
     return [(stack.heads, stack.kv_heads, stack.head_dim, stack.intermediate) for stack in (w.talker, w.predictor)]
 
 
+def vocabularies(w: Weights) -> list[int]:
+    """The talker's and the code predictor's vocabulary sizes (the sampled tokens' logits)."""
+    return [int(w.codec_head_t.shape[1]), int(w.predictor_heads_t[0].shape[1])]
+
+
 def kernel_forms(w: Weights) -> str:
     """The step's forms in words, for the start-up log."""
     if not w.talker.fewer_kernels:
         return "qwen-tts's ops"
-    triton = ", Triton q/k norm + RoPE + cache writes and SiLU-mul" if w.talker.triton_kernels else ""
+    triton = ", Triton q/k norm + RoPE + cache writes, SiLU-mul and sampling" if w.talker.triton_kernels else ""
     return f"fewer (fused norms, grouped decode attention{triton})"
 
 

@@ -3,7 +3,8 @@
 Why: on a GPU the step is bound by kernel launches, not by arithmetic (issue 15; run 3: about 1.8 us a
 kernel). Per layer and token, the eager step spends seven kernels between the QKV product and attention
 (q/k RMSNorm, its per-head weight, RoPE's two products and sum, the K and V cache writes) and two on
-SiLU(gate) * up. `qk_norm_rope_into_cache` and `silu_mul` are one kernel each.
+SiLU(gate) * up; a sampled token about ten. `qk_norm_rope_into_cache`, `silu_mul` and `sample_top_k` are
+one kernel each.
 
 Both compute in float32 and round to the activations' dtype where qwen-tts's ops do: the normed value,
 its product with the weight, RoPE's two products and their sum; SiLU, then its product with `up`. So on a
@@ -25,6 +26,8 @@ from collections.abc import Sequence
 from functools import cache
 
 import torch
+
+from tts_service.sampling import Draws, SamplerPlan, choose_among_top, gumbel_noise
 
 logger = logging.getLogger(__name__)
 
@@ -121,10 +124,50 @@ def _silu_mul(gate_up_ptr, row_stride, out_ptr, width, BLOCK: tl.constexpr):
     tl.store(out_ptr + row * width + cols, (silu * up.to(tl.float32)).to(up.dtype), mask=inside)
 
 
+def _sample_top_k(
+    logits_ptr,
+    logits_stride,
+    noise_ptr,
+    noise_stride,
+    temperature_ptr,
+    top_k_ptr,
+    do_sample_ptr,
+    out_ptr,
+    vocab,
+    candidates,
+    GREEDY_ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One row's token: among its logits / temperature at or above their k-th largest (k = top_k within
+    [1, candidates]), the largest with its Gumbel noise added; a greedy row (GREEDY_ROWS) the argmax of
+    its logits. The k-th largest is found bit by bit over the values' order-preserving unsigned keys: the
+    largest key that k values reach (32 counts, no sort)."""
+    row = tl.program_id(0)
+    ids = tl.arange(0, BLOCK)
+    inside = ids < vocab
+    logits = tl.load(logits_ptr + row * logits_stride + ids, mask=inside, other=float("-inf"))
+    scaled = logits / tl.load(temperature_ptr + row)
+    k = tl.minimum(tl.maximum(tl.load(top_k_ptr + row), 1), candidates)
+    bits = scaled.to(tl.uint32, bitcast=True)
+    keys = tl.where((bits >> 31) == 1, bits ^ 0xFFFFFFFF, bits | 0x80000000)  # unsigned order = float order
+    kth = tl.full((), 0, tl.uint32)
+    for bit in tl.static_range(31, -1, -1):
+        trial = kth | (1 << bit)
+        reached = tl.reduce((keys >= trial).to(tl.int32), 0, tl.standard._sum_combine)
+        kth = tl.where(reached >= k, trial, kth)
+    noise = tl.load(noise_ptr + row * noise_stride + ids, mask=inside, other=0.0)
+    score = tl.where(keys >= kth, scaled + noise, float("-inf"))
+    _, token = tl.reduce((score, ids), 0, tl.standard._argmax_combine_tie_break_left)
+    if GREEDY_ROWS:
+        if tl.load(do_sample_ptr + row) == 0:
+            _, token = tl.reduce((logits, ids), 0, tl.standard._argmax_combine_tie_break_left)
+    tl.store(out_ptr + row, token.to(tl.int64))
+
+
 @cache
 def _kernel(name: str, device_type: str):
     """The kernel compiled for CUDA, or in Triton's interpreter for CPU tensors (tests)."""
-    fn = {"qk_norm_rope_kv": _qk_norm_rope_kv, "silu_mul": _silu_mul}[name]
+    fn = {"qk_norm_rope_kv": _qk_norm_rope_kv, "silu_mul": _silu_mul, "sample_top_k": _sample_top_k}[name]
     if device_type == "cuda":
         return triton.jit(fn)
     from triton.runtime.interpreter import InterpretedFunction
@@ -224,16 +267,65 @@ def _reference_qk(qkv, tokens, weight, cos, sin, positions, offset, heads, kv_he
     return rotated[:, :heads], rotated[:, heads:], v
 
 
+def sample_top_k(
+    logits: torch.Tensor,
+    noise: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    do_sample: torch.Tensor,
+    candidates: int,
+    greedy_rows: bool,
+) -> torch.Tensor:
+    """`sampling.choose_among_top` without top-p, in one kernel: rows' tokens [n] from float32 logits [n, V]
+    and the Gumbel noise of their draws [n, >= V] (`frame_step.frame_noise`), with per-row temperature,
+    top-k (within [1, candidates]) and, with `greedy_rows`, do_sample (else every row samples). The same
+    token as over the candidates unless more than TIE_MARGIN logits tie with a row's k-th largest."""
+    rows, vocab = logits.shape
+    expected = {
+        "logits": logits.dtype == torch.float32 and logits.stride(1) == 1,
+        "noise": noise.shape[0] == rows and noise.shape[1] >= vocab and noise.stride(1) == 1,
+        "row settings": all(t.shape == (rows,) and t.is_contiguous() for t in (temperature, top_k, do_sample)),
+    }
+    if not all(expected.values()):
+        wrong = ", ".join(name for name, ok in expected.items() if not ok)
+        raise ValueError(f"sample_top_k: {wrong} do not have the shape or layout the kernel reads")
+    out = torch.empty(rows, dtype=torch.long, device=logits.device)
+    _kernel("sample_top_k", logits.device.type)[(rows,)](
+        logits, logits.stride(0), noise, noise.stride(0), temperature, top_k, do_sample, out, vocab, candidates,
+        GREEDY_ROWS=greedy_rows, BLOCK=triton.next_power_of_2(vocab),
+    )  # fmt: skip
+    return out
+
+
+def _check_sampling(logits: torch.Tensor, generator: torch.Generator) -> None:
+    """`sample_top_k` against `choose_among_top` (greedy rows on and off): the same tokens."""
+    rows, device = logits.shape[0], logits.device
+    noise = gumbel_noise(torch.rand(logits.shape, generator=generator, device=device))
+    temperature = torch.full((rows,), 0.9, device=device)
+    top_k = torch.arange(rows, device=device) * 20 + 1
+    do_sample = torch.arange(rows, device=device) % 2 == 0
+    for greedy_rows in (True, False):
+        plan = SamplerPlan(candidates=50, top_p=False, greedy_rows=greedy_rows)
+        settings = (do_sample, temperature, top_k, torch.ones(rows, device=device))
+        expected = choose_among_top(logits, *settings, Draws(noise=noise), torch.empty(0), plan)
+        got = sample_top_k(logits, noise, temperature, top_k, do_sample, plan.candidates, greedy_rows)
+        if not torch.equal(got, expected):
+            raise ValueError(f"the sampling kernel chose {got.tolist()} where the eager ops chose {expected.tolist()}")
+
+
 # The step's calls: the talker's (a position per row, one token), the code predictor's first step (two
 # tokens from position 0) and its later ones (one token at a fixed position).
 STEP_CALLS = ((1, True, 0), (2, False, 0), (1, False, 5))
 
 
-def usable(device: torch.device, dtype: torch.dtype, sizes: Sequence[tuple[int, int, int, int]]) -> bool:
-    """Whether both kernels compile and run on `device` and agree with the eager ops there, checked at
+def usable(
+    device: torch.device, dtype: torch.dtype, sizes: Sequence[tuple[int, int, int, int]], vocabularies: Sequence[int]
+) -> bool:
+    """Whether the kernels compile and run on `device` and agree with the eager ops there, checked at
     start-up on small tensors of each stack's `sizes` (heads, kv_heads, head_dim, MLP width) in each of the
-    step's call forms, so every variant the step launches is compiled here, where a failure costs nothing:
-    False (with a warning) where Triton cannot serve this GPU or dtype."""
+    step's call forms, and on logits of each of the `vocabularies`, so every variant the step launches is
+    compiled here, where a failure costs nothing: False (with a warning) where Triton cannot serve this GPU
+    or dtype."""
     if triton is None:
         logger.warning("Triton is not installed: the frame step runs without its Triton kernels")
         return False
@@ -270,6 +362,8 @@ def usable(device: torch.device, dtype: torch.dtype, sizes: Sequence[tuple[int, 
             gate_up = rand(batch, 2 * width)
             gate, up = gate_up.float().split(width, dim=-1)
             check(silu_mul(gate_up), torch.nn.functional.silu(gate) * up)
+        for vocab in vocabularies:
+            _check_sampling(rand(batch, vocab).float() * 3, generator)
     except Exception as error:  # a compiler or driver failure: the eager forms still serve
         logger.warning("the frame step runs without its Triton kernels: they failed on %s: %r", device, error)
         return False

@@ -184,11 +184,12 @@ class StepScheduler:
             self.model, max_len, self.prompts.pad_embed(), invariance.min_rows, invariance.contiguous_weights, fewer
         )
         # Triton's kernels on a GPU with the fewer forms, unless Inductor compiles the step (it fuses its own)
+        sizes, vocabularies = fs.sizes(self.weights), fs.vocabularies(self.weights)
         if (
             fewer
             and self.on_cuda
             and not compile_step
-            and fused_kernels.usable(self.device, dtype, fs.sizes(self.weights))
+            and fused_kernels.usable(self.device, dtype, sizes, vocabularies)
         ):
             self.weights = fs.with_fewer_kernels(self.weights, True, triton=True)
         self.weights.sampler = SamplerPlan.of(self.sampling_params(0))
