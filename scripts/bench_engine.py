@@ -2,7 +2,7 @@
 throughput under staggered streams, the frame step's kernel and sync census, graphs against eager.
 
     python scripts/bench_engine.py --arch 1.7b --device cuda            # random weights, real sizes
-    python scripts/bench_engine.py --arch 1.7b --device cuda --kernel-forms   # + qwen-tts's ops vs fewer kernels
+    python scripts/bench_engine.py --arch 1.7b --device cuda --kernel-forms   # + the step's forms side by side
     python scripts/bench_engine.py --arch deep --device cpu --streams 1 4
     python scripts/bench_engine.py --arch 1.7b --device cuda --compile-step   # the compiled step, graphed
 
@@ -37,6 +37,7 @@ from tts_service.dev.tiny_checkpoint import CODEC_EOS, ensure_tiny_checkpoint  #
 from tts_service.engine import TTSEngine  # noqa: E402
 from tts_service.invariance_plan import InvariancePlan  # noqa: E402
 from tts_service.request_handle import Job  # noqa: E402
+from tts_service.sampling import SamplerPlan, SamplingParams  # noqa: E402
 from tts_service.scheduler import LOOP_PHASES, StepScheduler  # noqa: E402
 from tts_service.settings import Settings  # noqa: E402
 from tts_service.stream_plan import ChunkPlan, window_lengths  # noqa: E402
@@ -241,44 +242,55 @@ def triton_kernel_bits(device: str, dtype: torch.dtype, rows: int = 32) -> dict[
 
 def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds: int = 3) -> list[dict]:
     """The frame step with qwen-tts's own ops, with the GPU's fewer-kernel forms (`Stack.fewer_kernels`) and,
-    on a GPU where they work, with those and the Triton kernels (`Stack.triton_kernels`: the serving path in
-    bf16), side by side: kernels per frame (and on a GPU the most frequent kernels'
-    names, which tell the attention backend), the step's time (as CUDA graphs on a GPU) at batch 1, 8 and 32
-    (median of `rounds`, the forms alternating), and the first frame where a lone greedy request's codes
-    differ from the first form's. Needs every slot free."""
+    on a GPU where they work, with those and the Triton layer kernels (`Stack.triton_kernels`), first with the
+    eager sampling ops, then with the sampling kernel too (`Weights.triton_sampling`: the serving path in
+    bf16), side by side: kernels per frame (and on a GPU the most frequent kernels' names, which tell the
+    attention backend), the step's time (as CUDA graphs on a GPU) at batch 1, 8 and 32, greedy and sampled
+    with qwen-tts's sampling settings (the service's default; median of `rounds`, the forms alternating), and
+    the first frame where a lone greedy request's codes differ from the first form's. Needs every slot free."""
     serving, s = scheduler.weights, scheduler.state
     cuda = device.startswith("cuda")
-    forms = {"qwen-tts's ops": (False, False), "fewer kernels": (True, False)}
+    forms = {"qwen-tts's ops": (False, False, False), "fewer kernels": (True, False, False)}
     sizes, vocabularies = fs.sizes(serving), fs.vocabularies(serving)
     if cuda and fused_kernels.usable(torch.device(device), serving.codec_head.dtype, sizes, vocabularies):
-        forms["fewer + Triton"] = (True, True)  # (a CPU would run them in Triton's interpreter)
+        forms["fewer + Triton layers"] = (True, True, False)  # (a CPU would run them in Triton's interpreter)
+        forms["fewer + Triton"] = (True, True, True)
     batches = [n for n in (1, 8, 32) if n <= s.slots]
+    modes = {"greedy": False, "sampled": True}
+    sampled = _default_sampling(scheduler)
     rows: list[dict[str, Any]] = []
     steps: list[tuple[fs.Weights, Any]] = []
+    idle_settings = _row_settings(s)
     with torch.inference_mode():
-        for name, (fewer, triton) in forms.items():
-            w = fs.with_fewer_kernels(serving, fewer, triton)
+        _set_row_settings(s, sampled)  # every idle row samples as a request would
+        for name, (fewer, triton, triton_sampling) in forms.items():
+            w = replace(fs.with_fewer_kernels(serving, fewer, triton, triton_sampling), sampler=SamplerPlan.of(sampled))
             row: dict[str, Any] = {"forms": name}
-            fs.frame_step(w, s, 1, 256, False)
-            with census() as counted:
-                fs.frame_step(w, s, 1, 256, False)
-            row["kernel_ops"] = counted.kernels
+            for mode, sample in modes.items():
+                fs.frame_step(w, s, 1, 256, sample)
+                with census() as counted:
+                    fs.frame_step(w, s, 1, 256, sample)
+                row[f"kernel_ops_{mode}"] = counted.kernels
             step: Any = fs.frame_step
             if cuda:
                 from tts_service.cuda_graphs import GraphedFrameStep
 
-                names = cuda_kernels(lambda: fs.frame_step(w, s, 1, 256, False), device)  # noqa: B023 (run now)
-                row["cuda_kernels"] = names.total()
-                row["top_kernels"] = [[name[:90], count] for name, count in names.most_common(12)]
+                for mode, sample in modes.items():
+                    names = cuda_kernels(lambda: fs.frame_step(w, s, 1, 256, sample), device)  # noqa: B023 (run now)
+                    row[f"cuda_kernels_{mode}"] = names.total()
+                    row[f"top_kernels_{mode}"] = [[name[:90], count] for name, count in names.most_common(12)]
                 step = GraphedFrameStep(w, s, batches, [256])
                 step.capture_all()
             rows.append(row)
             steps.append((w, step))
-        times: list[dict[int, list[float]]] = [{n: [] for n in batches} for _ in steps]
+        times: list[dict[tuple[str, int], list[float]]] = [{} for _ in steps]
         for _ in range(rounds):
             for (w, step), timed in zip(steps, times, strict=True):
-                for n in batches:
-                    timed[n].append(ms_per_step(step, w, s, n, 256, 20, device, warm=3))
+                for mode, sample in modes.items():
+                    for n in batches:
+                        ms = ms_per_step(step, w, s, n, 256, 20, device, warm=3, sample=sample)
+                        timed.setdefault((mode, n), []).append(ms)
+        _set_row_settings(s, idle_settings)
         prompt = scheduler.prompts.build(TEXT, *VOICES[0])
         codes = []
         for w, step in steps:
@@ -286,22 +298,26 @@ def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds
             codes.append(torch.stack([step(w, s, 1, 256, False)[0][0].clone() for _ in range(frames)]).cpu())
             fs.release(s, 0)
     for row, timed in zip(rows, times, strict=True):
-        row.update({f"ms_batch_{n}": statistics.median(values) for n, values in timed.items()})
+        row.update({f"ms_{mode}_batch_{n}": statistics.median(values) for (mode, n), values in timed.items()})
     for row, form_codes in zip(rows[1:], codes[1:], strict=True):
         differs = (codes[0] != form_codes).any(dim=1).nonzero().flatten().tolist()
         row["first_divergent_frame"] = differs[0] if differs else None
     print(
-        f"\n## The step's kernel forms (keys 256, greedy, ms: median of {rounds}; the codes of one request over "
-        f"{frames} frames)\n"
+        f"\n## The step's kernel forms (keys 256; ms: median of {rounds}; greedy and sampled with qwen-tts's "
+        f"settings; the codes of one greedy request over {frames} frames)\n"
     )
-    print("| forms | kernel ops | CUDA kernels | ms batch 1 | ms batch 8 | ms batch 32 | first frame differing |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    header = " | ".join(f"ms {mode} {n}" for mode in modes for n in (1, 8, 32))
+    print(f"| forms | kernel ops greedy / sampled | CUDA kernels greedy / sampled | {header} | first frame differing |")
+    print("| --- | ---: | ---: |" + " ---: |" * 6 + " ---: |")
     for row in rows:
-        times_ms = " | ".join(f"{row[f'ms_batch_{n}']:.2f}" if f"ms_batch_{n}" in row else "-" for n in (1, 8, 32))
-        print(
-            f"| {row['forms']} | {row['kernel_ops']} | {row.get('cuda_kernels', '-')} | {times_ms} "
-            f"| {row.get('first_divergent_frame', '-')} |"
+        times_ms = " | ".join(
+            f"{row[f'ms_{mode}_batch_{n}']:.2f}" if f"ms_{mode}_batch_{n}" in row else "-"
+            for mode in modes
+            for n in (1, 8, 32)
         )
+        ops = f"{row['kernel_ops_greedy']} / {row['kernel_ops_sampled']}"
+        gpu = f"{row['cuda_kernels_greedy']} / {row['cuda_kernels_sampled']}" if cuda else "-"
+        print(f"| {row['forms']} | {ops} | {gpu} | {times_ms} | {row.get('first_divergent_frame', '-')} |")
     if "fewer + Triton" in forms:
         try:
             same = triton_kernel_bits(device, serving.codec_head.dtype)
@@ -312,9 +328,53 @@ def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds
             shares = ", ".join(f"{name} {share:.2%}" for name, share in same.items())
             print(f"\nTriton kernels against qwen-tts's modules (random, 1.7B sizes), same bits: {shares}")
     for row in rows:
-        if "top_kernels" in row:
-            print(f"\n{row['forms']}, most frequent kernels per frame: {row['top_kernels']}")
+        for mode in modes:
+            if f"top_kernels_{mode}" in row:
+                print(f"\n{row['forms']}, {mode}, most frequent kernels per frame: {row[f'top_kernels_{mode}']}")
     return rows
+
+
+ROW_SETTINGS = (
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "sub_do_sample",
+    "sub_temperature",
+    "sub_top_k",
+    "sub_top_p",
+)
+
+
+def _default_sampling(scheduler: StepScheduler) -> SamplingParams:
+    """qwen-tts's own sampling settings (generation_config.json; the service's default), whatever the
+    scheduler was given."""
+    merged = scheduler.wrapper._merge_generate_kwargs()
+    return replace(
+        scheduler.sampling_params(0),
+        do_sample=bool(merged["do_sample"]),
+        temperature=float(merged["temperature"]),
+        top_k=int(merged["top_k"] or 0),
+        top_p=float(merged["top_p"]),
+        sub_do_sample=bool(merged["subtalker_dosample"]),
+        sub_temperature=float(merged["subtalker_temperature"]),
+        sub_top_k=int(merged["subtalker_top_k"] or 0),
+        sub_top_p=float(merged["subtalker_top_p"]),
+    )
+
+
+def _row_settings(s: fs.SlotState) -> dict[str, torch.Tensor]:
+    return {name: getattr(s, name).clone() for name in ROW_SETTINGS}
+
+
+def _set_row_settings(s: fs.SlotState, settings: SamplingParams | dict[str, torch.Tensor]) -> None:
+    """Every slot's sampling settings: one request's, or saved ones (`_row_settings`)."""
+    for name in ROW_SETTINGS:
+        value = settings[name] if isinstance(settings, dict) else getattr(settings, name)
+        if isinstance(value, torch.Tensor):
+            getattr(s, name).copy_(value)
+        else:
+            getattr(s, name).fill_(value)
 
 
 def prefill_census(scheduler: StepScheduler, device: str, prefill=fs.prefill) -> dict:

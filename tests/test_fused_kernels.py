@@ -160,9 +160,13 @@ def test_the_kernels_compile_for_the_gpus_without_one(arch: int) -> None:
     qk_signature |= dict.fromkeys(names, number)
     qk_constants = {"HEADS": 16, "KV_HEADS": 8, "HALF": 64, "HAS_POS": True}
     silu_signature = {"gate_up_ptr": pointer, "row_stride": number, "out_ptr": pointer, "width": number}
+    sample_signature = {"logits_ptr": "*fp32", "noise_ptr": "*fp32", "temperature_ptr": "*fp32", "top_k_ptr": "*i64"}
+    sample_signature |= {"do_sample_ptr": "*i1", "out_ptr": "*i64"}
+    sample_signature |= dict.fromkeys(["logits_stride", "noise_stride", "vocab", "candidates"], number)
     sources = [
         (fk._qk_norm_rope_kv, qk_signature, qk_constants, fk.QK_WARPS),
         (fk._silu_mul, silu_signature, {"BLOCK": fk.SILU_BLOCK}, 4),
+        (fk._sample_top_k, sample_signature, {"GREEDY_ROWS": True, "BLOCK": 4096}, fk.SAMPLE_WARPS),
     ]
     for fn, signature, constants, warps in sources:
         source = ASTSource(triton.jit(fn), signature | dict.fromkeys(constants, "constexpr"), constexprs=constants)
@@ -176,3 +180,5 @@ def test_the_step_names_its_kernel_forms(engine) -> None:
     assert fs.kernel_forms(fs.with_fewer_kernels(w, False)) == "qwen-tts's ops"
     assert "Triton" not in fs.kernel_forms(fs.with_fewer_kernels(w, True))
     assert "Triton" in fs.kernel_forms(fs.with_fewer_kernels(w, True, triton=True))
+    assert "sampling" in fs.kernel_forms(fs.with_fewer_kernels(w, True, triton=True))
+    assert "sampling" not in fs.kernel_forms(fs.with_fewer_kernels(w, True, triton=True, triton_sampling=False))

@@ -290,6 +290,23 @@ def test_the_gpus_sampling_kernel_draws_the_fewer_forms_tokens(quiet_engine) -> 
     assert not torch.equal(frames[False][:, 0], frames[False][:, 1])  # rows sampled differently
 
 
+def test_the_sampling_kernel_is_timed_apart_from_the_layer_kernels(quiet_engine) -> None:
+    """`bench_engine.py --kernel-forms` times the Triton layer kernels with and without the sampling kernel:
+    `triton_sampling=False` leaves a sampled frame's tokens to the eager ops, and the default takes the kernel
+    for each of the frame's 16 tokens."""
+    pytest.importorskip("triton")
+    w, s = _prefilled(quiet_engine, [0])
+    w = replace(w, sampler=SamplerPlan(candidates=50, top_p=False, greedy_rows=True))
+    launches = {}
+    for triton_sampling in (False, None):
+        forms = fs.with_fewer_kernels(w, True, triton=True, triton_sampling=triton_sampling)
+        with torch.inference_mode(), census() as counted:
+            fs.frame_step(forms, s, 1, 64, True)
+        launches[triton_sampling] = counted.by_op
+    assert launches[False]["triton.sample_top_k"] == 0 and launches[False]["triton.silu_mul"] > 0
+    assert launches[None]["triton.sample_top_k"] == 16
+
+
 def test_fewer_kernels_are_taken_on_a_gpu_in_half_precision_only() -> None:
     assert fs.fewer_kernels_for(torch.device("cuda", 0), torch.bfloat16)
     assert fs.fewer_kernels_for(torch.device("cuda"), torch.float16)

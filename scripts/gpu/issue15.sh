@@ -10,7 +10,8 @@
 # The single stages, each one call (a machine goes back 30 s after a call, so each installs what it needs):
 #   faster     faster-qwen3-tts 0.5.4 in its own environment (transformers 5.15.1, qwen-tts-hf)
 #   engine     this engine with CUDA graphs (streams 1, 8, 32, each with first chunks of 4, quick start, 1;
-#              census; the step's kernel forms, qwen-tts's ops beside fewer kernels; step) beside plain qwen-tts
+#              census; the step's kernel forms greedy and sampled: qwen-tts's ops, fewer kernels, + Triton layers,
+#              + Triton sampling; step) beside plain qwen-tts
 #   http       the service itself (`bentoml serve`, greedy): first bytes of /v1/tts/stream at 1 and 8 streams
 #              beside /v1/tts/synthesize (scripts/bench.py stream --url), and the server's own first-audio lines
 #   compiled   the same with the Inductor-compiled step (TTS_COMPILE_STEP), no plain qwen-tts

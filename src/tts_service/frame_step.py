@@ -102,8 +102,8 @@ class Stack:
     #   no fused kernel (flash takes no mask, memory-efficient no GQA) and falls back to the math one.
     fewer_kernels: bool = False
     # Triton kernels in the decode steps (`fused_kernels`; a GPU, checked usable at start-up): a layer's
-    # q/k norm, RoPE and K/V cache writes are one kernel instead of seven, SiLU(gate) * up one instead of two,
-    # and a sampled token without top-p one instead of about ten.
+    # q/k norm, RoPE and K/V cache writes are one kernel instead of seven, SiLU(gate) * up one instead of two
+    # (sampling: `Weights.triton_sampling`).
     triton_kernels: bool = False
 
 
@@ -128,6 +128,9 @@ class Weights:
     # What sampling may leave out: a setting of the service, like the weights, since every request
     # shares its sampling settings. The default does all the work.
     sampler: SamplerPlan = SamplerPlan()
+    # A sampled token without top-p drawn by one Triton kernel (`fused_kernels.sample_top_k`) instead of
+    # about ten: with the Triton layer kernels, unless a benchmark times it apart (`with_fewer_kernels`).
+    triton_sampling: bool = False
 
 
 @dataclass
@@ -341,7 +344,7 @@ def _choose(w: Weights, logits: torch.Tensor, settings: RowSettings, draws: Draw
     """A sampled (or, per row, greedy) token: over the top candidates when the settings allow it; with
     the Triton kernels and no top-p, in one kernel (`fused_kernels.sample_top_k`, the same token)."""
     if w.sampler.candidates:
-        if w.talker.triton_kernels and draws.noise is not None and not w.sampler.top_p:
+        if w.triton_sampling and draws.noise is not None and not w.sampler.top_p:
             do_sample, temperature, top_k, _ = settings
             plan = w.sampler
             return fused_kernels.sample_top_k(
@@ -698,14 +701,22 @@ def kernel_forms(w: Weights) -> str:
     """The step's forms in words, for the start-up log."""
     if not w.talker.fewer_kernels:
         return "qwen-tts's ops"
-    triton = ", Triton q/k norm + RoPE + cache writes, SiLU-mul and sampling" if w.talker.triton_kernels else ""
+    triton = ", Triton q/k norm + RoPE + cache writes, SiLU-mul" if w.talker.triton_kernels else ""
+    if w.triton_sampling:
+        triton += " and sampling" if triton else ", Triton sampling"
     return f"fewer (fused norms, grouped decode attention{triton})"
 
 
-def with_fewer_kernels(w: Weights, fewer: bool = True, triton: bool = False) -> Weights:
-    """`w` with `Stack.fewer_kernels` and `Stack.triton_kernels` on or off (the same tensors)."""
+def with_fewer_kernels(
+    w: Weights, fewer: bool = True, triton: bool = False, triton_sampling: bool | None = None
+) -> Weights:
+    """`w` with `Stack.fewer_kernels`, `Stack.triton_kernels` and `Weights.triton_sampling` (by default as
+    `triton`) on or off (the same tensors)."""
     forms = {"fewer_kernels": fewer, "triton_kernels": triton}
-    return replace(w, talker=replace(w.talker, **forms), predictor=replace(w.predictor, **forms))
+    sampling = triton if triton_sampling is None else triton_sampling
+    return replace(
+        w, talker=replace(w.talker, **forms), predictor=replace(w.predictor, **forms), triton_sampling=sampling
+    )
 
 
 def allocate_state(w: Weights, slots: int, max_len: int) -> SlotState:

@@ -267,6 +267,12 @@ def _reference_qk(qkv, tokens, weight, cos, sin, positions, offset, heads, kv_he
     return rotated[:, :heads], rotated[:, heads:], v
 
 
+# A row's vocabulary (2048 or 3072, a block of 2048 or 4096) over 8 warps, at most 16 values a thread for each
+# of the 32 counts (Triton's default of 4 doubles that; its row-softmax tutorial takes 8 from 2048 columns).
+# Unmeasured: the kit's sampled step times will say whether the kernel pays.
+SAMPLE_WARPS = 8
+
+
 def sample_top_k(
     logits: torch.Tensor,
     noise: torch.Tensor,
@@ -292,7 +298,7 @@ def sample_top_k(
     out = torch.empty(rows, dtype=torch.long, device=logits.device)
     _kernel("sample_top_k", logits.device.type)[(rows,)](
         logits, logits.stride(0), noise, noise.stride(0), temperature, top_k, do_sample, out, vocab, candidates,
-        GREEDY_ROWS=greedy_rows, BLOCK=triton.next_power_of_2(vocab),
+        GREEDY_ROWS=greedy_rows, BLOCK=triton.next_power_of_2(vocab), num_warps=SAMPLE_WARPS,
     )  # fmt: skip
     return out
 
