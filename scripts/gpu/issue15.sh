@@ -41,6 +41,9 @@ engine_python() { "${in_engine_env[@]}" python3 "$@"; }
 
 install /tmp/engine engine
 device=${DEVICE:-cuda}  # DEVICE=cpu ARCH=tiny: a dry run of the kit on a machine without a GPU
+if [ "$device" = cpu ]; then  # as a GPU's default (a CPU's is on), so the dry run takes the GPU's paths
+    export TTS_BATCH_INVARIANT=${TTS_BATCH_INVARIANT:-false}
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt" || true
 ckpt=$(engine_python -c "
 from pathlib import Path
