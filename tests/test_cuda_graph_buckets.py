@@ -193,3 +193,57 @@ def test_a_prompt_past_the_largest_bucket_or_of_a_failed_capture_is_prefilled_ea
     np.testing.assert_array_equal(_codes(engine, [request], "long")[0], reference(engine, request)[0])
     assert prefill.replayed == 0 and prefill.eager_groups == 1
     assert prefill._graph_for(12) is None and prefill._graph_for(20) is not None
+
+
+def test_a_step_whose_triton_kernels_cannot_be_captured_is_captured_without_them(
+    monkeypatch, tiny_dir: Path, cache_dir: Path, caplog
+) -> None:
+    """Triton's kernels pass `fused_kernels.usable` eagerly before capture; should capturing them fail all the
+    same, the step is captured without them and serves, rather than the service failing to start. A failure
+    without them is not hidden. (Capture stands in here by running the step, as capture's warm-up does.)"""
+    import logging
+
+    from tts_service import cuda_graphs, fused_kernels
+
+    engine = TTSEngine.load(Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, max_batch_size=2))
+    scheduler = engine.scheduler
+    eager = scheduler.weights
+    scheduler.weights = fs.with_fewer_kernels(eager, True, triton=True)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    class Graph:
+        def __init__(self, run, outputs) -> None:
+            self.run, self.outputs = run, outputs
+
+        def replay(self) -> None:
+            for output, fresh in zip(self.outputs, self.run(), strict=True):
+                output.copy_(fresh)
+
+    def capture(run, pool):
+        outputs = run()
+        return Graph(run, outputs), outputs
+
+    monkeypatch.setattr(fused_kernels, "qk_norm_rope_into_cache", refuse)
+    monkeypatch.setattr(cuda_graphs, "capture", capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    with caplog.at_level(logging.ERROR, logger="tts_service.scheduler"), torch.inference_mode():
+        scheduler._capture_graphs(prefill_graphs=False)
+    assert "capturing the frame step with its Triton kernels failed" in caplog.text
+    w = scheduler.weights
+    assert w.talker.fewer_kernels and not w.talker.triton_kernels and not w.triton_sampling
+    assert isinstance(scheduler.step_fn, cuda_graphs.GraphedFrameStep) and scheduler.step_fn.weights is w
+    prompt = scheduler.prompts.build("A line.", "ryan", "english")
+    frames = {}
+    for name, step in (("graphs", scheduler.step_fn), ("eager", fs.frame_step)):
+        with torch.inference_mode():
+            fs.prefill(w, scheduler.state, [0], [prompt], [scheduler.sampling_params(0)])
+            frames[name] = torch.stack([step(w, scheduler.state, 1, 128, False)[0][0].clone() for _ in range(3)])
+            fs.release(scheduler.state, 0)
+    assert torch.equal(frames["graphs"], frames["eager"])
+
+    monkeypatch.setattr(cuda_graphs, "capture", refuse)  # without Triton's kernels a failure is the service's
+    with pytest.raises(RuntimeError, match="capturing"):
+        scheduler._capture_graphs(prefill_graphs=False)

@@ -206,17 +206,7 @@ class StepScheduler:
                 self.weights, self.state, sample, None if self.on_cuda else CPU_LOOP_THREADS, invariance.min_window
             )
         if self.on_cuda and cuda_graphs:
-            from tts_service.cuda_graphs import GraphedFrameStep
-
-            graphed = GraphedFrameStep(self.weights, self.state, step=self.step_fn)
-            graphed.capture_all()
-            self.step_fn = graphed
-            if prefill_graphs:
-                from tts_service.cuda_graphs import GraphedPrefill
-
-                prefill = GraphedPrefill(self.weights, self.state, pool=graphed.pool)
-                prefill.capture_all(self.sampling_params(0))
-                self.prefill_fn = prefill
+            self._capture_graphs(prefill_graphs)
         logger.info(
             "step engine: %d KV slots of %d positions (%.1f MB each) on %s; batch invariance: %s; kernels: %s",
             slots,
@@ -253,6 +243,29 @@ class StepScheduler:
                 self.step_intervals[-1] * 1000,
                 QUICK_START_MAX_STEP_S * 1000,
             )
+
+    def _capture_graphs(self, prefill_graphs: bool) -> None:
+        """The step (and the prefill) as CUDA graphs. Triton's kernels passed `fused_kernels.usable` eagerly;
+        should capturing them fail all the same (a driver or Triton version that cannot), the step is
+        captured again without them rather than the service failing to start."""
+        from tts_service.cuda_graphs import GraphedFrameStep, GraphedPrefill
+
+        try:
+            graphed = GraphedFrameStep(self.weights, self.state, step=self.step_fn)
+            graphed.capture_all()
+            if prefill_graphs:
+                prefill = GraphedPrefill(self.weights, self.state, pool=graphed.pool)
+                prefill.capture_all(self.sampling_params(0))
+                self.prefill_fn = prefill
+        except Exception:
+            if not (self.weights.talker.triton_kernels or self.weights.triton_sampling):
+                raise
+            logger.exception("capturing the frame step with its Triton kernels failed: capturing it without them")
+            self.weights = fs.with_fewer_kernels(self.weights, True, triton=False)
+            self.prefill_fn = fs.prefill
+            self._capture_graphs(prefill_graphs)
+            return
+        self.step_fn = graphed
 
     def time_a_step(self) -> float:
         """Seconds of one step at the narrowest window, on free slots (as graph capture runs them; a
