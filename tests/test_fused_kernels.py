@@ -132,7 +132,10 @@ def test_the_kernels_refuse_shapes_they_would_read_out_of_bounds() -> None:
 def test_usable_checks_the_kernels_against_the_eager_ops(engine, monkeypatch, caplog) -> None:
     """At the model's own sizes, in each of the step's call forms."""
     sizes, vocabularies = fs.sizes(engine.scheduler.weights), fs.vocabularies(engine.scheduler.weights)
-    assert fk.usable(torch.device("cpu"), torch.bfloat16, sizes, vocabularies)
+    with caplog.at_level(logging.INFO, logger="tts_service.fused_kernels"):
+        assert fk.usable(torch.device("cpu"), torch.bfloat16, sizes, vocabularies)
+    assert "Triton kernels compiled and checked on cpu in" in caplog.text  # (the start-up log's compile time)
+    caplog.clear()
     calls = []
     original = fk.qk_norm_rope_into_cache
     monkeypatch.setattr(fk, "qk_norm_rope_into_cache", lambda *a, **k: calls.append(a) or original(*a, **k))

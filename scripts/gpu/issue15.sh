@@ -111,7 +111,7 @@ http_bench() {  # `bentoml serve` on this machine, then first bytes over HTTP at
         sleep 2
     done
     echo "== http: ready after $((budget - deadline + SECONDS)) s"
-    grep -E "captured|step engine|quick start|loaded" "$served" | cut -c1-300 || true
+    grep -E "captured|step engine|quick start|loaded|Triton" "$served" | cut -c1-300 || true
     timeout --kill-after=10 "$((deadline - SECONDS))" "${in_engine_env[@]}" python3 scripts/bench.py stream \
         --url "http://127.0.0.1:$port" --concurrency 1 8 --repeat 5 || status=$?
     # the server's view: the warm-up and the five lone streams, then the last of the eight-stream rounds

@@ -22,6 +22,7 @@ so a GPU Triton cannot serve (an unsupported architecture) falls back to the eag
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from functools import cache
 
@@ -335,6 +336,7 @@ def usable(
     if triton is None:
         logger.warning("Triton is not installed: the frame step runs without its Triton kernels")
         return False
+    started = time.perf_counter()
     try:
         generator = torch.Generator(device=device).manual_seed(0)
 
@@ -373,4 +375,6 @@ def usable(
     except Exception as error:  # a compiler or driver failure: the eager forms still serve
         logger.warning("the frame step runs without its Triton kernels: they failed on %s: %r", device, error)
         return False
+    # (compiling is most of it; TRITON_CACHE_DIR keeps the binaries for the next start)
+    logger.info("Triton kernels compiled and checked on %s in %.1f s", device, time.perf_counter() - started)
     return True
