@@ -44,16 +44,32 @@ def case(dtype: torch.dtype, seed: int = 0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("positions", [None, [0, 4, 9]])
-def test_the_qk_kernel_gives_qwen_tts_values_and_writes_both_caches(dtype: torch.dtype, positions) -> None:
-    """Two tokens per row (the code predictor's first step); per-row positions (the talker's) or none. bf16
-    is checked against the float32 values within a few bf16 steps: Triton's interpreter truncates where a
-    GPU rounds to nearest, so qwen-tts's bf16 bits are a GPU measurement (the kit's first divergent frame)."""
+@pytest.mark.parametrize(("positions", "slots"), [(None, None), ([0, 4, 9], None), (None, [4, 0, 2])])
+def test_the_qk_kernel_gives_qwen_tts_values_and_writes_both_caches(dtype: torch.dtype, positions, slots) -> None:
+    """Two tokens per row (the code predictor's first step); per-row positions (the talker's) or none; each
+    row's cache slot its own (a prefill's) or the row. bf16 is checked against the float32 values within a few
+    bf16 steps: Triton's interpreter truncates where a GPU rounds to nearest, so qwen-tts's bf16 bits are a GPU
+    measurement (the kit's first divergent frame)."""
     qkv, weight, cos, model_sin, sin = case(dtype)
     at = None if positions is None else torch.tensor(positions)
+    slot_of = [0, 1, 2] if slots is None else slots
     keys = torch.full((5, KV_HEADS, 12, D), 7.0, dtype=dtype)
     values = keys.clone()
-    q = fk.qk_norm_rope_into_cache(qkv, 2, weight, cos, sin, at, 1, keys, values, HEADS, KV_HEADS, 1e-6)
+    q = fk.qk_norm_rope_into_cache(
+        qkv,
+        2,
+        weight,
+        cos,
+        sin,
+        at,
+        1,
+        keys,
+        values,
+        HEADS,
+        KV_HEADS,
+        1e-6,
+        None if slots is None else torch.tensor(slots),
+    )
     assert q.shape == (3, HEADS, 2, D)
 
     x = qkv.reshape(3, 2, HEADS + 2 * KV_HEADS, D)
@@ -64,12 +80,12 @@ def test_the_qk_kernel_gives_qwen_tts_values_and_writes_both_caches(dtype: torch
     tolerance = {"rtol": steps, "atol": steps * expected.abs().max().item()}
     torch.testing.assert_close(q.transpose(1, 2).float(), expected[:, :, :HEADS], **tolerance)
     written = torch.zeros(5, 12, dtype=torch.bool)
-    for row in range(3):
+    for row, slot in enumerate(slot_of):
         for token in range(2):
             p = int(place[row, token])
-            written[row, p] = True
-            torch.testing.assert_close(keys[row, :, p].float(), expected[row, token, HEADS:], **tolerance)
-            assert torch.equal(values[row, :, p], x[row, token, HEADS + KV_HEADS :])
+            written[slot, p] = True
+            torch.testing.assert_close(keys[slot, :, p].float(), expected[row, token, HEADS:], **tolerance)
+            assert torch.equal(values[slot, :, p], x[row, token, HEADS + KV_HEADS :])
     untouched = ~written[:, None, :, None].expand_as(keys)
     assert bool((keys[untouched] == 7).all() and (values[untouched] == 7).all())  # nothing else written
 
@@ -112,18 +128,20 @@ def test_the_kernels_refuse_shapes_they_would_read_out_of_bounds() -> None:
     keys = torch.zeros(5, KV_HEADS, 12, D)
     values = keys.clone()
     arguments = {"qkv": qkv, "weight": weight, "keys": keys, "values": values, "positions": torch.tensor([0, 4, 9])}
+    arguments["slots"] = torch.tensor([4, 0, 2])
     wrong = {
         "qkv": qkv[:, :-D],  # a head short
         "weight": weight[:-1],
         "keys/values": keys[:, :1],  # one KV head fewer than the model's
         "positions": torch.tensor([0, 4]),  # one position short of the rows
+        "slots": torch.tensor([4, 0, 2, 1]),  # a slot more than the rows
     }
     for name, bad in wrong.items():
         given = dict(arguments, **{name.split("/")[0]: bad})
         with pytest.raises(ValueError, match=name):
             fk.qk_norm_rope_into_cache(
                 given["qkv"], 2, given["weight"], cos, sin, given["positions"], 1, given["keys"], values, HEADS,
-                KV_HEADS, 1e-6,
+                KV_HEADS, 1e-6, given["slots"],
             )  # fmt: skip
     with pytest.raises(ValueError, match="gate_up"):
         fk.silu_mul(torch.zeros(3, 7))
@@ -145,7 +163,7 @@ def test_usable_checks_the_kernels_against_the_eager_ops(engine, monkeypatch, ca
     assert "without its Triton kernels" in caplog.text and "differ from the eager ops" in caplog.text
     # the talker's sizes were checked in each call form before the first SiLU-mul failed
     heads, kv_heads, head_dim, _ = sizes[0]
-    assert {(c[1], c[5] is not None, c[6]) for c in calls} == set(fk.STEP_CALLS)
+    assert {(c[1], c[5] is not None, c[6], c[12] is not None) for c in calls} == set(fk.STEP_CALLS)
     assert {tuple(c[2].shape) for c in calls} == {(heads + kv_heads, head_dim)}
 
 
@@ -158,16 +176,18 @@ def test_the_kernels_compile_for_the_gpus_without_one(arch: int) -> None:
 
     pointer, number = "*bf16", "i32"
     qk_signature = dict.fromkeys(["qkv_ptr", "weight_ptr", "cos_ptr", "sin_ptr", "q_ptr", "k_ptr", "v_ptr"], pointer)
-    qk_signature |= {"pos_ptr": "*i64", "eps": "fp32"}
+    qk_signature |= {"pos_ptr": "*i64", "slots_ptr": "*i64", "eps": "fp32"}
     names = ["qkv_row_stride", "pos_offset", "cache_slot_stride", "cache_head_stride", "cache_pos_stride", "tokens"]
     qk_signature |= dict.fromkeys(names, number)
-    qk_constants = {"HEADS": 16, "KV_HEADS": 8, "HALF": 64, "HAS_POS": True}
+    qk_constants = {"HEADS": 16, "KV_HEADS": 8, "HALF": 64, "HAS_POS": True, "HAS_SLOTS": False}
+    prefill_constants = qk_constants | {"HAS_POS": False, "HAS_SLOTS": True}
     silu_signature = {"gate_up_ptr": pointer, "row_stride": number, "out_ptr": pointer, "width": number}
     sample_signature = {"logits_ptr": "*fp32", "noise_ptr": "*fp32", "temperature_ptr": "*fp32", "top_k_ptr": "*i64"}
     sample_signature |= {"do_sample_ptr": "*i1", "out_ptr": "*i64"}
     sample_signature |= dict.fromkeys(["logits_stride", "noise_stride", "vocab", "candidates"], number)
     sources = [
         (fk._qk_norm_rope_kv, qk_signature, qk_constants, fk.QK_WARPS),
+        (fk._qk_norm_rope_kv, qk_signature, prefill_constants, fk.QK_WARPS),
         (fk._silu_mul, silu_signature, {"BLOCK": fk.SILU_BLOCK}, 4),
         (fk._sample_top_k, sample_signature, {"GREEDY_ROWS": True, "BLOCK": 4096}, fk.SAMPLE_WARPS),
     ]

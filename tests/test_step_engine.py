@@ -307,6 +307,37 @@ def test_the_sampling_kernel_is_timed_apart_from_the_layer_kernels(quiet_engine)
     assert launches[None]["triton.sample_top_k"] == 16
 
 
+def test_a_prefill_with_the_triton_kernel_writes_each_prompts_cache_into_its_own_slot(quiet_engine) -> None:
+    """Prompts of three lengths, right-padded into one prefill, into slots out of order (3, 0, 2): the q/k
+    kernel writes each prompt's K/V at its own slot (not its row), and the prefill leaves the fewer forms'
+    state, caches within float32's op order, slot 1 untouched."""
+    pytest.importorskip("triton")
+    scheduler = quiet_engine.scheduler
+    w, s = scheduler.weights, scheduler.state
+    texts = [REQUESTS[0].text, REQUESTS[1].text + " And a few more words.", "Short."]
+    prompts = [scheduler.prompts.build(text, "ryan", "english") for text in texts]
+    assert len({int(p.shape[0]) for p in prompts}) == 3
+    slots = [3, 0, 2]
+    for cache in (*s.keys, *s.values):
+        cache.fill_(7.0)
+    saved = _snapshot(s)
+    after = {}
+    for triton in (False, True):
+        _restore(s, saved)
+        forms = fs.with_fewer_kernels(w, True, triton=triton)
+        with torch.inference_mode(), census() as counted:
+            fs.prefill(forms, s, slots, prompts, [scheduler.sampling_params(i) for i in slots])
+        assert counted.by_op["triton.qk_norm_rope_into_cache"] == (len(s.keys) if triton else 0)
+        after[triton] = _snapshot(s)
+    for name, value in after[False].items():
+        for plain, fused in zip(*(v if isinstance(v, list) else [v] for v in (value, after[True][name])), strict=True):
+            if plain.is_floating_point():
+                torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5, msg=name)
+            else:
+                assert torch.equal(fused, plain), name
+    assert bool((after[True]["keys"][0][1] == 7).all() and (after[True]["values"][-1][1] == 7).all())
+
+
 def test_fewer_kernels_are_taken_on_a_gpu_in_half_precision_only() -> None:
     assert fs.fewer_kernels_for(torch.device("cuda", 0), torch.bfloat16)
     assert fs.fewer_kernels_for(torch.device("cuda"), torch.float16)

@@ -101,7 +101,7 @@ class Stack:
     #   asking SDPA for GQA, with the mask as an additive bias made once per frame: a masked GQA call has
     #   no fused kernel (flash takes no mask, memory-efficient no GQA) and falls back to the math one.
     fewer_kernels: bool = False
-    # Triton kernels in the decode steps (`fused_kernels`; a GPU, checked usable at start-up): a layer's
+    # Triton kernels in the steps and the prefill (`fused_kernels`; a GPU, checked usable at start-up): a layer's
     # q/k norm, RoPE and K/V cache writes are one kernel instead of seven, SiLU(gate) * up one instead of two
     # (sampling: `Weights.triton_sampling`).
     triton_kernels: bool = False
@@ -221,14 +221,15 @@ def _fused_attention_inputs(
     values: torch.Tensor,
     positions: torch.Tensor | None,
     start: int,
+    slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`stack.triton_kernels`' form of `_project_qkv` and the cache writes after it: q [B, heads, T, D], with
-    k and v written to keys/values at slot = row and position = positions[row] (the talker, T = 1) or start
-    + token (the code predictor, positions None)."""
+    k and v written to keys/values at slot = slots[row] (a prefill) or the row, and position =
+    positions[row] (the talker's step, T = 1) or start + token (the code predictor and a prefill)."""
     qkv = _qkv_rows(x, layer, stack)
     return fused_kernels.qk_norm_rope_into_cache(
         qkv, length, layer.qk_norm, stack.cos, stack.sin, positions, start, keys, values, stack.heads,
-        stack.kv_heads, stack.eps,
+        stack.kv_heads, stack.eps, slots,
     )  # fmt: skip
 
 
@@ -821,9 +822,14 @@ def prefill_rows(
     cos, sin = stack.cos[:longest][None, :, None], stack.sin[:longest][None, :, None]
     x = x.reshape(rows * longest, -1)
     for number, (layer, keys, values) in enumerate(zip(stack.layers, s.keys, s.values, strict=True)):
-        q, k, v = _project_qkv(x, longest, layer, stack, cos, sin)
-        keys[index, :, :longest] = k  # right padding lands beyond each prompt, where no query looks
-        values[index, :, :longest] = v
+        # right padding lands beyond each prompt, where no query looks
+        if stack.triton_kernels:  # k and v written by the kernel, then read back for the prompts' attention
+            q = _fused_attention_inputs(x, longest, layer, stack, keys, values, None, 0, index)
+            k, v = keys[index, :, :longest], values[index, :, :longest]
+        else:
+            q, k, v = _project_qkv(x, longest, layer, stack, cos, sin)
+            keys[index, :, :longest] = k
+            values[index, :, :longest] = v
         x = _finish_layer(x, _attend_prompts(q, k, v, stack, list(lengths)), layer, stack, owned=number > 0)
     x = x.view(rows, longest, -1)
     hidden = norm(x[s.rows[:rows], last], stack.norm, stack, stack.width_t)

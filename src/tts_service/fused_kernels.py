@@ -47,6 +47,7 @@ def _qk_norm_rope_kv(
     sin_ptr,
     pos_ptr,
     pos_offset,
+    slots_ptr,
     q_ptr,
     k_ptr,
     v_ptr,
@@ -59,11 +60,13 @@ def _qk_norm_rope_kv(
     KV_HEADS: tl.constexpr,
     HALF: tl.constexpr,
     HAS_POS: tl.constexpr,
+    HAS_SLOTS: tl.constexpr,
 ):
     """One program per (token, head) of qkv rows [rows, (HEADS + 2 * KV_HEADS) * 2 * HALF]: a q head is
     normed, weighted, rotated and stored to q [rows, HEADS, D]; a k head the same, into the K cache at
-    (slot = row // tokens, position); a v head is copied into the V cache there. position = the row's
-    `pos_ptr` entry (HAS_POS) + pos_offset + the token's index in its row. RoPE's tables are indexed by
+    (slot, position); a v head is copied into the V cache there. slot = the row's `slots_ptr` entry
+    (HAS_SLOTS) or the row (row = token // tokens); position = the row's `pos_ptr` entry (HAS_POS) +
+    pos_offset + the token's index in its row. RoPE's tables are indexed by
     the same position; `sin` is sign-flipped on its first half (roll(x) * sin = rotate_half(x) * sin)."""
     token = tl.program_id(0)
     head = tl.program_id(1)
@@ -71,11 +74,14 @@ def _qk_norm_rope_kv(
     position = token % tokens + pos_offset
     if HAS_POS:
         position += tl.load(pos_ptr + row)
+    slot = row
+    if HAS_SLOTS:
+        slot = tl.load(slots_ptr + row).to(tl.int64)
     offs = tl.arange(0, HALF)
     src = qkv_ptr + token * qkv_row_stride + head * (2 * HALF)
     lo = tl.load(src + offs)
     hi = tl.load(src + HALF + offs)
-    cache_at = row * cache_slot_stride + position * cache_pos_stride + offs
+    cache_at = slot * cache_slot_stride + position * cache_pos_stride + offs
     if head < HEADS + KV_HEADS:
         dtype = lo.dtype
         lo32 = lo.to(tl.float32)
@@ -165,12 +171,17 @@ def _sample_top_k(
     tl.store(out_ptr + row, token.to(tl.int64))
 
 
+# Integers whose values vary between the step's calls and would each compile a variant of their own where
+# one is 1 or a multiple of 16 (Triton's default): the prompt's length and the code predictor's position.
+NOT_SPECIALIZED = {"qk_norm_rope_kv": ("pos_offset", "tokens")}
+
+
 @cache
 def _kernel(name: str, device_type: str):
     """The kernel compiled for CUDA, or in Triton's interpreter for CPU tensors (tests)."""
     fn = {"qk_norm_rope_kv": _qk_norm_rope_kv, "silu_mul": _silu_mul, "sample_top_k": _sample_top_k}[name]
     if device_type == "cuda":
-        return triton.jit(fn)
+        return triton.jit(fn, do_not_specialize=NOT_SPECIALIZED.get(name, ()))
     from triton.runtime.interpreter import InterpretedFunction
 
     return InterpretedFunction(fn)
@@ -192,10 +203,12 @@ def qk_norm_rope_into_cache(
     heads: int,
     kv_heads: int,
     eps: float,
+    slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """qkv rows [batch * tokens, (heads + 2 * kv_heads) * D] -> q [batch, heads, tokens, D] (a view),
     normed and rotated; k (normed, rotated) and v written to keys/values [slots, kv_heads, L, D] at slot =
-    batch row, position = positions[row] (or 0 when None) + offset + token. `weight`: [heads + kv_heads,
+    slots[row] (or the batch row when None; unchecked, like an index on the device), position =
+    positions[row] (or 0 when None) + offset + token. `weight`: [heads + kv_heads,
     D]; cos/sin: [positions, D] (sin sign-flipped on its first half, as `Stack.sin`)."""
     rows, d = qkv.shape[0], cos.shape[-1]
     # The kernel reads and writes by offsets, unchecked: what the shapes and layouts promise is checked here
@@ -209,8 +222,9 @@ def qk_norm_rope_into_cache(
         and keys.stride(3) == 1
         and keys.shape[1] == kv_heads
         and keys.shape[3] == d
-        and keys.shape[0] >= rows // tokens,
+        and (slots is not None or keys.shape[0] >= rows // tokens),
         "positions": positions is None or (positions.shape == (rows // tokens,) and positions.is_contiguous()),
+        "slots": slots is None or (slots.shape == (rows // tokens,) and slots.is_contiguous()),
     }
     if not all(expected.values()):
         wrong = ", ".join(name for name, ok in expected.items() if not ok)
@@ -224,6 +238,7 @@ def qk_norm_rope_into_cache(
         sin,
         qkv if positions is None else positions,  # (not read without positions)
         offset,
+        qkv if slots is None else slots,  # (nor without slots)
         q,
         keys,
         values,
@@ -236,6 +251,7 @@ def qk_norm_rope_into_cache(
         KV_HEADS=kv_heads,
         HALF=d // 2,
         HAS_POS=positions is not None,
+        HAS_SLOTS=slots is not None,
         num_warps=QK_WARPS,
     )
     return q.transpose(1, 2)
@@ -320,9 +336,10 @@ def _check_sampling(logits: torch.Tensor, generator: torch.Generator) -> None:
             raise ValueError(f"the sampling kernel chose {got.tolist()} where the eager ops chose {expected.tolist()}")
 
 
-# The step's calls: the talker's (a position per row, one token), the code predictor's first step (two
-# tokens from position 0) and its later ones (one token at a fixed position).
-STEP_CALLS = ((1, True, 0), (2, False, 0), (1, False, 5))
+# The step's calls (tokens per row, a position per row, offset, a slot per row): the talker's (one token),
+# the code predictor's first step (two tokens from position 0) and its later ones (one token at a fixed
+# position), and a prefill's (a prompt from position 0 into the requests' own slots).
+STEP_CALLS = ((1, True, 0, False), (2, False, 0, False), (1, False, 5, False), (5, False, 0, True))
 
 
 def usable(
@@ -353,17 +370,20 @@ def usable(
         batch, length = 3, 16
         for heads, kv_heads, d, width in sizes:
             weight, cos, sin = rand(heads + kv_heads, d), rand(length, d), rand(length, d)
-            for tokens, with_positions, offset in STEP_CALLS:
+            for tokens, with_positions, offset, with_slots in STEP_CALLS:
                 qkv = rand(batch * tokens, (heads + 2 * kv_heads) * d)
                 positions = torch.tensor([0, 3, 9], device=device) if with_positions else None
+                slots = torch.tensor([2, 0, 1], device=device) if with_slots else None
                 keys, values = rand(batch, kv_heads, length, d), rand(batch, kv_heads, length, d)
                 arguments = (qkv, tokens, weight, cos, sin, positions, offset)
-                q = qk_norm_rope_into_cache(*arguments, keys, values, heads, kv_heads, 1e-6)
+                q = qk_norm_rope_into_cache(*arguments, keys, values, heads, kv_heads, 1e-6, slots)
                 ref_q, ref_k, ref_v = _reference_qk(*arguments, heads, kv_heads, 1e-6)
                 at = torch.arange(tokens, device=device).repeat(batch) + offset
                 if positions is not None:
                     at += positions.repeat_interleave(tokens)
                 rows = torch.arange(batch, device=device).repeat_interleave(tokens)
+                if slots is not None:
+                    rows = slots[rows]
                 check(q.transpose(1, 2).reshape(-1, heads, d), ref_q)
                 check(keys[rows, :, at], ref_k)
                 check(values[rows, :, at], ref_v)
