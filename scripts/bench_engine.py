@@ -201,7 +201,7 @@ def step_census(scheduler: StepScheduler, n: int, device: str) -> dict:
 
 
 def triton_kernel_bits(device: str, dtype: torch.dtype, rows: int = 32) -> dict[str, float]:
-    """The Triton kernels against qwen-tts's own modules (its RMSNorm, apply_rotary_pos_emb, SiLU * up) on
+    """The Triton kernels against qwen-tts's own modules (its RMSNorms, apply_rotary_pos_emb, SiLU * up) on
     random tensors at the 1.7B talker's sizes, one token per row at random positions: the share of elements
     with the same bits. The kernels round where qwen-tts's ops do; a GPU rounds to nearest as torch does."""
     from qwen_tts.core.models.modeling_qwen3_tts import Qwen3TTSRMSNorm, apply_rotary_pos_emb
@@ -232,7 +232,11 @@ def triton_kernel_bits(device: str, dtype: torch.dtype, rows: int = 32) -> dict[
         q_ref, k_ref = apply_rotary_pos_emb(q_ref, k_ref, cos[at][:, None], sin[at][:, None])
         gate_up = rand(rows, 2 * width)
         gate, up = gate_up.split(width, dim=-1)
+        hidden = rand(rows, 2048)
+        layer_norm = Qwen3TTSRMSNorm(2048, eps=1e-6).to(device, dtype)
+        layer_norm.weight.data = 1 + rand(2048) / 4
         pairs = {
+            "rms_norm": (fused_kernels.rms_norm(hidden, layer_norm.weight.detach(), 1e-6), layer_norm(hidden)),
             "q": (q, q_ref),
             "k": (keys[torch.arange(rows, device=device), :, at], k_ref[:, :, 0]),
             "silu_mul": (fused_kernels.silu_mul(gate_up), torch.nn.functional.silu(gate) * up),

@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from tts_service import fused_kernels
 
-TRITON_LAUNCHERS = ("qk_norm_rope_into_cache", "silu_mul", "sample_top_k")
+TRITON_LAUNCHERS = ("qk_norm_rope_into_cache", "rms_norm", "silu_mul", "sample_top_k")
 
 SYNC_OPS = {
     "aten._local_scalar_dense",

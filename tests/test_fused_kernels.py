@@ -91,6 +91,25 @@ def test_the_qk_kernel_gives_qwen_tts_values_and_writes_both_caches(dtype: torch
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_rms_norm_kernel_gives_qwen_tts_values(dtype: torch.dtype) -> None:
+    """Against qwen-tts's own module (`Qwen3TTSRMSNorm`), at a width that is not a power of 2, rows with a
+    longer stride; float32 within its op order, bf16 within a few steps (the interpreter truncates)."""
+    from qwen_tts.core.models.modeling_qwen3_tts import Qwen3TTSRMSNorm
+
+    width = 96
+    generator = torch.Generator().manual_seed(3)
+    x = (torch.randn(5, width + 7, generator=generator) * 3).to(dtype)[:, :width]
+    module = Qwen3TTSRMSNorm(width, eps=1e-6).to(dtype)
+    module.weight.data = (1 + torch.randn(width, generator=generator) / 4).to(dtype)
+    expected = module(x).float()
+    steps = 1e-5 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps
+    got = fk.rms_norm(x, module.weight.detach(), 1e-6)
+    torch.testing.assert_close(got.float(), expected, rtol=steps, atol=steps * expected.abs().max().item())
+    with pytest.raises(ValueError, match="rms_norm"):
+        fk.rms_norm(x, module.weight.detach()[:-1], 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_silu_mul_kernel_gives_torchs_values(dtype: torch.dtype) -> None:
     """A width that is not a multiple of the kernel's block; rows with a longer stride."""
     width = fk.SILU_BLOCK + 37
@@ -162,7 +181,7 @@ def test_usable_checks_the_kernels_against_the_eager_ops(engine, monkeypatch, ca
         assert not fk.usable(torch.device("cpu"), torch.bfloat16, sizes, vocabularies)
     assert "without its Triton kernels" in caplog.text and "differ from the eager ops" in caplog.text
     # the talker's sizes were checked in each call form before the first SiLU-mul failed
-    heads, kv_heads, head_dim, _ = sizes[0]
+    heads, kv_heads, head_dim, _, _ = sizes[0]
     assert {(c[1], c[5] is not None, c[6], c[12] is not None) for c in calls} == set(fk.STEP_CALLS)
     assert {tuple(c[2].shape) for c in calls} == {(heads + kv_heads, head_dim)}
 
@@ -182,6 +201,8 @@ def test_the_kernels_compile_for_the_gpus_without_one(arch: int) -> None:
     qk_constants = {"HEADS": 16, "KV_HEADS": 8, "HALF": 64, "HAS_POS": True, "HAS_SLOTS": False}
     prefill_constants = qk_constants | {"HAS_POS": False, "HAS_SLOTS": True}
     silu_signature = {"gate_up_ptr": pointer, "row_stride": number, "out_ptr": pointer, "width": number}
+    norm_signature = {"x_ptr": pointer, "row_stride": number, "weight_ptr": pointer, "out_ptr": pointer}
+    norm_signature |= {"width": number, "eps": "fp32"}
     sample_signature = {"logits_ptr": "*fp32", "noise_ptr": "*fp32", "temperature_ptr": "*fp32", "top_k_ptr": "*i64"}
     sample_signature |= {"do_sample_ptr": "*i1", "out_ptr": "*i64"}
     sample_signature |= dict.fromkeys(["logits_stride", "noise_stride", "vocab", "candidates"], number)
@@ -189,6 +210,7 @@ def test_the_kernels_compile_for_the_gpus_without_one(arch: int) -> None:
         (fk._qk_norm_rope_kv, qk_signature, qk_constants, fk.QK_WARPS),
         (fk._qk_norm_rope_kv, qk_signature, prefill_constants, fk.QK_WARPS),
         (fk._silu_mul, silu_signature, {"BLOCK": fk.SILU_BLOCK}, 4),
+        (fk._rms_norm, norm_signature, {"BLOCK": 2048}, 4),
         (fk._sample_top_k, sample_signature, {"GREEDY_ROWS": True, "BLOCK": 4096}, fk.SAMPLE_WARPS),
     ]
     for fn, signature, constants, warps in sources:

@@ -188,6 +188,8 @@ def norm(x: torch.Tensor, weight: torch.Tensor, stack: Stack, width: torch.Tenso
     """The stack's RMSNorm over the last dimension (`width` its size as a 0-dim tensor): `rms_norm`, or
     with `stack.fewer_kernels` as one kernel (see `Stack`)."""
     if stack.fewer_kernels:
+        if stack.triton_kernels and weight.dim() == 1 and x.dim() == 2:  # rounded where qwen-tts rounds
+            return fused_kernels.rms_norm(x, weight, stack.eps)
         if weight.dim() == 1:  # the weight inside the kernel: rounded once
             return F.rms_norm(x, weight.shape, weight, stack.eps)
         return F.rms_norm(x, (x.shape[-1],), None, stack.eps) * weight  # a weight per head (q/k norms)
@@ -688,9 +690,12 @@ def build_weights(
     return with_fewer_kernels(weights, fewer_kernels)
 
 
-def sizes(w: Weights) -> list[tuple[int, int, int, int]]:
-    """Each stack's heads, KV heads, head size and MLP width (what `fused_kernels.usable` checks)."""
-    return [(stack.heads, stack.kv_heads, stack.head_dim, stack.intermediate) for stack in (w.talker, w.predictor)]
+def sizes(w: Weights) -> list[tuple[int, int, int, int, int]]:
+    """Each stack's heads, KV heads, head size, MLP width and hidden size (what `fused_kernels.usable` checks)."""
+    return [
+        (stack.heads, stack.kv_heads, stack.head_dim, stack.intermediate, int(stack.layers[0].input_norm.shape[0]))
+        for stack in (w.talker, w.predictor)
+    ]
 
 
 def vocabularies(w: Weights) -> list[int]:

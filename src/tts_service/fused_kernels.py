@@ -118,6 +118,22 @@ def _qk_norm_rope_kv(
         tl.store(dst + HALF, hi)
 
 
+def _rms_norm(x_ptr, row_stride, weight_ptr, out_ptr, width, eps, BLOCK: tl.constexpr):
+    """qwen-tts's RMSNorm of rows [rows, width] into out [rows, width]: the mean of squares in float32, the
+    normed value rounded to the dtype, then its product with the weight rounded (where `F.rms_norm` rounds
+    once, at the end)."""
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    inside = cols < width
+    x = tl.load(x_ptr + row * row_stride + cols, mask=inside, other=0.0)
+    x32 = x.to(tl.float32)
+    mean = tl.reduce(x32 * x32, 0, tl.standard._sum_combine) / width
+    scale = 1.0 / tl.sqrt(mean + eps)
+    weight = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    out = (weight * (x32 * scale).to(x.dtype).to(tl.float32)).to(x.dtype)
+    tl.store(out_ptr + row * width + cols, out, mask=inside)
+
+
 def _silu_mul(gate_up_ptr, row_stride, out_ptr, width, BLOCK: tl.constexpr):
     """SiLU(gate) * up for rows [rows, 2 * width] (gate, then up) into out [rows, width]; as torch
     computes SiLU (x / (1 + exp(-x)) in float32) and rounds it, then the product."""
@@ -179,7 +195,8 @@ NOT_SPECIALIZED = {"qk_norm_rope_kv": ("pos_offset", "tokens")}
 @cache
 def _kernel(name: str, device_type: str):
     """The kernel compiled for CUDA, or in Triton's interpreter for CPU tensors (tests)."""
-    fn = {"qk_norm_rope_kv": _qk_norm_rope_kv, "silu_mul": _silu_mul, "sample_top_k": _sample_top_k}[name]
+    kernels = {"qk_norm_rope_kv": _qk_norm_rope_kv, "rms_norm": _rms_norm, "silu_mul": _silu_mul}
+    fn = (kernels | {"sample_top_k": _sample_top_k})[name]
     if device_type == "cuda":
         return triton.jit(fn, do_not_specialize=NOT_SPECIALIZED.get(name, ()))
     from triton.runtime.interpreter import InterpretedFunction
@@ -255,6 +272,19 @@ def qk_norm_rope_into_cache(
         num_warps=QK_WARPS,
     )
     return q.transpose(1, 2)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """qwen-tts's RMSNorm (`Qwen3TTSRMSNorm`) of rows [rows, width] with contiguous columns, in one kernel
+    that rounds where qwen-tts rounds."""
+    rows, width = x.shape[0], x.shape[-1]
+    if x.dim() != 2 or x.stride(1) != 1 or weight.shape != (width,) or not weight.is_contiguous():
+        raise ValueError("rms_norm: x must be rows [rows, width] with contiguous columns, and weight [width]")
+    out = torch.empty(rows, width, dtype=x.dtype, device=x.device)
+    _kernel("rms_norm", x.device.type)[(rows,)](
+        x, x.stride(0), weight, out, width, eps, BLOCK=triton.next_power_of_2(width)
+    )  # fmt: skip
+    return out
 
 
 SILU_BLOCK = 1024
@@ -343,10 +373,13 @@ STEP_CALLS = ((1, True, 0, False), (2, False, 0, False), (1, False, 5, False), (
 
 
 def usable(
-    device: torch.device, dtype: torch.dtype, sizes: Sequence[tuple[int, int, int, int]], vocabularies: Sequence[int]
+    device: torch.device,
+    dtype: torch.dtype,
+    sizes: Sequence[tuple[int, int, int, int, int]],
+    vocabularies: Sequence[int],
 ) -> bool:
     """Whether the kernels compile and run on `device` and agree with the eager ops there, checked at
-    start-up on small tensors of each stack's `sizes` (heads, kv_heads, head_dim, MLP width) in each of the
+    start-up on small tensors of each stack's `sizes` (heads, kv_heads, head_dim, MLP width, hidden size) in each of the
     step's call forms, and on logits of each of the `vocabularies`, so every variant the step launches is
     compiled here, where a failure costs nothing: False (with a warning) where Triton cannot serve this GPU
     or dtype."""
@@ -368,7 +401,7 @@ def usable(
                 raise ValueError(f"a kernel's values differ from the eager ops' by {error}")
 
         batch, length = 3, 16
-        for heads, kv_heads, d, width in sizes:
+        for heads, kv_heads, d, width, hidden in sizes:
             weight, cos, sin = rand(heads + kv_heads, d), rand(length, d), rand(length, d)
             for tokens, with_positions, offset, with_slots in STEP_CALLS:
                 qkv = rand(batch * tokens, (heads + 2 * kv_heads) * d)
@@ -390,6 +423,11 @@ def usable(
             gate_up = rand(batch, 2 * width)
             gate, up = gate_up.float().split(width, dim=-1)
             check(silu_mul(gate_up), torch.nn.functional.silu(gate) * up)
+            x, norm_weight = rand(batch, hidden), rand(hidden)
+            check(
+                rms_norm(x, norm_weight, 1e-6),
+                torch.nn.functional.rms_norm(x.float(), (hidden,), norm_weight.float(), 1e-6),
+            )
         for vocab in vocabularies:
             _check_sampling(rand(batch, vocab).float() * 3, generator)
     except Exception as error:  # a compiler or driver failure: the eager forms still serve
