@@ -1,12 +1,13 @@
-"""Triton kernels that do in one launch what the frame step's decode layers do in several (GPU only).
+"""Triton kernels that do in one launch what the frame step's layers do in several (GPU only).
 
 Why: on a GPU the step is bound by kernel launches, not by arithmetic (issue 15; run 3: about 1.8 us a
 kernel). Per layer and token, the eager step spends seven kernels between the QKV product and attention
-(q/k RMSNorm, its per-head weight, RoPE's two products and sum, the K and V cache writes) and two on
-SiLU(gate) * up; a sampled token about ten. `qk_norm_rope_into_cache`, `silu_mul` and `sample_top_k` are
-one kernel each.
+(q/k RMSNorm, its per-head weight, RoPE's two products and sum, the K and V cache writes; a prefill's
+writes go to each prompt's slot) and two on SiLU(gate) * up; a sampled token about ten.
+`qk_norm_rope_into_cache`, `silu_mul` and `sample_top_k` are one kernel each. `rms_norm` is one kernel
+like `F.rms_norm`, but rounds where qwen-tts's RMSNorm rounds.
 
-Both compute in float32 and round to the activations' dtype where qwen-tts's ops do: the normed value,
+They compute in float32 and round to the activations' dtype where qwen-tts's ops do: the normed value,
 its product with the weight, RoPE's two products and their sum; SiLU, then its product with `up`. So on a
 GPU (round to nearest) bf16 should give qwen-tts's values up to the order of the variance's sum, where one
 rounding at the end would not. Triton's interpreter truncates instead, so the CPU tests check bf16 within
@@ -187,6 +188,12 @@ def _sample_top_k(
     tl.store(out_ptr + row, token.to(tl.int64))
 
 
+_KERNELS = {
+    "qk_norm_rope_kv": _qk_norm_rope_kv,
+    "rms_norm": _rms_norm,
+    "silu_mul": _silu_mul,
+    "sample_top_k": _sample_top_k,
+}
 # Integers whose values vary between the step's calls and would each compile a variant of their own where
 # one is 1 or a multiple of 16 (Triton's default): the prompt's length and the code predictor's position.
 NOT_SPECIALIZED = {"qk_norm_rope_kv": ("pos_offset", "tokens")}
@@ -195,8 +202,7 @@ NOT_SPECIALIZED = {"qk_norm_rope_kv": ("pos_offset", "tokens")}
 @cache
 def _kernel(name: str, device_type: str):
     """The kernel compiled for CUDA, or in Triton's interpreter for CPU tensors (tests)."""
-    kernels = {"qk_norm_rope_kv": _qk_norm_rope_kv, "rms_norm": _rms_norm, "silu_mul": _silu_mul}
-    fn = (kernels | {"sample_top_k": _sample_top_k})[name]
+    fn = _KERNELS[name]
     if device_type == "cuda":
         return triton.jit(fn, do_not_specialize=NOT_SPECIALIZED.get(name, ()))
     from triton.runtime.interpreter import InterpretedFunction
@@ -379,10 +385,10 @@ def usable(
     vocabularies: Sequence[int],
 ) -> bool:
     """Whether the kernels compile and run on `device` and agree with the eager ops there, checked at
-    start-up on small tensors of each stack's `sizes` (heads, kv_heads, head_dim, MLP width, hidden size) in each of the
-    step's call forms, and on logits of each of the `vocabularies`, so every variant the step launches is
-    compiled here, where a failure costs nothing: False (with a warning) where Triton cannot serve this GPU
-    or dtype."""
+    start-up on small tensors of each stack's `sizes` (heads, kv_heads, head_dim, MLP width, hidden size)
+    in each of the step's call forms, and on logits of each of the `vocabularies`, so every variant the step
+    launches is compiled here, where a failure costs nothing: False (with a warning) where Triton cannot
+    serve this GPU or dtype."""
     if triton is None:
         logger.warning("Triton is not installed: the frame step runs without its Triton kernels")
         return False
