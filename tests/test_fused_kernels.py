@@ -5,6 +5,7 @@ and the DGX Spark's GB10, which needs no GPU."""
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import torch
@@ -209,15 +210,25 @@ def test_the_kernels_compile_for_the_gpus_without_one(arch: int) -> None:
     sources = [
         (fk._qk_norm_rope_kv, qk_signature, qk_constants, fk.QK_WARPS),
         (fk._qk_norm_rope_kv, qk_signature, prefill_constants, fk.QK_WARPS),
-        (fk._silu_mul, silu_signature, {"BLOCK": fk.SILU_BLOCK}, 4),
+        (fk._silu_mul, silu_signature, {"BLOCK": fk.SILU_BLOCK, "LIBDEVICE": True}, 4),
         (fk._rms_norm, norm_signature, {"BLOCK": 2048}, 4),
         (fk._sample_top_k, sample_signature, {"GREEDY_ROWS": True, "BLOCK": 4096}, fk.SAMPLE_WARPS),
     ]
     for fn, signature, constants, warps in sources:
         source = ASTSource(triton.jit(fn), signature | dict.fromkeys(constants, "constexpr"), constexprs=constants)
-        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
-        assert f".target sm_{arch}" in compiled.asm["ptx"] and compiled.asm["cubin"]
+        fusion = fk.FP_FUSION.get(fn.__name__.removeprefix("_"), False)
+        options = {"num_warps": warps, "enable_fp_fusion": fusion}
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+        ptx = compiled.asm["ptx"]
+        assert f".target sm_{arch}" in ptx and compiled.asm["cubin"]
         assert compiled.metadata.num_warps == warps
+        # the instructions torch's kernels run (their SASS): IEEE division, MUFU.RSQ, products rounded
+        assert "div.full" not in ptx
+        if fn in (fk._qk_norm_rope_kv, fk._rms_norm):
+            assert "rsqrt.approx" in ptx and not re.search(r"\bsqrt\.approx", ptx)
+            assert not re.search(r"\bfma\.rn\.(f32|bf16)", ptx)
+        if fn is fk._silu_mul:  # CUDA's expf: its range reduction's constant 12582913.0, one FMA with the 1 +
+            assert "0f4B400001" in ptx and re.search(r"\bfma\.rn\.f32", ptx)
 
 
 def test_the_step_names_its_kernel_forms(engine) -> None:

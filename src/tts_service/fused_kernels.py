@@ -10,7 +10,9 @@ like `F.rms_norm`, but rounds where qwen-tts's RMSNorm rounds.
 They compute in float32 and round to the activations' dtype where qwen-tts's ops do: the normed value,
 its product with the weight, RoPE's two products and their sum; SiLU, then its product with `up`. So on a
 GPU (round to nearest) bf16 should give qwen-tts's values up to the order of the variance's sum, where one
-rounding at the end would not. Triton's interpreter truncates instead, so the CPU tests check bf16 within
+rounding at the end would not. They also run the instructions torch's kernels run on sm_90 (read from
+their SASS): `tl.rsqrt`, IEEE division, CUDA's expf in SiLU, and no fused multiply-add where torch rounds
+a product first (`FP_FUSION`). Triton's interpreter truncates instead, so the CPU tests check bf16 within
 a few steps and float32 within 1e-5; on a GPU, `bench_engine.py --kernel-forms` reports the share of
 elements with qwen-tts's bits and the first frame where bf16 codes part.
 
@@ -36,6 +38,7 @@ logger = logging.getLogger(__name__)
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - torch's Linux wheels require triton
     triton = None
 
@@ -90,8 +93,7 @@ def _qk_norm_rope_kv(
         # tl.sum is tl.reduce with this combine function; called so, Triton's interpreter runs it too
         squares = tl.reduce(lo32 * lo32, 0, tl.standard._sum_combine)
         squares += tl.reduce(hi32 * hi32, 0, tl.standard._sum_combine)
-        mean = squares / (2 * HALF)
-        scale = 1.0 / tl.sqrt(mean + eps)
+        scale = tl.rsqrt(tl.math.div_rn(squares, 2.0 * HALF) + eps)  # (see _rms_norm)
         w_lo = tl.load(weight_ptr + head * (2 * HALF) + offs).to(tl.float32)
         w_hi = tl.load(weight_ptr + head * (2 * HALF) + HALF + offs).to(tl.float32)
         # qwen-tts: weight * (x * rsqrt(var + eps)).to(dtype), each product rounded to the dtype
@@ -128,23 +130,31 @@ def _rms_norm(x_ptr, row_stride, weight_ptr, out_ptr, width, eps, BLOCK: tl.cons
     inside = cols < width
     x = tl.load(x_ptr + row * row_stride + cols, mask=inside, other=0.0)
     x32 = x.to(tl.float32)
-    mean = tl.reduce(x32 * x32, 0, tl.standard._sum_combine) / width
-    scale = 1.0 / tl.sqrt(mean + eps)
+    # div_rn is IEEE division (Triton's `/` is div.full, approximate). tl.rsqrt is MUFU.RSQ, as torch.rsqrt
+    # runs on sm_90 (its SASS); 1 / tl.sqrt would be two approximations, sqrt.approx and div.full.
+    mean = tl.math.div_rn(tl.reduce(x32 * x32, 0, tl.standard._sum_combine), width.to(tl.float32))
+    scale = tl.rsqrt(mean + eps)
     weight = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     out = (weight * (x32 * scale).to(x.dtype).to(tl.float32)).to(x.dtype)
     tl.store(out_ptr + row * width + cols, out, mask=inside)
 
 
-def _silu_mul(gate_up_ptr, row_stride, out_ptr, width, BLOCK: tl.constexpr):
+def _silu_mul(gate_up_ptr, row_stride, out_ptr, width, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr):
     """SiLU(gate) * up for rows [rows, 2 * width] (gate, then up) into out [rows, width]; as torch
-    computes SiLU (x / (1 + exp(-x)) in float32) and rounds it, then the product."""
+    computes SiLU (x / (1 + exp(-x)) in float32) and rounds it, then the product. With LIBDEVICE (CUDA),
+    exp is CUDA's expf and the division IEEE, which is how nvcc compiled torch's SiLU (its SASS: expf's
+    last product fused with the 1 +, hence FP_FUSION); tl.exp would be ex2.approx of x * log2(e)."""
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < width
     gate = tl.load(gate_up_ptr + row * row_stride + cols, mask=inside, other=0.0)
     up = tl.load(gate_up_ptr + row * row_stride + width + cols, mask=inside, other=0.0)
     g = gate.to(tl.float32)
-    silu = (g / (1.0 + tl.exp(-g))).to(up.dtype).to(tl.float32)
+    if LIBDEVICE:
+        e = libdevice.exp(-g)
+    else:  # Triton's interpreter has no libdevice
+        e = tl.exp(-g)
+    silu = tl.math.div_rn(g, 1.0 + e).to(up.dtype).to(tl.float32)
     tl.store(out_ptr + row * width + cols, (silu * up.to(tl.float32)).to(up.dtype), mask=inside)
 
 
@@ -170,7 +180,7 @@ def _sample_top_k(
     ids = tl.arange(0, BLOCK)
     inside = ids < vocab
     logits = tl.load(logits_ptr + row * logits_stride + ids, mask=inside, other=float("-inf"))
-    scaled = logits / tl.load(temperature_ptr + row)
+    scaled = tl.math.div_rn(logits, tl.load(temperature_ptr + row))  # IEEE, as torch's `/` (not div.full)
     k = tl.minimum(tl.maximum(tl.load(top_k_ptr + row), 1), candidates)
     bits = scaled.to(tl.uint32, bitcast=True)
     keys = tl.where((bits >> 31) == 1, bits ^ 0xFFFFFFFF, bits | 0x80000000)  # unsigned order = float order
@@ -194,6 +204,10 @@ _KERNELS = {
     "silu_mul": _silu_mul,
     "sample_top_k": _sample_top_k,
 }
+# Whether LLVM may fuse a product and a sum into one FMA, with one rounding (Triton's default). torch's ops
+# round the product first (q * cos, then + rotate_half(q) * sin; pow(2), then the mean), so only SiLU fuses:
+# the expf inside torch's SiLU ends in such an FMA with the 1 + (its SASS on sm_90).
+FP_FUSION = {"silu_mul": True}
 # Integers whose values vary between the step's calls and would each compile a variant of their own where
 # one is 1 or a multiple of 16 (Triton's default): the prompt's length and the code predictor's position.
 NOT_SPECIALIZED = {"qk_norm_rope_kv": ("pos_offset", "tokens")}
@@ -208,6 +222,11 @@ def _kernel(name: str, device_type: str):
     from triton.runtime.interpreter import InterpretedFunction
 
     return InterpretedFunction(fn)
+
+
+def _launch(name: str, device_type: str, grid: tuple[int, ...], *args, **meta) -> None:
+    """Runs kernel `name` over `grid`, with its FP_FUSION (the interpreter ignores compile options)."""
+    _kernel(name, device_type)[grid](*args, enable_fp_fusion=FP_FUSION.get(name, False), **meta)
 
 
 QK_WARPS = 1  # a program's vectors are half a head (64 elements at 128): one warp's lanes hold them
@@ -253,7 +272,10 @@ def qk_norm_rope_into_cache(
         wrong = ", ".join(name for name, ok in expected.items() if not ok)
         raise ValueError(f"qk_norm_rope_into_cache: {wrong} do not have the shape or layout the kernel reads")
     q = torch.empty(rows // tokens, tokens, heads, d, dtype=qkv.dtype, device=qkv.device)
-    _kernel("qk_norm_rope_kv", qkv.device.type)[(rows, heads + 2 * kv_heads)](
+    _launch(
+        "qk_norm_rope_kv",
+        qkv.device.type,
+        (rows, heads + 2 * kv_heads),
         qkv,
         qkv.stride(0),
         weight,
@@ -287,9 +309,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dim() != 2 or x.stride(1) != 1 or weight.shape != (width,) or not weight.is_contiguous():
         raise ValueError("rms_norm: x must be rows [rows, width] with contiguous columns, and weight [width]")
     out = torch.empty(rows, width, dtype=x.dtype, device=x.device)
-    _kernel("rms_norm", x.device.type)[(rows,)](
-        x, x.stride(0), weight, out, width, eps, BLOCK=triton.next_power_of_2(width)
-    )  # fmt: skip
+    _launch(
+        "rms_norm", x.device.type, (rows,), x, x.stride(0), weight, out, width, eps, BLOCK=triton.next_power_of_2(width)
+    )
     return out
 
 
@@ -302,8 +324,10 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(1) != 1:
         raise ValueError("silu_mul: gate_up must be rows [rows, 2 * width] with contiguous columns")
     out = torch.empty(rows, width, dtype=gate_up.dtype, device=gate_up.device)
-    _kernel("silu_mul", gate_up.device.type)[(rows, triton.cdiv(width, SILU_BLOCK))](
-        gate_up, gate_up.stride(0), out, width, BLOCK=SILU_BLOCK
+    device = gate_up.device.type
+    grid = (rows, triton.cdiv(width, SILU_BLOCK))
+    _launch(
+        "silu_mul", device, grid, gate_up, gate_up.stride(0), out, width, BLOCK=SILU_BLOCK, LIBDEVICE=device == "cuda"
     )
     return out
 
@@ -349,7 +373,8 @@ def sample_top_k(
         wrong = ", ".join(name for name, ok in expected.items() if not ok)
         raise ValueError(f"sample_top_k: {wrong} do not have the shape or layout the kernel reads")
     out = torch.empty(rows, dtype=torch.long, device=logits.device)
-    _kernel("sample_top_k", logits.device.type)[(rows,)](
+    _launch(
+        "sample_top_k", logits.device.type, (rows,),
         logits, logits.stride(0), noise, noise.stride(0), temperature, top_k, do_sample, out, vocab, candidates,
         GREEDY_ROWS=greedy_rows, BLOCK=triton.next_power_of_2(vocab), num_warps=SAMPLE_WARPS,
     )  # fmt: skip
