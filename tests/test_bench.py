@@ -89,8 +89,8 @@ def test_step_benchmark_smoke(cache_dir: Path, tmp_path: Path) -> None:
 
 def test_cpu_diagnostic_scripts_smoke(cache_dir: Path) -> None:
     """The diagnostic scripts, briefly (their figures are in PERFORMANCE): gil_contention.py,
-    burst_inprocess.py, join_soak.py, kernel_census.py, and bench_engine.py and check_seed_replay.py (GPU checks,
-    here on the CPU)."""
+    burst_inprocess.py, join_soak.py, kernel_census.py, kernel_instructions.py, and bench_engine.py and
+    check_seed_replay.py (GPU checks, here on the CPU)."""
     runs = {
         "gil_contention.py": (
             ["--batch", "2", "--steps", "3", "--repeat", "1"],
@@ -104,6 +104,8 @@ def test_cpu_diagnostic_scripts_smoke(cache_dir: Path) -> None:
             "| graphs, quick start | 2 |",  # quick start needs batch invariance off: TTS_BATCH_INVARIANT below
         ),
         "kernel_census.py": (["--arch", "tiny"], "| fewer + Triton |"),
+        # torch's kernels' SASS against ours (about 20 s and 0.7 GB of temporary disk)
+        "kernel_instructions.py": ([], "THE SAME ARITHMETIC"),
         # the GPU kit's seed check; on the CPU a seed must replay the same bytes in any company
         "check_seed_replay.py": (["--model", "tiny", "--device", "cpu", "--frames", "24"], "ALL THE SAME BYTES"),
     }

@@ -467,3 +467,39 @@ def usable(
     # (compiling is most of it; TRITON_CACHE_DIR keeps the binaries for the next start)
     logger.info("Triton kernels compiled and checked on %s in %.1f s", device, time.perf_counter() - started)
     return True
+
+
+def compiled_for(arch: int) -> dict[str, object]:
+    """Each kernel compiled ahead of time for sm_<arch> with no GPU present (Triton to PTX, ptxas to a
+    cubin), in bf16 at the 1.7B's sizes and with the options `_launch` gives it; the q/k kernel also in the
+    prefill's form. The tests and scripts/kernel_instructions.py read their code."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    pointer, number = "*bf16", "i32"
+    qk = dict.fromkeys(["qkv_ptr", "weight_ptr", "cos_ptr", "sin_ptr", "q_ptr", "k_ptr", "v_ptr"], pointer)
+    qk |= {"pos_ptr": "*i64", "slots_ptr": "*i64", "eps": "fp32"}
+    strides = ["qkv_row_stride", "pos_offset", "cache_slot_stride", "cache_head_stride", "cache_pos_stride"]
+    qk |= dict.fromkeys([*strides, "tokens"], number)
+    step = {"HEADS": 16, "KV_HEADS": 8, "HALF": 64, "HAS_POS": True, "HAS_SLOTS": False}
+    norm = {"x_ptr": pointer, "row_stride": number, "weight_ptr": pointer, "out_ptr": pointer, "width": number}
+    silu = {"gate_up_ptr": pointer, "row_stride": number, "out_ptr": pointer, "width": number}
+    sample = {"logits_ptr": "*fp32", "noise_ptr": "*fp32", "temperature_ptr": "*fp32", "top_k_ptr": "*i64"}
+    sample |= {"do_sample_ptr": "*i1", "out_ptr": "*i64"}
+    sample |= dict.fromkeys(["logits_stride", "noise_stride", "vocab", "candidates"], number)
+    sources = {
+        "qk_norm_rope_kv": (qk, step, QK_WARPS),
+        "qk_norm_rope_kv prefill": (qk, step | {"HAS_POS": False, "HAS_SLOTS": True}, QK_WARPS),
+        "rms_norm": (norm | {"eps": "fp32"}, {"BLOCK": 2048}, 4),
+        "silu_mul": (silu, {"BLOCK": SILU_BLOCK, "LIBDEVICE": True}, 4),
+        "sample_top_k": (sample, {"GREEDY_ROWS": True, "BLOCK": 4096}, SAMPLE_WARPS),
+    }
+    compiled = {}
+    for name, (signature, constants, warps) in sources.items():
+        kernel = name.split()[0]
+        source = ASTSource(
+            triton.jit(_KERNELS[kernel]), signature | dict.fromkeys(constants, "constexpr"), constexprs=constants
+        )
+        options = {"num_warps": warps, "enable_fp_fusion": FP_FUSION.get(kernel, False)}
+        compiled[name] = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    return compiled
