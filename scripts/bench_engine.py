@@ -203,7 +203,8 @@ def step_census(scheduler: StepScheduler, n: int, device: str) -> dict:
 def triton_kernel_bits(device: str, dtype: torch.dtype, rows: int = 32) -> dict[str, float]:
     """The Triton kernels against qwen-tts's own modules (its RMSNorms, apply_rotary_pos_emb, SiLU * up) on
     random tensors at the 1.7B talker's sizes, one token per row at random positions: the share of elements
-    with the same bits. The kernels round where qwen-tts's ops do; a GPU rounds to nearest as torch does."""
+    with the same bits. The kernels round where qwen-tts's ops do and sum in torch's order for a lone
+    request, so the modules run row by row; a GPU rounds to nearest as torch does."""
     from qwen_tts.core.models.modeling_qwen3_tts import Qwen3TTSRMSNorm, apply_rotary_pos_emb
 
     generator = torch.Generator(device=device).manual_seed(0)
@@ -211,6 +212,11 @@ def triton_kernel_bits(device: str, dtype: torch.dtype, rows: int = 32) -> dict[
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator, device=device).to(dtype)
+
+    def alone(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The module row by row, as qwen-tts runs a lone request's step (torch's order of sums depends on
+        the rows a call has; the kernels take a lone request's)."""
+        return torch.cat([module(row[None]) for row in x])
 
     qkv = rand(rows, (heads + 2 * kv_heads) * d)
     norms = [Qwen3TTSRMSNorm(d, eps=1e-6).to(device, dtype) for _ in range(2)]
@@ -227,8 +233,8 @@ def triton_kernel_bits(device: str, dtype: torch.dtype, rows: int = 32) -> dict[
             qkv, 1, weight, cos, flipped, at, 0, keys, values, heads, kv_heads, 1e-6
         )
         x = qkv.view(rows, 1, heads + 2 * kv_heads, d)
-        q_ref = norms[0](x[:, :, :heads]).transpose(1, 2)
-        k_ref = norms[1](x[:, :, heads : heads + kv_heads]).transpose(1, 2)
+        q_ref = alone(norms[0], x[:, :, :heads]).transpose(1, 2)
+        k_ref = alone(norms[1], x[:, :, heads : heads + kv_heads]).transpose(1, 2)
         q_ref, k_ref = apply_rotary_pos_emb(q_ref, k_ref, cos[at][:, None], sin[at][:, None])
         gate_up = rand(rows, 2 * width)
         gate, up = gate_up.split(width, dim=-1)
@@ -236,7 +242,10 @@ def triton_kernel_bits(device: str, dtype: torch.dtype, rows: int = 32) -> dict[
         layer_norm = Qwen3TTSRMSNorm(2048, eps=1e-6).to(device, dtype)
         layer_norm.weight.data = 1 + rand(2048) / 4
         pairs = {
-            "rms_norm": (fused_kernels.rms_norm(hidden, layer_norm.weight.detach(), 1e-6), layer_norm(hidden)),
+            "rms_norm": (
+                fused_kernels.rms_norm(hidden, layer_norm.weight.detach(), 1e-6, 1),
+                alone(layer_norm, hidden),
+            ),
             "q": (q, q_ref),
             "k": (keys[torch.arange(rows, device=device), :, at], k_ref[:, :, 0]),
             "silu_mul": (fused_kernels.silu_mul(gate_up), torch.nn.functional.silu(gate) * up),

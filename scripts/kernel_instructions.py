@@ -40,6 +40,7 @@ MATCHES = {
     "qk_norm_rope_kv": ("rsqrt", ["rsqrt: MUFU.RSQ", "sqrt: MUFU.SQRT"]),
     "qk_norm_rope_kv prefill": ("rsqrt", ["rsqrt: MUFU.RSQ", "sqrt: MUFU.SQRT"]),
     "rms_norm": ("rsqrt", ["rsqrt: MUFU.RSQ", "sqrt: MUFU.SQRT"]),
+    "rms_norm prefill": ("rsqrt", ["rsqrt: MUFU.RSQ", "sqrt: MUFU.SQRT"]),
     "silu_mul": ("silu", list(FEATURES)),
     "sample_top_k": ("silu", ["IEEE division: MUFU.RCP and FCHK"]),
 }

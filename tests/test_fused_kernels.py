@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -104,10 +105,100 @@ def test_the_rms_norm_kernel_gives_qwen_tts_values(dtype: torch.dtype) -> None:
     module.weight.data = (1 + torch.randn(width, generator=generator) / 4).to(dtype)
     expected = module(x).float()
     steps = 1e-5 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps
-    got = fk.rms_norm(x, module.weight.detach(), 1e-6)
+    got = fk.rms_norm(x, module.weight.detach(), 1e-6, 5)
     torch.testing.assert_close(got.float(), expected, rtol=steps, atol=steps * expected.abs().max().item())
     with pytest.raises(ValueError, match="rms_norm"):
-        fk.rms_norm(x, module.weight.detach()[:-1], 1e-6)
+        fk.rms_norm(x, module.weight.detach()[:-1], 1e-6, 5)
+
+
+def _torch_cuda_sum(values: np.ndarray, vector: int, threads: int) -> np.float32:
+    """The order in which torch's CUDA reduction kernel adds a contiguous float32 row (ATen's Reduce.cuh:
+    `input_vectorized_thread_reduce_impl` or `thread_reduce_impl` with four accumulators, then
+    `block_x_reduce`), transcribed thread by thread in float32: the oracle for `_sum_of_squares`."""
+    width, zero = len(values), np.float32(0)
+    sums = []
+    for t in range(threads):
+        acc = [zero] * 4
+        idx = t
+        if vector > 1:
+            while idx * vector + vector - 1 < width:
+                acc = [acc[i] + values[idx * vector + i] for i in range(4)]
+                idx += threads
+        else:
+            while idx + 3 * threads < width:
+                acc = [acc[i] + values[idx + i * threads] for i in range(4)]
+                idx += 4 * threads
+            for i in range(4):  # the tail
+                if idx >= width:
+                    break
+                acc[i] = acc[i] + values[idx]
+                idx += threads
+        sums.append(((acc[0] + acc[1]) + acc[2]) + acc[3])
+    lanes, offset = threads, threads // 2
+    while lanes > 32 and offset >= 32:  # shared memory: thread t adds thread t + offset
+        sums = [sums[t] + sums[t + offset] for t in range(offset)]
+        offset //= 2
+    lanes = min(lanes, 32)
+    offset = 1
+    while offset < lanes:  # the warp's shuffles down: lane t adds lane t + offset
+        sums = [sums[t] + sums[t + offset] if t + offset < lanes else sums[t] for t in range(lanes)]
+        offset *= 2
+    return sums[0]
+
+
+@pytest.mark.parametrize(
+    ("width", "tokens", "layout"),
+    [(2048, 1, (4, 512)), (2048, 3, (4, 256)), (2048, 16, (4, 32)), (1024, 2, (4, 256)), (160, 1, (4, 32))]
+    + [(96, 4, (1, 64)), (128, 16, (1, 32))],
+)
+def test_the_rms_norm_kernel_sums_in_torchs_cuda_order(width: int, tokens: int, layout: tuple[int, int]) -> None:
+    """torch's order of sums for a lone request's call (`torch_sum_layout`), against Reduce.cuh transcribed
+    (`_torch_cuda_sum`): float32 RMSNorm values equal, bit for bit. Widths whose rows are loaded 4 values
+    at a time and one at a time, and rows that some threads read less of than others."""
+    assert fk.torch_sum_layout(width, tokens) == layout
+    generator = torch.Generator().manual_seed(width + tokens)
+    x = torch.randn(8, width, generator=generator) * 3
+    weight = 1 + torch.randn(width, generator=generator) / 4
+    got = fk.rms_norm(x, weight, 1e-6, tokens)
+    factor = np.float32(1) / np.float32(width)  # torch's mean: the sum times 1 / width
+    for row, out in zip(x.numpy(), got, strict=True):
+        mean = _torch_cuda_sum(row * row, *layout) * factor
+        scale = np.float32(1) / np.sqrt(mean + np.float32(1e-6))
+        assert torch.equal(out, weight * (torch.from_numpy(row) * torch.tensor(scale)))
+    if layout[0] > 1:  # the order matters: another layout's sums part from these in about a fifth of rows
+        other = (layout[0], 512 if layout[1] == 32 else 32)
+        rows = (torch.randn(64, width, generator=generator) * 3).numpy()
+        assert any(_torch_cuda_sum(row * row, *other) != _torch_cuda_sum(row * row, *layout) for row in rows)
+
+
+def test_the_q_k_kernel_sums_in_torchs_cuda_order() -> None:
+    """The q and k norms' sums in torch's order for a lone request: 16 q heads of 128 a token, and 8 k heads,
+    which torch sums over 64 threads for one token (8 rows) and 32 for two (16): float32 q and k equal the
+    eager ops with Reduce.cuh's order (`_torch_cuda_sum`), bit for bit."""
+    heads, kv_heads, d = 16, 8, 128
+    generator = torch.Generator().manual_seed(11)
+    weight = 1 + torch.randn(heads + kv_heads, d, generator=generator) / 4
+    angles = torch.arange(8)[:, None] / 1e6 ** (torch.arange(0, d, 2) / d)
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    flipped = torch.cat([-sin[:, : d // 2], sin[:, d // 2 :]], dim=-1)
+    for tokens, k_layout in ((1, (1, 64)), (2, (1, 32))):
+        assert fk.torch_sum_layout(d, tokens * heads) == (1, 32)
+        assert fk.torch_sum_layout(d, tokens * kv_heads) == k_layout
+        qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d, generator=generator) * 2
+        keys, values = torch.zeros(1, kv_heads, 8, d), torch.zeros(1, kv_heads, 8, d)
+        q = fk.qk_norm_rope_into_cache(qkv, tokens, weight, cos, flipped, None, 0, keys, values, heads, kv_heads, 1e-6)
+        got = torch.cat([q[0].transpose(0, 1), keys[0, :, :tokens].transpose(0, 1)], dim=1)  # [tokens, 24, d]
+        x = qkv.view(tokens, -1, d)[:, : heads + kv_heads]
+        for token in range(tokens):
+            for head in range(heads + kv_heads):
+                row = x[token, head].numpy()
+                layout = (1, 32) if head < heads else k_layout
+                scale = np.float32(1) / np.sqrt(
+                    _torch_cuda_sum(row * row, *layout) * np.float32(1 / d) + np.float32(1e-6)
+                )
+                normed = weight[head] * (x[token, head] * torch.tensor(scale))
+                expected = normed * cos[token] + normed.roll(d // 2) * flipped[token]
+                assert torch.equal(got[token, head], expected), (token, head)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -192,7 +283,7 @@ def test_the_kernels_compile_for_the_gpus_without_one(arch: int) -> None:
     """Triton compiles to PTX and ptxas to a cubin with no GPU present: the kernels' code is valid GPU code,
     with the instructions torch's kernels run (their SASS; scripts/kernel_instructions.py shows both)."""
     compiled = fk.compiled_for(arch)
-    assert set(compiled) == set(fk._KERNELS) | {"qk_norm_rope_kv prefill"}
+    assert set(compiled) == set(fk._KERNELS) | {"qk_norm_rope_kv prefill", "rms_norm prefill"}
     for name, kernel in compiled.items():
         ptx = kernel.asm["ptx"]
         assert f".target sm_{arch}" in ptx and kernel.asm["cubin"]

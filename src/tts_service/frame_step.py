@@ -184,12 +184,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor, width: to
     return weight * (x32 if x.dtype == torch.float32 else x32.to(x.dtype))
 
 
-def norm(x: torch.Tensor, weight: torch.Tensor, stack: Stack, width: torch.Tensor) -> torch.Tensor:
+def norm(x: torch.Tensor, weight: torch.Tensor, stack: Stack, width: torch.Tensor, tokens: int) -> torch.Tensor:
     """The stack's RMSNorm over the last dimension (`width` its size as a 0-dim tensor): `rms_norm`, or
-    with `stack.fewer_kernels` as one kernel (see `Stack`)."""
+    with `stack.fewer_kernels` as one kernel (see `Stack`). `tokens`: the rows qwen-tts would norm in one
+    call for a request alone (its step's or prompt's tokens), whose order of sums the Triton kernel takes."""
     if stack.fewer_kernels:
-        if stack.triton_kernels and weight.dim() == 1 and x.dim() == 2:  # rounded where qwen-tts rounds
-            return fused_kernels.rms_norm(x, weight, stack.eps)
+        if stack.triton_kernels and weight.dim() == 1 and x.dim() == 2:  # rounded and summed as qwen-tts's
+            return fused_kernels.rms_norm(x, weight, stack.eps, tokens)
         if weight.dim() == 1:  # the weight inside the kernel: rounded once
             return F.rms_norm(x, weight.shape, weight, stack.eps)
         return F.rms_norm(x, (x.shape[-1],), None, stack.eps) * weight  # a weight per head (q/k norms)
@@ -209,9 +210,10 @@ def linear(
     return out if rows >= min_rows else out[:rows]
 
 
-def _qkv_rows(x: torch.Tensor, layer: LayerWeights, stack: Stack) -> torch.Tensor:
+def _qkv_rows(x: torch.Tensor, length: int, layer: LayerWeights, stack: Stack) -> torch.Tensor:
     """The layer's input norm and fused QKV product: rows [B * T, H] -> [B * T, (heads + 2 * kv_heads) * D]."""
-    return linear(norm(x, layer.input_norm, stack, stack.width_t), layer.qkv_t, layer.qkv_bias, stack.min_rows)
+    normed = norm(x, layer.input_norm, stack, stack.width_t, length)
+    return linear(normed, layer.qkv_t, layer.qkv_bias, stack.min_rows)
 
 
 def _fused_attention_inputs(
@@ -228,7 +230,7 @@ def _fused_attention_inputs(
     """`stack.triton_kernels`' form of `_project_qkv` and the cache writes after it: q [B, heads, T, D], with
     k and v written to keys/values at slot = slots[row] (a prefill) or the row, and position =
     positions[row] (the talker's step, T = 1) or start + token (the code predictor and a prefill)."""
-    qkv = _qkv_rows(x, layer, stack)
+    qkv = _qkv_rows(x, length, layer, stack)
     return fused_kernels.qk_norm_rope_into_cache(
         qkv, length, layer.qk_norm, stack.cos, stack.sin, positions, start, keys, values, stack.heads,
         stack.kv_heads, stack.eps, slots,
@@ -245,9 +247,9 @@ def _project_qkv(
     is roll(x, D/2) against a sign-flipped sine: the same values as qwen-tts's, in fewer operations."""
     batch = x.shape[0] // length
     d = stack.head_dim
-    qkv = _qkv_rows(x, layer, stack)
+    qkv = _qkv_rows(x, length, layer, stack)
     qk, v = qkv.split([(stack.heads + stack.kv_heads) * d, stack.kv_heads * d], dim=-1)
-    qk = norm(qk.view(batch, length, stack.heads + stack.kv_heads, d), layer.qk_norm, stack, stack.head_dim_t)
+    qk = norm(qk.view(batch, length, stack.heads + stack.kv_heads, d), layer.qk_norm, stack, stack.head_dim_t, length)
     if stack.fewer_kernels:
         qk = torch.addcmul(qk * cos, qk.roll(d // 2, dims=-1), sin)
     else:
@@ -269,7 +271,7 @@ def _finish_layer(
         x = x.addmm_(attn, layer.o_t)
     else:
         x = x + linear(attn, layer.o_t, layer.o_bias, stack.min_rows)
-    normed = norm(x, layer.post_norm, stack, stack.width_t)
+    normed = norm(x, layer.post_norm, stack, stack.width_t, attn.shape[-2])
     gate_up = linear(normed, layer.gate_up_t, None, stack.min_rows)
     if stack.triton_kernels:
         gated = fused_kernels.silu_mul(gate_up)
@@ -415,7 +417,7 @@ def _predict_codes(
             end = start + length
             attn = _attend(q, keys[:n, :, :end], values[:n, :, :end], stack, is_causal=step == 0)
             x = _finish_layer(x, attn, layer, stack, owned=index > 0)  # the first's x may be an embedding
-        hidden = norm(x if length == 1 else x.view(n, length, -1)[:, -1], stack.norm, stack, stack.width_t)
+        hidden = norm(x if length == 1 else x.view(n, length, -1)[:, -1], stack.norm, stack, stack.width_t, length)
         logits = linear(hidden, w.predictor_heads_t[step], None, stack.min_rows).to(torch.float32)
         if draw_keys is not None:
             settings = (s.sub_do_sample[:n], s.sub_temperature[:n], s.sub_top_k[:n], s.sub_top_p[:n])
@@ -466,7 +468,7 @@ def frame_step(w: Weights, s: SlotState, n: int, kv_len: int, sample: bool = Tru
             values[rows, :, position] = v[:, :, 0]
         attn = _attend_decode(q, keys[:n, :, :kv_len], values[:n, :, :kv_len], stack, visible)
         x = _finish_layer(x, attn, layer, stack, owned=index > 0)
-    hidden = norm(x, stack.norm, stack, stack.width_t)  # [n, H]
+    hidden = norm(x, stack.norm, stack, stack.width_t, 1)  # [n, H]
     logits = linear(hidden, w.codec_head_t, None, w.talker.min_rows).to(torch.float32)
     next_token = choose_first_codebook(
         w,
@@ -837,7 +839,7 @@ def prefill_rows(
             values[index, :, :longest] = v
         x = _finish_layer(x, _attend_prompts(q, k, v, stack, list(lengths)), layer, stack, owned=number > 0)
     x = x.view(rows, longest, -1)
-    hidden = norm(x[s.rows[:rows], last], stack.norm, stack, stack.width_t)
+    hidden = norm(x[s.rows[:rows], last], stack.norm, stack, stack.width_t, longest)
     logits = linear(hidden, w.codec_head_t, None, w.talker.min_rows).to(torch.float32)
 
     per_slot = {

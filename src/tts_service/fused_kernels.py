@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 from collections.abc import Sequence
 from functools import cache
 
@@ -41,6 +42,39 @@ try:
     from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - torch's Linux wheels require triton
     triton = None
+
+
+def _sum_of_squares(row_ptr, WIDTH: tl.constexpr, W: tl.constexpr, V: tl.constexpr):
+    """A row's sum of squares in float32, added in the order of torch's CUDA reduction kernel (ATen's
+    Reduce.cuh) for the layout `torch_sum_layout` gives: each of W threads adds its loads (V values each)
+    into four accumulators (vector lane i; without vectors, load k % 4), then the four in order; then the
+    threads' sums pairwise, halving down to 32 (shared memory), then a warp's tree of neighbours."""
+    t = tl.arange(0, W)
+    a0 = tl.full([W], 0.0, tl.float32)  # (tl.zeros is not in the interpreter)
+    a1 = a0
+    a2 = a0
+    a3 = a0
+    for k in tl.static_range((WIDTH // V + W - 1) // W):
+        for i in tl.static_range(V):
+            at = (k * W + t) * V + i
+            x = tl.load(row_ptr + at, mask=at < WIDTH, other=0.0).to(tl.float32)
+            slot = i if V > 1 else k % 4
+            if slot == 0:
+                a0 += x * x
+            elif slot == 1:
+                a1 += x * x
+            elif slot == 2:
+                a2 += x * x
+            else:
+                a3 += x * x
+    s = ((a0 + a1) + a2) + a3
+    for level in tl.static_range(4):  # thread t adds thread t + W / 2's sum, while more than a warp's are left
+        if W >= 512 >> level:
+            s = tl.reduce(tl.reshape(s, (2, 256 >> level)), 0, tl.standard._sum_combine)
+    for level in tl.static_range(4):  # then the warp's shuffles at offsets 1, 2, 4, ...: neighbours first
+        if W >= 32 >> level:
+            s = tl.reduce(tl.reshape(s, (16 >> level, 2)), 1, tl.standard._sum_combine)
+    return tl.reduce(s, 0, tl.standard._sum_combine)
 
 
 def _qk_norm_rope_kv(
@@ -65,13 +99,16 @@ def _qk_norm_rope_kv(
     HALF: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_SLOTS: tl.constexpr,
+    Q_LAYOUT: tl.constexpr,
+    K_LAYOUT: tl.constexpr,
 ):
     """One program per (token, head) of qkv rows [rows, (HEADS + 2 * KV_HEADS) * 2 * HALF]: a q head is
     normed, weighted, rotated and stored to q [rows, HEADS, D]; a k head the same, into the K cache at
     (slot, position); a v head is copied into the V cache there. slot = the row's `slots_ptr` entry
     (HAS_SLOTS) or the row (row = token // tokens); position = the row's `pos_ptr` entry (HAS_POS) +
     pos_offset + the token's index in its row. RoPE's tables are indexed by
-    the same position; `sin` is sign-flipped on its first half (roll(x) * sin = rotate_half(x) * sin)."""
+    the same position; `sin` is sign-flipped on its first half (roll(x) * sin = rotate_half(x) * sin).
+    Q_LAYOUT and K_LAYOUT: torch's (V, W) for the q and k norms' sums (`torch_sum_layout`)."""
     token = tl.program_id(0)
     head = tl.program_id(1)
     row = (token // tokens).to(tl.int64)  # (cache offsets can pass 2**31 with many long slots)
@@ -90,10 +127,11 @@ def _qk_norm_rope_kv(
         dtype = lo.dtype
         lo32 = lo.to(tl.float32)
         hi32 = hi.to(tl.float32)
-        # tl.sum is tl.reduce with this combine function; called so, Triton's interpreter runs it too
-        squares = tl.reduce(lo32 * lo32, 0, tl.standard._sum_combine)
-        squares += tl.reduce(hi32 * hi32, 0, tl.standard._sum_combine)
-        scale = tl.rsqrt(tl.math.div_rn(squares, 2.0 * HALF) + eps)  # (see _rms_norm)
+        if head < HEADS:
+            squares = _sum_of_squares(src, 2 * HALF, Q_LAYOUT[1], Q_LAYOUT[0])
+        else:
+            squares = _sum_of_squares(src, 2 * HALF, K_LAYOUT[1], K_LAYOUT[0])
+        scale = tl.rsqrt(squares * tl.math.div_rn(1.0, 2.0 * HALF) + eps)  # (see _rms_norm)
         w_lo = tl.load(weight_ptr + head * (2 * HALF) + offs).to(tl.float32)
         w_hi = tl.load(weight_ptr + head * (2 * HALF) + HALF + offs).to(tl.float32)
         # qwen-tts: weight * (x * rsqrt(var + eps)).to(dtype), each product rounded to the dtype
@@ -121,22 +159,25 @@ def _qk_norm_rope_kv(
         tl.store(dst + HALF, hi)
 
 
-def _rms_norm(x_ptr, row_stride, weight_ptr, out_ptr, width, eps, BLOCK: tl.constexpr):
-    """qwen-tts's RMSNorm of rows [rows, width] into out [rows, width]: the mean of squares in float32, the
-    normed value rounded to the dtype, then its product with the weight rounded (where `F.rms_norm` rounds
-    once, at the end)."""
+def _rms_norm(
+    x_ptr, row_stride, weight_ptr, out_ptr, eps, WIDTH: tl.constexpr, LAYOUT: tl.constexpr, BLOCK: tl.constexpr
+):
+    """qwen-tts's RMSNorm of rows [rows, WIDTH] into out [rows, WIDTH]: the mean of squares in float32 (its
+    sum in torch's order for LAYOUT, `torch_sum_layout`), the normed value rounded to the dtype, then its
+    product with the weight rounded (where `F.rms_norm` rounds once, at the end)."""
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
-    inside = cols < width
+    inside = cols < WIDTH
     x = tl.load(x_ptr + row * row_stride + cols, mask=inside, other=0.0)
     x32 = x.to(tl.float32)
-    # div_rn is IEEE division (Triton's `/` is div.full, approximate). tl.rsqrt is MUFU.RSQ, as torch.rsqrt
-    # runs on sm_90 (its SASS); 1 / tl.sqrt would be two approximations, sqrt.approx and div.full.
-    mean = tl.math.div_rn(tl.reduce(x32 * x32, 0, tl.standard._sum_combine), width.to(tl.float32))
-    scale = tl.rsqrt(mean + eps)
+    # The mean is torch's: the sum times 1 / WIDTH (IEEE division; Triton's `/` is div.full, approximate).
+    # tl.rsqrt is MUFU.RSQ, as torch.rsqrt runs on sm_90 (its SASS); 1 / tl.sqrt would be two
+    # approximations, sqrt.approx and div.full.
+    squares = _sum_of_squares(x_ptr + row * row_stride, WIDTH, LAYOUT[1], LAYOUT[0])
+    scale = tl.rsqrt(squares * tl.math.div_rn(1.0, 1.0 * WIDTH) + eps)
     weight = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     out = (weight * (x32 * scale).to(x.dtype).to(tl.float32)).to(x.dtype)
-    tl.store(out_ptr + row * width + cols, out, mask=inside)
+    tl.store(out_ptr + row * WIDTH + cols, out, mask=inside)
 
 
 def _silu_mul(gate_up_ptr, row_stride, out_ptr, width, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr):
@@ -215,13 +256,18 @@ NOT_SPECIALIZED = {"qk_norm_rope_kv": ("pos_offset", "tokens")}
 
 @cache
 def _kernel(name: str, device_type: str):
-    """The kernel compiled for CUDA, or in Triton's interpreter for CPU tensors (tests)."""
-    fn = _KERNELS[name]
-    if device_type == "cuda":
-        return triton.jit(fn, do_not_specialize=NOT_SPECIALIZED.get(name, ()))
+    """The kernel compiled for CUDA, or in Triton's interpreter for CPU tensors (tests). Either way it calls
+    `_sum_of_squares` in its own form (a JITFunction or an InterpretedFunction), so the kernel is a copy
+    of the function with that name rebound in its globals."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    return InterpretedFunction(fn)
+    fn = _KERNELS[name]
+    if device_type == "cuda":
+        summed = {"_sum_of_squares": triton.jit(_sum_of_squares)}
+        fn = types.FunctionType(fn.__code__, fn.__globals__ | summed, fn.__name__)
+        return triton.jit(fn, do_not_specialize=NOT_SPECIALIZED.get(name, ()))
+    summed = {"_sum_of_squares": InterpretedFunction(_sum_of_squares)}
+    return InterpretedFunction(types.FunctionType(fn.__code__, fn.__globals__ | summed, fn.__name__))
 
 
 def _launch(name: str, device_type: str, grid: tuple[int, ...], *args, **meta) -> None:
@@ -251,7 +297,8 @@ def qk_norm_rope_into_cache(
     normed and rotated; k (normed, rotated) and v written to keys/values [slots, kv_heads, L, D] at slot =
     slots[row] (or the batch row when None; unchecked, like an index on the device), position =
     positions[row] (or 0 when None) + offset + token. `weight`: [heads + kv_heads,
-    D]; cos/sin: [positions, D] (sin sign-flipped on its first half, as `Stack.sin`)."""
+    D]; cos/sin: [positions, D] (sin sign-flipped on its first half, as `Stack.sin`). The norms sum in
+    torch's order for a request of `tokens` tokens alone (`torch_sum_layout`)."""
     rows, d = qkv.shape[0], cos.shape[-1]
     # The kernel reads and writes by offsets, unchecked: what the shapes and layouts promise is checked here
     # (host-side, no sync; a captured graph replays without it).
@@ -297,20 +344,46 @@ def qk_norm_rope_into_cache(
         HALF=d // 2,
         HAS_POS=positions is not None,
         HAS_SLOTS=slots is not None,
+        Q_LAYOUT=torch_sum_layout(d, tokens * heads),
+        K_LAYOUT=torch_sum_layout(d, tokens * kv_heads),
         num_warps=QK_WARPS,
     )
     return q.transpose(1, 2)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def torch_sum_layout(width: int, rows: int) -> tuple[int, int]:
+    """(V, W): how torch's CUDA reduction kernel (ATen's Reduce.cuh, `setReduceConfig`) splits the sum over
+    the last dimension of contiguous float32 rows [rows, width], as in RMSNorm's `pow(2).mean(-1)`: W
+    threads a row, each loading V values at a time (4 where the row is longer than 128).
+
+    The order of the sums follows from it (`_sum_of_squares`), and it depends on `rows`, so qwen-tts's own
+    values depend on how many rows a call norms. The kernels take the rows a request alone would have (its
+    tokens, times its heads for the q/k norms), so each row gets a lone request's bits in any batch."""
+    vector = 4 if width > 128 else 1
+    if width % vector:
+        raise ValueError(f"torch's reduction of rows of {width} starts unaligned; not reproduced")
+    dim0, dim1 = width // vector, max(rows, 1)
+    dim0_pow2 = 1 << (dim0.bit_length() - 1) if dim0 < 512 else 512
+    dim1_pow2 = 1 << (dim1.bit_length() - 1) if dim1 < 512 else 512
+    threads = min(dim0_pow2, 32)
+    height = min(dim1_pow2, 512 // threads)
+    threads = min(dim0_pow2, 512 // height)
+    if -(-width // threads) >= min(height * 16, 256):  # torch would split a row across warps too
+        raise ValueError(f"torch splits rows of {width} across warps at {rows} rows; not reproduced")
+    return vector, threads
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, tokens: int) -> torch.Tensor:
     """qwen-tts's RMSNorm (`Qwen3TTSRMSNorm`) of rows [rows, width] with contiguous columns, in one kernel
-    that rounds where qwen-tts rounds."""
+    that rounds where qwen-tts rounds and sums as torch does for a request of `tokens` rows alone."""
     rows, width = x.shape[0], x.shape[-1]
     if x.dim() != 2 or x.stride(1) != 1 or weight.shape != (width,) or not weight.is_contiguous():
         raise ValueError("rms_norm: x must be rows [rows, width] with contiguous columns, and weight [width]")
     out = torch.empty(rows, width, dtype=x.dtype, device=x.device)
+    layout = torch_sum_layout(width, tokens)
+    block = triton.next_power_of_2(width)
     _launch(
-        "rms_norm", x.device.type, (rows,), x, x.stride(0), weight, out, width, eps, BLOCK=triton.next_power_of_2(width)
+        "rms_norm", x.device.type, (rows,), x, x.stride(0), weight, out, eps, WIDTH=width, LAYOUT=layout, BLOCK=block
     )
     return out
 
@@ -401,6 +474,9 @@ def _check_sampling(logits: torch.Tensor, generator: torch.Generator) -> None:
 # the code predictor's first step (two tokens from position 0) and its later ones (one token at a fixed
 # position), and a prefill's (a prompt from position 0 into the requests' own slots).
 STEP_CALLS = ((1, True, 0, False), (2, False, 0, False), (1, False, 5, False), (5, False, 0, True))
+# A request's tokens per norm call, one for each of torch's layouts (`torch_sum_layout`: rows up to 16, in
+# powers of 2): a step's 1, the code predictor's first 2, and a prompt's up to 16 and more.
+NORM_TOKENS = (1, 2, 4, 8, 16)
 
 
 def usable(
@@ -455,10 +531,9 @@ def usable(
             gate, up = gate_up.float().split(width, dim=-1)
             check(silu_mul(gate_up), torch.nn.functional.silu(gate) * up)
             x, norm_weight = rand(batch, hidden), rand(hidden)
-            check(
-                rms_norm(x, norm_weight, 1e-6),
-                torch.nn.functional.rms_norm(x.float(), (hidden,), norm_weight.float(), 1e-6),
-            )
+            expected = torch.nn.functional.rms_norm(x.float(), (hidden,), norm_weight.float(), 1e-6)
+            for tokens in NORM_TOKENS:
+                check(rms_norm(x, norm_weight, 1e-6, tokens), expected)
         for vocab in vocabularies:
             _check_sampling(rand(batch, vocab).float() * 3, generator)
     except Exception as error:  # a compiler or driver failure: the eager forms still serve
@@ -471,8 +546,9 @@ def usable(
 
 def compiled_for(arch: int) -> dict[str, object]:
     """Each kernel compiled ahead of time for sm_<arch> with no GPU present (Triton to PTX, ptxas to a
-    cubin), in bf16 at the 1.7B's sizes and with the options `_launch` gives it; the q/k kernel also in the
-    prefill's form. The tests and scripts/kernel_instructions.py read their code."""
+    cubin), in bf16 at the 1.7B's sizes and with the options `_launch` gives it; the q/k kernel and RMSNorm
+    also in the prefill's form (torch's order of sums for 16 tokens). The tests and
+    scripts/kernel_instructions.py read their code."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -482,15 +558,19 @@ def compiled_for(arch: int) -> dict[str, object]:
     strides = ["qkv_row_stride", "pos_offset", "cache_slot_stride", "cache_head_stride", "cache_pos_stride"]
     qk |= dict.fromkeys([*strides, "tokens"], number)
     step = {"HEADS": 16, "KV_HEADS": 8, "HALF": 64, "HAS_POS": True, "HAS_SLOTS": False}
-    norm = {"x_ptr": pointer, "row_stride": number, "weight_ptr": pointer, "out_ptr": pointer, "width": number}
+    step |= {"Q_LAYOUT": torch_sum_layout(128, 16), "K_LAYOUT": torch_sum_layout(128, 8)}
+    prefill = step | {"HAS_POS": False, "HAS_SLOTS": True, "K_LAYOUT": torch_sum_layout(128, 8 * 16)}
+    norm = {"x_ptr": pointer, "row_stride": number, "weight_ptr": pointer, "out_ptr": pointer, "eps": "fp32"}
+    norm_step = {"WIDTH": 2048, "LAYOUT": torch_sum_layout(2048, 1), "BLOCK": 2048}
     silu = {"gate_up_ptr": pointer, "row_stride": number, "out_ptr": pointer, "width": number}
     sample = {"logits_ptr": "*fp32", "noise_ptr": "*fp32", "temperature_ptr": "*fp32", "top_k_ptr": "*i64"}
     sample |= {"do_sample_ptr": "*i1", "out_ptr": "*i64"}
     sample |= dict.fromkeys(["logits_stride", "noise_stride", "vocab", "candidates"], number)
     sources = {
         "qk_norm_rope_kv": (qk, step, QK_WARPS),
-        "qk_norm_rope_kv prefill": (qk, step | {"HAS_POS": False, "HAS_SLOTS": True}, QK_WARPS),
-        "rms_norm": (norm | {"eps": "fp32"}, {"BLOCK": 2048}, 4),
+        "qk_norm_rope_kv prefill": (qk, prefill, QK_WARPS),
+        "rms_norm": (norm, norm_step, 4),
+        "rms_norm prefill": (norm, norm_step | {"LAYOUT": torch_sum_layout(2048, 16)}, 4),
         "silu_mul": (silu, {"BLOCK": SILU_BLOCK, "LIBDEVICE": True}, 4),
         "sample_top_k": (sample, {"GREEDY_ROWS": True, "BLOCK": 4096}, SAMPLE_WARPS),
     }
@@ -498,7 +578,7 @@ def compiled_for(arch: int) -> dict[str, object]:
     for name, (signature, constants, warps) in sources.items():
         kernel = name.split()[0]
         source = ASTSource(
-            triton.jit(_KERNELS[kernel]), signature | dict.fromkeys(constants, "constexpr"), constexprs=constants
+            _kernel(kernel, "cuda"), signature | dict.fromkeys(constants, "constexpr"), constexprs=constants
         )
         options = {"num_warps": warps, "enable_fp_fusion": FP_FUSION.get(kernel, False)}
         compiled[name] = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
