@@ -253,6 +253,51 @@ def triton_kernel_bits(device: str, dtype: torch.dtype, rows: int = 32) -> dict[
         return {name: float((got == ref).float().mean()) for name, (got, ref) in pairs.items()}
 
 
+def step_part_bits(device: str, dtype: torch.dtype, batches: tuple[int, ...] = (1, 8, 32)) -> dict[str, dict]:
+    """The step's parts that are not Triton kernels against qwen-tts's ops for each row alone, at the 1.7B
+    talker's sizes on random tensors: the fused QKV and gate/up products (one GEMM each, where qwen-tts runs
+    three and two, M = 1) and the fewer forms' decode attention (256 cache positions of which 100 are live,
+    an additive mask, each KV head's queries as one block; HF's SDPA runs the live ones, no mask, with
+    enable_gqa). The share of elements with the same bits at each batch: where the Triton kernels keep
+    qwen-tts's bits, these say which part makes the codes part first."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    generator = torch.Generator(device=device).manual_seed(1)
+    hidden, heads, kv_heads, d, width, slots, live = 2048, 16, 8, 128, 6144, 256, 100
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator, device=device) * scale).to(dtype)
+
+    projections = [rand(rows, hidden, scale=hidden**-0.5) for rows in (heads * d, kv_heads * d, kv_heads * d)]
+    gate_up = [rand(width, hidden, scale=hidden**-0.5) for _ in range(2)]
+    fused = {"fused QKV product": torch.cat(projections).t(), "fused gate/up product": torch.cat(gate_up).t()}
+    separate = {"fused QKV product": projections, "fused gate/up product": gate_up}
+    stack = SimpleNamespace(fewer_kernels=True, heads=heads, kv_heads=kv_heads, head_dim=d)
+    shares: dict[str, dict] = {name: {} for name in [*fused, "decode attention"]}
+    with torch.inference_mode():
+        for n in batches:
+            x = rand(n, hidden)
+            for name, weight_t in fused.items():
+                alone = torch.cat(
+                    [torch.cat([F.linear(x[i : i + 1], w) for w in separate[name]], -1) for i in range(n)]
+                )
+                shares[name][n] = float((fs.linear(x, weight_t) == alone).float().mean())
+            q, keys, values = rand(n, heads, 1, d), rand(n, kv_heads, slots, d), rand(n, kv_heads, slots, d)
+            mask = torch.full((n, 1, 1, slots), float("-inf"), dtype=dtype, device=device)
+            mask[..., :live] = 0.0
+            ours = fs._attend_decode(q, keys, values, stack, mask)
+            alone = torch.cat([
+                F.scaled_dot_product_attention(
+                    q[i : i + 1], keys[i : i + 1, :, :live], values[i : i + 1, :, :live], scale=d**-0.5, enable_gqa=True
+                )
+                for i in range(n)
+            ])  # fmt: skip
+            shares["decode attention"][n] = float((ours == alone).float().mean())
+    return shares
+
+
 def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds: int = 3) -> list[dict]:
     """The frame step with qwen-tts's own ops, with the GPU's fewer-kernel forms (`Stack.fewer_kernels`) and,
     on a GPU where they work, with those and the Triton layer kernels (`Stack.triton_kernels`), first with the
@@ -331,6 +376,16 @@ def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds
         ops = f"{row['kernel_ops_greedy']} / {row['kernel_ops_sampled']}"
         gpu = f"{row['cuda_kernels_greedy']} / {row['cuda_kernels_sampled']}" if cuda else "-"
         print(f"| {row['forms']} | {ops} | {gpu} | {times_ms} | {row.get('first_divergent_frame', '-')} |")
+    if len(rows) > 1:
+        try:
+            parts = step_part_bits(device, serving.codec_head.dtype)
+        except Exception:  # (a figure beside the table: the table stands without it)
+            logger.exception("comparing the step's products and attention with qwen-tts's ops failed")
+        else:
+            rows[-1]["parts_same_bits_as_qwen_tts"] = parts
+            print("\nThe step's products and decode attention against qwen-tts's ops for each row alone (random,")
+            print("1.7B sizes), same bits at batch " + " / ".join(map(str, next(iter(parts.values())))) + ": ")
+            print(", ".join(f"{name} " + " / ".join(f"{v:.2%}" for v in by_n.values()) for name, by_n in parts.items()))
     if "fewer + Triton" in forms:
         try:
             same = triton_kernel_bits(device, serving.codec_head.dtype)
