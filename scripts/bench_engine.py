@@ -376,30 +376,33 @@ def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds
         ops = f"{row['kernel_ops_greedy']} / {row['kernel_ops_sampled']}"
         gpu = f"{row['cuda_kernels_greedy']} / {row['cuda_kernels_sampled']}" if cuda else "-"
         print(f"| {row['forms']} | {ops} | {gpu} | {times_ms} | {row.get('first_divergent_frame', '-')} |")
-    if len(rows) > 1:
-        try:
-            parts = step_part_bits(device, serving.codec_head.dtype)
-        except Exception:  # (a figure beside the table: the table stands without it)
-            logger.exception("comparing the step's products and attention with qwen-tts's ops failed")
-        else:
-            rows[-1]["parts_same_bits_as_qwen_tts"] = parts
-            print("\nThe step's products and decode attention against qwen-tts's ops for each row alone (random,")
-            print("1.7B sizes), same bits at batch " + " / ".join(map(str, next(iter(parts.values())))) + ": ")
-            print(", ".join(f"{name} " + " / ".join(f"{v:.2%}" for v in by_n.values()) for name, by_n in parts.items()))
-    if "fewer + Triton" in forms:
-        try:
-            same = triton_kernel_bits(device, serving.codec_head.dtype)
-        except Exception:  # (a figure beside the table: the table stands without it)
-            logger.exception("comparing the Triton kernels' bits with qwen-tts's modules failed")
-        else:
-            rows[-1]["same_bits_as_qwen_tts"] = same
-            shares = ", ".join(f"{name} {share:.2%}" for name, share in same.items())
-            print(f"\nTriton kernels against qwen-tts's modules (random, 1.7B sizes), same bits: {shares}")
+    dtype = serving.codec_head.dtype
+    if len(rows) > 1 and (parts := _beside(rows, "parts_same_bits_as_qwen_tts", step_part_bits, device, dtype)):
+        print("\nThe step's products and decode attention against qwen-tts's ops for each row alone (random,")
+        print("1.7B sizes), same bits at batch " + " / ".join(map(str, next(iter(parts.values())))) + ": ")
+        print(", ".join(f"{name} " + " / ".join(f"{v:.2%}" for v in by_n.values()) for name, by_n in parts.items()))
+    if "fewer + Triton" in forms and (
+        same := _beside(rows, "same_bits_as_qwen_tts", triton_kernel_bits, device, dtype)
+    ):
+        shares = ", ".join(f"{name} {share:.2%}" for name, share in same.items())
+        print(f"\nTriton kernels against qwen-tts's modules (random, 1.7B sizes), same bits: {shares}")
     for row in rows:
         for mode in modes:
             if f"top_kernels_{mode}" in row:
                 print(f"\n{row['forms']}, {mode}, most frequent kernels per frame: {row[f'top_kernels_{mode}']}")
     return rows
+
+
+def _beside(rows: list[dict[str, Any]], key: str, measure: Any, *args: Any) -> dict | None:
+    """A figure beside the kernel-forms table, kept in its last row as `key`: `measure(*args)`, or None
+    (logged) where it fails, since the table stands without it."""
+    try:
+        figures = measure(*args)
+    except Exception:
+        logger.exception("%s failed", measure.__name__)
+        return None
+    rows[-1][key] = figures
+    return figures
 
 
 ROW_SETTINGS = (
