@@ -7,6 +7,7 @@ Linux wheel carries its kernels' SASS (libtorch_cuda.so), Triton ships cuobjdump
 for any architecture here. Extracting torch's cubins takes about 20 s and 0.7 GB of temporary disk.
 
     python scripts/kernel_instructions.py              # sm_90, the H100
+    python scripts/kernel_instructions.py --arch 120   # the DGX Spark's GB10 (sm_121 runs torch's sm_120 code)
 """
 
 from __future__ import annotations
@@ -95,7 +96,9 @@ def our_code(arch: int) -> dict[str, tuple[str, str]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", type=int, default=90, help="the SM version (90: H100; torch's wheel has 90)")
+    parser.add_argument(
+        "--arch", type=int, default=90, help="the SM version: 90 (H100) or 120 (GB10's family); torch's wheel has both"
+    )
     parser.add_argument("--cache-dir", type=Path, help="(unused; accepted like the other diagnostic scripts)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
