@@ -171,6 +171,17 @@ def test_the_rms_norm_kernel_sums_in_torchs_cuda_order(width: int, tokens: int, 
         assert any(_torch_cuda_sum(row * row, *other) != _torch_cuda_sum(row * row, *layout) for row in rows)
 
 
+def test_a_layout_torch_would_sum_otherwise_is_refused() -> None:
+    """Rows that start unaligned (torch shifts its vector loads) and rows whose sum torch splits across warps
+    (from 16 values a thread per warp in the block) are outside the transcription: refused, so `usable`
+    turns the kernels off. One row of 8,192 is split across a block of one warp's height: the same order."""
+    with pytest.raises(ValueError, match="unaligned"):
+        fk.torch_sum_layout(130, 1)
+    with pytest.raises(ValueError, match="across warps"):
+        fk.torch_sum_layout(8192, 2)
+    assert fk.torch_sum_layout(8192, 1) == (4, 512)
+
+
 def test_the_q_k_kernel_sums_in_torchs_cuda_order() -> None:
     """The q and k norms' sums in torch's order for a lone request: 16 q heads of 128 a token, and 8 k heads,
     which torch sums over 64 threads for one token (8 rows) and 32 for two (16): float32 q and k equal the

@@ -368,7 +368,8 @@ def torch_sum_layout(width: int, rows: int) -> tuple[int, int]:
     threads = min(dim0_pow2, 32)
     height = min(dim1_pow2, 512 // threads)
     threads = min(dim0_pow2, 512 // height)
-    if -(-width // threads) >= min(height * 16, 256):  # torch would split a row across warps too
+    per_thread = -(-width // threads)
+    if per_thread >= 256 or (height > 1 and per_thread >= height * 16):  # a row's sum split across warps
         raise ValueError(f"torch splits rows of {width} across warps at {rows} rows; not reproduced")
     return vector, threads
 
