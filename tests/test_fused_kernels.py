@@ -171,6 +171,25 @@ def test_the_rms_norm_kernel_sums_in_torchs_cuda_order(width: int, tokens: int, 
         assert any(_torch_cuda_sum(row * row, *other) != _torch_cuda_sum(row * row, *layout) for row in rows)
 
 
+def test_the_cuda_kernels_keep_their_constexpr_parameters() -> None:
+    """`_kernel` builds each CUDA kernel from a copy of its function (to bind `_sum_of_squares`); Triton
+    reads which parameters are compile-time constants from the annotations, so the copy keeps them. Without
+    them a GPU launch would fail to compile (tl.arange of a runtime BLOCK) and `usable` would turn every
+    kernel off; the compile test cannot see it, since it gives its own signature."""
+    import triton
+
+    for name, fn in fk._KERNELS.items():
+        kernel = fk._kernel(name, "cuda")
+        assert [(p.name, p.is_constexpr) for p in kernel.params] == [
+            (p.name, p.is_constexpr) for p in triton.jit(fn).params
+        ]
+        assert any(p.is_constexpr for p in kernel.params)
+        assert (
+            kernel.do_not_specialize
+            == triton.jit(fn, do_not_specialize=fk.NOT_SPECIALIZED.get(name, ())).do_not_specialize
+        )
+
+
 def test_a_layout_torch_would_sum_otherwise_is_refused() -> None:
     """Rows that start unaligned (torch shifts its vector loads) and rows whose sum torch splits across warps
     (from 16 values a thread per warp in the block) are outside the transcription: refused, so `usable`

@@ -261,13 +261,15 @@ def _kernel(name: str, device_type: str):
     of the function with that name rebound in its globals."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    fn = _KERNELS[name]
+    wrap = triton.jit if device_type == "cuda" else InterpretedFunction
+    original = _KERNELS[name]
+    fn = types.FunctionType(
+        original.__code__, original.__globals__ | {"_sum_of_squares": wrap(_sum_of_squares)}, original.__name__
+    )
+    fn.__annotations__ = original.__annotations__  # (Triton reads constexpr parameters from them)
     if device_type == "cuda":
-        summed = {"_sum_of_squares": triton.jit(_sum_of_squares)}
-        fn = types.FunctionType(fn.__code__, fn.__globals__ | summed, fn.__name__)
         return triton.jit(fn, do_not_specialize=NOT_SPECIALIZED.get(name, ()))
-    summed = {"_sum_of_squares": InterpretedFunction(_sum_of_squares)}
-    return InterpretedFunction(types.FunctionType(fn.__code__, fn.__globals__ | summed, fn.__name__))
+    return InterpretedFunction(fn)
 
 
 def _launch(name: str, device_type: str, grid: tuple[int, ...], *args, **meta) -> None:
