@@ -99,8 +99,9 @@ def _qk_norm_rope_kv(
     HALF: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_SLOTS: tl.constexpr,
-    Q_LAYOUT: tl.constexpr,
-    K_LAYOUT: tl.constexpr,
+    VECTOR: tl.constexpr,
+    Q_THREADS: tl.constexpr,
+    K_THREADS: tl.constexpr,
 ):
     """One program per (token, head) of qkv rows [rows, (HEADS + 2 * KV_HEADS) * 2 * HALF]: a q head is
     normed, weighted, rotated and stored to q [rows, HEADS, D]; a k head the same, into the K cache at
@@ -108,7 +109,7 @@ def _qk_norm_rope_kv(
     (HAS_SLOTS) or the row (row = token // tokens); position = the row's `pos_ptr` entry (HAS_POS) +
     pos_offset + the token's index in its row. RoPE's tables are indexed by
     the same position; `sin` is sign-flipped on its first half (roll(x) * sin = rotate_half(x) * sin).
-    Q_LAYOUT and K_LAYOUT: torch's (V, W) for the q and k norms' sums (`torch_sum_layout`)."""
+    VECTOR and Q_THREADS / K_THREADS: torch's layout for the q and k norms' sums (`torch_sum_layout`)."""
     token = tl.program_id(0)
     head = tl.program_id(1)
     row = (token // tokens).to(tl.int64)  # (cache offsets can pass 2**31 with many long slots)
@@ -128,9 +129,9 @@ def _qk_norm_rope_kv(
         lo32 = lo.to(tl.float32)
         hi32 = hi.to(tl.float32)
         if head < HEADS:
-            squares = _sum_of_squares(src, 2 * HALF, Q_LAYOUT[1], Q_LAYOUT[0])
+            squares = _sum_of_squares(src, 2 * HALF, Q_THREADS, VECTOR)
         else:
-            squares = _sum_of_squares(src, 2 * HALF, K_LAYOUT[1], K_LAYOUT[0])
+            squares = _sum_of_squares(src, 2 * HALF, K_THREADS, VECTOR)
         scale = tl.rsqrt(squares * tl.math.div_rn(1.0, 2.0 * HALF) + eps)  # (see _rms_norm)
         w_lo = tl.load(weight_ptr + head * (2 * HALF) + offs).to(tl.float32)
         w_hi = tl.load(weight_ptr + head * (2 * HALF) + HALF + offs).to(tl.float32)
@@ -160,10 +161,18 @@ def _qk_norm_rope_kv(
 
 
 def _rms_norm(
-    x_ptr, row_stride, weight_ptr, out_ptr, eps, WIDTH: tl.constexpr, LAYOUT: tl.constexpr, BLOCK: tl.constexpr
+    x_ptr,
+    row_stride,
+    weight_ptr,
+    out_ptr,
+    eps,
+    WIDTH: tl.constexpr,
+    VECTOR: tl.constexpr,
+    THREADS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """qwen-tts's RMSNorm of rows [rows, WIDTH] into out [rows, WIDTH]: the mean of squares in float32 (its
-    sum in torch's order for LAYOUT, `torch_sum_layout`), the normed value rounded to the dtype, then its
+    sum in torch's order for its layout, `torch_sum_layout`), the normed value rounded to the dtype, then its
     product with the weight rounded (where `F.rms_norm` rounds once, at the end)."""
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -173,7 +182,7 @@ def _rms_norm(
     # The mean is torch's: the sum times 1 / WIDTH (IEEE division; Triton's `/` is div.full, approximate).
     # tl.rsqrt is MUFU.RSQ, as torch.rsqrt runs on sm_90 (its SASS); 1 / tl.sqrt would be two
     # approximations, sqrt.approx and div.full.
-    squares = _sum_of_squares(x_ptr + row * row_stride, WIDTH, LAYOUT[1], LAYOUT[0])
+    squares = _sum_of_squares(x_ptr + row * row_stride, WIDTH, THREADS, VECTOR)
     scale = tl.rsqrt(squares * tl.math.div_rn(1.0, 1.0 * WIDTH) + eps)
     weight = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     out = (weight * (x32 * scale).to(x.dtype).to(tl.float32)).to(x.dtype)
@@ -321,6 +330,7 @@ def qk_norm_rope_into_cache(
         wrong = ", ".join(name for name, ok in expected.items() if not ok)
         raise ValueError(f"qk_norm_rope_into_cache: {wrong} do not have the shape or layout the kernel reads")
     q = torch.empty(rows // tokens, tokens, heads, d, dtype=qkv.dtype, device=qkv.device)
+    (vector, q_threads), (_, k_threads) = torch_sum_layout(d, tokens * heads), torch_sum_layout(d, tokens * kv_heads)
     _launch(
         "qk_norm_rope_kv",
         qkv.device.type,
@@ -346,8 +356,9 @@ def qk_norm_rope_into_cache(
         HALF=d // 2,
         HAS_POS=positions is not None,
         HAS_SLOTS=slots is not None,
-        Q_LAYOUT=torch_sum_layout(d, tokens * heads),
-        K_LAYOUT=torch_sum_layout(d, tokens * kv_heads),
+        VECTOR=vector,
+        Q_THREADS=q_threads,
+        K_THREADS=k_threads,
         num_warps=QK_WARPS,
     )
     return q.transpose(1, 2)
@@ -383,11 +394,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, tokens: int) -> 
     if x.dim() != 2 or x.stride(1) != 1 or weight.shape != (width,) or not weight.is_contiguous():
         raise ValueError("rms_norm: x must be rows [rows, width] with contiguous columns, and weight [width]")
     out = torch.empty(rows, width, dtype=x.dtype, device=x.device)
-    layout = torch_sum_layout(width, tokens)
+    vector, threads = torch_sum_layout(width, tokens)
     block = triton.next_power_of_2(width)
-    _launch(
-        "rms_norm", x.device.type, (rows,), x, x.stride(0), weight, out, eps, WIDTH=width, LAYOUT=layout, BLOCK=block
-    )
+    meta = {"WIDTH": width, "VECTOR": vector, "THREADS": threads, "BLOCK": block}
+    _launch("rms_norm", x.device.type, (rows,), x, x.stride(0), weight, out, eps, **meta)
     return out
 
 
@@ -561,10 +571,10 @@ def compiled_for(arch: int) -> dict[str, object]:
     strides = ["qkv_row_stride", "pos_offset", "cache_slot_stride", "cache_head_stride", "cache_pos_stride"]
     qk |= dict.fromkeys([*strides, "tokens"], number)
     step = {"HEADS": 16, "KV_HEADS": 8, "HALF": 64, "HAS_POS": True, "HAS_SLOTS": False}
-    step |= {"Q_LAYOUT": torch_sum_layout(128, 16), "K_LAYOUT": torch_sum_layout(128, 8)}
-    prefill = step | {"HAS_POS": False, "HAS_SLOTS": True, "K_LAYOUT": torch_sum_layout(128, 8 * 16)}
+    step |= {"VECTOR": 1, "Q_THREADS": torch_sum_layout(128, 16)[1], "K_THREADS": torch_sum_layout(128, 8)[1]}
+    prefill = step | {"HAS_POS": False, "HAS_SLOTS": True, "K_THREADS": torch_sum_layout(128, 8 * 16)[1]}
     norm = {"x_ptr": pointer, "row_stride": number, "weight_ptr": pointer, "out_ptr": pointer, "eps": "fp32"}
-    norm_step = {"WIDTH": 2048, "LAYOUT": torch_sum_layout(2048, 1), "BLOCK": 2048}
+    norm_step = {"WIDTH": 2048, "VECTOR": 4, "THREADS": torch_sum_layout(2048, 1)[1], "BLOCK": 2048}
     silu = {"gate_up_ptr": pointer, "row_stride": number, "out_ptr": pointer, "width": number}
     sample = {"logits_ptr": "*fp32", "noise_ptr": "*fp32", "temperature_ptr": "*fp32", "top_k_ptr": "*i64"}
     sample |= {"do_sample_ptr": "*i1", "out_ptr": "*i64"}
@@ -573,7 +583,7 @@ def compiled_for(arch: int) -> dict[str, object]:
         "qk_norm_rope_kv": (qk, step, QK_WARPS),
         "qk_norm_rope_kv prefill": (qk, prefill, QK_WARPS),
         "rms_norm": (norm, norm_step, 4),
-        "rms_norm prefill": (norm, norm_step | {"LAYOUT": torch_sum_layout(2048, 16)}, 4),
+        "rms_norm prefill": (norm, norm_step | {"THREADS": torch_sum_layout(2048, 16)[1]}, 4),
         "silu_mul": (silu, {"BLOCK": SILU_BLOCK, "LIBDEVICE": True}, 4),
         "sample_top_k": (sample, {"GREEDY_ROWS": True, "BLOCK": 4096}, SAMPLE_WARPS),
     }
