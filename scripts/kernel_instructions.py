@@ -13,7 +13,6 @@ for any architecture here. Extracting torch's cubins takes about 20 s and 0.7 GB
 from __future__ import annotations
 
 import argparse
-import logging
 import re
 import subprocess
 import sys
@@ -24,8 +23,6 @@ import torch
 import triton
 
 from tts_service import fused_kernels as fk
-
-logger = logging.getLogger("kernel_instructions")
 
 # torch's kernels for the ops ours replace: (kernel name in the cubin, the mangled dtype of its lambda)
 TORCH_KERNELS = {"rsqrt": ("rsqrt_kernel_cuda", "UlfE_"), "silu": ("silu_kernel", "c108BFloat16")}
@@ -101,7 +98,6 @@ def main() -> int:
     )
     parser.add_argument("--cache-dir", type=Path, help="(unused; accepted like the other diagnostic scripts)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     found = torch_sass(args.arch)
     ours = our_code(args.arch)
     columns = {f"torch {op}": sass for op, sass in found.items()} | {name: sass for name, (_, sass) in ours.items()}

@@ -364,6 +364,7 @@ def qk_norm_rope_into_cache(
     return q.transpose(1, 2)
 
 
+@cache  # (called per launch on eager paths: a pure function of two integers)
 def torch_sum_layout(width: int, rows: int) -> tuple[int, int]:
     """(V, W): how torch's CUDA reduction kernel (ATen's Reduce.cuh, `setReduceConfig`) splits the sum over
     the last dimension of contiguous float32 rows [rows, width], as in RMSNorm's `pow(2).mean(-1)`: W
@@ -571,10 +572,13 @@ def compiled_for(arch: int) -> dict[str, object]:
     strides = ["qkv_row_stride", "pos_offset", "cache_slot_stride", "cache_head_stride", "cache_pos_stride"]
     qk |= dict.fromkeys([*strides, "tokens"], number)
     step = {"HEADS": 16, "KV_HEADS": 8, "HALF": 64, "HAS_POS": True, "HAS_SLOTS": False}
-    step |= {"VECTOR": 1, "Q_THREADS": torch_sum_layout(128, 16)[1], "K_THREADS": torch_sum_layout(128, 8)[1]}
+    (vector, q_threads), (_, k_threads) = torch_sum_layout(128, 16), torch_sum_layout(128, 8)
+    step |= {"VECTOR": vector, "Q_THREADS": q_threads, "K_THREADS": k_threads}
     prefill = step | {"HAS_POS": False, "HAS_SLOTS": True, "K_THREADS": torch_sum_layout(128, 8 * 16)[1]}
     norm = {"x_ptr": pointer, "row_stride": number, "weight_ptr": pointer, "out_ptr": pointer, "eps": "fp32"}
-    norm_step = {"WIDTH": 2048, "VECTOR": 4, "THREADS": torch_sum_layout(2048, 1)[1], "BLOCK": 2048}
+    norm_step = {"WIDTH": 2048, "BLOCK": 2048} | dict(
+        zip(("VECTOR", "THREADS"), torch_sum_layout(2048, 1), strict=True)
+    )
     silu = {"gate_up_ptr": pointer, "row_stride": number, "out_ptr": pointer, "width": number}
     sample = {"logits_ptr": "*fp32", "noise_ptr": "*fp32", "temperature_ptr": "*fp32", "top_k_ptr": "*i64"}
     sample |= {"do_sample_ptr": "*i1", "out_ptr": "*i64"}
