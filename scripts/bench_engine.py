@@ -253,13 +253,16 @@ def triton_kernel_bits(device: str, dtype: torch.dtype, rows: int = 32) -> dict[
         return {name: float((got == ref).float().mean()) for name, (got, ref) in pairs.items()}
 
 
-def step_part_bits(device: str, dtype: torch.dtype, batches: tuple[int, ...] = (1, 8, 32)) -> dict[str, dict]:
+def step_part_bits(
+    device: str, dtype: torch.dtype, batches: tuple[int, ...] = (1, 8, 32), triton: bool = False
+) -> dict[str, dict]:
     """The step's parts that are not Triton kernels against qwen-tts's ops for each row alone, at the 1.7B
     talker's sizes on random tensors: the fused QKV and gate/up products (one GEMM each, where qwen-tts runs
     three and two, M = 1) and the fewer forms' decode attention (256 cache positions of which 100 are live,
     an additive mask, each KV head's queries as one block; HF's SDPA runs the live ones, no mask, with
-    enable_gqa). The share of elements with the same bits at each batch: where the Triton kernels keep
-    qwen-tts's bits, these say which part makes the codes part first."""
+    enable_gqa); with `triton`, the Triton decode attention over the live keys too. The share of elements
+    with the same bits at each batch: where the Triton kernels keep qwen-tts's bits, these say which part
+    makes the codes part first."""
     from types import SimpleNamespace
 
     import torch.nn.functional as F
@@ -275,7 +278,8 @@ def step_part_bits(device: str, dtype: torch.dtype, batches: tuple[int, ...] = (
     fused = {"fused QKV product": torch.cat(projections).t(), "fused gate/up product": torch.cat(gate_up).t()}
     separate = {"fused QKV product": projections, "fused gate/up product": gate_up}
     stack = SimpleNamespace(fewer_kernels=True, heads=heads, kv_heads=kv_heads, head_dim=d)
-    shares: dict[str, dict] = {name: {} for name in [*fused, "decode attention"]}
+    attentions = ["decode attention", *(["Triton decode attention"] if triton else [])]
+    shares: dict[str, dict] = {name: {} for name in [*fused, *attentions]}
     with torch.inference_mode():
         for n in batches:
             x = rand(n, hidden)
@@ -295,24 +299,32 @@ def step_part_bits(device: str, dtype: torch.dtype, batches: tuple[int, ...] = (
                 for i in range(n)
             ])  # fmt: skip
             shares["decode attention"][n] = float((ours == alone).float().mean())
+            if triton:
+                live_keys = torch.full((n,), live - 1, device=device)
+                ours = fused_kernels.decode_attention(q, keys, values, live_keys, d**-0.5)
+                shares["Triton decode attention"][n] = float((ours == alone).float().mean())
     return shares
 
 
 def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds: int = 3) -> list[dict]:
     """The frame step with qwen-tts's own ops, with the GPU's fewer-kernel forms (`Stack.fewer_kernels`) and,
     on a GPU where they work, with those and the Triton layer kernels (`Stack.triton_kernels`), first with the
-    eager sampling ops, then with the sampling kernel too (`Weights.triton_sampling`: the serving path in
-    bf16), side by side: kernels per frame (and on a GPU the most frequent kernels' names, which tell the
-    attention backend), the step's time (as CUDA graphs on a GPU) at batch 1, 8 and 32, greedy and sampled
-    with qwen-tts's sampling settings (the service's default; median of `rounds`, the forms alternating), and
-    the first frame where a lone greedy request's codes differ from the first form's. Needs every slot free."""
+    eager sampling ops and SDPA's decode attention, then with the sampling kernel too
+    (`Weights.triton_sampling`), then with the decode attention over live keys too
+    (`Stack.triton_attention`: the serving path in bf16), side by side: kernels per frame (and on a GPU the
+    most frequent kernels' names, which tell the attention backend), the step's time (as CUDA graphs on a
+    GPU) at batch 1, 8 and 32, greedy and sampled with qwen-tts's sampling settings (the service's default;
+    median of `rounds`, the forms alternating), and the first frame where a lone greedy request's codes
+    differ from the first form's. Needs every slot free."""
     serving, s = scheduler.weights, scheduler.state
     cuda = device.startswith("cuda")
-    forms = {"qwen-tts's ops": (False, False, False), "fewer kernels": (True, False, False)}
+    forms = {"qwen-tts's ops": (False, False, False, False), "fewer kernels": (True, False, False, False)}
     sizes, vocabularies = fs.sizes(serving), fs.vocabularies(serving)
-    if cuda and fused_kernels.usable(torch.device(device), serving.codec_head.dtype, sizes, vocabularies):
-        forms["fewer + Triton layers"] = (True, True, False)  # (a CPU would run them in Triton's interpreter)
-        forms["fewer + Triton"] = (True, True, True)
+    if cuda and fused_kernels.usable(torch.device(device), serving.codec_head.dtype, sizes, vocabularies, s.max_len):
+        # (a CPU would run them in Triton's interpreter)
+        forms["fewer + Triton layers, SDPA"] = (True, True, False, False)
+        forms["fewer + Triton, SDPA"] = (True, True, True, False)
+        forms["fewer + Triton"] = (True, True, True, True)
     batches = [n for n in (1, 8, 32) if n <= s.slots]
     modes = {"greedy": False, "sampled": True}
     sampled = _default_sampling(scheduler)
@@ -321,8 +333,8 @@ def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds
     idle_settings = _row_settings(s)
     with torch.inference_mode():
         _set_row_settings(s, sampled)  # every idle row samples as a request would
-        for name, (fewer, triton, triton_sampling) in forms.items():
-            w = replace(fs.with_fewer_kernels(serving, fewer, triton, triton_sampling), sampler=SamplerPlan.of(sampled))
+        for name, form in forms.items():
+            w = replace(fs.with_fewer_kernels(serving, *form), sampler=SamplerPlan.of(sampled))
             row: dict[str, Any] = {"forms": name}
             for mode, sample in modes.items():
                 fs.frame_step(w, s, 1, 256, sample)
@@ -377,7 +389,10 @@ def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds
         gpu = f"{row['cuda_kernels_greedy']} / {row['cuda_kernels_sampled']}" if cuda else "-"
         print(f"| {row['forms']} | {ops} | {gpu} | {times_ms} | {row.get('first_divergent_frame', '-')} |")
     dtype = serving.codec_head.dtype
-    if len(rows) > 1 and (parts := _beside(rows, "parts_same_bits_as_qwen_tts", step_part_bits, device, dtype)):
+    triton = "fewer + Triton" in forms
+    if len(rows) > 1 and (
+        parts := _beside(rows, "parts_same_bits_as_qwen_tts", step_part_bits, device, dtype, (1, 8, 32), triton)
+    ):
         print("\nThe step's products and decode attention against qwen-tts's ops for each row alone (random,")
         print("1.7B sizes), same bits at batch " + " / ".join(map(str, next(iter(parts.values())))) + ": ")
         print(", ".join(f"{name} " + " / ".join(f"{v:.2%}" for v in by_n.values()) for name, by_n in parts.items()))

@@ -5,7 +5,7 @@ A sync is an op whose result the host must wait for: `.item()`/`bool()`/`int()` 
 (`_local_scalar_dense`), data-dependent shapes (`nonzero`, `masked_select`, `unique`...), and
 `.tolist()`/`.numpy()`, which bypass the dispatcher and are counted by wrapping them.
 
-A launch of one of the step's Triton kernels (`fused_kernels`) is one kernel op, named after its function;
+Each launch of one of the step's Triton kernels (`fused_kernels`) is one kernel op, named after the kernel;
 what it does inside is not counted (on a CPU that is Triton's interpreter, not the kernel's work).
 """
 
@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from tts_service import fused_kernels
 
-TRITON_LAUNCHERS = ("qk_norm_rope_into_cache", "rms_norm", "silu_mul", "sample_top_k")
+TRITON_LAUNCHERS = ("qk_norm_rope_into_cache", "rms_norm", "silu_mul", "sample_top_k", "decode_attention")
 
 SYNC_OPS = {
     "aten._local_scalar_dense",
@@ -106,23 +106,27 @@ def census() -> Iterator[Census]:
 
         return wrapper
 
-    def launching(name):
+    def uncounted(name):  # a launcher's own tensor ops (and the interpreter's) are not the GPU's
         original = getattr(fused_kernels, name)
 
-        def launch(*args, **kwargs):
-            result.ops += 1
-            result.kernels += 1
-            result.by_op[f"triton.{name}"] += 1
+        def launcher(*args, **kwargs):
             with _disable_current_modes():
                 return original(*args, **kwargs)
 
-        return launch
+        return launcher
 
-    launchers = {name: getattr(fused_kernels, name) for name in TRITON_LAUNCHERS}
+    def launch(name, *args, **kwargs):  # each kernel it launches is one
+        result.ops += 1
+        result.kernels += 1
+        result.by_op[f"triton.{name}"] += 1
+        return launchers["_launch"](name, *args, **kwargs)
+
+    launchers = {name: getattr(fused_kernels, name) for name in (*TRITON_LAUNCHERS, "_launch")}
     for name in originals:
         setattr(torch.Tensor, name, counting(name))
-    for name in launchers:
-        setattr(fused_kernels, name, launching(name))
+    for name in TRITON_LAUNCHERS:
+        setattr(fused_kernels, name, uncounted(name))
+    fused_kernels._launch = launch
     try:
         with _Mode(result):
             yield result

@@ -225,6 +225,11 @@ def test_a_step_whose_triton_kernels_cannot_be_captured_is_captured_without_them
         outputs = run()
         return Graph(run, outputs), outputs
 
+    lengths = []  # each captured step's attended lengths: the Triton attention's one, then the buckets
+    capture_all = cuda_graphs.GraphedFrameStep.capture_all
+    monkeypatch.setattr(
+        cuda_graphs.GraphedFrameStep, "capture_all", lambda self: lengths.append(self.kv_lengths) or capture_all(self)
+    )
     monkeypatch.setattr(fused_kernels, "qk_norm_rope_into_cache", refuse)
     monkeypatch.setattr(cuda_graphs, "capture", capture)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
@@ -234,6 +239,9 @@ def test_a_step_whose_triton_kernels_cannot_be_captured_is_captured_without_them
     assert "capturing the frame step with its Triton kernels failed" in caplog.text
     w = scheduler.weights
     assert w.talker.fewer_kernels and not w.talker.triton_kernels and not w.triton_sampling
+    assert not w.talker.triton_attention
+    max_len = scheduler.state.max_len
+    assert lengths == [[max_len], cuda_graphs.kv_buckets(max_len)]
     assert isinstance(scheduler.step_fn, cuda_graphs.GraphedFrameStep) and scheduler.step_fn.weights is w
     prompt = scheduler.prompts.build("A line.", "ryan", "english")
     frames = {}

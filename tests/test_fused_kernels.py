@@ -263,6 +263,51 @@ def test_the_sampling_kernel_draws_choose_among_tops_token(vocab: int) -> None:
             assert torch.equal(got, expected), (trial, greedy_rows, got, expected)
 
 
+def attention_case(dtype: torch.dtype, heads: int, kv_heads: int, slots: int = 5, seed: int = 0):
+    """q [4, heads, 1, D] as the q/k kernel lays it out (rows' heads contiguous) and a cache of `slots` slots
+    of two splits and a bit, rows at positions within the first split, at a split's last and first keys,
+    and at the cache's end."""
+    generator = torch.Generator().manual_seed(seed)
+    length = 2 * fk.ATTENTION_SPLIT + 5
+    q = torch.randn(4, 1, heads, D, generator=generator).to(dtype).transpose(1, 2)
+    keys, values = (torch.randn(slots, kv_heads, length, D, generator=generator).to(dtype) for _ in "kv")
+    positions = torch.tensor([3, fk.ATTENTION_SPLIT - 1, fk.ATTENTION_SPLIT, length - 1])
+    return q, keys, values, positions
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(HEADS, KV_HEADS), (4, 4), (8, 2)])
+def test_the_decode_attention_kernel_attends_each_rows_live_keys_only(dtype: torch.dtype, heads, kv_heads) -> None:
+    """softmax(q k / sqrt(D)) v over keys 0 to the row's position, query head h reading KV head h // group
+    (qwen-tts's repeat_kv), in float64 from the same inputs. Every key past a row's position, and every slot
+    past the rows, is NaN: had the kernel read one (even at zero weight), the row's output would be NaN."""
+    q, keys, values, positions = attention_case(dtype, heads, kv_heads)
+    for row, position in enumerate(positions.tolist()):
+        keys[row, :, position + 1 :] = float("nan")
+        values[row, :, position + 1 :] = float("nan")
+    keys[len(positions) :], values[len(positions) :] = float("nan"), float("nan")
+    got = fk.decode_attention(q, keys, values, positions, D**-0.5)
+    assert got.shape == q.shape and got.dtype == dtype
+    assert not got.isnan().any()
+    for row, position in enumerate(positions.tolist()):
+        k, v = (t[row, :, : position + 1].double().repeat_interleave(heads // kv_heads, 0) for t in (keys, values))
+        expected = torch.softmax(q[row].double() @ k.transpose(-1, -2) * D**-0.5, dim=-1) @ v
+        tolerance = 1e-6 if dtype == torch.float32 else 2**-8  # float32 throughout, rounded once to bf16
+        np.testing.assert_allclose(got[row].double(), expected, rtol=tolerance, atol=tolerance, err_msg=str(row))
+
+
+def test_the_decode_attention_kernel_gives_a_row_the_same_bits_alone_and_among_others() -> None:
+    """A row reads only its own slot, in a fixed order: the same bits alone (its cache in slot 0) as in a
+    batch of rows of other lengths, so a seed replays whatever shares the step."""
+    q, keys, values, positions = attention_case(torch.bfloat16, HEADS, KV_HEADS)
+    together = fk.decode_attention(q, keys, values, positions, D**-0.5)
+    for row in range(len(positions)):
+        alone = fk.decode_attention(
+            q[row : row + 1].contiguous(), keys[row : row + 1], values[row : row + 1], positions[row : row + 1], D**-0.5
+        )
+        assert torch.equal(alone[0], together[row]), row
+
+
 def test_the_kernels_refuse_shapes_they_would_read_out_of_bounds() -> None:
     """The kernels index by offsets, unchecked; their wrappers check what the offsets assume."""
     qkv, weight, cos, _, sin = case(torch.float32)
@@ -286,6 +331,17 @@ def test_the_kernels_refuse_shapes_they_would_read_out_of_bounds() -> None:
             )  # fmt: skip
     with pytest.raises(ValueError, match="gate_up"):
         fk.silu_mul(torch.zeros(3, 7))
+    q, keys, values, positions = attention_case(torch.float32, HEADS, KV_HEADS)
+    wrong_attention = {
+        "q": {"q": torch.randn(4, D, HEADS, 1).permute(0, 2, 3, 1)},  # heads not contiguous rows
+        "heads": {"q": torch.randn(4, 6, 1, D)},  # 6 query heads over 2 KV heads: a group of 3
+        "keys/values": {"keys": keys[:3], "values": values[:3]},  # fewer slots than rows
+        "positions": {"positions": positions[:3]},
+    }
+    for name, bad in wrong_attention.items():
+        given = {"q": q, "keys": keys, "values": values, "positions": positions} | bad
+        with pytest.raises(ValueError, match=name):
+            fk.decode_attention(given["q"], given["keys"], given["values"], given["positions"], D**-0.5)
 
 
 def test_usable_checks_the_kernels_against_the_eager_ops(engine, monkeypatch, caplog) -> None:
@@ -306,6 +362,18 @@ def test_usable_checks_the_kernels_against_the_eager_ops(engine, monkeypatch, ca
     heads, kv_heads, head_dim, _, _ = sizes[0]
     assert {(c[1], c[5] is not None, c[6], c[12] is not None) for c in calls} == set(fk.STEP_CALLS)
     assert {tuple(c[2].shape) for c in calls} == {(heads + kv_heads, head_dim)}
+    # a decode attention that reads past a row's live keys fails it, in a cache of the step's length
+    monkeypatch.undo()
+    attention, lengths = fk.decode_attention, []
+
+    def past_the_live_keys(q, keys, values, positions, scale):
+        lengths.append(keys.shape[2])
+        return attention(q, keys, values, torch.full_like(positions, keys.shape[2] - 1), scale)
+
+    monkeypatch.setattr(fk, "decode_attention", past_the_live_keys)
+    with caplog.at_level(logging.WARNING, logger="tts_service.fused_kernels"):
+        assert not fk.usable(torch.device("cpu"), torch.bfloat16, sizes, vocabularies, 300)
+    assert "differ from the eager ops" in caplog.text and lengths == [300]
 
 
 @pytest.mark.parametrize("arch", [90, 121])  # the H100, the DGX Spark's GB10
@@ -331,5 +399,8 @@ def test_the_step_names_its_kernel_forms(engine) -> None:
     assert fs.kernel_forms(fs.with_fewer_kernels(w, False)) == "qwen-tts's ops"
     assert "Triton" not in fs.kernel_forms(fs.with_fewer_kernels(w, True))
     assert "Triton" in fs.kernel_forms(fs.with_fewer_kernels(w, True, triton=True))
+    assert "live keys" in fs.kernel_forms(fs.with_fewer_kernels(w, True, triton=True))
+    assert "live keys" not in fs.kernel_forms(fs.with_fewer_kernels(w, True, triton=True, triton_attention=False))
+    assert not fs.with_fewer_kernels(w, True, triton=False, triton_attention=True).talker.triton_attention
     assert "sampling" in fs.kernel_forms(fs.with_fewer_kernels(w, True, triton=True))
     assert "sampling" not in fs.kernel_forms(fs.with_fewer_kernels(w, True, triton=True, triton_sampling=False))

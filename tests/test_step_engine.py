@@ -305,6 +305,10 @@ def test_the_sampling_kernel_is_timed_apart_from_the_layer_kernels(quiet_engine)
         launches[triton_sampling] = counted.by_op
     assert launches[False]["triton.sample_top_k"] == 0 and launches[False]["triton.silu_mul"] > 0
     assert launches[None]["triton.sample_top_k"] == 16
+    # and each talker layer's decode attention: two launches (its splits, then their combination), no SDPA
+    for kernel in ("triton.decode_attention_split", "triton.decode_attention_combine"):
+        assert launches[None][kernel] == len(s.keys)
+    assert launches[None]["aten.scaled_dot_product_attention"] == 15 * len(s.predictor_keys)  # the predictor's
 
 
 def test_a_prefill_with_the_triton_kernel_writes_each_prompts_cache_into_its_own_slot(quiet_engine) -> None:
@@ -327,7 +331,7 @@ def test_a_prefill_with_the_triton_kernel_writes_each_prompts_cache_into_its_own
         forms = fs.with_fewer_kernels(w, True, triton=triton)
         with torch.inference_mode(), census() as counted:
             fs.prefill(forms, s, slots, prompts, [scheduler.sampling_params(i) for i in slots])
-        assert counted.by_op["triton.qk_norm_rope_into_cache"] == (len(s.keys) if triton else 0)
+        assert counted.by_op["triton.qk_norm_rope_kv"] == (len(s.keys) if triton else 0)
         after[triton] = _snapshot(s)
     for name, value in after[False].items():
         for plain, fused in zip(*(v if isinstance(v, list) else [v] for v in (value, after[True][name])), strict=True):

@@ -11,8 +11,9 @@
 #   faster     faster-qwen3-tts 0.5.4 in its own environment (transformers 5.15.1, qwen-tts-hf)
 #   engine     this engine with CUDA graphs (streams 1, 8, 32, each with first chunks of 4, quick start, 1;
 #              census; the step's kernel forms greedy and sampled: qwen-tts's ops, fewer kernels, + Triton layers,
-#              + Triton sampling, with the same-bits lines of the Triton kernels and of the fused products and
-#              decode attention against qwen-tts's ops for a lone request; step) beside plain qwen-tts
+#              + Triton sampling (both with SDPA's attention), + Triton decode attention over live keys, with the
+#              same-bits lines of the Triton kernels and of the fused products and both decode attentions
+#              against qwen-tts's ops for a lone request; step) beside plain qwen-tts
 #   http       the service itself (`bentoml serve`, greedy): first bytes of /v1/tts/stream at 1 and 8 streams
 #              beside /v1/tts/synthesize (scripts/bench.py stream --url), and the server's own first-audio lines
 #   compiled   the same with the Inductor-compiled step (TTS_COMPILE_STEP), no plain qwen-tts

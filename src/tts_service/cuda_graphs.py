@@ -4,7 +4,8 @@ joining prompt's prefill: one per prompt-length bucket.
 A frame is thousands of small kernels; launched one by one from Python the GPU idles between them.
 Replaying a captured graph launches them all at once. Graphs need fixed shapes, so the step's two
 shapes are rounded up to buckets: the window of slots `n` (rows beyond the active ones are free slots,
-which compute harmlessly in place) and the number of keys attended to (`kv_len`, masked per row).
+which compute harmlessly in place) and the number of keys attended to (`kv_len`, masked per row; with
+the Triton decode attention each row reads its own live keys, so that is one length, the cache's).
 A prefill is about a thousand kernels too, on the way to a request's first audio: its prompt is
 right-padded to its length bucket (the padding lands beyond the prompt, where no query looks).
 All graphs are captured at start-up, before the service reports ready, into one shared memory pool.
@@ -111,7 +112,9 @@ class GraphedFrameStep:
     ) -> None:
         self.weights, self.state, self.step = weights, state, step
         self.batch_sizes = list(batch_sizes or batch_buckets(state.slots))
-        self.kv_lengths = list(kv_lengths or kv_buckets(state.max_len))
+        # a step whose attention reads each row's live keys has one length: the cache's
+        live_keys = [state.max_len] if weights.talker.triton_attention else None
+        self.kv_lengths = list(kv_lengths or live_keys or kv_buckets(state.max_len))
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
 

@@ -105,6 +105,9 @@ class Stack:
     # q/k norm, RoPE and K/V cache writes are one kernel instead of seven, SiLU(gate) * up one instead of two
     # (sampling: `Weights.triton_sampling`).
     triton_kernels: bool = False
+    # With them, the talker's decode attention as a Triton kernel over each row's live keys only
+    # (`fused_kernels.decode_attention`): no mask, no length bucket, so one CUDA graph serves every length.
+    triton_attention: bool = False
 
 
 @dataclass
@@ -437,7 +440,8 @@ def frame_step(w: Weights, s: SlotState, n: int, kv_len: int, sample: bool = Tru
 
     Completes each row's frame (its pending first-codebook token plus 15 predicted codes), runs one
     talker step on it and picks the next first-codebook token. `kv_len` bounds the keys attended to and
-    must exceed every active row's position; `sample=False` when no row samples (greedy only).
+    must exceed every active row's position (with `Stack.triton_attention` each row reads its own live
+    keys and `kv_len` is not read); `sample=False` when no row samples (greedy only).
     Returns frames [n, 16] and done [n] (next token is end of speech). Rows that are not active
     compute harmlessly inside their own slot. `n`, `kv_len` and `sample` are shapes and switches
     the host knows; everything per row lives on the device.
@@ -456,8 +460,9 @@ def frame_step(w: Weights, s: SlotState, n: int, kv_len: int, sample: bool = Tru
         cos = stack.cos[position][:, None, None]  # [n, 1, 1, D]: one position per row
         sin = stack.sin[position][:, None, None]
     rows = s.rows[:n]
-    visible = (s.key_index[:kv_len][None, :] <= position[:, None])[:, None, None]  # [n, 1, 1, kv_len]
-    if stack.fewer_kernels:
+    if not stack.triton_attention:
+        visible = (s.key_index[:kv_len][None, :] <= position[:, None])[:, None, None]  # [n, 1, 1, kv_len]
+    if stack.fewer_kernels and not stack.triton_attention:
         visible = torch.full(visible.shape, float("-inf"), dtype=x.dtype, device=x.device).masked_fill_(visible, 0.0)
     for index, (layer, keys, values) in enumerate(zip(stack.layers, s.keys, s.values, strict=True)):
         if stack.triton_kernels:
@@ -466,7 +471,10 @@ def frame_step(w: Weights, s: SlotState, n: int, kv_len: int, sample: bool = Tru
             q, k, v = _project_qkv(x, 1, layer, stack, cos, sin)
             keys[rows, :, position] = k[:, :, 0]
             values[rows, :, position] = v[:, :, 0]
-        attn = _attend_decode(q, keys[:n, :, :kv_len], values[:n, :, :kv_len], stack, visible)
+        if stack.triton_attention:
+            attn = fused_kernels.decode_attention(q, keys, values, position, stack.head_dim**-0.5)
+        else:
+            attn = _attend_decode(q, keys[:n, :, :kv_len], values[:n, :, :kv_len], stack, visible)
         x = _finish_layer(x, attn, layer, stack, owned=index > 0)
     hidden = norm(x, stack.norm, stack, stack.width_t, 1)  # [n, H]
     logits = linear(hidden, w.codec_head_t, None, w.talker.min_rows).to(torch.float32)
@@ -710,20 +718,31 @@ def kernel_forms(w: Weights) -> str:
     if not w.talker.fewer_kernels:
         return "qwen-tts's ops"
     triton = ", Triton q/k norm + RoPE + cache writes, SiLU-mul" if w.talker.triton_kernels else ""
+    if w.talker.triton_attention:
+        triton += ", decode attention over live keys"
     if w.triton_sampling:
         triton += " and sampling" if triton else ", Triton sampling"
     return f"fewer (fused norms, grouped decode attention{triton})"
 
 
 def with_fewer_kernels(
-    w: Weights, fewer: bool = True, triton: bool = False, triton_sampling: bool | None = None
+    w: Weights,
+    fewer: bool = True,
+    triton: bool = False,
+    triton_sampling: bool | None = None,
+    triton_attention: bool | None = None,
 ) -> Weights:
-    """`w` with `Stack.fewer_kernels`, `Stack.triton_kernels` and `Weights.triton_sampling` (by default as
-    `triton`) on or off (the same tensors)."""
+    """`w` with `Stack.fewer_kernels`, `Stack.triton_kernels`, `Weights.triton_sampling` and the talker's
+    `Stack.triton_attention` (these two by default as `triton`; the attention only with `triton`, whose
+    q/k kernel lays q out as it reads it) on or off (the same tensors)."""
     forms = {"fewer_kernels": fewer, "triton_kernels": triton}
     sampling = triton if triton_sampling is None else triton_sampling
+    attention = triton and (triton if triton_attention is None else triton_attention)
     return replace(
-        w, talker=replace(w.talker, **forms), predictor=replace(w.predictor, **forms), triton_sampling=sampling
+        w,
+        talker=replace(w.talker, **forms, triton_attention=attention),
+        predictor=replace(w.predictor, **forms),
+        triton_sampling=sampling,
     )
 
 

@@ -5,7 +5,8 @@ kernel). Per layer and token, the eager step spends seven kernels between the QK
 (q/k RMSNorm, its per-head weight, RoPE's two products and sum, the K and V cache writes; a prefill's
 writes go to each prompt's slot) and two on SiLU(gate) * up; a sampled token about ten.
 `qk_norm_rope_into_cache`, `silu_mul` and `sample_top_k` are one kernel each. `rms_norm` is one kernel
-like `F.rms_norm`, but rounds where qwen-tts's RMSNorm rounds.
+like `F.rms_norm`, but rounds where qwen-tts's RMSNorm rounds. `decode_attention` (two kernels) reads each
+row's live keys only, where SDPA inside a CUDA graph attends a fixed length under a mask.
 
 They compute in float32 and round to the activations' dtype where qwen-tts's ops do: the normed value,
 its product with the weight, RoPE's two products and their sum; SiLU, then its product with `up`. So on a
@@ -248,11 +249,103 @@ def _sample_top_k(
     tl.store(out_ptr + row, token.to(tl.int64))
 
 
+def _decode_attention_split(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    pos_ptr,
+    part_ptr,
+    stats_ptr,
+    cache_slot_stride,
+    cache_head_stride,
+    cache_pos_stride,
+    scale_log2,
+    HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    SPLIT: tl.constexpr,
+    SPLITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program per (row, KV head, split of SPLIT keys): the GROUP query heads that read this KV head
+    (qwen-tts's repeat_kv: head h reads KV head h // GROUP) over the split's keys up to the row's own
+    position (its live keys; a split past them returns at once). The first block of a split that runs
+    has a live key, so the running max is finite from it on. Writes the unnormalised sum of p * v
+    [GROUP, D] to part [rows, HEADS, SPLITS, D] and the running max and sum of p (base 2) to stats
+    [rows, HEADS, SPLITS, 2], in float32, for `_decode_attention_combine`."""
+    row = tl.program_id(0).to(tl.int64)  # (cache offsets can pass 2**31 with many long slots)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    length = tl.load(pos_ptr + row) + 1
+    start = split * SPLIT
+    if start < length:
+        g = tl.arange(0, GROUP)
+        d = tl.arange(0, D)
+        head = kv_head * GROUP + g
+        q = tl.load(q_ptr + (row * HEADS + head[:, None]) * D + d[None, :]).to(tl.float32)  # [GROUP, D]
+        base = row * cache_slot_stride + kv_head * cache_head_stride
+        best = tl.full([GROUP], float("-inf"), tl.float32)
+        total = tl.full([GROUP], 0.0, tl.float32)
+        acc = tl.full([GROUP, D], 0.0, tl.float32)
+        for block in range(SPLIT // BLOCK):  # (a block past the live keys loads nothing)
+            at = start + block * BLOCK + tl.arange(0, BLOCK)
+            live = at < length
+            where = base + at[:, None] * cache_pos_stride + d[None, :]
+            k = tl.load(k_ptr + where, mask=live[:, None], other=0.0).to(tl.float32)  # [BLOCK, D]
+            products = q[:, None, :] * k[None, :, :]  # [GROUP, BLOCK, D]
+            scores = tl.reduce(products, 2, tl.standard._sum_combine) * scale_log2
+            scores = tl.where(live[None, :], scores, float("-inf"))
+            new_best = tl.maximum(best, tl.reduce(scores, 1, tl.standard._elementwise_max))
+            shrink = tl.exp2(best - new_best)
+            p = tl.exp2(scores - new_best[:, None])
+            v = tl.load(v_ptr + where, mask=live[:, None], other=0.0).to(tl.float32)
+            total = total * shrink + tl.reduce(p, 1, tl.standard._sum_combine)
+            acc = acc * shrink[:, None] + tl.reduce(p[:, :, None] * v[None, :, :], 1, tl.standard._sum_combine)
+            best = new_best
+        at_split = (row * HEADS + head) * SPLITS + split
+        tl.store(part_ptr + at_split[:, None] * D + d[None, :], acc)
+        tl.store(stats_ptr + at_split * 2, best)
+        tl.store(stats_ptr + at_split * 2 + 1, total)
+
+
+def _decode_attention_combine(
+    part_ptr,
+    stats_ptr,
+    pos_ptr,
+    out_ptr,
+    HEADS: tl.constexpr,
+    D: tl.constexpr,
+    SPLIT: tl.constexpr,
+    SPLITS: tl.constexpr,
+    SPLITS_BLOCK: tl.constexpr,
+):
+    """One program per (row, query head): the splits its live keys covered, rescaled to their common max
+    and summed in a fixed order (so a row's values depend on nothing but its own keys), into out
+    [rows, HEADS, D] in the output's dtype."""
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    used = (tl.load(pos_ptr + row) + SPLIT) // SPLIT  # splits with live keys: ceil((position + 1) / SPLIT)
+    s = tl.arange(0, SPLITS_BLOCK)
+    d = tl.arange(0, D)
+    valid = s < used
+    at = (row * HEADS + head) * SPLITS + s
+    best = tl.load(stats_ptr + at * 2, mask=valid, other=float("-inf"))
+    total = tl.load(stats_ptr + at * 2 + 1, mask=valid, other=0.0)
+    top = tl.reduce(best, 0, tl.standard._elementwise_max)
+    weight = tl.where(valid, tl.exp2(best - top), 0.0)
+    part = tl.load(part_ptr + at[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+    numerator = tl.reduce(part * weight[:, None], 0, tl.standard._sum_combine)
+    out = tl.math.div_rn(numerator, tl.reduce(total * weight, 0, tl.standard._sum_combine))
+    tl.store(out_ptr + (row * HEADS + head) * D + d, out.to(out_ptr.dtype.element_ty))
+
+
 _KERNELS = {
     "qk_norm_rope_kv": _qk_norm_rope_kv,
     "rms_norm": _rms_norm,
     "silu_mul": _silu_mul,
     "sample_top_k": _sample_top_k,
+    "decode_attention_split": _decode_attention_split,
+    "decode_attention_combine": _decode_attention_combine,
 }
 # Whether LLVM may fuse a product and a sum into one FMA, with one rounding (Triton's default). torch's ops
 # round the product first (q * cos, then + rotate_half(q) * sin; pow(2), then the mean), so only SiLU fuses:
@@ -419,6 +512,61 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# Keys a split program reads (a decode attention's unit of parallel work), and per loop: a block of 16 keys
+# compiles to 128 registers a thread on sm_90 and none spilled (32: 243; 64: spills). Unmeasured on a GPU: a
+# lone row of 500 keys is 4 splits x 8 KV heads, 32 programs of 64 KB of K and V each.
+ATTENTION_SPLIT = 128
+ATTENTION_BLOCK = 16
+
+
+def decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One query per row, q [n, heads, 1, D] (rows' heads contiguous), over each row's live keys only:
+    keys/values [slots, kv_heads, L, D] at slot = the row and positions 0 to positions[row] (inclusive),
+    query head h reading KV head h // (heads / kv_heads) as qwen-tts's repeat_kv. Returns [n, heads, 1, D].
+
+    Why: inside a CUDA graph SDPA attends a fixed number of keys, so the step had a graph per length bucket
+    and attended each row's masked-out keys up to it. Here a row reads its own keys, whatever the other
+    rows' lengths, in two launches (splits of ATTENTION_SPLIT keys in parallel, then their combination in a
+    fixed order), so its values depend on nothing but its own keys (batch invariant) and one graph serves
+    every length. Softmax in float32 with base-2 exponentials, as flash attention computes it; the values
+    are not SDPA's bits."""
+    n, heads, d = q.shape[0], q.shape[1], q.shape[-1]
+    kv_heads, max_len = keys.shape[1], keys.shape[2]
+    group = heads // max(kv_heads, 1)
+    expected = {
+        "q": q.shape == (n, heads, 1, d) and q.reshape(n, heads, d).is_contiguous(),
+        "heads": heads == group * kv_heads and group & (group - 1) == 0 and d & (d - 1) == 0,
+        "keys/values": keys.shape == values.shape
+        and keys.stride() == values.stride()
+        and keys.stride(3) == 1
+        and keys.shape[0] >= n
+        and keys.shape[3] == d,
+        "positions": positions.shape == (n,) and positions.is_contiguous(),
+    }
+    if not all(expected.values()):
+        wrong = ", ".join(name for name, ok in expected.items() if not ok)
+        raise ValueError(f"decode_attention: {wrong} do not have the shape or layout the kernel reads")
+    splits = triton.cdiv(max_len, ATTENTION_SPLIT)
+    part = torch.empty(n, heads, splits, d, dtype=torch.float32, device=q.device)
+    stats = torch.empty(n, heads, splits, 2, dtype=torch.float32, device=q.device)
+    out = torch.empty(n, heads, d, dtype=q.dtype, device=q.device)
+    device = q.device.type
+    _launch(
+        "decode_attention_split", device, (n, kv_heads, splits),
+        q, keys, values, positions, part, stats, keys.stride(0), keys.stride(1), keys.stride(2),
+        scale * 1.4426950408889634,  # log2(e): exp(x) = exp2(x * log2(e))
+        HEADS=heads, GROUP=group, D=d, SPLIT=ATTENTION_SPLIT, SPLITS=splits, BLOCK=ATTENTION_BLOCK,
+    )  # fmt: skip
+    _launch(
+        "decode_attention_combine", device, (n, heads),
+        part, stats, positions, out,
+        HEADS=heads, D=d, SPLIT=ATTENTION_SPLIT, SPLITS=splits, SPLITS_BLOCK=triton.next_power_of_2(splits),
+    )  # fmt: skip
+    return out.unsqueeze(2)
+
+
 def _reference_qk(qkv, tokens, weight, cos, sin, positions, offset, heads, kv_heads, eps):
     """The eager ops the q/k kernel stands for, in float32 (for `usable`): q, k and v [rows, heads, D]."""
     d = cos.shape[-1]
@@ -468,6 +616,23 @@ def sample_top_k(
     return out
 
 
+def _check_attention(
+    heads: int, kv_heads: int, d: int, length: int, dtype: torch.dtype, generator: torch.Generator, check
+) -> None:
+    """`decode_attention` against softmax(q k / sqrt(D)) v over each row's live keys (float32, qwen-tts's
+    repeat_kv), in a cache of `length` positions, at positions that end within the first split, at the next
+    one's first key and at the cache's end."""
+    device = generator.device
+    q = torch.randn(3, heads, 1, d, generator=generator, device=device).to(dtype)
+    keys, values = (torch.randn(3, kv_heads, length, d, generator=generator, device=device).to(dtype) for _ in "kv")
+    positions = torch.tensor([0, min(ATTENTION_SPLIT, length - 1), length - 1], device=device)
+    got = decode_attention(q, keys, values, positions, d**-0.5)
+    for row, position in enumerate(positions.tolist()):
+        k, v = (t[row, :, : position + 1].float().repeat_interleave(heads // kv_heads, 0) for t in (keys, values))
+        weights = torch.softmax(q[row].float() @ k.transpose(-1, -2) * d**-0.5, dim=-1)
+        check(got[row], weights @ v)
+
+
 def _check_sampling(logits: torch.Tensor, generator: torch.Generator) -> None:
     """`sample_top_k` against `choose_among_top` (greedy rows on and off): the same tokens."""
     rows, device = logits.shape[0], logits.device
@@ -498,12 +663,13 @@ def usable(
     dtype: torch.dtype,
     sizes: Sequence[tuple[int, int, int, int, int]],
     vocabularies: Sequence[int],
+    max_len: int | None = None,
 ) -> bool:
     """Whether the kernels compile and run on `device` and agree with the eager ops there, checked at
     start-up on small tensors of each stack's `sizes` (heads, kv_heads, head_dim, MLP width, hidden size)
-    in each of the step's call forms, and on logits of each of the `vocabularies`, so every variant the step
-    launches is compiled here, where a failure costs nothing: False (with a warning) where Triton cannot
-    serve this GPU or dtype."""
+    in each of the step's call forms, on logits of each of the `vocabularies` and on a talker cache of
+    `max_len` positions (the step's), so every variant the step launches is compiled here, where a failure
+    costs nothing: False (with a warning) where Triton cannot serve this GPU or dtype."""
     if triton is None:
         logger.warning("Triton is not installed: the frame step runs without its Triton kernels")
         return False
@@ -548,6 +714,9 @@ def usable(
             expected = torch.nn.functional.rms_norm(x.float(), (hidden,), norm_weight.float(), 1e-6)
             for tokens in NORM_TOKENS:
                 check(rms_norm(x, norm_weight, 1e-6, tokens), expected)
+        heads, kv_heads, d, _, _ = sizes[0]  # (the talker's: only its steps attend with the kernel)
+        length = max_len or 2 * ATTENTION_SPLIT + 5  # (its number of splits is a constant of the kernel)
+        _check_attention(heads, kv_heads, d, length, dtype, generator, check)
         for vocab in vocabularies:
             _check_sampling(rand(batch, vocab).float() * 3, generator)
     except Exception as error:  # a compiler or driver failure: the eager forms still serve
@@ -583,7 +752,15 @@ def compiled_for(arch: int) -> dict[str, object]:
     sample = {"logits_ptr": "*fp32", "noise_ptr": "*fp32", "temperature_ptr": "*fp32", "top_k_ptr": "*i64"}
     sample |= {"do_sample_ptr": "*i1", "out_ptr": "*i64"}
     sample |= dict.fromkeys(["logits_stride", "noise_stride", "vocab", "candidates"], number)
+    attention = dict.fromkeys(["q_ptr", "k_ptr", "v_ptr"], pointer) | {"pos_ptr": "*i64", "scale_log2": "fp32"}
+    attention |= dict.fromkeys(["part_ptr", "stats_ptr"], "*fp32")
+    attention |= dict.fromkeys(["cache_slot_stride", "cache_head_stride", "cache_pos_stride"], number)
+    splits = triton.cdiv(1536 + 2048, ATTENTION_SPLIT)  # the default settings' cache
+    split_sizes = {"HEADS": 16, "D": 128, "SPLIT": ATTENTION_SPLIT, "SPLITS": splits}
+    combine = {"part_ptr": "*fp32", "stats_ptr": "*fp32", "pos_ptr": "*i64", "out_ptr": pointer}
     sources = {
+        "decode_attention_split": (attention, split_sizes | {"GROUP": 2, "BLOCK": ATTENTION_BLOCK}, 4),
+        "decode_attention_combine": (combine, split_sizes | {"SPLITS_BLOCK": triton.next_power_of_2(splits)}, 4),
         "qk_norm_rope_kv": (qk, step, QK_WARPS),
         "qk_norm_rope_kv prefill": (qk, prefill, QK_WARPS),
         "rms_norm": (norm, norm_step, 4),

@@ -189,7 +189,7 @@ class StepScheduler:
             fewer
             and self.on_cuda
             and not compile_step
-            and fused_kernels.usable(self.device, dtype, sizes, vocabularies)
+            and fused_kernels.usable(self.device, dtype, sizes, vocabularies, max_len)
         ):
             self.weights = fs.with_fewer_kernels(self.weights, True, triton=True)
         self.weights.sampler = SamplerPlan.of(self.sampling_params(0))

@@ -69,8 +69,8 @@ class Settings(BaseSettings):
         None,
         description="The frame step's forms with fewer kernels: fused RMSNorm, RoPE as addcmul, residuals added by "
         "their projection, the decode attention without GQA, a sampled frame's noise made at once; on a GPU where "
-        "they pass a start-up check, Triton kernels for the q/k norm + RoPE + cache writes, SiLU-mul and top-k "
-        "sampling. Unset: on a "
+        "they pass a start-up check, Triton kernels for the q/k norm + RoPE + cache writes, SiLU-mul, top-k "
+        "sampling and the decode attention (each row's live keys only). Unset: on a "
         "GPU in bfloat16 or float16, where each kernel is a launch; float32 and the CPU keep qwen-tts's own ops "
         "(on a CPU the forms are no faster). Not yet measured on a GPU.",
     )
