@@ -350,6 +350,8 @@ def test_usable_checks_the_kernels_against_the_eager_ops(engine, monkeypatch, ca
     with caplog.at_level(logging.INFO, logger="tts_service.fused_kernels"):
         assert fk.usable(torch.device("cpu"), torch.bfloat16, sizes, vocabularies)
     assert "Triton kernels compiled and checked on cpu in" in caplog.text  # (the start-up log's compile time)
+    # float32 too, with the default settings' cache: an attention over 3,584 keys sums in another order
+    assert fk.usable(torch.device("cpu"), torch.float32, sizes, vocabularies, 3584)
     caplog.clear()
     calls = []
     original = fk.qk_norm_rope_into_cache
