@@ -195,8 +195,76 @@ def test_a_prompt_past_the_largest_bucket_or_of_a_failed_capture_is_prefilled_ea
     assert prefill._graph_for(12) is None and prefill._graph_for(20) is not None
 
 
+class _StoodInGraph:
+    """A captured graph stood in on the CPU: a replay runs the step again into the captured outputs."""
+
+    def __init__(self, run, outputs) -> None:
+        self.run, self.outputs = run, outputs
+
+    def replay(self) -> None:
+        for output, fresh in zip(self.outputs, self.run(), strict=True):
+            output.copy_(fresh)
+
+
+@pytest.fixture
+def stood_in_capture(monkeypatch) -> list:
+    """CUDA graph capture stood in by running the step (as capture's warm-up does). Returns the attended
+    lengths of each frame step captured, as they are captured."""
+    from tts_service import cuda_graphs
+
+    def capture(run, pool):
+        outputs = run()
+        return _StoodInGraph(run, outputs), outputs
+
+    lengths: list = []
+    capture_all = cuda_graphs.GraphedFrameStep.capture_all
+    monkeypatch.setattr(
+        cuda_graphs.GraphedFrameStep, "capture_all", lambda self: lengths.append(self.kv_lengths) or capture_all(self)
+    )
+    monkeypatch.setattr(cuda_graphs, "capture", capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    return lengths
+
+
+def _graphs_and_eager_frames(scheduler, w: fs.Weights, kv_len: int) -> dict[str, torch.Tensor]:
+    """Three greedy frames of one request through the scheduler's step and through the eager step."""
+    prompt = scheduler.prompts.build("A line.", "ryan", "english")
+    frames = {}
+    for name, step in (("graphs", scheduler.step_fn), ("eager", fs.frame_step)):
+        with torch.inference_mode():
+            fs.prefill(w, scheduler.state, [0], [prompt], [scheduler.sampling_params(0)])
+            frames[name] = torch.stack([step(w, scheduler.state, 1, kv_len, False)[0][0].clone() for _ in range(3)])
+            fs.release(scheduler.state, 0)
+    return frames
+
+
+def test_a_step_with_the_triton_attention_is_captured_at_one_length(
+    stood_in_capture: list, tiny_dir: Path, cache_dir: Path
+) -> None:
+    """With the decode attention over live keys a row reads its own keys whatever the step's `kv_len`, so the
+    service captures one length (the cache's) per batch bucket and sampling mode, and every `kv_len` the
+    scheduler asks for replays it. (Capture stood in; the Triton kernels in the interpreter.)"""
+    pytest.importorskip("triton")
+    from tts_service import cuda_graphs
+
+    engine = TTSEngine.load(Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, max_batch_size=2))
+    scheduler = engine.scheduler
+    scheduler.weights = w = fs.with_fewer_kernels(scheduler.weights, True, triton=True)
+    with torch.inference_mode():
+        scheduler._capture_graphs(prefill_graphs=False)
+    max_len = scheduler.state.max_len
+    assert stood_in_capture == [[max_len]] and scheduler.weights is w and w.talker.triton_attention
+    graphed = scheduler.step_fn
+    assert isinstance(graphed, cuda_graphs.GraphedFrameStep)
+    assert set(graphed.graphs) == {(n, max_len, sample) for n in (1, 2) for sample in (False, True)}
+    frames = _graphs_and_eager_frames(scheduler, w, 32)
+    assert torch.equal(frames["graphs"], frames["eager"])
+    assert len(graphed.graphs) == 4  # kv_len 32 replayed the one length's graph
+
+
 def test_a_step_whose_triton_kernels_cannot_be_captured_is_captured_without_them(
-    monkeypatch, tiny_dir: Path, cache_dir: Path, caplog
+    monkeypatch, stood_in_capture: list, tiny_dir: Path, cache_dir: Path, caplog
 ) -> None:
     """Triton's kernels pass `fused_kernels.usable` eagerly before capture; should capturing them fail all the
     same, the step is captured without them and serves, rather than the service failing to start. A failure
@@ -213,43 +281,17 @@ def test_a_step_whose_triton_kernels_cannot_be_captured_is_captured_without_them
     def refuse(*args, **kwargs):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    class Graph:
-        def __init__(self, run, outputs) -> None:
-            self.run, self.outputs = run, outputs
-
-        def replay(self) -> None:
-            for output, fresh in zip(self.outputs, self.run(), strict=True):
-                output.copy_(fresh)
-
-    def capture(run, pool):
-        outputs = run()
-        return Graph(run, outputs), outputs
-
-    lengths = []  # each captured step's attended lengths: the Triton attention's one, then the buckets
-    capture_all = cuda_graphs.GraphedFrameStep.capture_all
-    monkeypatch.setattr(
-        cuda_graphs.GraphedFrameStep, "capture_all", lambda self: lengths.append(self.kv_lengths) or capture_all(self)
-    )
     monkeypatch.setattr(fused_kernels, "qk_norm_rope_into_cache", refuse)
-    monkeypatch.setattr(cuda_graphs, "capture", capture)
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
     with caplog.at_level(logging.ERROR, logger="tts_service.scheduler"), torch.inference_mode():
         scheduler._capture_graphs(prefill_graphs=False)
     assert "capturing the frame step with its Triton kernels failed" in caplog.text
     w = scheduler.weights
     assert w.talker.fewer_kernels and not w.talker.triton_kernels and not w.triton_sampling
     assert not w.talker.triton_attention
-    max_len = scheduler.state.max_len
-    assert lengths == [[max_len], cuda_graphs.kv_buckets(max_len)]
+    max_len = scheduler.state.max_len  # the Triton attention's one length, then the buckets
+    assert stood_in_capture == [[max_len], cuda_graphs.kv_buckets(max_len)]
     assert isinstance(scheduler.step_fn, cuda_graphs.GraphedFrameStep) and scheduler.step_fn.weights is w
-    prompt = scheduler.prompts.build("A line.", "ryan", "english")
-    frames = {}
-    for name, step in (("graphs", scheduler.step_fn), ("eager", fs.frame_step)):
-        with torch.inference_mode():
-            fs.prefill(w, scheduler.state, [0], [prompt], [scheduler.sampling_params(0)])
-            frames[name] = torch.stack([step(w, scheduler.state, 1, 128, False)[0][0].clone() for _ in range(3)])
-            fs.release(scheduler.state, 0)
+    frames = _graphs_and_eager_frames(scheduler, w, 128)
     assert torch.equal(frames["graphs"], frames["eager"])
 
     monkeypatch.setattr(cuda_graphs, "capture", refuse)  # without Triton's kernels a failure is the service's
