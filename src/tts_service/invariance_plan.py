@@ -62,8 +62,9 @@ class InvariancePlan:
         (`TTS_STREAM_DECODER=window`) are decoded alone, since batched convolutions change their bits.
         On a GPU, cuBLAS and cuDNN choose kernels by the batch's size, so every product runs at one size
         (all the slots; with memory-bound weights that should cost little), each prompt is prefilled alone
-        and each window is decoded alone. Whether that suffices there (attention and sampling kernels are
-        not padded) is measured by scripts/check_seed_replay.py."""
+        and each window is decoded alone. The Triton kernels compute each row by itself (the talker's
+        decode attention over its own keys, sampling, the norms); whether that suffices there (the code
+        predictor's SDPA is not padded) is measured by scripts/check_seed_replay.py."""
         if not invariant:
             return cls()
         if on_cuda:
