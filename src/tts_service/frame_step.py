@@ -460,10 +460,11 @@ def frame_step(w: Weights, s: SlotState, n: int, kv_len: int, sample: bool = Tru
         cos = stack.cos[position][:, None, None]  # [n, 1, 1, D]: one position per row
         sin = stack.sin[position][:, None, None]
     rows = s.rows[:n]
-    if not stack.triton_attention:
+    if not stack.triton_attention:  # (which reads each row's live keys, unmasked)
         visible = (s.key_index[:kv_len][None, :] <= position[:, None])[:, None, None]  # [n, 1, 1, kv_len]
-    if stack.fewer_kernels and not stack.triton_attention:
-        visible = torch.full(visible.shape, float("-inf"), dtype=x.dtype, device=x.device).masked_fill_(visible, 0.0)
+        if stack.fewer_kernels:
+            bias = torch.full(visible.shape, float("-inf"), dtype=x.dtype, device=x.device)
+            visible = bias.masked_fill_(visible, 0.0)
     for index, (layer, keys, values) in enumerate(zip(stack.layers, s.keys, s.values, strict=True)):
         if stack.triton_kernels:
             q = _fused_attention_inputs(x, 1, layer, stack, keys, values, position, 0)
@@ -717,12 +718,11 @@ def kernel_forms(w: Weights) -> str:
     """The step's forms in words, for the start-up log."""
     if not w.talker.fewer_kernels:
         return "qwen-tts's ops"
+    attention = "Triton decode attention over live keys" if w.talker.triton_attention else "grouped decode attention"
     triton = ", Triton q/k norm + RoPE + cache writes, SiLU-mul" if w.talker.triton_kernels else ""
-    if w.talker.triton_attention:
-        triton += ", decode attention over live keys"
     if w.triton_sampling:
         triton += " and sampling" if triton else ", Triton sampling"
-    return f"fewer (fused norms, grouped decode attention{triton})"
+    return f"fewer (fused norms, {attention}{triton})"
 
 
 def with_fewer_kernels(
