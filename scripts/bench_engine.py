@@ -306,6 +306,9 @@ def step_part_bits(
     return shares
 
 
+LIVE_KEYS = 200  # the keys a timed step's rows attend, of the 256 its SDPA forms attend masked
+
+
 def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds: int = 3) -> list[dict]:
     """The frame step with qwen-tts's own ops, with the GPU's fewer-kernel forms (`Stack.fewer_kernels`) and,
     on a GPU where they work, with those and the Triton layer kernels (`Stack.triton_kernels`), first with the
@@ -354,12 +357,18 @@ def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds
             rows.append(row)
             steps.append((w, step))
         times: list[dict[tuple[str, int], list[float]]] = [{} for _ in steps]
+        # Every row as a request at position LIVE_KEYS - 1 (the idle rows' own positions are about 0): SDPA's
+        # forms attend the 256 keys under a mask, the Triton attention the live ones, so both read as much
+        # as a request there would.
+        positions = s.position.clone()
+        s.position.fill_(LIVE_KEYS - 1)
         for _ in range(rounds):
             for (w, step), timed in zip(steps, times, strict=True):
                 for mode, sample in modes.items():
                     for n in batches:
                         ms = ms_per_step(step, w, s, n, 256, 20, device, warm=3, sample=sample)
                         timed.setdefault((mode, n), []).append(ms)
+        s.position.copy_(positions)
         _set_row_settings(s, idle_settings)
         prompt = scheduler.prompts.build(TEXT, *VOICES[0])
         codes = []
@@ -373,8 +382,8 @@ def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds
         differs = (codes[0] != form_codes).any(dim=1).nonzero().flatten().tolist()
         row["first_divergent_frame"] = differs[0] if differs else None
     print(
-        f"\n## The step's kernel forms (keys 256; ms: median of {rounds}; greedy and sampled with qwen-tts's "
-        f"settings; the codes of one greedy request over {frames} frames)\n"
+        f"\n## The step's kernel forms (keys 256, rows at {LIVE_KEYS} live keys; ms: median of {rounds}; greedy and "
+        f"sampled with qwen-tts's settings; the codes of one greedy request over {frames} frames)\n"
     )
     header = " | ".join(f"ms {mode} {n}" for mode in modes for n in (1, 8, 32))
     print(f"| forms | kernel ops greedy / sampled | CUDA kernels greedy / sampled | {header} | first frame differing |")
