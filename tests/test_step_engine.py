@@ -311,6 +311,31 @@ def test_the_sampling_kernel_is_timed_apart_from_the_layer_kernels(quiet_engine)
     assert launches[None]["aten.scaled_dot_product_attention"] == 15 * len(s.predictor_keys)  # the predictor's
 
 
+def test_a_timed_step_attends_as_a_request_would_and_leaves_the_free_slots_as_they_were(quiet_engine) -> None:
+    """The quick start's first step time (`time_a_step`) runs on free slots, which sit at about position 0,
+    where an attention over live keys reads one key: its rows stand at TIMED_KEYS keys instead, with the
+    `kv_len` the loop would pass there, and get their positions back after."""
+    from tts_service.scheduler import TIMED_KEYS
+
+    scheduler = quiet_engine.scheduler
+    before = scheduler.state.position.clone()
+    seen = []
+    original = scheduler.step_fn
+
+    def step(w, s, n, kv_len, sample):
+        seen.append((s.position[:n].tolist(), kv_len))
+        return original(w, s, n, kv_len, sample)
+
+    scheduler.step_fn = step
+    try:
+        assert scheduler.time_a_step() > 0
+    finally:
+        scheduler.step_fn = original
+    assert len(seen) == 4 and TIMED_KEYS == 200
+    assert all(positions == [199] * len(positions) and kv_len == 224 for positions, kv_len in seen)
+    assert torch.equal(scheduler.state.position, before)
+
+
 def test_a_prefill_with_the_triton_kernel_writes_each_prompts_cache_into_its_own_slot(quiet_engine) -> None:
     """Prompts of three lengths, right-padded into one prefill, into slots out of order (3, 0, 2): the q/k
     kernel writes each prompt's K/V at its own slot (not its row), and the prefill leaves the fewer forms'

@@ -54,6 +54,8 @@ _SEGMENT_SEED_STRIDE = 0x9E3779B97F4A7C15  # each later segment of a long text d
 LOOP_PHASES = ("admit", "step", "collect", "hand_off")
 # OpenMP teams in a non-main thread are slow; the decoder thread has the other core.
 CPU_LOOP_THREADS = 1
+# The keys a timed step's rows attend (`time_a_step`): a short prompt and a few seconds of speech.
+TIMED_KEYS = 200
 
 
 @dataclass(eq=False)  # rows are compared and hashed by identity
@@ -269,24 +271,30 @@ class StepScheduler:
 
     def time_a_step(self) -> float:
         """Seconds of one step at the narrowest window, on free slots (as graph capture runs them; a
-        prefill resets a slot's state)."""
+        prefill resets a slot's state), each as a request with TIMED_KEYS keys: a free slot sits at about
+        position 0, where an attention over live keys would read one."""
         window = max(1, self.invariance.min_window)
+        keys = min(TIMED_KEYS, self.max_len)
+        kv_len = min(self.max_len, -(-keys // 32) * 32)  # as `_launch` rounds it
         params = self.sampling_params(0)
         sample = params.do_sample or params.sub_do_sample  # the service's mode, as _admit sets each row's
         threads = torch.get_num_threads()
         if not self.on_cuda:  # on the loop's thread count, as the loop will step
             torch.set_num_threads(CPU_LOOP_THREADS)
+        positions = self.state.position.clone()
+        self.state.position.fill_(keys - 1)
         try:
             with torch.inference_mode():
-                self.step_fn(self.weights, self.state, window, 32, sample)  # warm
+                self.step_fn(self.weights, self.state, window, kv_len, sample)  # warm
                 if self.on_cuda:
                     torch.cuda.synchronize(self.device)
                 started = time.perf_counter()
                 for _ in range(3):
-                    frames, _done = self.step_fn(self.weights, self.state, window, 32, sample)
+                    frames, _done = self.step_fn(self.weights, self.state, window, kv_len, sample)
                 frames.cpu()
         finally:
             torch.set_num_threads(threads)
+            self.state.position.copy_(positions)
         return (time.perf_counter() - started) / 3
 
     # ---- public ----------------------------------------------------------------------------------
