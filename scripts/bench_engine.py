@@ -38,7 +38,7 @@ from tts_service.engine import TTSEngine  # noqa: E402
 from tts_service.invariance_plan import InvariancePlan  # noqa: E402
 from tts_service.request_handle import Job  # noqa: E402
 from tts_service.sampling import SamplerPlan, SamplingParams  # noqa: E402
-from tts_service.scheduler import LOOP_PHASES, StepScheduler  # noqa: E402
+from tts_service.scheduler import LOOP_PHASES, TIMED_KEYS, StepScheduler, rows_at  # noqa: E402
 from tts_service.settings import Settings  # noqa: E402
 from tts_service.stream_plan import ChunkPlan, window_lengths  # noqa: E402
 
@@ -306,9 +306,6 @@ def step_part_bits(
     return shares
 
 
-LIVE_KEYS = 200  # the keys a timed step's rows attend, of the 256 its SDPA forms attend masked
-
-
 def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds: int = 3) -> list[dict]:
     """The frame step with qwen-tts's own ops, with the GPU's fewer-kernel forms (`Stack.fewer_kernels`) and,
     on a GPU where they work, with those and the Triton layer kernels (`Stack.triton_kernels`), first with the
@@ -357,18 +354,15 @@ def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds
             rows.append(row)
             steps.append((w, step))
         times: list[dict[tuple[str, int], list[float]]] = [{} for _ in steps]
-        # Every row as a request at position LIVE_KEYS - 1 (the idle rows' own positions are about 0): SDPA's
-        # forms attend the 256 keys under a mask, the Triton attention the live ones, so both read as much
-        # as a request there would.
-        positions = s.position.clone()
-        s.position.fill_(LIVE_KEYS - 1)
-        for _ in range(rounds):
-            for (w, step), timed in zip(steps, times, strict=True):
-                for mode, sample in modes.items():
-                    for n in batches:
-                        ms = ms_per_step(step, w, s, n, 256, 20, device, warm=3, sample=sample)
-                        timed.setdefault((mode, n), []).append(ms)
-        s.position.copy_(positions)
+        # Every row as a request with TIMED_KEYS keys: SDPA's forms attend the 256 under a mask, the Triton
+        # attention the live ones, so both read as much as a request there would.
+        with rows_at(s, TIMED_KEYS):
+            for _ in range(rounds):
+                for (w, step), timed in zip(steps, times, strict=True):
+                    for mode, sample in modes.items():
+                        for n in batches:
+                            ms = ms_per_step(step, w, s, n, 256, 20, device, warm=3, sample=sample)
+                            timed.setdefault((mode, n), []).append(ms)
         _set_row_settings(s, idle_settings)
         prompt = scheduler.prompts.build(TEXT, *VOICES[0])
         codes = []
@@ -382,7 +376,7 @@ def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds
         differs = (codes[0] != form_codes).any(dim=1).nonzero().flatten().tolist()
         row["first_divergent_frame"] = differs[0] if differs else None
     print(
-        f"\n## The step's kernel forms (keys 256, rows at {LIVE_KEYS} live keys; ms: median of {rounds}; greedy and "
+        f"\n## The step's kernel forms (keys 256, rows at {TIMED_KEYS} live keys; ms: median of {rounds}; greedy and "
         f"sampled with qwen-tts's settings; the codes of one greedy request over {frames} frames)\n"
     )
     header = " | ".join(f"ms {mode} {n}" for mode in modes for n in (1, 8, 32))
@@ -689,18 +683,17 @@ def main(argv: list[str] | None = None) -> None:
 
     kv = 256
     report["step_ms"] = []
-    positions = scheduler.state.position.clone()
-    scheduler.state.position.fill_(LIVE_KEYS - 1)  # rows as requests there (see kernel_forms), not idle at 0
-    for n in (1, 8, 32):
-        if n > scheduler.slots:
-            continue
-        row = {"batch": n, "eager_ms": time_steps(fs.frame_step, scheduler, n, kv, args.device, sample=args.sampling)}
-        if scheduler.step_fn is not fs.frame_step:
-            row["graph_ms"] = time_steps(scheduler.step_fn, scheduler, n, kv, args.device, sample=args.sampling)
-            row["speedup"] = row["eager_ms"] / row["graph_ms"]
-        report["step_ms"].append(row)
-    scheduler.state.position.copy_(positions)
-    print(f"\n## Frame step time (keys 256, rows at {LIVE_KEYS} live keys, {decoding})\n")
+    with rows_at(scheduler.state, TIMED_KEYS):  # rows as requests there (see kernel_forms), not idle at 0
+        for n in (1, 8, 32):
+            if n > scheduler.slots:
+                continue
+            eager_ms = time_steps(fs.frame_step, scheduler, n, kv, args.device, sample=args.sampling)
+            row = {"batch": n, "eager_ms": eager_ms}
+            if scheduler.step_fn is not fs.frame_step:
+                row["graph_ms"] = time_steps(scheduler.step_fn, scheduler, n, kv, args.device, sample=args.sampling)
+                row["speedup"] = row["eager_ms"] / row["graph_ms"]
+            report["step_ms"].append(row)
+    print(f"\n## Frame step time (keys 256, rows at {TIMED_KEYS} live keys, {decoding})\n")
     print("| batch | eager ms | graph ms | graph speed-up | frames/s at graph |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     for row in report["step_ms"]:
