@@ -320,11 +320,13 @@ def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds
     cuda = device.startswith("cuda")
     forms = {"qwen-tts's ops": (False, False, False, False), "fewer kernels": (True, False, False, False)}
     sizes, vocabularies = fs.sizes(serving), fs.vocabularies(serving)
-    if cuda and fused_kernels.usable(torch.device(device), serving.codec_head.dtype, sizes, vocabularies, s.max_len):
+    dtype = serving.codec_head.dtype
+    if cuda and fused_kernels.usable(torch.device(device), dtype, sizes, vocabularies):
         # (a CPU would run them in Triton's interpreter)
         forms["fewer + Triton layers, SDPA"] = (True, True, False, False)
         forms["fewer + Triton, SDPA"] = (True, True, True, False)
-        forms["fewer + Triton"] = (True, True, True, True)
+        if fused_kernels.attention_usable(torch.device(device), dtype, sizes[0], s.max_len):
+            forms["fewer + Triton"] = (True, True, True, True)
     batches = [n for n in (1, 8, 32) if n <= s.slots]
     modes = {"greedy": False, "sampled": True}
     sampled = _default_sampling(scheduler)

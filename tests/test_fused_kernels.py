@@ -350,8 +350,6 @@ def test_usable_checks_the_kernels_against_the_eager_ops(engine, monkeypatch, ca
     with caplog.at_level(logging.INFO, logger="tts_service.fused_kernels"):
         assert fk.usable(torch.device("cpu"), torch.bfloat16, sizes, vocabularies)
     assert "Triton kernels compiled and checked on cpu in" in caplog.text  # (the start-up log's compile time)
-    # float32 too, with the default settings' cache: an attention over 3,584 keys sums in another order
-    assert fk.usable(torch.device("cpu"), torch.float32, sizes, vocabularies, 3584)
     caplog.clear()
     calls = []
     original = fk.qk_norm_rope_into_cache
@@ -364,8 +362,19 @@ def test_usable_checks_the_kernels_against_the_eager_ops(engine, monkeypatch, ca
     heads, kv_heads, head_dim, _, _ = sizes[0]
     assert {(c[1], c[5] is not None, c[6], c[12] is not None) for c in calls} == set(fk.STEP_CALLS)
     assert {tuple(c[2].shape) for c in calls} == {(heads + kv_heads, head_dim)}
+
+
+def test_attention_usable_checks_the_decode_attention_over_live_keys(engine, monkeypatch, caplog) -> None:
+    """At the talker's sizes, in a cache of the step's length; apart from `usable`, so a failure costs only
+    the attention (the scheduler then keeps the layer kernels: test_step_engine)."""
+    talker = fs.sizes(engine.scheduler.weights)[0]
+    with caplog.at_level(logging.INFO, logger="tts_service.fused_kernels"):
+        assert fk.attention_usable(torch.device("cpu"), torch.bfloat16, talker, 300)
+    assert "Triton decode attention compiled and checked on cpu in" in caplog.text
+    # float32 too, with the default settings' cache: an attention over 3,584 keys sums in another order
+    assert fk.attention_usable(torch.device("cpu"), torch.float32, talker, 3584)
+    caplog.clear()
     # a decode attention that reads past a row's live keys fails it, in a cache of the step's length
-    monkeypatch.undo()
     attention, lengths = fk.decode_attention, []
 
     def past_the_live_keys(q, keys, values, positions, scale):
@@ -374,8 +383,8 @@ def test_usable_checks_the_kernels_against_the_eager_ops(engine, monkeypatch, ca
 
     monkeypatch.setattr(fk, "decode_attention", past_the_live_keys)
     with caplog.at_level(logging.WARNING, logger="tts_service.fused_kernels"):
-        assert not fk.usable(torch.device("cpu"), torch.bfloat16, sizes, vocabularies, 300)
-    assert "differ from the eager ops" in caplog.text and lengths == [300]
+        assert not fk.attention_usable(torch.device("cpu"), torch.bfloat16, talker, 300)
+    assert "attends with SDPA" in caplog.text and "differ from the eager ops" in caplog.text and lengths == [300]
 
 
 @pytest.mark.parametrize("arch", [90, 121])  # the H100, the DGX Spark's GB10

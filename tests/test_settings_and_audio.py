@@ -33,7 +33,8 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "value"), [("TTS_MAX_BATCH_SIZE", "lots"), ("TTS_DEVICE", "tpu"), ("TTS_DTYPE", "int4")]
+    ("name", "value"),
+    [("TTS_MAX_BATCH_SIZE", "lots"), ("TTS_DEVICE", "tpu"), ("TTS_DTYPE", "int4"), ("TTS_DECODE_ATTENTION", "flash")],
 )
 def test_invalid_environment_names_the_setting(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
     monkeypatch.setenv(name, value)

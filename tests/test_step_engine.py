@@ -224,6 +224,61 @@ def test_tts_fewer_kernels_turns_the_forms_on_and_off(tiny_dir: Path, cache_dir:
     assert Settings().fewer_kernels is None
 
 
+def test_tts_decode_attention_takes_the_triton_attention_or_sdpa(
+    engine: TTSEngine, tiny_dir: Path, cache_dir: Path, monkeypatch, caplog
+) -> None:
+    """`TTS_DECODE_ATTENTION` reaches the scheduler, whose GPU branch (`_use_triton_kernels`, run here in
+    Triton's interpreter: on a CPU the scheduler takes no Triton kernels) takes the decode attention over live
+    keys with the layer kernels where it passes its own start-up check; `sdpa`, or a failed check, keeps the
+    layer kernels and attends with SDPA (and its length buckets)."""
+    pytest.importorskip("triton")
+    import logging
+
+    from tts_service import fused_kernels
+    from tts_service.scheduler import StepScheduler
+
+    monkeypatch.setenv("TTS_DECODE_ATTENTION", "sdpa")
+    assert Settings().decode_attention == "sdpa"
+    asked = []
+    init = StepScheduler.__init__
+    monkeypatch.setattr(StepScheduler, "__init__", lambda self, *a, **k: asked.append(k) or init(self, *a, **k))
+    TTSEngine.load(Settings(model=str(tiny_dir), cache_dir=cache_dir, max_batch_size=1))
+    assert asked[0]["decode_attention"] == "sdpa"
+    monkeypatch.undo()
+
+    scheduler = engine.scheduler
+    plain, checked = scheduler.weights, []
+    attention_usable, decode_attention = fused_kernels.attention_usable, fused_kernels.decode_attention
+    monkeypatch.setattr(fused_kernels, "attention_usable", lambda *a: checked.append(a[3]) or attention_usable(*a))
+    try:
+        scheduler._use_triton_kernels(True)
+        w = scheduler.weights
+        assert w.talker.triton_kernels and w.triton_sampling and w.talker.triton_attention
+        assert checked == [scheduler.max_len]  # at the step's cache length
+
+        scheduler.weights = plain
+        scheduler._use_triton_kernels(False)
+        w = scheduler.weights
+        assert w.talker.triton_kernels and w.triton_sampling and not w.talker.triton_attention
+        assert checked == [scheduler.max_len]  # not checked (nor compiled) when not asked for
+
+        scheduler.weights = plain
+        monkeypatch.setattr(  # an attention that reads past the live keys fails its check
+            fused_kernels,
+            "decode_attention",
+            lambda q, k, v, positions, scale: decode_attention(
+                q, k, v, torch.full_like(positions, k.shape[2] - 1), scale
+            ),
+        )
+        with caplog.at_level(logging.WARNING, logger="tts_service.fused_kernels"):
+            scheduler._use_triton_kernels(True)
+        w = scheduler.weights
+        assert w.talker.triton_kernels and w.triton_sampling and not w.talker.triton_attention
+        assert "the talker attends with SDPA" in caplog.text
+    finally:
+        scheduler.weights = plain
+
+
 def test_grouped_decode_attention_reads_each_query_heads_own_kv_head(quiet_engine) -> None:
     """qwen-tts's repeat_kv: query head h reads KV head h // group. Every KV head holds other values, so a
     wrong mapping shows; rows see different numbers of keys."""

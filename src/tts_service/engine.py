@@ -270,6 +270,7 @@ class TTSEngine:
             ),
             quick_start=settings.stream_quick_start,
             fewer_kernels=settings.fewer_kernels,
+            decode_attention=settings.decode_attention,
         )
 
     @classmethod

@@ -19,8 +19,9 @@ elements with qwen-tts's bits and the first frame where bf16 codes part.
 
 On a CUDA tensor a kernel is compiled by Triton (torch's Linux wheels ship it); on a CPU tensor it runs
 in Triton's interpreter, which is how the suite tests the same kernel code without a GPU (slow: tests
-only). `usable` checks at start-up that the kernels compile and agree with the eager forms on the device,
-so a GPU Triton cannot serve (an unsupported architecture) falls back to the eager step with a warning.
+only). `usable` and `attention_usable` check at start-up that the kernels compile and agree with the
+eager forms on the device, so a GPU Triton cannot serve (an unsupported architecture) falls back to the
+eager step with a warning.
 """
 
 from __future__ import annotations
@@ -666,13 +667,12 @@ def usable(
     dtype: torch.dtype,
     sizes: Sequence[tuple[int, int, int, int, int]],
     vocabularies: Sequence[int],
-    max_len: int | None = None,
 ) -> bool:
-    """Whether the kernels compile and run on `device` and agree with the eager ops there, checked at
-    start-up on small tensors of each stack's `sizes` (heads, kv_heads, head_dim, MLP width, hidden size)
-    in each of the step's call forms, on logits of each of the `vocabularies` and on a talker cache of
-    `max_len` positions (the step's), so every variant the step launches is compiled here, where a failure
-    costs nothing: False (with a warning) where Triton cannot serve this GPU or dtype."""
+    """Whether the layer and sampling kernels compile and run on `device` and agree with the eager ops
+    there, checked at start-up on small tensors of each stack's `sizes` (heads, kv_heads, head_dim, MLP
+    width, hidden size) in each of the step's call forms and on logits of each of the `vocabularies`, so
+    every variant the step launches is compiled here, where a failure costs nothing: False (with a warning)
+    where Triton cannot serve this GPU or dtype. (The decode attention: `attention_usable`.)"""
     if triton is None:
         logger.warning("Triton is not installed: the frame step runs without its Triton kernels")
         return False
@@ -717,9 +717,6 @@ def usable(
             expected = torch.nn.functional.rms_norm(x.float(), (hidden,), norm_weight.float(), 1e-6)
             for tokens in NORM_TOKENS:
                 check(rms_norm(x, norm_weight, 1e-6, tokens), expected)
-        heads, kv_heads, d, _, _ = sizes[0]  # (the talker's: only its steps attend with the kernel)
-        length = max_len or 2 * ATTENTION_SPLIT + 5  # (its number of splits is a constant of the kernel)
-        _check_attention(heads, kv_heads, d, length, dtype, generator)
         for vocab in vocabularies:
             _check_sampling(rand(batch, vocab).float() * 3, generator)
     except Exception as error:  # a compiler or driver failure: the eager forms still serve
@@ -727,6 +724,28 @@ def usable(
         return False
     # (compiling is most of it; TRITON_CACHE_DIR keeps the binaries for the next start)
     logger.info("Triton kernels compiled and checked on %s in %.1f s", device, time.perf_counter() - started)
+    return True
+
+
+def attention_usable(
+    device: torch.device, dtype: torch.dtype, size: tuple[int, int, int, int, int], max_len: int | None = None
+) -> bool:
+    """Whether `decode_attention` compiles and runs on `device` and agrees with softmax over the live keys
+    there, for the talker's `size` (only its steps attend with the kernel) in a cache of `max_len` positions
+    (the step's: its number of splits is a constant of the kernel, so the variant the step launches is the
+    one compiled here). Apart from `usable`, so a failure here keeps the layer kernels: False (with a
+    warning) and the step attends with SDPA."""
+    if triton is None:
+        return False
+    started = time.perf_counter()
+    heads, kv_heads, d, _, _ = size
+    try:
+        generator = torch.Generator(device=device).manual_seed(0)
+        _check_attention(heads, kv_heads, d, max_len or 2 * ATTENTION_SPLIT + 5, dtype, generator)
+    except Exception as error:  # a compiler or driver failure: SDPA's masked call still serves
+        logger.warning("the talker attends with SDPA: the Triton decode attention failed on %s: %r", device, error)
+        return False
+    logger.info("Triton decode attention compiled and checked on %s in %.1f s", device, time.perf_counter() - started)
     return True
 
 

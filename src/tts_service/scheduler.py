@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -133,6 +133,7 @@ class StepScheduler:
         quick_start: bool | None = None,
         prefill_graphs: bool = True,
         fewer_kernels: bool | None = None,
+        decode_attention: Literal["triton", "sdpa"] = "triton",
     ) -> None:
         self.wrapper = wrapper
         self.model = wrapper.model
@@ -199,14 +200,8 @@ class StepScheduler:
             self.model, max_len, self.prompts.pad_embed(), invariance.min_rows, invariance.contiguous_weights, fewer
         )
         # Triton's kernels on a GPU with the fewer forms, unless Inductor compiles the step (it fuses its own)
-        sizes, vocabularies = fs.sizes(self.weights), fs.vocabularies(self.weights)
-        if (
-            fewer
-            and self.on_cuda
-            and not compile_step
-            and fused_kernels.usable(self.device, dtype, sizes, vocabularies, max_len)
-        ):
-            self.weights = fs.with_fewer_kernels(self.weights, True, triton=True)
+        if fewer and self.on_cuda and not compile_step:
+            self._use_triton_kernels(decode_attention == "triton")
         self.weights.sampler = SamplerPlan.of(self.sampling_params(0))
         self.state = fs.allocate_state(self.weights, slots, max_len)
         self.step_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -258,6 +253,15 @@ class StepScheduler:
                 self.step_intervals[-1] * 1000,
                 QUICK_START_MAX_STEP_S * 1000,
             )
+
+    def _use_triton_kernels(self, attention: bool) -> None:
+        """The step's Triton kernels where they pass their start-up checks on this device, and with them the
+        decode attention over live keys where `attention` asks for it and it passes its own check (else
+        SDPA attends, the layer kernels kept)."""
+        dtype, talker_size = self.weights.codec_head.dtype, fs.sizes(self.weights)[0]
+        if fused_kernels.usable(self.device, dtype, fs.sizes(self.weights), fs.vocabularies(self.weights)):
+            attention = attention and fused_kernels.attention_usable(self.device, dtype, talker_size, self.max_len)
+            self.weights = fs.with_fewer_kernels(self.weights, True, triton=True, triton_attention=attention)
 
     def _capture_graphs(self, prefill_graphs: bool) -> None:
         """The step (and the prefill) as CUDA graphs. Triton's kernels passed `fused_kernels.usable` eagerly;

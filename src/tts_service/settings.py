@@ -74,6 +74,13 @@ class Settings(BaseSettings):
         "GPU in bfloat16 or float16, where each kernel is a launch; float32 and the CPU keep qwen-tts's own ops "
         "(on a CPU the forms are no faster). Not yet measured on a GPU.",
     )
+    decode_attention: Literal["triton", "sdpa"] = Field(
+        "triton",
+        description="With the GPU's Triton kernels (TTS_FEWER_KERNELS), the talker's decode attention: triton, a "
+        "kernel that reads each row's live keys, so one CUDA graph per batch size serves every length; sdpa, "
+        "SDPA's call over a masked length bucket (six buckets at the defaults, so six times the step graphs). "
+        "Not yet timed against each other on a GPU (scripts/gpu/issue15.sh quick times both).",
+    )
     compile_step: bool = Field(
         False,
         description="Compile the frame step with Inductor at start-up (minutes; cached in TORCHINDUCTOR_CACHE_DIR); "
