@@ -554,6 +554,37 @@ def test_a_move_touches_only_its_two_slots_and_the_row_goes_on_as_in_place(quiet
         assert torch.equal(before[2], after[0]) and torch.equal(before[1], after[1])
 
 
+def test_a_free_slot_in_the_window_attends_one_key(quiet_engine, monkeypatch) -> None:
+    """A slot its request left, or moved out of, goes back to position 0. The step still computes it as an
+    idle row while it is inside the window (a graph's batch bucket rounds the window up), and the Triton
+    decode attention reads a row's keys up to its position: at its old one the idle row would read every
+    key its last request wrote, each step. The rows that go on make the frames they made before."""
+    pytest.importorskip("triton")
+    from tts_service import fused_kernels
+
+    w, s = _prefilled(quiet_engine, [0, 1, 2])
+    with torch.inference_mode():
+        for _ in range(3):
+            fs.frame_step(w, s, 3, 64, False)
+        lengths = s.position[:3].tolist()
+        assert min(lengths) > 0
+        fs.release(s, 0)
+        fs.move(s, 2, 0, length=lengths[2])
+        assert s.position[:3].tolist() == [lengths[2], lengths[1], 0]
+        saved = _snapshot(s)
+        fs.release(s, 1)
+        assert s.position[:3].tolist() == [lengths[2], 0, 0] and not s.active[1:3].any()
+        forms = fs.with_fewer_kernels(w, True, triton=True)
+        asked, attention = [], fused_kernels.decode_attention
+        monkeypatch.setattr(fused_kernels, "decode_attention", lambda *a: asked.append(a[3].tolist()) or attention(*a))
+        frames = fs.frame_step(forms, s, 3, 64, False)[0]
+        assert len(asked) == len(s.keys) and all(p == [lengths[2], 0, 0] for p in asked)
+        monkeypatch.undo()
+        _restore(s, saved)  # (slot 1 still running)
+        before = fs.frame_step(w, s, 3, 64, False)[0]
+    torch.testing.assert_close(frames[0], before[0], rtol=0, atol=0)
+
+
 @pytest.fixture(scope="module")
 def company_engines(tiny_dir: Path, cache_dir: Path) -> dict[bool, TTSEngine]:
     """Sampling engines with 8 slots whose loops never run, batch invariant (the default) and not."""

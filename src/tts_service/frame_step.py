@@ -947,9 +947,14 @@ def move(s: SlotState, source: int, target: int, length: int) -> None:
     for name in _CARRIED:
         tensor = getattr(s, name)
         tensor[target] = tensor[source]
-    s.active[source] = False
+    release(s, source)
 
 
 def release(s: SlotState, slot: int) -> None:
-    """A request left: its slot stops advancing. Nothing else is touched; the next prefill resets it."""
+    """A request left (or moved): its slot stops advancing and goes back to position 0. A free slot inside
+    the step's window (a graph's batch bucket rounds the window up) is still computed as an idle row, and
+    the Triton decode attention reads a row's keys up to its position: at its old one an idle row would
+    read all the keys its last request wrote, every step. Its cache is not touched; the next prefill resets
+    the rest."""
     s.active[slot] = False
+    s.position[slot] = 0

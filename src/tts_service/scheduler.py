@@ -61,7 +61,7 @@ TIMED_KEYS = 200
 
 @contextmanager
 def rows_at(state: fs.SlotState, keys: int) -> Iterator[None]:
-    """Every slot as a request with `keys` keys while a step is timed on free slots, which sit at about
+    """Every slot as a request with `keys` keys while a step is timed on free slots, which sit at
     position 0, where an attention over live keys would read one; their positions are restored after."""
     positions = state.position.clone()
     state.position.fill_(min(keys, state.max_len) - 1)
@@ -288,8 +288,8 @@ class StepScheduler:
 
     def time_a_step(self) -> float:
         """Seconds of one step at the narrowest window, on free slots (as graph capture runs them; a
-        prefill resets a slot's state), each as a request with TIMED_KEYS keys: a free slot sits at about
-        position 0, where an attention over live keys would read one."""
+        prefill resets a slot's state), each as a request with TIMED_KEYS keys: a free slot sits at position 0
+        (`fs.release`), where an attention over live keys would read one."""
         window = max(1, self.invariance.min_window)
         keys = min(TIMED_KEYS, self.max_len)
         kv_len = min(self.max_len, -(-keys // 32) * 32)  # as `_launch` rounds it
