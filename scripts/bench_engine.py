@@ -33,6 +33,7 @@ from census import census  # noqa: E402
 
 from tts_service import chunk_decoder, fused_kernels  # noqa: E402
 from tts_service import frame_step as fs  # noqa: E402
+from tts_service.cuda_graphs import bucket_for, kv_buckets  # noqa: E402
 from tts_service.dev.tiny_checkpoint import CODEC_EOS, ensure_tiny_checkpoint  # noqa: E402
 from tts_service.engine import TTSEngine  # noqa: E402
 from tts_service.invariance_plan import InvariancePlan  # noqa: E402
@@ -314,8 +315,10 @@ def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds
     (`Stack.triton_attention`: the serving path in bf16), side by side: kernels per frame (and on a GPU the
     most frequent kernels' names, which tell the attention backend), the step's time (as CUDA graphs on a
     GPU) at batch 1, 8 and 32, greedy and sampled with qwen-tts's sampling settings (the service's default;
-    median of `rounds`, the forms alternating), and the first frame where a lone greedy request's codes
-    differ from the first form's. Needs every slot free."""
+    median of `rounds`, the forms alternating); at the widest batch sampled also with the rows at staggered
+    lengths (`staggered_keys`, 100 to 2,000 keys), where SDPA attends every row up to the longest's bucket
+    and the Triton attention each row's own keys (what 32 staggered streams look like); and the first frame
+    where a lone greedy request's codes differ from the first form's. Needs every slot free."""
     serving, s = scheduler.weights, scheduler.state
     cuda = device.startswith("cuda")
     forms = {"qwen-tts's ops": (False, False, False, False), "fewer kernels": (True, False, False, False)}
@@ -328,10 +331,12 @@ def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds
         if fused_kernels.attention_usable(torch.device(device), dtype, sizes[0], s.max_len):
             forms["fewer + Triton"] = (True, True, True, True)
     batches = [n for n in (1, 8, 32) if n <= s.slots]
+    wide, staggered = batches[-1], staggered_keys(batches[-1], s.max_len)
+    staggered_kv = bucket_for(max(staggered), kv_buckets(s.max_len))  # the bucket the service replays there
     modes = {"greedy": False, "sampled": True}
     sampled = _default_sampling(scheduler)
     rows: list[dict[str, Any]] = []
-    steps: list[tuple[fs.Weights, Any]] = []
+    steps: list[tuple[fs.Weights, Any, Any]] = []  # (forms, step, step at the staggered rows' bucket)
     idle_settings = _row_settings(s)
     with torch.inference_mode():
         _set_row_settings(s, sampled)  # every idle row samples as a request would
@@ -344,6 +349,7 @@ def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds
                     fs.frame_step(w, s, 1, 256, sample)
                 row[f"kernel_ops_{mode}"] = counted.kernels
             step: Any = fs.frame_step
+            wide_step: Any = fs.frame_step
             if cuda:
                 from tts_service.cuda_graphs import GraphedFrameStep
 
@@ -353,22 +359,27 @@ def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds
                     row[f"top_kernels_{mode}"] = [[name[:90], count] for name, count in names.most_common(12)]
                 step = GraphedFrameStep(w, s, batches, [256])
                 step.capture_all()
+                wide_step = GraphedFrameStep(w, s, [wide], [staggered_kv])
+                wide_step.capture_all()
             rows.append(row)
-            steps.append((w, step))
+            steps.append((w, step, wide_step))
         times: list[dict[tuple[str, int], list[float]]] = [{} for _ in steps]
-        # Every row as a request with TIMED_KEYS keys: SDPA's forms attend the 256 under a mask, the Triton
-        # attention the live ones, so both read as much as a request there would.
-        with rows_at(s, TIMED_KEYS):
-            for _ in range(rounds):
-                for (w, step), timed in zip(steps, times, strict=True):
+        for _ in range(rounds):
+            for (w, step, wide_step), timed in zip(steps, times, strict=True):
+                # Every row as a request with TIMED_KEYS keys: SDPA's forms attend the 256 under a mask, the
+                # Triton attention the live ones, so both read as much as a request there would.
+                with rows_at(s, TIMED_KEYS):
                     for mode, sample in modes.items():
                         for n in batches:
                             ms = ms_per_step(step, w, s, n, 256, 20, device, warm=3, sample=sample)
                             timed.setdefault((mode, n), []).append(ms)
+                with rows_at(s, staggered):
+                    ms = ms_per_step(wide_step, w, s, wide, staggered_kv, 20, device, warm=3, sample=True)
+                    timed.setdefault(("staggered", wide), []).append(ms)
         _set_row_settings(s, idle_settings)
         prompt = scheduler.prompts.build(TEXT, *VOICES[0])
         codes = []
-        for w, step in steps:
+        for w, step, _ in steps:
             fs.prefill(w, s, [0], [prompt], [scheduler.sampling_params(0)])
             codes.append(torch.stack([step(w, s, 1, 256, False)[0][0].clone() for _ in range(frames)]).cpu())
             fs.release(s, 0)
@@ -382,13 +393,15 @@ def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds
         f"sampled with qwen-tts's settings; the codes of one greedy request over {frames} frames)\n"
     )
     header = " | ".join(f"ms {mode} {n}" for mode in modes for n in (1, 8, 32))
+    spread = f"{min(staggered)} to {max(staggered)}" if len(set(staggered)) > 1 else str(staggered[0])
+    header += f" | ms sampled {wide}, {spread} keys"
     print(f"| forms | kernel ops greedy / sampled | CUDA kernels greedy / sampled | {header} | first frame differing |")
-    print("| --- | ---: | ---: |" + " ---: |" * 6 + " ---: |")
+    print("| --- | ---: | ---: |" + " ---: |" * 7 + " ---: |")
     for row in rows:
         times_ms = " | ".join(
             f"{row[f'ms_{mode}_batch_{n}']:.2f}" if f"ms_{mode}_batch_{n}" in row else "-"
-            for mode in modes
-            for n in (1, 8, 32)
+            for mode in (*modes, "staggered")
+            for n in ((1, 8, 32) if mode in modes else (wide,))
         )
         ops = f"{row['kernel_ops_greedy']} / {row['kernel_ops_sampled']}"
         gpu = f"{row['cuda_kernels_greedy']} / {row['cuda_kernels_sampled']}" if cuda else "-"
@@ -411,6 +424,14 @@ def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds
             if f"top_kernels_{mode}" in row:
                 print(f"\n{row['forms']}, {mode}, most frequent kernels per frame: {row[f'top_kernels_{mode}']}")
     return rows
+
+
+def staggered_keys(rows: int, max_len: int) -> list[int]:
+    """Keys for `rows` rows spread evenly from 100 to 2,000 (within the cache): streams that started at
+    different times, as 32 staggered streams are after their first seconds."""
+    high = min(2000, max_len - 1)
+    low = min(100, high)
+    return [low + (high - low) * i // max(rows - 1, 1) for i in range(rows)]
 
 
 def _beside(rows: list[dict[str, Any]], key: str, measure: Any, *args: Any) -> dict | None:

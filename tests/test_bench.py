@@ -121,6 +121,7 @@ def test_cpu_diagnostic_scripts_smoke(cache_dir: Path) -> None:
         assert expected in result.stdout, result.stdout
         if script == "bench_engine.py":  # the two forms' codes agree in float32; the parts' bits are printed
             assert "| fewer kernels |" in result.stdout and result.stdout.count("| None |") == 1, result.stdout
+            assert "| ms sampled 1, 100 keys |" in result.stdout, result.stdout  # (2 slots: rows of 1)
             assert "fused QKV product " in result.stdout and "decode attention " in result.stdout, result.stdout
         if script == "kernel_census.py":  # each form launches fewer than the one before, greedy and sampled
             lines = [line for line in result.stdout.splitlines() if line.startswith(("| qwen", "| fewer"))]

@@ -367,10 +367,11 @@ def test_the_sampling_kernel_is_timed_apart_from_the_layer_kernels(quiet_engine)
 
 
 def test_a_timed_step_attends_as_a_request_would_and_leaves_the_free_slots_as_they_were(quiet_engine) -> None:
-    """The quick start's first step time (`time_a_step`) runs on free slots, which sit at about position 0,
-    where an attention over live keys reads one key: its rows stand at TIMED_KEYS keys instead, with the
-    `kv_len` the loop would pass there, and get their positions back after."""
-    from tts_service.scheduler import TIMED_KEYS
+    """The quick start's first step time (`time_a_step`) runs on free slots, which sit at position 0, where
+    an attention over live keys reads one key: its rows stand at TIMED_KEYS keys instead, with the `kv_len`
+    the loop would pass there, and get their positions back after. (The kit's staggered rows: one count a
+    slot.)"""
+    from tts_service.scheduler import TIMED_KEYS, rows_at
 
     scheduler = quiet_engine.scheduler
     before = scheduler.state.position.clone()
@@ -388,6 +389,10 @@ def test_a_timed_step_attends_as_a_request_would_and_leaves_the_free_slots_as_th
         scheduler.step_fn = original
     assert len(seen) == 4 and TIMED_KEYS == 200
     assert all(positions == [199] * len(positions) and kv_len == 224 for positions, kv_len in seen)
+    assert torch.equal(scheduler.state.position, before)
+    with rows_at(scheduler.state, [100, 5000]):  # (past the cache: its last position)
+        expected = [99, scheduler.max_len - 1, *before[2:].tolist()]
+        assert scheduler.state.position.tolist() == expected
     assert torch.equal(scheduler.state.position, before)
 
 

@@ -25,7 +25,7 @@ import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -60,11 +60,16 @@ TIMED_KEYS = 200
 
 
 @contextmanager
-def rows_at(state: fs.SlotState, keys: int) -> Iterator[None]:
-    """Every slot as a request with `keys` keys while a step is timed on free slots, which sit at
-    position 0, where an attention over live keys would read one; their positions are restored after."""
+def rows_at(state: fs.SlotState, keys: int | Sequence[int]) -> Iterator[None]:
+    """Every slot as a request with `keys` keys (or slot i with keys[i], from slot 0) while a step is timed
+    on free slots, which sit at position 0, where an attention over live keys would read one; their
+    positions are restored after."""
     positions = state.position.clone()
-    state.position.fill_(min(keys, state.max_len) - 1)
+    if isinstance(keys, int):
+        state.position.fill_(min(keys, state.max_len) - 1)
+    else:
+        at = [min(k, state.max_len) - 1 for k in keys]
+        state.position[: len(at)] = torch.tensor(at, dtype=positions.dtype, device=positions.device)
     try:
         yield
     finally:
