@@ -312,7 +312,8 @@ def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds
     on a GPU where they work, with those and the Triton layer kernels (`Stack.triton_kernels`), first with the
     eager sampling ops and SDPA's decode attention, then with the sampling kernel too
     (`Weights.triton_sampling`), then with the decode attention over live keys too
-    (`Stack.triton_attention`: the serving path in bf16), side by side: kernels per frame (and on a GPU the
+    (`Stack.triton_attention`: the serving path in bf16), then with that attention in fewer programs looping
+    over splits (`Stack.looped_attention`, the same bits), side by side: kernels per frame (and on a GPU the
     most frequent kernels' names, which tell the attention backend), the step's time (as CUDA graphs on a
     GPU) at batch 1, 8 and 32, greedy and sampled with qwen-tts's sampling settings (the service's default;
     median of `rounds`, the forms alternating); at the widest batch sampled also with the rows at staggered
@@ -330,6 +331,7 @@ def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds
         forms["fewer + Triton, SDPA"] = (True, True, True, False)
         if fused_kernels.attention_usable(torch.device(device), dtype, sizes[0], s.max_len):
             forms["fewer + Triton"] = (True, True, True, True)
+            forms["fewer + Triton, looped splits"] = (True, True, True, True, True)
     batches = [n for n in (1, 8, 32) if n <= s.slots]
     wide, staggered = batches[-1], staggered_keys(batches[-1], s.max_len)
     staggered_kv = bucket_for(max(staggered), kv_buckets(s.max_len))  # the bucket the service replays there

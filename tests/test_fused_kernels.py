@@ -308,6 +308,36 @@ def test_the_decode_attention_kernel_gives_a_row_the_same_bits_alone_and_among_o
         assert torch.equal(alone[0], together[row]), row
 
 
+@pytest.mark.parametrize("programs", [1, 2, 3])
+def test_the_looped_decode_attention_gives_the_bits_of_one_program_a_split(monkeypatch, programs: int) -> None:
+    """With `looped`, `programs` programs a row and KV head each loop over splits i, i + programs, ...: every
+    split is computed as by its own program, so the output has the same bits. Rows end in the first split,
+    at a split's edges, midway and at the cache's end (7 splits); every key past a row's position is NaN, so
+    a loop that read past the live keys would show."""
+    generator = torch.Generator().manual_seed(5)
+    length = 6 * fk.ATTENTION_SPLIT + 5
+    positions = torch.tensor([3, fk.ATTENTION_SPLIT - 1, fk.ATTENTION_SPLIT, 400, length - 1])
+    q = torch.randn(5, 1, HEADS, D, generator=generator).transpose(1, 2)
+    keys, values = (torch.randn(5, KV_HEADS, length, D, generator=generator) for _ in "kv")
+    for row, position in enumerate(positions.tolist()):
+        keys[row, :, position + 1 :], values[row, :, position + 1 :] = float("nan"), float("nan")
+    one_a_split = fk.decode_attention(q, keys, values, positions, D**-0.5)
+    assert fk.attention_programs(5, KV_HEADS, 7, torch.device("cpu")) < 7  # (the CPU's stand-in count loops)
+    monkeypatch.setattr(fk, "attention_programs", lambda *args: programs)
+    looped = fk.decode_attention(q, keys, values, positions, D**-0.5, looped=True)
+    assert not one_a_split.isnan().any() and torch.equal(looped, one_a_split)
+
+
+def test_attention_programs_fill_the_gpu_and_never_exceed_the_splits(monkeypatch) -> None:
+    """Four split programs a multiprocessor (an H100's 132), at most one a split: a lone row keeps one a
+    split, 32 rows of 8 KV heads get 3 programs each where one a split schedules 28."""
+    monkeypatch.setattr(fk, "_multiprocessors", lambda device: 132)
+    cuda = torch.device("cuda")
+    got = {rows: fk.attention_programs(rows, 8, 28, cuda) for rows in (1, 2, 8, 32, 64, 256)}
+    assert got == {1: 28, 2: 28, 8: 9, 32: 3, 64: 2, 256: 1}
+    assert fk.attention_programs(1, 8, 2, cuda) == 2
+
+
 def test_the_kernels_refuse_shapes_they_would_read_out_of_bounds() -> None:
     """The kernels index by offsets, unchecked; their wrappers check what the offsets assume."""
     qkv, weight, cos, _, sin = case(torch.float32)
@@ -377,14 +407,16 @@ def test_attention_usable_checks_the_decode_attention_over_live_keys(engine, mon
     # a decode attention that reads past a row's live keys fails it, in a cache of the step's length
     attention, lengths = fk.decode_attention, []
 
-    def past_the_live_keys(q, keys, values, positions, scale):
+    def past_the_live_keys(q, keys, values, positions, scale, looped=False):
         lengths.append(keys.shape[2])
-        return attention(q, keys, values, torch.full_like(positions, keys.shape[2] - 1), scale)
+        return attention(q, keys, values, torch.full_like(positions, keys.shape[2] - 1), scale, looped)
 
     monkeypatch.setattr(fk, "decode_attention", past_the_live_keys)
     with caplog.at_level(logging.WARNING, logger="tts_service.fused_kernels"):
         assert not fk.attention_usable(torch.device("cpu"), torch.bfloat16, talker, 300)
-    assert "attends with SDPA" in caplog.text and "differ from the eager ops" in caplog.text and lengths == [300]
+    assert (
+        "attends with SDPA" in caplog.text and "differ from the eager ops" in caplog.text and lengths == [300, 300]
+    )  # (the attention, then its looped form)
 
 
 @pytest.mark.parametrize("arch", [90, 121])  # the H100, the DGX Spark's GB10

@@ -266,8 +266,8 @@ def test_tts_decode_attention_takes_the_triton_attention_or_sdpa(
         monkeypatch.setattr(  # an attention that reads past the live keys fails its check
             fused_kernels,
             "decode_attention",
-            lambda q, k, v, positions, scale: decode_attention(
-                q, k, v, torch.full_like(positions, k.shape[2] - 1), scale
+            lambda q, k, v, positions, scale, looped=False: decode_attention(
+                q, k, v, torch.full_like(positions, k.shape[2] - 1), scale, looped
             ),
         )
         with caplog.at_level(logging.WARNING, logger="tts_service.fused_kernels"):

@@ -11,7 +11,8 @@
 #   faster     faster-qwen3-tts 0.5.4 in its own environment (transformers 5.15.1, qwen-tts-hf)
 #   engine     this engine with CUDA graphs (streams 1, 8, 32, each with first chunks of 4, quick start, 1;
 #              census; the step's kernel forms greedy and sampled: qwen-tts's ops, fewer kernels, + Triton layers,
-#              + Triton sampling (both with SDPA's attention), + Triton decode attention over live keys, at
+#              + Triton sampling (both with SDPA's attention), + Triton decode attention over live keys (and
+#              that attention in fewer programs looping over splits, the same bits), at
 #              200 keys and at 32 rows staggered from 100 to 2,000 keys (SDPA attends them all to 2,048), the
 #              same-bits lines of the Triton kernels and of the fused products and both decode attentions
 #              against qwen-tts's ops for a lone request; step) beside plain qwen-tts

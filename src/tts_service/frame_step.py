@@ -108,6 +108,9 @@ class Stack:
     # With them, the talker's decode attention as a Triton kernel over each row's live keys only
     # (`fused_kernels.decode_attention`): no mask, no length bucket, so one CUDA graph serves every length.
     triton_attention: bool = False
+    # With it, fewer split programs, each looping over several splits (`fused_kernels.attention_programs`;
+    # the same bits): an alternative the kit times beside it, not the service's.
+    looped_attention: bool = False
 
 
 @dataclass
@@ -473,7 +476,9 @@ def frame_step(w: Weights, s: SlotState, n: int, kv_len: int, sample: bool = Tru
             keys[rows, :, position] = k[:, :, 0]
             values[rows, :, position] = v[:, :, 0]
         if stack.triton_attention:
-            attn = fused_kernels.decode_attention(q, keys, values, position, stack.head_dim**-0.5)
+            attn = fused_kernels.decode_attention(
+                q, keys, values, position, stack.head_dim**-0.5, stack.looped_attention
+            )
         else:
             attn = _attend_decode(q, keys[:n, :, :kv_len], values[:n, :, :kv_len], stack, visible)
         x = _finish_layer(x, attn, layer, stack, owned=index > 0)
@@ -719,6 +724,8 @@ def kernel_forms(w: Weights) -> str:
     if not w.talker.fewer_kernels:
         return "qwen-tts's ops"
     attention = "Triton decode attention over live keys" if w.talker.triton_attention else "grouped decode attention"
+    if w.talker.looped_attention:
+        attention += " (looped splits)"
     triton = ", Triton q/k norm + RoPE + cache writes, SiLU-mul" if w.talker.triton_kernels else ""
     if w.triton_sampling:
         triton += " and sampling" if triton else ", Triton sampling"
@@ -731,16 +738,19 @@ def with_fewer_kernels(
     triton: bool = False,
     triton_sampling: bool | None = None,
     triton_attention: bool | None = None,
+    looped_attention: bool = False,
 ) -> Weights:
     """`w` with `Stack.fewer_kernels`, `Stack.triton_kernels`, `Weights.triton_sampling` and the talker's
     `Stack.triton_attention` (these two by default as `triton`; the attention only with `triton`, whose
-    q/k kernel lays q out as it reads it) on or off (the same tensors)."""
+    q/k kernel lays q out as it reads it) and `Stack.looped_attention` (only with the attention) on or off
+    (the same tensors)."""
     forms = {"fewer_kernels": fewer, "triton_kernels": triton}
     sampling = triton if triton_sampling is None else triton_sampling
     attention = triton and (triton if triton_attention is None else triton_attention)
+    looped = attention and looped_attention
     return replace(
         w,
-        talker=replace(w.talker, **forms, triton_attention=attention),
+        talker=replace(w.talker, **forms, triton_attention=attention, looped_attention=looped),
         predictor=replace(w.predictor, **forms),
         triton_sampling=sampling,
     )

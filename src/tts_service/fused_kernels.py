@@ -261,6 +261,7 @@ def _decode_attention_split(
     cache_head_stride,
     cache_pos_stride,
     scale_log2,
+    programs,
     HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     D: tl.constexpr,
@@ -268,23 +269,24 @@ def _decode_attention_split(
     SPLITS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One program per (row, KV head, split of SPLIT keys): the GROUP query heads that read this KV head
-    (qwen-tts's repeat_kv: head h reads KV head h // GROUP) over the split's keys up to the row's own
-    position (its live keys; a split past them returns at once). The first block of a split that runs
-    has a live key, so the running max is finite from it on. Writes the unnormalised sum of p * v
-    [GROUP, D] to part [rows, HEADS, SPLITS, D] and the running max and sum of p (base 2) to stats
-    [rows, HEADS, SPLITS, 2], in float32, for `_decode_attention_combine`."""
+    """`programs` programs per (row, KV head), program i taking splits i, i + programs, ... of SPLIT keys
+    up to the row's own position (its live keys; a program past them returns at once; with programs =
+    SPLITS, one split each): the GROUP query heads that read this KV head (qwen-tts's repeat_kv: head h
+    reads KV head h // GROUP) over the split's keys. The first block of a split has a live key, so the
+    running max is finite from it on. Writes each split's unnormalised sum of p * v [GROUP, D] to part
+    [rows, HEADS, SPLITS, D] and its running max and sum of p (base 2) to stats [rows, HEADS, SPLITS, 2],
+    in float32, for `_decode_attention_combine`: a split's values do not depend on `programs`."""
     row = tl.program_id(0).to(tl.int64)  # (cache offsets can pass 2**31 with many long slots)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     length = tl.load(pos_ptr + row) + 1
-    start = split * SPLIT
-    if start < length:
-        g = tl.arange(0, GROUP)
-        d = tl.arange(0, D)
-        head = kv_head * GROUP + g
+    g = tl.arange(0, GROUP)
+    d = tl.arange(0, D)
+    head = kv_head * GROUP + g
+    base = row * cache_slot_stride + kv_head * cache_head_stride
+    while split * SPLIT < length:
+        start = split * SPLIT
         q = tl.load(q_ptr + (row * HEADS + head[:, None]) * D + d[None, :]).to(tl.float32)  # [GROUP, D]
-        base = row * cache_slot_stride + kv_head * cache_head_stride
         best = tl.full([GROUP], float("-inf"), tl.float32)
         total = tl.full([GROUP], 0.0, tl.float32)
         acc = tl.full([GROUP, D], 0.0, tl.float32)
@@ -307,6 +309,7 @@ def _decode_attention_split(
         tl.store(part_ptr + at_split[:, None] * D + d[None, :], acc)
         tl.store(stats_ptr + at_split * 2, best)
         tl.store(stats_ptr + at_split * 2 + 1, total)
+        split += programs
 
 
 def _decode_attention_combine(
@@ -353,8 +356,9 @@ _KERNELS = {
 # the expf inside torch's SiLU ends in such an FMA with the 1 + (its SASS on sm_90).
 FP_FUSION = {"silu_mul": True}
 # Integers whose values vary between the step's calls and would each compile a variant of their own where
-# one is 1 or a multiple of 16 (Triton's default): the prompt's length and the code predictor's position.
-NOT_SPECIALIZED = {"qk_norm_rope_kv": ("pos_offset", "tokens")}
+# one is 1 or a multiple of 16 (Triton's default): the prompt's length and the code predictor's position,
+# and the decode attention's programs per row and KV head (one per batch size with `looped`).
+NOT_SPECIALIZED = {"qk_norm_rope_kv": ("pos_offset", "tokens"), "decode_attention_split": ("programs",)}
 
 
 @cache
@@ -518,10 +522,34 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 # lone row of 500 keys is 4 splits x 8 KV heads, 32 programs of 64 KB of K and V each.
 ATTENTION_SPLIT = 128
 ATTENTION_BLOCK = 16
+# With `looped`, split programs a streaming multiprocessor is given: 4 fit at 128 registers a thread.
+ATTENTION_PROGRAMS_PER_SM = 4
+CPU_STAND_IN_SMS = 2  # (the interpreter has none: few programs, so the tests run the loop)
+
+
+@cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return CPU_STAND_IN_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def attention_programs(rows: int, kv_heads: int, splits: int, device: torch.device) -> int:
+    """Split programs per (row, KV head) with `looped`: enough for ATTENTION_PROGRAMS_PER_SM on every
+    multiprocessor, at most one a split. A lone row gets one a split (as without `looped`); 32 rows of 8 KV
+    heads on an H100's 132 get 3, each looping over a third of a row's splits, where one a split schedules
+    a program for every split of the cache (28 at 3,584 positions), most of them past the live keys."""
+    wanted = -(-ATTENTION_PROGRAMS_PER_SM * _multiprocessors(device) // max(rows * kv_heads, 1))
+    return max(1, min(splits, wanted))
 
 
 def decode_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scale: float
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+    looped: bool = False,
 ) -> torch.Tensor:
     """One query per row, q [n, heads, 1, D] (rows' heads contiguous), over each row's live keys only:
     keys/values [slots, kv_heads, L, D] at slot = the row and positions 0 to positions[row] (inclusive),
@@ -532,7 +560,8 @@ def decode_attention(
     rows' lengths, in two launches (splits of ATTENTION_SPLIT keys in parallel, then their combination in a
     fixed order), so its values depend on nothing but its own keys (batch invariant) and one graph serves
     every length. Softmax in float32 with base-2 exponentials, as flash attention computes it; the values
-    are not SDPA's bits."""
+    are not SDPA's bits. `looped`: fewer split programs, each looping over several splits
+    (`attention_programs`), with the same bits (an alternative the kit times; not the service's yet)."""
     n, heads, d = q.shape[0], q.shape[1], q.shape[-1]
     kv_heads, max_len = keys.shape[1], keys.shape[2]
     group = heads // max(kv_heads, 1)
@@ -554,11 +583,12 @@ def decode_attention(
     stats = torch.empty(n, heads, splits, 2, dtype=torch.float32, device=q.device)
     out = torch.empty(n, heads, d, dtype=q.dtype, device=q.device)
     device = q.device.type
+    programs = attention_programs(n, kv_heads, splits, q.device) if looped else splits
     _launch(
-        "decode_attention_split", device, (n, kv_heads, splits),
+        "decode_attention_split", device, (n, kv_heads, programs),
         q, keys, values, positions, part, stats, keys.stride(0), keys.stride(1), keys.stride(2),
         scale * 1.4426950408889634,  # log2(e): exp(x) = exp2(x * log2(e))
-        HEADS=heads, GROUP=group, D=d, SPLIT=ATTENTION_SPLIT, SPLITS=splits, BLOCK=ATTENTION_BLOCK,
+        programs, HEADS=heads, GROUP=group, D=d, SPLIT=ATTENTION_SPLIT, SPLITS=splits, BLOCK=ATTENTION_BLOCK,
     )  # fmt: skip
     _launch(
         "decode_attention_combine", device, (n, heads),
@@ -628,6 +658,8 @@ def _check_attention(heads: int, kv_heads: int, d: int, length: int, dtype: torc
     keys, values = (torch.randn(3, kv_heads, length, d, generator=generator, device=device).to(dtype) for _ in "kv")
     positions = torch.tensor([0, min(ATTENTION_SPLIT, length - 1), length - 1], device=device)
     got = decode_attention(q, keys, values, positions, d**-0.5)
+    if not torch.equal(decode_attention(q, keys, values, positions, d**-0.5, looped=True), got):
+        raise ValueError("the decode attention's looped splits differ from one program a split")
     for row, position in enumerate(positions.tolist()):
         k, v = (t[row, :, : position + 1].float().repeat_interleave(heads // kv_heads, 0) for t in (keys, values))
         expected = torch.softmax(q[row].float() @ k.transpose(-1, -2) * d**-0.5, dim=-1) @ v
@@ -776,7 +808,7 @@ def compiled_for(arch: int) -> dict[str, object]:
     sample |= dict.fromkeys(["logits_stride", "noise_stride", "vocab", "candidates"], number)
     attention = dict.fromkeys(["q_ptr", "k_ptr", "v_ptr"], pointer) | {"pos_ptr": "*i64", "scale_log2": "fp32"}
     attention |= dict.fromkeys(["part_ptr", "stats_ptr"], "*fp32")
-    attention |= dict.fromkeys(["cache_slot_stride", "cache_head_stride", "cache_pos_stride"], number)
+    attention |= dict.fromkeys(["cache_slot_stride", "cache_head_stride", "cache_pos_stride", "programs"], number)
     splits = triton.cdiv(1536 + 2048, ATTENTION_SPLIT)  # the default settings' cache
     split_sizes = {"HEADS": 16, "D": 128, "SPLIT": ATTENTION_SPLIT, "SPLITS": splits}
     combine = {"part_ptr": "*fp32", "stats_ptr": "*fp32", "pos_ptr": "*i64", "out_ptr": pointer}
