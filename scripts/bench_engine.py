@@ -325,11 +325,16 @@ def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds
     forms = {"qwen-tts's ops": (False, False, False, False), "fewer kernels": (True, False, False, False)}
     sizes, vocabularies = fs.sizes(serving), fs.vocabularies(serving)
     dtype = serving.codec_head.dtype
-    if cuda and fused_kernels.usable(torch.device(device), dtype, sizes, vocabularies):
-        # (a CPU would run them in Triton's interpreter)
+    # (a CPU would run the Triton kernels in Triton's interpreter)
+    layers, attention = (
+        fused_kernels.usable_forms(torch.device(device), dtype, sizes, vocabularies, s.max_len)
+        if cuda
+        else (False, False)
+    )
+    if layers:
         forms["fewer + Triton layers, SDPA"] = (True, True, False, False)
         forms["fewer + Triton, SDPA"] = (True, True, True, False)
-        if fused_kernels.attention_usable(torch.device(device), dtype, sizes[0], s.max_len):
+        if attention:
             forms["fewer + Triton"] = (True, True, True, True)
             forms["fewer + Triton, looped splits"] = (True, True, True, True, True)
     batches = [n for n in (1, 8, 32) if n <= s.slots]

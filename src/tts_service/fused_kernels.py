@@ -781,6 +781,21 @@ def attention_usable(
     return True
 
 
+def usable_forms(
+    device: torch.device,
+    dtype: torch.dtype,
+    sizes: Sequence[tuple[int, int, int, int, int]],
+    vocabularies: Sequence[int],
+    max_len: int | None,
+    attention: bool = True,
+) -> tuple[bool, bool]:
+    """Whether the layer and sampling kernels pass `usable`, and with them (where `attention` asks for it)
+    whether the decode attention passes `attention_usable` at the talker's sizes (`sizes[0]`)."""
+    if not usable(device, dtype, sizes, vocabularies):
+        return False, False
+    return True, attention and attention_usable(device, dtype, sizes[0], max_len)
+
+
 def compiled_for(arch: int) -> dict[str, object]:
     """Each kernel compiled ahead of time for sm_<arch> with no GPU present (Triton to PTX, ptxas to a
     cubin), in bf16 at the 1.7B's sizes and with the options `_launch` gives it; the q/k kernel and RMSNorm

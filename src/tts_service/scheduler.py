@@ -65,11 +65,9 @@ def rows_at(state: fs.SlotState, keys: int | Sequence[int]) -> Iterator[None]:
     on free slots, which sit at position 0, where an attention over live keys would read one; their
     positions are restored after."""
     positions = state.position.clone()
-    if isinstance(keys, int):
-        state.position.fill_(min(keys, state.max_len) - 1)
-    else:
-        at = [min(k, state.max_len) - 1 for k in keys]
-        state.position[: len(at)] = torch.tensor(at, dtype=positions.dtype, device=positions.device)
+    counts = [keys] * state.slots if isinstance(keys, int) else keys
+    at = [min(k, state.max_len) - 1 for k in counts]
+    state.position[: len(at)] = torch.tensor(at, dtype=positions.dtype, device=positions.device)
     try:
         yield
     finally:
@@ -263,10 +261,12 @@ class StepScheduler:
         """The step's Triton kernels where they pass their start-up checks on this device, and with them the
         decode attention over live keys where `attention` asks for it and it passes its own check (else
         SDPA attends, the layer kernels kept)."""
-        dtype, talker_size = self.weights.codec_head.dtype, fs.sizes(self.weights)[0]
-        if fused_kernels.usable(self.device, dtype, fs.sizes(self.weights), fs.vocabularies(self.weights)):
-            attention = attention and fused_kernels.attention_usable(self.device, dtype, talker_size, self.max_len)
-            self.weights = fs.with_fewer_kernels(self.weights, True, triton=True, triton_attention=attention)
+        w = self.weights
+        layers, attention = fused_kernels.usable_forms(
+            self.device, w.codec_head.dtype, fs.sizes(w), fs.vocabularies(w), self.max_len, attention
+        )
+        if layers:
+            self.weights = fs.with_fewer_kernels(w, True, triton=True, triton_attention=attention)
 
     def _capture_graphs(self, prefill_graphs: bool) -> None:
         """The step (and the prefill) as CUDA graphs. Triton's kernels passed `fused_kernels.usable` eagerly;
