@@ -307,7 +307,7 @@ def step_part_bits(
     return shares
 
 
-def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds: int = 3) -> list[dict]:
+def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds: int = 3) -> dict[str, Any]:
     """The frame step with qwen-tts's own ops, with the GPU's fewer-kernel forms (`Stack.fewer_kernels`) and,
     on a GPU where they work, with those and the Triton layer kernels (`Stack.triton_kernels`), first with the
     eager sampling ops and SDPA's decode attention, then with the sampling kernel too
@@ -319,7 +319,8 @@ def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds
     median of `rounds`, the forms alternating); at the widest batch sampled also with the rows at staggered
     lengths (`staggered_keys`, 100 to 2,000 keys), where SDPA attends every row up to the longest's bucket
     and the Triton attention each row's own keys (what 32 staggered streams look like); and the first frame
-    where a lone greedy request's codes differ from the first form's. Needs every slot free."""
+    where a lone greedy request's codes differ from the first form's. Returns the table's `rows` and the
+    same-bits figures printed beside it (no form's own). Needs every slot free."""
     serving, s = scheduler.weights, scheduler.state
     cuda = device.startswith("cuda")
     forms = {"qwen-tts's ops": (False, False, False, False), "fewer kernels": (True, False, False, False)}
@@ -413,16 +414,16 @@ def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds
         ops = f"{row['kernel_ops_greedy']} / {row['kernel_ops_sampled']}"
         gpu = f"{row['cuda_kernels_greedy']} / {row['cuda_kernels_sampled']}" if cuda else "-"
         print(f"| {row['forms']} | {ops} | {gpu} | {times_ms} | {row.get('first_divergent_frame', '-')} |")
-    dtype = serving.codec_head.dtype
     triton = "fewer + Triton" in forms
+    beside: dict[str, Any] = {}
     if len(rows) > 1 and (
-        parts := _beside(rows, "parts_same_bits_as_qwen_tts", step_part_bits, device, dtype, (1, 8, 32), triton)
+        parts := _beside(beside, "parts_same_bits_as_qwen_tts", step_part_bits, device, dtype, (1, 8, 32), triton)
     ):
         print("\nThe step's products and decode attention against qwen-tts's ops for each row alone (random,")
         print("1.7B sizes), same bits at batch " + " / ".join(map(str, next(iter(parts.values())))) + ": ")
         print(", ".join(f"{name} " + " / ".join(f"{v:.2%}" for v in by_n.values()) for name, by_n in parts.items()))
     if "fewer + Triton" in forms and (
-        same := _beside(rows, "same_bits_as_qwen_tts", triton_kernel_bits, device, dtype)
+        same := _beside(beside, "same_bits_as_qwen_tts", triton_kernel_bits, device, dtype)
     ):
         shares = ", ".join(f"{name} {share:.2%}" for name, share in same.items())
         print(f"\nTriton kernels against qwen-tts's modules (random, 1.7B sizes), same bits: {shares}")
@@ -430,7 +431,7 @@ def kernel_forms(scheduler: StepScheduler, device: str, frames: int = 60, rounds
         for mode in modes:
             if f"top_kernels_{mode}" in row:
                 print(f"\n{row['forms']}, {mode}, most frequent kernels per frame: {row[f'top_kernels_{mode}']}")
-    return rows
+    return {"rows": rows, **beside}
 
 
 def staggered_keys(rows: int, max_len: int) -> list[int]:
@@ -441,15 +442,15 @@ def staggered_keys(rows: int, max_len: int) -> list[int]:
     return [low + (high - low) * i // max(rows - 1, 1) for i in range(rows)]
 
 
-def _beside(rows: list[dict[str, Any]], key: str, measure: Any, *args: Any) -> dict | None:
-    """A figure beside the kernel-forms table, kept in its last row as `key`: `measure(*args)`, or None
+def _beside(beside: dict[str, Any], key: str, measure: Any, *args: Any) -> dict | None:
+    """A figure beside the kernel-forms table, kept in `beside` as `key`: `measure(*args)`, or None
     (logged) where it fails, since the table stands without it."""
     try:
         figures = measure(*args)
     except Exception:
         logger.exception("%s failed", measure.__name__)
         return None
-    rows[-1][key] = figures
+    beside[key] = figures
     return figures
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import httpx
 import pytest
 from playwright.sync_api import Page
-from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from tests.conftest import REPO_ROOT, LiveServer, free_port
 from tests.test_voices_http import reference_wav
@@ -51,6 +50,13 @@ def streamlit_for(service_url: str, log_dir: Path) -> Iterator[str]:
         process.wait(timeout=10)
 
 
+def settled(page: Page) -> None:
+    """Wait until no script run is in progress (the app root's `data-test-script-state`, which Streamlit's
+    own browser tests wait on too)."""
+    idle = page.locator("[data-testid='stApp'][data-test-script-state='notRunning']")
+    idle.wait_for(state="attached", timeout=120_000)
+
+
 @pytest.fixture(scope="module")
 def streamlit_url(server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with streamlit_for(server.url, tmp_path_factory.mktemp("streamlit")) as url:
@@ -75,6 +81,7 @@ DURATION = """a => new Promise((resolve, reject) => {
 def test_pick_a_speaker_type_text_synthesize_and_play(page: Page, streamlit_url: str, tmp_path: Path) -> None:
     page.goto(streamlit_url)
     page.get_by_text("Model loaded and ready").wait_for(timeout=60_000)
+    settled(page)
 
     page.get_by_role("combobox", name="Speaker").first.click()
     page.get_by_role("option", name="Vivian").click()
@@ -87,17 +94,8 @@ def test_pick_a_speaker_type_text_synthesize_and_play(page: Page, streamlit_url:
     source = audio.get_attribute("src")
     assert source and ".wav" in source
     # The browser itself decodes the file: metadata loads and gives a real duration.
-    duration = audio.evaluate(
-        """a => new Promise((resolve, reject) => {
-            if (a.readyState >= 1) { resolve(a.duration); return; }
-            a.addEventListener('loadedmetadata', () => resolve(a.duration));
-            a.addEventListener('error', () => reject(new Error('audio error ' + (a.error && a.error.code))));
-            a.load();
-        })"""
-    )
-    assert 0 < duration < 30
-    played = audio.evaluate("a => a.play().then(() => new Promise(r => setTimeout(r, 300))).then(() => a.currentTime)")
-    assert played > 0  # it actually plays
+    assert 0 < audio.evaluate(DURATION) < 30
+    assert audio.evaluate(PLAYS) > 0  # it actually plays
     fetched = page.evaluate("src => fetch(src).then(r => r.arrayBuffer()).then(b => b.byteLength)", source)
     assert fetched > 44
     assert page.get_by_text("Audio").first.is_visible() and page.get_by_text("Latency").first.is_visible()
@@ -113,12 +111,14 @@ def test_voices_page_designs_and_clones_voices_that_then_speak_and_stream(
 ) -> None:
     page.goto(studio_streamlit_url)
     page.get_by_text("Model loaded and ready").wait_for(timeout=60_000)
+    settled(page)
     page.get_by_role("tab", name="Voices").click()
 
     page.get_by_label("Designed voice name").fill("ui-robot")
     page.get_by_label("Description").fill("A small friendly robot with a metallic voice.")
     page.get_by_role("button", name="Design voice").click()
     page.get_by_text("Saved voice ui-robot").wait_for(timeout=120_000)
+    settled(page)
     preview = page.locator("audio:visible").first
     assert 0 < preview.evaluate(DURATION) < 30 and preview.evaluate(PLAYS) > 0  # the designed line plays
 
@@ -129,6 +129,7 @@ def test_voices_page_designs_and_clones_voices_that_then_speak_and_stream(
     page.get_by_label("What the clip says").fill("Ahoy there, welcome aboard.")
     page.get_by_role("button", name="Clone voice").click()
     page.get_by_text("Saved voice ui-companion").wait_for(timeout=120_000)
+    settled(page)
     page.get_by_text("ui-companion — cloned voice").first.wait_for()
 
     page.get_by_role("tab", name="Speak").click()  # the new voices are in the speaker list
@@ -137,6 +138,7 @@ def test_voices_page_designs_and_clones_voices_that_then_speak_and_stream(
     page.get_by_label("Text").fill("Beep boop, hello traveller.")
     page.get_by_role("button", name="Synthesize").click()
     page.get_by_text("Latest: ui-robot (auto)").wait_for(timeout=120_000)
+    settled(page)
     spoken = page.locator("audio:visible").first
     assert 0 < spoken.evaluate(DURATION) < 30 and spoken.evaluate(PLAYS) > 0
 
@@ -148,16 +150,12 @@ def test_voices_page_designs_and_clones_voices_that_then_speak_and_stream(
     assert source and "/v1/tts/stream?" in source and "speaker=ui-robot" in source
     assert stream.evaluate(PLAYS) > 0  # the browser plays the stream as it arrives
 
+    settled(page)  # Streamlit drops a click that lands while the app reruns (the stream's run, on a loaded machine)
     page.get_by_role("tab", name="Voices").click()
     companion = page.get_by_test_id("stExpander").filter(has_text="ui-companion — cloned voice")
     companion.get_by_text("ui-companion — cloned voice").click()
-    delete = companion.get_by_role("button", name="Delete")  # this voice's button, not the first on the page
-    delete.click()
-    try:
-        companion.wait_for(state="detached", timeout=30_000)
-    except PlaywrightTimeoutError:  # Streamlit drops a click that lands while the app reruns (a loaded machine)
-        delete.click()
-        companion.wait_for(state="detached", timeout=60_000)
+    companion.get_by_role("button", name="Delete").click()  # this voice's button, not the first on the page
+    companion.wait_for(state="detached", timeout=60_000)
     page.get_by_text("ui-robot — designed voice").first.wait_for()  # the other voice is still there
     screenshot = tmp_path / "voices-page.png"
     page.screenshot(path=str(screenshot), full_page=True)
