@@ -87,7 +87,7 @@ def test_step_benchmark_smoke(cache_dir: Path, tmp_path: Path) -> None:
     assert [r["batch"] for r in sampling] == [1, 4] and all(r["candidates"] == 66 for r in sampling)
 
 
-def test_cpu_diagnostic_scripts_smoke(cache_dir: Path) -> None:
+def test_cpu_diagnostic_scripts_smoke(cache_dir: Path, tmp_path: Path) -> None:
     """The diagnostic scripts, briefly (their figures are in PERFORMANCE): gil_contention.py,
     burst_inprocess.py, join_soak.py, kernel_census.py, kernel_instructions.py, and bench_engine.py and
     check_seed_replay.py (GPU checks, here on the CPU)."""
@@ -100,7 +100,8 @@ def test_cpu_diagnostic_scripts_smoke(cache_dir: Path) -> None:
         "join_soak.py": (["--joins", "12", "--concurrency", "4", "--every", "4"], "Growth from 4 to 12 joins: rss_mb"),
         "bench_engine.py": (
             ["--arch", "tiny", "--device", "cpu", "--frames", "8", "--no-plain", "--streams", "1", "2"]
-            + ["--stagger-ms", "5", "--slots", "2", "--sampling", "--first-frames", "1", "quick", "--kernel-forms"],
+            + ["--stagger-ms", "5", "--slots", "2", "--sampling", "--first-frames", "1", "quick", "--kernel-forms"]
+            + ["--json", str(tmp_path / "engine.json")],
             "| graphs, quick start | 2 |",  # quick start needs batch invariance off: TTS_BATCH_INVARIANT below
         ),
         "kernel_census.py": (["--arch", "tiny"], "| fewer + Triton |"),
@@ -123,6 +124,11 @@ def test_cpu_diagnostic_scripts_smoke(cache_dir: Path) -> None:
             assert "| fewer kernels |" in result.stdout and result.stdout.count("| None |") == 1, result.stdout
             assert "| ms sampled 1, 100 keys |" in result.stdout, result.stdout  # (2 slots: rows of 1)
             assert "fused QKV product " in result.stdout and "decode attention " in result.stdout, result.stdout
+            forms = json.loads((tmp_path / "engine.json").read_text())["kernel_forms"]
+            assert [row["forms"] for row in forms["rows"]] == ["qwen-tts's ops", "fewer kernels"]
+            # the same-bits figures are the table's, beside its rows, not one form's
+            assert "fused QKV product" in forms["parts_same_bits_as_qwen_tts"]
+            assert not any("same_bits" in key for row in forms["rows"] for key in row)
         if script == "kernel_census.py":  # each form launches fewer than the one before, greedy and sampled
             lines = [line for line in result.stdout.splitlines() if line.startswith(("| qwen", "| fewer"))]
             counts = [[int(cell.strip().replace(",", "")) for cell in line.split("|")[2:4]] for line in lines]
