@@ -7,7 +7,9 @@ throughput under staggered streams, the frame step's kernel and sync census, gra
     python scripts/bench_engine.py --arch 1.7b --device cuda --compile-step   # the compiled step, graphed
 
 End of speech is suppressed, so every request generates exactly `--frames` frames (12.5 = 1 s).
-Prints markdown tables; `--json FILE` also writes the raw figures.
+Prints markdown tables; `--json FILE` also writes the raw figures, rewritten after each part (most important
+first: graphs against eager and the census, the streams, plain qwen-tts, the prefill and the step, the
+kernel forms), so that a run cut off by a time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -675,6 +677,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.device.startswith("cuda"):
         report["gpu"] = torch.cuda.get_device_name()
 
+    def save() -> None:
+        """The report so far: a run cut off by its time limit keeps what it measured (most important first)."""
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+
     if scheduler.step_fn is not fs.frame_step:  # bf16: graphs replay the eager kernels, so codes must match
         codes, graphed, graphed_prefill = {}, scheduler.step_fn, scheduler.prefill_fn
         variants = [("graphs", graphed, graphed_prefill), ("eager", fs.frame_step, fs.prefill)]
@@ -696,44 +703,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n## Frame step census\n")
     for row in report["census"]:
         print(row)
-    if args.kernel_forms:  # not yet run on a GPU: a failure there must not cost the rest of the figures
-        try:
-            report["kernel_forms"] = kernel_forms(scheduler, args.device)
-        except Exception as exc:  # noqa: BLE001
-            logger.exception("the kernel forms' comparison failed; going on without it")
-            report["kernel_forms"] = f"failed: {exc!r}"[:300]
-            for slot in range(scheduler.slots):
-                fs.release(scheduler.state, slot)
-    prefills = [fs.prefill] + ([scheduler.prefill_fn] if scheduler.prefill_fn is not fs.prefill else [])
-    report["prefill_census"] = [prefill_census(scheduler, args.device, prefill) for prefill in prefills]
-    print("\n## Prefill census (one request's prompt built and prefilled, eagerly and as the service does)\n")
-    for row in report["prefill_census"]:
-        print(row)
-    if scheduler.prefill_fn is not fs.prefill:
-        report["lone_first_audio_by_prefill"] = lone_first_audio_by_prefill(scheduler)
-
-    kv = 256
-    report["step_ms"] = []
-    with rows_at(scheduler.state, TIMED_KEYS):  # rows as requests there (see kernel_forms), not idle at 0
-        for n in (1, 8, 32):
-            if n > scheduler.slots:
-                continue
-            eager_ms = time_steps(fs.frame_step, scheduler, n, kv, args.device, sample=args.sampling)
-            row = {"batch": n, "eager_ms": eager_ms}
-            if scheduler.step_fn is not fs.frame_step:
-                row["graph_ms"] = time_steps(scheduler.step_fn, scheduler, n, kv, args.device, sample=args.sampling)
-                row["speedup"] = row["eager_ms"] / row["graph_ms"]
-            report["step_ms"].append(row)
-    print(f"\n## Frame step time (keys 256, rows at {TIMED_KEYS} live keys, {decoding})\n")
-    print("| batch | eager ms | graph ms | graph speed-up | frames/s at graph |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
-    for row in report["step_ms"]:
-        g = row.get("graph_ms", float("nan"))
-        print(
-            f"| {row['batch']} | {row['eager_ms']:.2f} | {g:.2f} | {row.get('speedup', float('nan')):.1f}x "
-            f"| {row['batch'] * 1000 / g:.0f} |"
-        )
-
+    save()
     for size in args.first_frames or []:
         if size != "quick" and not size.isdigit():
             parser.error(f"--first-frames: {size!r} is neither a frame count nor 'quick'")
@@ -748,7 +718,8 @@ def main(argv: list[str] | None = None) -> None:
     modes = [("graphs", scheduler.step_fn)]
     if not args.no_eager and scheduler.step_fn is not fs.frame_step:
         modes.append(("eager", fs.frame_step))
-    graphed_prefill = scheduler.prefill_fn
+    graphed_prefill, quick_start = scheduler.prefill_fn, scheduler.quick_start
+    intervals = list(scheduler.step_intervals)  # the pace a quick start reads, restored after the streams
     for mode, step in modes:
         scheduler.step_fn = step
         scheduler.prefill_fn = fs.prefill if step is fs.frame_step else graphed_prefill
@@ -765,6 +736,9 @@ def main(argv: list[str] | None = None) -> None:
                 report["load"].append(result)
                 print(result["mode"], result, flush=True)
         scheduler.step_fn, scheduler.prefill_fn = modes[0][1], graphed_prefill
+    scheduler.quick_start = quick_start  # as set, for what follows (a lone stream's first audio by prefill)
+    scheduler.step_intervals.clear()
+    scheduler.step_intervals.extend(intervals)
     print(
         f"\n## Streams, {args.frames} frames ({args.frames / FRAME_RATE:.0f} s) each, "
         f"staggered {args.stagger_ms:.0f} ms\n"
@@ -806,7 +780,10 @@ def main(argv: list[str] | None = None) -> None:
             f"| {r['mode']} | {r['streams']} | {r['wall_s']:.2f} | {phases} | {waiting:.2f} "
             f"| {r['decoder_busy_s']:.2f} |"
         )
-
+    if args.device.startswith("cuda"):
+        report["peak_gpu_gb_streams"] = torch.cuda.max_memory_allocated() / 1e9
+        print(f"\npeak GPU memory allocated by the load and the streams: {report['peak_gpu_gb_streams']:.1f} GB")
+    save()
     if not args.no_plain:
         report["plain"] = []
         for batch in (1, 8):
@@ -821,12 +798,50 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {r['batch']} | {r['wall_s']:.2f} | {r['audio_s']:.1f} | {r['rtf_per_stream']:.2f} "
                 f"| {r['audio_s'] / r['wall_s']:.1f} |"
             )
+    save()
+    prefills = [fs.prefill] + ([scheduler.prefill_fn] if scheduler.prefill_fn is not fs.prefill else [])
+    report["prefill_census"] = [prefill_census(scheduler, args.device, prefill) for prefill in prefills]
+    print("\n## Prefill census (one request's prompt built and prefilled, eagerly and as the service does)\n")
+    for row in report["prefill_census"]:
+        print(row)
+    if scheduler.prefill_fn is not fs.prefill:
+        report["lone_first_audio_by_prefill"] = lone_first_audio_by_prefill(scheduler)
+
+    kv = 256
+    report["step_ms"] = []
+    with rows_at(scheduler.state, TIMED_KEYS):  # rows as requests there (see kernel_forms), not idle at 0
+        for n in (1, 8, 32):
+            if n > scheduler.slots:
+                continue
+            eager_ms = time_steps(fs.frame_step, scheduler, n, kv, args.device, sample=args.sampling)
+            row = {"batch": n, "eager_ms": eager_ms}
+            if scheduler.step_fn is not fs.frame_step:
+                row["graph_ms"] = time_steps(scheduler.step_fn, scheduler, n, kv, args.device, sample=args.sampling)
+                row["speedup"] = row["eager_ms"] / row["graph_ms"]
+            report["step_ms"].append(row)
+    print(f"\n## Frame step time (keys 256, rows at {TIMED_KEYS} live keys, {decoding})\n")
+    print("| batch | eager ms | graph ms | graph speed-up | frames/s at graph |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for row in report["step_ms"]:
+        g = row.get("graph_ms", float("nan"))
+        print(
+            f"| {row['batch']} | {row['eager_ms']:.2f} | {g:.2f} | {row.get('speedup', float('nan')):.1f}x "
+            f"| {row['batch'] * 1000 / g:.0f} |"
+        )
+    save()
+    if args.kernel_forms:  # not yet run on a GPU: a failure there must not cost the rest of the figures
+        try:
+            report["kernel_forms"] = kernel_forms(scheduler, args.device)
+        except Exception as exc:  # noqa: BLE001
+            logger.exception("the kernel forms' comparison failed; going on without it")
+            report["kernel_forms"] = f"failed: {exc!r}"[:300]
+            for slot in range(scheduler.slots):
+                fs.release(scheduler.state, slot)
     hook.remove()
     if args.device.startswith("cuda"):
         report["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        print(f"\npeak GPU memory allocated: {report['peak_gpu_gb']:.1f} GB")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+        print(f"\npeak GPU memory allocated, the whole run: {report['peak_gpu_gb']:.1f} GB")
+    save()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@
 #              that attention in fewer programs looping over splits, the same bits), at
 #              200 keys and at 32 rows staggered from 100 to 2,000 keys (SDPA attends them all to 2,048), the
 #              same-bits lines of the Triton kernels and of the fused products and both decode attentions
-#              against qwen-tts's ops for a lone request; step) beside plain qwen-tts
+#              against qwen-tts's ops for a lone request; step) beside plain qwen-tts. In order of importance,
+#              the JSON rewritten after each, so a run cut off keeps what it measured: graphs against eager and
+#              the census, the streams, plain qwen-tts, the prefill and the step's time, then the kernel forms
 #   http       the service itself (`bentoml serve`, greedy): first bytes of /v1/tts/stream at 1 and 8 streams
 #              beside /v1/tts/synthesize (scripts/bench.py stream --url), and the server's own first-audio lines
 #   compiled   the same with the Inductor-compiled step (TTS_COMPILE_STEP), no plain qwen-tts
