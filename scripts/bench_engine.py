@@ -679,8 +679,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def save() -> None:
         """The report so far: a run cut off by its time limit keeps what it measured (most important first)."""
-        if args.json:
-            args.json.write_text(json.dumps(report, indent=2))
+        if args.json:  # (a value JSON cannot hold is written as its str rather than costing the run)
+            args.json.write_text(json.dumps(report, indent=2, default=str))
 
     if scheduler.step_fn is not fs.frame_step:  # bf16: graphs replay the eager kernels, so codes must match
         codes, graphed, graphed_prefill = {}, scheduler.step_fn, scheduler.prefill_fn
