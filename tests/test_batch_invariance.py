@@ -101,7 +101,7 @@ def test_stateful_windows_are_batched_from_the_length_the_decoder_check_finds(en
     assert scheduler.decoder.batch_min_frames == scheduler.invariance.stateful_batch_min_frames >= 4
     decoder = scheduler.model.speech_tokenizer.model.decoder
     lowest: list[int | None] = [8]
-    monkeypatch.setattr("tts_service.invariance_plan.decoder_batch_min_frames", lambda *args: lowest[0])
+    monkeypatch.setattr("tts_service.invariance_plan.decoder_batch_min_frames", lambda *args, **kwargs: lowest[0])
 
     def plan() -> InvariancePlan:
         return InvariancePlan.choose(True, on_cuda=False, slots=8, stateful_decoding=True, speech_decoder=decoder)

@@ -137,6 +137,19 @@ def test_cpu_diagnostic_scripts_smoke(cache_dir: Path, tmp_path: Path) -> None:
                 assert more[0] > fewer[0] and more[1] > fewer[1], counts
 
 
+def test_startup_checks_script_smoke() -> None:
+    """scripts/startup_checks.py: the decoder check measured, then read back as a restart reads it."""
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "startup_checks.py"), "--arch", "tiny"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr  # both starts found the same verdict
+    assert "| first start: measured |" in result.stdout and "| restart: read from the store |" in result.stdout
+    assert result.stderr.count("checked in") == 1 and "kept in" in result.stderr  # measured once, then read
+
+
 def test_gpu_kit_runs_without_the_service_only_packages() -> None:
     """scripts/gpu/ carries no PyAV (35 MB) to the GPU machine: the engine and the GPU benchmarks must import
     without it, and the faster-qwen3-tts script must parse its arguments without faster-qwen3-tts."""

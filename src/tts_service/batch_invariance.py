@@ -19,7 +19,13 @@ from typing import Any
 
 import torch
 
+from tts_service.verdict_store import VerdictStore
+
 logger = logging.getLogger(__name__)
+
+# The checks' names in a VerdictStore
+PRODUCT_CHECK = "product layout"
+DECODER_CHECK = "stateful decoder windows"
 
 # The decoder check's verdicts in this process, by the decoder's parameter shapes and the check's sizes:
 # the verdict is a property of the CPU's kernels for those shapes, and a service's models (custom voice,
@@ -111,27 +117,52 @@ def choose_layout(
     paddings: Sequence[int],
     fallback_rows: int,
     dtype: torch.dtype = torch.float32,
+    store: VerdictStore | None = None,
 ) -> ProductLayout | None:
     """The first layout under which rows keep their bits up to `slots` rows, the least padding first: for
     each of `paddings` (ascending), transposed views (what the model's weights already are), then
-    contiguous copies; then each padded to `fallback_rows` (every product at one size). None if none holds."""
+    contiguous copies; then each padded to `fallback_rows` (every product at one size). None if none holds.
+    Read from `store` when this machine measured it before, else measured and kept there."""
+    arguments = (tuple(shapes), slots, threads, tuple(paddings), fallback_rows, str(dtype))
+    kept = store.get(PRODUCT_CHECK, arguments) if store is not None else None
+    if kept is not None:
+        layout = None if kept["verdict"] is None else ProductLayout(*kept["verdict"])
+        logger.info(
+            "batch invariance: %s keeps every row's bits from 1 to %d rows on this CPU (%s)",
+            layout,
+            slots,
+            _as_kept(kept, store),
+        )
+        return layout
     candidates = [ProductLayout(contiguous, rows) for rows in paddings for contiguous in (False, True)]
     candidates += [ProductLayout(False, fallback_rows), ProductLayout(True, fallback_rows)]
     started = time.perf_counter()
-    for layout in candidates:
-        if rows_keep_their_bits(shapes, layout, slots, threads, dtype):
-            logger.info(
-                "batch invariance: %s keeps every row's bits from 1 to %d rows on this CPU (checked in %.2f s)",
-                layout,
-                slots,
-                time.perf_counter() - started,
-            )
-            return layout
-    return None
+    holds = (layout for layout in candidates if rows_keep_their_bits(shapes, layout, slots, threads, dtype))
+    chosen = next(holds, None)
+    seconds = time.perf_counter() - started
+    if chosen is not None:
+        logger.info(
+            "batch invariance: %s keeps every row's bits from 1 to %d rows on this CPU (checked in %.2f s)",
+            chosen,
+            slots,
+            seconds,
+        )
+    if store is not None:
+        store.put(PRODUCT_CHECK, arguments, None if chosen is None else [chosen.contiguous, chosen.min_rows], seconds)
+    return chosen
+
+
+def _as_kept(entry: dict[str, Any], store: VerdictStore) -> str:
+    return f"as this machine measured it on {entry.get('measured')} in {entry.get('seconds')} s; kept in {store.path}"
 
 
 def decoder_batch_min_frames(
-    streaming: Any, sizes: Sequence[int], limit: Callable[[int], int], threads: int = 1, seed: int = 0
+    streaming: Any,
+    sizes: Sequence[int],
+    limit: Callable[[int], int],
+    threads: int = 1,
+    seed: int = 0,
+    store: VerdictStore | None = None,
 ) -> int | None:
     """The fewest frames (one of `sizes`) from which stateful windows decoded together give every stream
     the bits it has decoded alone, for that size and every larger one: a first window and one with history,
@@ -139,7 +170,7 @@ def decoder_batch_min_frames(
     measured). None: not even at the largest. `streaming` is a
     `streaming_decoder.StreamingDecoder`; `threads` as the decoder runs. The decoder's own products run
     over rows x frames rows, so this is the same property of the CPU as `rows_keep_their_bits`. Remembered
-    per process for decoders of the same parameter shapes."""
+    per process for decoders of the same parameter shapes, and across restarts in `store`."""
     sizes = sorted(sizes)
     key = (_parameter_shapes(streaming.decoder), tuple((size, limit(size)) for size in sizes), threads, seed)
     if key in _decoder_verdicts:
@@ -149,21 +180,34 @@ def decoder_batch_min_frames(
             _decoder_verdicts[key],
         )
         return _decoder_verdicts[key]
-    generator = torch.Generator().manual_seed(seed)
-    started = time.perf_counter()
-    lowest = None
-    with _measuring(threads):
-        for size in reversed(sizes):  # the longest first: the first that fails ends the search
-            if not _decoder_keeps_bits(streaming, size, limit(size), generator):
-                break
-            lowest = size
-    logger.info(
-        "batch invariance: stateful decoder windows of %s frames keep their bits batched from %s frames on "
-        "(checked in %.2f s)",
-        sizes,
-        lowest,
-        time.perf_counter() - started,
-    )
+    kept = store.get(DECODER_CHECK, key) if store is not None else None
+    if kept is not None:
+        lowest = kept["verdict"]
+        logger.info(
+            "batch invariance: stateful decoder windows of %s frames keep their bits batched from %s frames on (%s)",
+            sizes,
+            lowest,
+            _as_kept(kept, store),
+        )
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        started = time.perf_counter()
+        lowest = None
+        with _measuring(threads):
+            for size in reversed(sizes):  # the longest first: the first that fails ends the search
+                if not _decoder_keeps_bits(streaming, size, limit(size), generator):
+                    break
+                lowest = size
+        seconds = time.perf_counter() - started
+        logger.info(
+            "batch invariance: stateful decoder windows of %s frames keep their bits batched from %s frames on "
+            "(checked in %.2f s)",
+            sizes,
+            lowest,
+            seconds,
+        )
+        if store is not None:
+            store.put(DECODER_CHECK, key, lowest, seconds)
     _decoder_verdicts[key] = lowest
     return lowest
 

@@ -1,4 +1,4 @@
-"""Load a Qwen3-TTS CustomVoice model once; every request then runs through its step engine.
+"""Load a Qwen3-TTS model once (CustomVoice, VoiceDesign or Base); every request then runs through its step engine.
 
 No BentoML here: the service wraps this, and tests drive it directly.
 """
@@ -24,6 +24,8 @@ from tts_service.schemas import ModelInfo, SpeakerInfo
 from tts_service.segmenting import split_text
 from tts_service.settings import Settings
 from tts_service.stream_plan import ChunkPlan
+from tts_service.verdict_store import FILE_NAME as VERDICTS_FILE
+from tts_service.verdict_store import VerdictStore
 from tts_service.voice_prompt import VoicePrompt, extract_voice_prompt
 from tts_service.voices import SPEAKERS_BY_KEY
 
@@ -271,6 +273,7 @@ class TTSEngine:
             quick_start=settings.stream_quick_start,
             fewer_kernels=settings.fewer_kernels,
             decode_attention=settings.decode_attention,
+            verdicts=VerdictStore(settings.cache_dir / VERDICTS_FILE),
         )
 
     @classmethod

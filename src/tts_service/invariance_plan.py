@@ -12,6 +12,7 @@ import torch
 from tts_service import frame_step as fs
 from tts_service.batch_invariance import ProductLayout, ProductShape, choose_layout, decoder_batch_min_frames
 from tts_service.chunk_decoder import STATEFUL_BATCH_MIN_FRAMES, stateful_batch_limit
+from tts_service.verdict_store import VerdictStore
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class InvariancePlan:
         dtype: torch.dtype = torch.float32,
         speech_decoder: torch.nn.Module | None = None,
         threads: int = 1,
+        store: VerdictStore | None = None,
     ) -> InvariancePlan:
         """On the CPU, MKL multiplies few rows with other kernels than many; from how many rows on a row
         keeps its bits at every count depends on the processor and the weights' layout, so it is measured
@@ -64,14 +66,15 @@ class InvariancePlan:
         (all the slots; with memory-bound weights that should cost little), each prompt is prefilled alone
         and each window is decoded alone. The Triton kernels compute each row by itself (the talker's
         decode attention over its own keys, sampling, the norms); whether that suffices there (the code
-        predictor's SDPA is not padded) is measured by scripts/check_seed_replay.py."""
+        predictor's SDPA is not padded) is measured by scripts/check_seed_replay.py. `store` keeps the CPU
+        checks' verdicts across restarts (verdict_store.py)."""
         if not invariant:
             return cls()
         if on_cuda:
             return cls(min_rows=slots, prefill_alone=True, decode_alone=True)
         layout = ProductLayout(False, fs.INVARIANT_MIN_ROWS)
         if shapes is not None:
-            chosen = choose_layout(shapes, slots, threads, fs.INVARIANT_ROW_PADDINGS, max(slots, 1), dtype)
+            chosen = choose_layout(shapes, slots, threads, fs.INVARIANT_ROW_PADDINGS, max(slots, 1), dtype, store)
             if chosen is None:
                 logger.warning(
                     "batch invariance: on this CPU a row's bits depend on the row count in every weight layout "
@@ -83,7 +86,7 @@ class InvariancePlan:
             from tts_service.streaming_decoder import StreamingDecoder
 
             lowest = decoder_batch_min_frames(
-                StreamingDecoder(speech_decoder), DECODER_CHECK_FRAMES, stateful_batch_limit
+                StreamingDecoder(speech_decoder), DECODER_CHECK_FRAMES, stateful_batch_limit, store=store
             )
             decode_alone, min_frames = lowest is None, lowest or min_frames
         return cls(

@@ -41,6 +41,7 @@ from tts_service.prompt import PromptBuilder
 from tts_service.request_handle import Job, RequestEnd, RequestHandle
 from tts_service.sampling import SamplerPlan, SamplingParams
 from tts_service.stream_plan import QUICK_START_MAX_STEP_S, WHOLE_FILE_PLAN, ChunkPlan, quick_start_fits, window_lengths
+from tts_service.verdict_store import VerdictStore
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ class StepScheduler:
         prefill_graphs: bool = True,
         fewer_kernels: bool | None = None,
         decode_attention: Literal["triton", "sdpa"] = "triton",
+        verdicts: VerdictStore | None = None,
     ) -> None:
         self.wrapper = wrapper
         self.model = wrapper.model
@@ -162,6 +164,7 @@ class StepScheduler:
                 self.model.talker.codec_head.weight.dtype,
                 self.model.speech_tokenizer.model.decoder,
                 CPU_LOOP_THREADS,
+                verdicts,
             )
         self.invariance = invariance
         # A stream's first chunk size depends on the load at its start, and chunk boundaries change a

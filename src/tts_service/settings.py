@@ -42,7 +42,10 @@ class Settings(BaseSettings):
     design_model: str | None = Field(
         None, description="A VoiceDesign checkpoint (repo id, folder or 'tiny') that designs voices; unset: none."
     )
-    cache_dir: Path = Field(Path.home() / ".cache" / "tts_service", description="Where the tiny checkpoint is built.")
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "tts_service",
+        description="Where the tiny checkpoint is built and start-up checks keep their verdicts.",
+    )
     voices_dir: Path = Field(
         Path.home() / ".local" / "share" / "tts_service" / "voices", description="The saved-voice library."
     )
