@@ -18,6 +18,10 @@ from tts_service.invariance_plan import InvariancePlan
 from tts_service.verdict_store import FILE_NAME, VerdictStore
 
 
+def any_verdict(verdict: object) -> bool:  # a validator that takes every verdict
+    return True
+
+
 @pytest.fixture
 def measured(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """How often each check really measures (a restart: the process's own memo starts empty)."""
@@ -106,13 +110,29 @@ def test_a_verdict_that_nothing_holds_is_kept_too(tmp_path: Path, monkeypatch: p
     assert len(calls) == 12  # other slots: measured
 
 
+def test_a_kept_verdict_of_the_wrong_form_is_measured_afresh(
+    engine: TTSEngine, tmp_path: Path, measured: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry whose verdict the check could not have given (a hand-edited file, say) is not trusted."""
+    store = VerdictStore(tmp_path / FILE_NAME)
+    first = _plan(engine, store)
+    entries = json.loads(store.path.read_text())
+    for entry in entries.values():
+        entry["verdict"] = [1, 2, 3] if entry["check"] == checks.PRODUCT_CHECK else 5  # 5: not a checked length
+    store.path.write_text(json.dumps(entries))
+    measured.update(products=0, decoder=0)
+    monkeypatch.setattr(checks, "_decoder_verdicts", {})
+    assert _plan(engine, store) == first
+    assert measured["products"] > 0 and measured["decoder"] > 0
+
+
 def test_a_damaged_or_unwritable_file_never_fails_a_start(tmp_path: Path, caplog) -> None:
     damaged = VerdictStore(tmp_path / FILE_NAME)
     damaged.path.write_text('{"truncated": ')
-    assert damaged.get("check", (1,)) is None
+    assert damaged.get("check", (1,), any_verdict) is None
     damaged.put("check", (1,), 4, 0.5)
-    assert damaged.get("check", (1,))["verdict"] == 4  # rewritten whole
-    assert damaged.get("check", (2,)) is None
+    assert damaged.get("check", (1,), any_verdict)["verdict"] == 4  # rewritten whole
+    assert damaged.get("check", (2,), any_verdict) is None
     assert [p.name for p in tmp_path.iterdir()] == [FILE_NAME]  # no temporary file left
 
     (tmp_path / "a-file").write_text("")
@@ -120,7 +140,7 @@ def test_a_damaged_or_unwritable_file_never_fails_a_start(tmp_path: Path, caplog
     with caplog.at_level(logging.WARNING, logger="tts_service.verdict_store"):
         unwritable.put("check", (1,), 4, 0.5)
     assert "could not keep a start-up check's verdict" in caplog.text
-    assert unwritable.get("check", (1,)) is None
+    assert unwritable.get("check", (1,), any_verdict) is None
 
 
 def test_the_engine_keeps_its_verdicts_in_the_cache_dir(engine: TTSEngine) -> None:

@@ -124,7 +124,7 @@ def choose_layout(
     contiguous copies; then each padded to `fallback_rows` (every product at one size). None if none holds.
     Read from `store` when this machine measured it before, else measured and kept there."""
     arguments = (tuple(shapes), slots, threads, tuple(paddings), fallback_rows, str(dtype))
-    kept = store.get(PRODUCT_CHECK, arguments) if store is not None else None
+    kept = store.get(PRODUCT_CHECK, arguments, _a_layout) if store is not None else None
     if kept is not None:
         layout = None if kept["verdict"] is None else ProductLayout(*kept["verdict"])
         logger.info(
@@ -150,6 +150,16 @@ def choose_layout(
     if store is not None:
         store.put(PRODUCT_CHECK, arguments, None if chosen is None else [chosen.contiguous, chosen.min_rows], seconds)
     return chosen
+
+
+def _a_layout(verdict: Any) -> bool:
+    """A kept product-layout verdict: none holds (None), or [contiguous, min_rows]."""
+    if verdict is None:
+        return True
+    if not (isinstance(verdict, list) and len(verdict) == 2):
+        return False
+    contiguous, min_rows = verdict
+    return isinstance(contiguous, bool) and type(min_rows) is int and min_rows >= 1
 
 
 def _as_kept(entry: dict[str, Any], store: VerdictStore) -> str:
@@ -180,7 +190,9 @@ def decoder_batch_min_frames(
             _decoder_verdicts[key],
         )
         return _decoder_verdicts[key]
-    kept = store.get(DECODER_CHECK, key) if store is not None else None
+    kept = None
+    if store is not None:
+        kept = store.get(DECODER_CHECK, key, lambda verdict: verdict is None or verdict in sizes)
     if kept is not None:
         lowest = kept["verdict"]
         logger.info(

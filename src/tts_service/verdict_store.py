@@ -18,6 +18,7 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -102,11 +103,11 @@ class VerdictStore:
             return {}
         return entries if isinstance(entries, dict) else {}
 
-    def get(self, check: str, arguments: Any) -> dict[str, Any] | None:
+    def get(self, check: str, arguments: Any, valid: Callable[[Any], bool]) -> dict[str, Any] | None:
         """The entry kept for `check` with these arguments on this machine (its "verdict", when and how
-        long it was measured), or None."""
+        long it was measured), or None, also where its verdict is not one that `valid` accepts."""
         entry = self._read().get(self.key(check, arguments))
-        return entry if isinstance(entry, dict) and "verdict" in entry else None
+        return entry if isinstance(entry, dict) and "verdict" in entry and valid(entry["verdict"]) else None
 
     def put(self, check: str, arguments: Any, verdict: Any, seconds: float) -> None:
         entries = self._read()
