@@ -2,7 +2,8 @@
 # Build the Bento's OCI image on this machine with buildah, run it with the tiny model on the CPU, and
 # check it as the Spark's compose file would: the health check turns healthy, /v1/tts/synthesize answers a
 # WAV, the process runs as the non-root bentoml user with writable volumes, the decoder process runs, it
-# stops within 10 s of SIGTERM, and a restart reuses the built tiny checkpoint. Prints a PASS/FAIL table.
+# stops within 10 s of SIGTERM, and a restart reuses the built tiny checkpoint and the start-up checks'
+# verdicts. Prints a PASS/FAIL table.
 #
 #   sudo scripts/verify_image_local.sh            # as root: buildah with --isolation chroot and vfs
 #   sudo ARCH=arm64 scripts/verify_image_local.sh # the Spark's arm64 image, built and run under emulation
@@ -209,6 +210,14 @@ else
 fi
 stop_within "$pid" >/dev/null
 "${BUILDAH[@]}" rm "$container" >/dev/null
+# The CPU's batch-invariance checks measured at the first start, their verdicts read from the volume after
+kept=$(grep -c "kept in /data/tts-cache/start-up-verdicts.json" "$WORK/serve.log")
+checked=$(grep -c "batch invariance: .*(checked in" "$WORK/serve.log")
+if [[ $kept == 2 && $checked == 2 && $(stat -c %u "$data/tts-cache/start-up-verdicts.json" 2>/dev/null) == 1034 ]]; then
+  record "restart reads verdicts" PASS "both start-up checks measured once, then read from the volume"
+else
+  record "restart reads verdicts" FAIL "$checked measured, $kept read (expected 2 and 2); see $WORK/serve.log"
+fi
 if [[ ${COMPILE_STEP:-false} == true ]]; then  # the step compiled in the image, then from the volume's cache
   mapfile -t compiles < <(grep -o "compiled the frame step .* in [0-9.]* s" "$WORK/serve.log" | grep -o "[0-9.]* s$")
   if (( ${#compiles[@]} >= 2 )); then
