@@ -5,8 +5,8 @@
 # fits them all, most important first, each part cut off when the budget (BUDGET_S, 420 s) runs out:
 #     run(command="bash scripts/gpu/issue15.sh quick", carry=[".whl"], timeout_s=540)
 # The budget starts once the wheels are installed and the random checkpoint is built: the 1.7B one took
-# 52 s and 9.6 GB of memory on a 2-core CPU (4.3 GB on disk), so of the 120 s that 540 leave beside the
-# budget, the wheels' install there (not measured) has about a minute.
+# 52 s and 9.6 GB of memory on a 2-core CPU (4.3 GB on disk) and the wheels' install 1.3 s, so 540 s leave
+# about a minute beside the budget for the parts' overruns (each is killed 10 s after its time).
 #   quick      engine (with plain qwen-tts at 40 frames), then faster, then http, then 1,000 joins, then the seed
 #              replay check (bf16, in company) without and with TTS_BATCH_INVARIANT, then the engine
 #              with it (its cost); one log
