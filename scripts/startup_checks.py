@@ -27,8 +27,6 @@ from tts_service.scheduler import CPU_LOOP_THREADS
 from tts_service.streaming_decoder import StreamingDecoder
 from tts_service.verdict_store import FILE_NAME, VerdictStore
 
-logger = logging.getLogger("startup_checks")
-
 
 def speech_decoder(arch: str) -> torch.nn.Module:
     import_qwen_tts()

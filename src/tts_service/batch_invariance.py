@@ -123,33 +123,40 @@ def choose_layout(
     each of `paddings` (ascending), transposed views (what the model's weights already are), then
     contiguous copies; then each padded to `fallback_rows` (every product at one size). None if none holds.
     Read from `store` when this machine measured it before, else measured and kept there."""
-    arguments = (tuple(shapes), slots, threads, tuple(paddings), fallback_rows, str(dtype))
-    kept = store.get(PRODUCT_CHECK, arguments, _a_layout) if store is not None else None
-    if kept is not None:
-        layout = None if kept["verdict"] is None else ProductLayout(*kept["verdict"])
-        logger.info(
-            "batch invariance: %s keeps every row's bits from 1 to %d rows on this CPU (%s)",
-            layout,
-            slots,
-            _as_kept(kept, store),
-        )
-        return layout
     candidates = [ProductLayout(contiguous, rows) for rows in paddings for contiguous in (False, True)]
     candidates += [ProductLayout(False, fallback_rows), ProductLayout(True, fallback_rows)]
-    started = time.perf_counter()
-    holds = (layout for layout in candidates if rows_keep_their_bits(shapes, layout, slots, threads, dtype))
-    chosen = next(holds, None)
-    seconds = time.perf_counter() - started
-    if chosen is not None:
+
+    def measure() -> list | None:
+        holds = (layout for layout in candidates if rows_keep_their_bits(shapes, layout, slots, threads, dtype))
+        chosen = next(holds, None)
+        return None if chosen is None else [chosen.contiguous, chosen.min_rows]
+
+    arguments = (tuple(shapes), slots, threads, tuple(paddings), fallback_rows, str(dtype))
+    verdict, how = _kept_or_measured(store, PRODUCT_CHECK, arguments, _a_layout, measure)
+    layout = None if verdict is None else ProductLayout(*verdict)
+    if layout is not None:
         logger.info(
-            "batch invariance: %s keeps every row's bits from 1 to %d rows on this CPU (checked in %.2f s)",
-            chosen,
-            slots,
-            seconds,
+            "batch invariance: %s keeps every row's bits from 1 to %d rows on this CPU (%s)", layout, slots, how
         )
+    return layout
+
+
+def _kept_or_measured(
+    store: VerdictStore | None, check: str, arguments: Any, valid: Callable[[Any], bool], measure: Callable[[], Any]
+) -> tuple[Any, str]:
+    """The verdict this machine kept in `store` for `check` with these arguments, else `measure()`'s (kept
+    there); and how it was had, for the log."""
+    kept = store.get(check, arguments, valid) if store is not None else None
+    if kept is not None:
+        return kept["verdict"], (
+            f"as this machine measured it on {kept.get('measured')} in {kept.get('seconds')} s; kept in {store.path}"
+        )
+    started = time.perf_counter()
+    verdict = measure()
+    seconds = time.perf_counter() - started
     if store is not None:
-        store.put(PRODUCT_CHECK, arguments, None if chosen is None else [chosen.contiguous, chosen.min_rows], seconds)
-    return chosen
+        store.put(check, arguments, verdict, seconds)
+    return verdict, f"checked in {seconds:.2f} s"
 
 
 def _a_layout(verdict: Any) -> bool:
@@ -160,10 +167,6 @@ def _a_layout(verdict: Any) -> bool:
         return False
     contiguous, min_rows = verdict
     return isinstance(contiguous, bool) and type(min_rows) is int and min_rows >= 1
-
-
-def _as_kept(entry: dict[str, Any], store: VerdictStore) -> str:
-    return f"as this machine measured it on {entry.get('measured')} in {entry.get('seconds')} s; kept in {store.path}"
 
 
 def decoder_batch_min_frames(
@@ -190,36 +193,26 @@ def decoder_batch_min_frames(
             _decoder_verdicts[key],
         )
         return _decoder_verdicts[key]
-    kept = None
-    if store is not None:
-        kept = store.get(DECODER_CHECK, key, lambda verdict: verdict is None or verdict in sizes)
-    if kept is not None:
-        lowest = kept["verdict"]
-        logger.info(
-            "batch invariance: stateful decoder windows of %s frames keep their bits batched from %s frames on (%s)",
-            sizes,
-            lowest,
-            _as_kept(kept, store),
-        )
-    else:
+
+    def measure() -> int | None:
         generator = torch.Generator().manual_seed(seed)
-        started = time.perf_counter()
         lowest = None
         with _measuring(threads):
             for size in reversed(sizes):  # the longest first: the first that fails ends the search
                 if not _decoder_keeps_bits(streaming, size, limit(size), generator):
                     break
                 lowest = size
-        seconds = time.perf_counter() - started
-        logger.info(
-            "batch invariance: stateful decoder windows of %s frames keep their bits batched from %s frames on "
-            "(checked in %.2f s)",
-            sizes,
-            lowest,
-            seconds,
-        )
-        if store is not None:
-            store.put(DECODER_CHECK, key, lowest, seconds)
+        return lowest
+
+    lowest, how = _kept_or_measured(
+        store, DECODER_CHECK, key, lambda verdict: verdict is None or verdict in sizes, measure
+    )
+    logger.info(
+        "batch invariance: stateful decoder windows of %s frames keep their bits batched from %s frames on (%s)",
+        sizes,
+        lowest,
+        how,
+    )
     _decoder_verdicts[key] = lowest
     return lowest
 
