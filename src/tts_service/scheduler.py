@@ -152,6 +152,13 @@ class StepScheduler:
         # Streams decoded with carried state (exact, no re-decoded context) or as windows with left
         # context (batched across streams and graph-captured on a GPU, where it is the measured path).
         self.stateful_streams = (not self.on_cuda) if stateful_streams is None else stateful_streams
+        speech_decoder = self.model.speech_tokenizer.model.decoder
+        worker = None
+        if not self.on_cuda if decoder_process is None else decoder_process:
+            from tts_service.decoder_process import decoder_process_for  # CPU only: TTSEngine refuses it on CUDA
+
+            # A new child starts loading now, beside the rest of start-up (the invariance checks included)
+            worker = decoder_process_for(speech_decoder)
         if invariance is None:  # batch_invariant None: on the CPU, where it is measured to hold
             invariant = not self.on_cuda if batch_invariant is None else batch_invariant
             shapes = fs.product_shapes(self.model) if invariant and not self.on_cuda else None  # (what is checked)
@@ -162,7 +169,7 @@ class StepScheduler:
                 self.stateful_streams,
                 shapes,
                 self.model.talker.codec_head.weight.dtype,
-                self.model.speech_tokenizer.model.decoder,
+                speech_decoder,
                 CPU_LOOP_THREADS,
                 verdicts,
             )
@@ -180,12 +187,6 @@ class StepScheduler:
         # Whole files: with a stateful decoder, decoded as they are generated (so only the last piece is
         # left at the end); else in qwen-tts's own 300-frame windows with 25 frames of context.
         self.file_plan = ChunkPlan(64, 64, 0, streamed=False) if self.stateful_streams else WHOLE_FILE_PLAN
-        speech_decoder = self.model.speech_tokenizer.model.decoder
-        worker = None
-        if not self.on_cuda if decoder_process is None else decoder_process:
-            from tts_service.decoder_process import decoder_process_for  # CPU only: TTSEngine refuses it on CUDA
-
-            worker = decoder_process_for(speech_decoder)  # a new one starts loading now, beside the rest of start-up
         self.decoder = ChunkDecoder(
             speech_decoder,
             self.samples_per_frame,
