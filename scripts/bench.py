@@ -9,6 +9,7 @@ Real-time factor (RTF) here is audio seconds per wall second: higher is better.
     python scripts/bench.py burst --model tiny                        # concurrency, recovery, stream gaps
     python scripts/bench.py burst --model tiny --compile-step         # the same with the compiled frame step
     python scripts/bench.py service --url http://127.0.0.1:8000       # an already running service
+    python scripts/bench.py startup --arch 1.7b --baseline /tmp/base  # seconds to /readyz, two checkouts
 
 Each benchmark is a module of scripts/benchmarks/ whose `measure(args)` returns the figures and whose
 `report(result)` formats them as the markdown tables docs/PERFORMANCE.md records.
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tts_service.dev.tiny_checkpoint import ARCHS  # noqa: E402
 
-BENCHMARKS = ("engine", "service", "stream", "step", "burst")
+BENCHMARKS = ("engine", "service", "stream", "step", "burst", "startup")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -79,6 +80,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the service's default sampling (no TTS_GREEDY), each line with a fixed seed so that runs compare",
     )
+    startup = sub.choices["startup"]
+    startup.add_argument("--baseline", type=Path, help="another checkout of this repository, started in turn")
+    startup.add_argument("--starts", type=int, default=2, help="a first start, then restarts")
+    startup.add_argument("--max-batch-size", type=int, default=32, help="TTS_MAX_BATCH_SIZE (KV slots)")
+    startup.add_argument("--max-new-tokens", type=int, help="TTS_MAX_NEW_TOKENS (the KV's length); unset: default")
+    startup.add_argument("--ready-timeout", type=float, default=900)
     service = sub.choices["service"]
     service.add_argument("--url", help="drive this running service instead of starting two")
     service.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])

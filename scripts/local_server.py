@@ -36,7 +36,10 @@ class LiveServer:
         return self.log_path.read_text(errors="replace")
 
 
-def start_server(env_overrides: dict[str, str], log_path: Path, port: int | None = None) -> LiveServer:
+def start_server(
+    env_overrides: dict[str, str], log_path: Path, port: int | None = None, repo_root: Path = REPO_ROOT
+) -> LiveServer:
+    """`repo_root`: another checkout of this repository serves (its service.py and src/ before this venv's)."""
     port = port or free_port()
     # Each server gets its own BENTOML_HOME: `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir
     # when it starts, which would wipe the /metrics of any other server running under the same home.
@@ -47,12 +50,13 @@ def start_server(env_overrides: dict[str, str], log_path: Path, port: int | None
         "BENTOML_DO_NOT_TRACK": "True",
         "BENTOML_HOME": str(home),
         "TTS_VOICES_DIR": str(log_path.parent / f"voices-{port}"),  # never the user's own library
+        **({} if repo_root == REPO_ROOT else {"PYTHONPATH": str(repo_root / "src")}),
         **env_overrides,
     }
     log = log_path.open("wb")
     process = subprocess.Popen(
         [BENTOML, "serve", "service:TTSService", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO_ROOT,
+        cwd=repo_root,
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

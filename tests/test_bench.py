@@ -87,6 +87,20 @@ def test_step_benchmark_smoke(cache_dir: Path, tmp_path: Path) -> None:
     assert [r["batch"] for r in sampling] == [1, 4] and all(r["candidates"] == 66 for r in sampling)
 
 
+def test_startup_benchmark_smoke(tmp_path: Path) -> None:
+    """Two starts of `bentoml serve` with one fresh cache: the first measures the CPU's start-up checks, the
+    restart reads their verdicts back; both answer a stream."""
+    out = tmp_path / "startup.json"
+    stdout = run_bench(["startup", "--starts", "2", "--max-batch-size", "4"], out)
+    assert "| tree | start | to /readyz s | engine load s |" in stdout
+    first, restart = json.loads(out.read_text())["runs"]
+    assert (first["start"], restart["start"]) == ("first", "restart 1")
+    assert first["status"] == restart["status"] == 200
+    assert "decoder_check_s" in first and "product_check_s" in first and not first["read_back"]
+    assert "decoder_check_s" not in restart and sorted(restart["read_back"]) == ["decoder_check_s", "product_check_s"]
+    assert 0 < first["first_audio_s"] and 0 < restart["ready_s"]
+
+
 def test_cpu_diagnostic_scripts_smoke(cache_dir: Path, tmp_path: Path) -> None:
     """The diagnostic scripts, briefly (their figures are in PERFORMANCE): gil_contention.py,
     burst_inprocess.py, join_soak.py, kernel_census.py, kernel_instructions.py, and bench_engine.py and
