@@ -454,6 +454,7 @@ def test_the_cpus_kv_cache_becomes_resident_only_where_it_is_written(engine: TTS
     assert not any(bool(t.any()) for t in state.keys[1:] + state.values)
     assert bool((state.keys[0][2] == 1.5).all()) and not bool(state.keys[0][:2].any())
 
+
 # ---- the frame function ---------------------------------------------------------------------------
 
 
