@@ -428,6 +428,33 @@ def test_a_prefill_with_the_triton_kernel_writes_each_prompts_cache_into_its_own
     assert bool((after[True]["keys"][0][1] == 7).all() and (after[True]["values"][-1][1] == 7).all())
 
 
+def test_a_cpu_kv_that_could_outgrow_the_memory_is_warned_of(
+    tiny_dir: Path, cache_dir: Path, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    """The service starts whatever its KV's size (it takes memory as it is written), but the log says when
+    every slot filled would not fit beside the model, under a container's limit too (cgroup v2)."""
+    from tts_service import scheduler as scheduler_module
+
+    (tmp_path / "memory.max").write_text("1000000000\n")
+    (tmp_path / "memory.current").write_text("400000000\n")
+    assert scheduler_module.available_memory(tmp_path) == 600_000_000
+    (tmp_path / "memory.max").write_text("max\n")
+    assert scheduler_module.available_memory(tmp_path) > 600_000_000  # the machine's, without a limit
+
+    settings = Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu", max_batch_size=4)
+    for available, warned in ((2**40, False), (2**20, True)):
+        monkeypatch.setattr(scheduler_module, "available_memory", lambda available=available: available)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="tts_service.scheduler"):
+            engine = TTSEngine.load(settings)
+        kv = 4 * fs.kv_bytes_per_slot(engine.scheduler.weights, engine.scheduler.max_len)
+        messages = [r.getMessage() for r in caplog.records if "KV cache:" in r.getMessage()]
+        assert bool(messages) is warned and kv > 2**20
+        if warned:
+            assert f"4 slots of {engine.scheduler.max_len} positions would take {kv / 1e9:.1f} GB" in messages[0]
+            assert "lower TTS_MAX_BATCH_SIZE or TTS_MAX_NEW_TOKENS" in messages[0]
+
+
 def test_fewer_kernels_are_taken_on_a_gpu_in_half_precision_only() -> None:
     assert fs.fewer_kernels_for(torch.device("cuda", 0), torch.bfloat16)
     assert fs.fewer_kernels_for(torch.device("cuda"), torch.float16)

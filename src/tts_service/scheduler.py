@@ -28,9 +28,11 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import psutil
 import torch
 
 from tts_service import frame_step as fs
@@ -114,6 +116,36 @@ class _Launch:
     frames: Any  # host tensor [n, 16] (pinned on CUDA)
     done: Any  # host tensor [n]
     event: Any  # CUDA event recorded after the copy, or None
+
+
+def available_memory(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """Bytes this process may still take: the machine's available memory, or less under a container's
+    memory limit (cgroup v2), which psutil does not see."""
+    available = psutil.virtual_memory().available
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            available = min(available, int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def warn_if_kv_may_outgrow_memory(slots: int, max_len: int, kv_bytes: int) -> None:
+    """The CPU's KV takes memory as requests write it (`fs.untouched_zeros`), so a service starts whatever
+    its size; say so when every slot filled to its last position would not fit in the memory available now
+    (what the loaded model left), rather than let a burst of long requests meet the OOM killer unwarned."""
+    available = available_memory()
+    if kv_bytes > available:
+        logger.warning(
+            "KV cache: %d slots of %d positions would take %.1f GB if every slot were filled, more than the "
+            "%.1f GB of memory available now; it takes memory as requests write it (a request's prompt and "
+            "frames), so lower TTS_MAX_BATCH_SIZE or TTS_MAX_NEW_TOKENS if that many long requests may run at once",
+            slots,
+            max_len,
+            kv_bytes / 1e9,
+            available / 1e9,
+        )
 
 
 class StepScheduler:
@@ -211,6 +243,8 @@ class StepScheduler:
             self._use_triton_kernels(decode_attention == "triton")
         self.weights.sampler = SamplerPlan.of(self.sampling_params(0))
         self.state = fs.allocate_state(self.weights, slots, max_len)
+        if not self.on_cuda:
+            warn_if_kv_may_outgrow_memory(slots, max_len, slots * fs.kv_bytes_per_slot(self.weights, max_len))
         self.step_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
         self.step_fn = fs.frame_step
         self.prefill_fn: Callable[..., None] = fs.prefill
