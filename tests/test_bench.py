@@ -92,13 +92,13 @@ def test_startup_benchmark_smoke(tmp_path: Path) -> None:
     restart reads their verdicts back; both answer a stream."""
     out = tmp_path / "startup.json"
     stdout = run_bench(["startup", "--starts", "2", "--max-batch-size", "4"], out)
-    assert "| tree | start | to /readyz s | engine load s |" in stdout
+    assert "| tree | start | to /readyz s | resident GB then | engine load s |" in stdout
     first, restart = json.loads(out.read_text())["runs"]
     assert (first["start"], restart["start"]) == ("first", "restart 1")
     assert first["status"] == restart["status"] == 200
     assert "decoder_check_s" in first and "product_check_s" in first and not first["read_back"]
     assert "decoder_check_s" not in restart and sorted(restart["read_back"]) == ["decoder_check_s", "product_check_s"]
-    assert 0 < first["first_audio_s"] and 0 < restart["ready_s"]
+    assert 0 < first["first_audio_s"] and 0 < restart["ready_s"] and 0.2 < first["resident_gb"] < 20
 
 
 def test_cpu_diagnostic_scripts_smoke(cache_dir: Path, tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """Start-up of `bentoml serve`: the seconds to /readyz at a first start (the CPU's invariance checks measured)
-and at restarts (their verdicts read back from TTS_CACHE_DIR), what the log says they were spent on, and
-the first audio of a stream sent once ready. With --baseline (another checkout of this repository), its
-starts alternate with this tree's, each tree with its own fresh cache, and the ratios are printed."""
+and at restarts (their verdicts read back from TTS_CACHE_DIR), what the log says they were spent on, the
+memory resident once ready, and the first audio of a stream sent then. With --baseline (another checkout
+of this repository), its starts alternate with this tree's, each tree with its own fresh cache, and the
+ratios are printed."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 from local_server import REPO_ROOT, start_server, stop_server, wait_ready
 
 from benchmarks.common import environment, resolve_model, table
@@ -41,19 +43,33 @@ def first_audio_s(url: str) -> tuple[int, float]:
         return response.status_code, time.perf_counter() - started
 
 
+def resident_bytes(pid: int) -> int:
+    """Resident memory of `bentoml serve` and all its processes (workers, the decoder child)."""
+    root = psutil.Process(pid)
+    return sum(process.memory_info().rss for process in [root, *root.children(recursive=True)])
+
+
 def one_start(tree: Path, env: dict[str, str], log: Path, ready_timeout_s: float) -> dict[str, Any]:
     started = time.perf_counter()
     server = start_server(env, log, repo_root=tree)
     try:
         wait_ready(server, ready_timeout_s)
         ready = time.perf_counter() - started
+        resident = resident_bytes(server.process.pid)
         status, first_audio = first_audio_s(server.url)
     finally:
         stop_server(server)
     text = log.read_text(errors="replace")
     figures = {key: float(m.group(1)) for key, pattern in LOG_FIGURES.items() if (m := pattern.search(text))}
     read = [check for check, pattern in READ_BACK.items() if pattern.search(text)]
-    return {"ready_s": ready, "status": status, "first_audio_s": first_audio, "read_back": read, **figures}
+    return {
+        "ready_s": ready,
+        "resident_gb": resident / 1e9,
+        "status": status,
+        "first_audio_s": first_audio,
+        "read_back": read,
+        **figures,
+    }
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -92,6 +108,7 @@ def report(result: dict[str, Any]) -> str:
             r["tree"],
             r["start"],
             f"{r['ready_s']:.1f}",
+            f"{r['resident_gb']:.1f}",
             f"{r['load_s']:.1f}" if "load_s" in r else "?",
             cell(r, "product_check_s"),
             cell(r, "decoder_check_s"),
@@ -103,6 +120,7 @@ def report(result: dict[str, Any]) -> str:
         "tree",
         "start",
         "to /readyz s",
+        "resident GB then",
         "engine load s",
         "product check s",
         "decoder check s",
