@@ -192,54 +192,6 @@ def test_the_engine_serves_on_after_its_decoder_process_is_killed(tiny_dir: Path
     np.testing.assert_array_equal(after.audio, before.audio)
 
 
-def test_the_engines_child_is_spawned_before_its_model_loads(
-    tiny_dir: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """TTSEngine.load spawns the decoder's child before loading the model, so that it imports torch and
-    qwen-tts meanwhile (a 1.7B restart waited 9 s for it after loading), and the engine adopts that child;
-    a load that fails stops it."""
-    import weakref
-
-    import tts_service.decoder_process as module
-    from tts_service.engine import ModelLoadError, import_qwen_tts
-
-    monkeypatch.setattr(module, "_running", weakref.WeakSet())  # as in a new worker: no child yet
-    spawned: list[int] = []
-    real_spawn = module._spawn
-
-    def spawn() -> tuple:
-        child = real_spawn()
-        spawned.append(child[0].pid)
-        return child
-
-    monkeypatch.setattr(module, "_spawn", spawn)
-    model_class = import_qwen_tts().Qwen3TTSModel
-    real_load, children_at_load = model_class.from_pretrained, []
-
-    def from_pretrained(*args, **kwargs):
-        children_at_load.append(len(spawned))
-        if len(children_at_load) == 2:
-            raise OSError("the checkpoint's disk went away")
-        return real_load(*args, **kwargs)
-
-    monkeypatch.setattr(model_class, "from_pretrained", from_pretrained)
-    settings = Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu", max_batch_size=2)
-    engine = TTSEngine.load(settings)
-    worker = engine.scheduler.decoder.worker
-    assert children_at_load == [1] and spawned == [worker.pid] and module._spare is None
-    worker.wait_ready()
-    assert worker.decode([CODES[:4]]).shape == (1, 4 * 1920)
-
-    worker.close()
-
-    monkeypatch.setattr(module, "_running", weakref.WeakSet())
-    with pytest.raises(ModelLoadError, match="disk went away"):
-        TTSEngine.load(settings)
-    assert len(spawned) == 2 and module._spare is None and not _alive(spawned[1])
-    assert TTSEngine.load(settings.model_copy(update={"decoder_worker": "thread"})).scheduler.decoder.worker is None
-    assert len(spawned) == 2  # none spawned for a decoder in this process
-
-
 def test_engines_whose_decoders_have_the_same_weights_share_one_child(engine: TTSEngine, cache_dir: Path) -> None:
     """A service's models ship one speech tokenizer: its engines share one decoder process (one copy of
     torch, about 0.5 GB), and a decoder with other weights gets its own."""

@@ -99,11 +99,21 @@ class DecoderProcess:
         return None if self._process is None else self._process.pid
 
     def _start(self) -> None:
-        """The child `prestart` spawned, else a new one; then its weights."""
-        process, conn = _adopt_spare() or _spawn()
+        """A plain `python -m` child on one end of a socket pair: unlike multiprocessing's spawn, it does
+        not re-import the parent's main module, and a child that dies early cannot block the parent."""
+        ours, theirs = socket.socketpair()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        process = subprocess.Popen(
+            [sys.executable, "-c", _CHILD_MAIN, str(theirs.fileno()), str(os.getpid()), _log_level()],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        theirs.close()
+        conn = Connection(ours.detach())
         self._incarnation += 1
         self._process, self._conn, self._ready = process, conn, False
-        self._spawned = time.monotonic()  # (a spare was waiting for its weights, not hung)
+        self._spawned = time.monotonic()
         self._dropped.clear()  # the old child's states died with it
         weakref.finalize(self, _stop, process, conn)
         # The weights are pickled and sent from a thread: start-up goes on while the child imports torch.
@@ -223,52 +233,6 @@ class DecoderProcess:
 
 _running: weakref.WeakSet[DecoderProcess] = weakref.WeakSet()  # each alive while an engine holds it
 _running_lock = threading.Lock()
-_spare: tuple[subprocess.Popen, Connection] | None = None  # spawned by `prestart`, not yet given its weights
-_spare_lock = threading.Lock()
-
-
-def _spawn() -> tuple[subprocess.Popen, Connection]:
-    """A plain `python -c` child on one end of a socket pair: unlike multiprocessing's spawn, it does not
-    re-import the parent's main module, and a child that dies early cannot block the parent."""
-    ours, theirs = socket.socketpair()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    process = subprocess.Popen(
-        [sys.executable, "-c", _CHILD_MAIN, str(theirs.fileno()), str(os.getpid()), _log_level()],
-        pass_fds=[theirs.fileno()],
-        stdin=subprocess.DEVNULL,
-        env=env,
-    )
-    theirs.close()
-    return process, Connection(ours.detach())
-
-
-def prestart() -> None:
-    """Spawn the child before the model is loaded, so that it imports torch and qwen-tts while the parent
-    loads (a restart of a 1.7B CPU service waited 9 s for its child after loading); the next DecoderProcess
-    adopts it. Not when this process has a child already: engines share it (`decoder_process_for`)."""
-    global _spare
-    with _spare_lock:
-        if _spare is None and not len(_running):
-            _spare = _spawn()
-
-
-def discard_spare() -> None:
-    """Stop the spare child, if no DecoderProcess adopted it (the model did not load)."""
-    global _spare
-    with _spare_lock:
-        spare, _spare = _spare, None
-    if spare is not None:
-        _stop(*spare)
-
-
-def _adopt_spare() -> tuple[subprocess.Popen, Connection] | None:
-    global _spare
-    with _spare_lock:
-        spare, _spare = _spare, None
-    if spare is not None and spare[0].poll() is not None:  # it died waiting: a new one is spawned instead
-        _stop(*spare)
-        return None
-    return spare
 
 
 def decoder_process_for(decoder: torch.nn.Module) -> DecoderProcess:

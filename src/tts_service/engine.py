@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from tts_service import decoder_process
 from tts_service.codec import FRAME_RATE_HZ
 from tts_service.request_handle import Job, RequestHandle
 from tts_service.scheduler import StepScheduler
@@ -291,25 +290,20 @@ class TTSEngine:
         wanted = " or ".join(MODEL_KINDS[kind] for kind in kinds)
 
         started = time.perf_counter()
-        if settings.decoder_worker != "thread" and options["device_map"] == "cpu":
-            decoder_process.prestart()  # its child imports torch while the model loads
         try:
-            try:
-                model = Qwen3TTSModel.from_pretrained(source, **options)
-            except Exception as exc:
-                raise ModelLoadError(
-                    f"Could not load a Qwen3-TTS checkpoint from {source} ({type(exc).__name__}: {exc}). "
-                    f"Check that the folder is a complete {wanted} checkpoint, or use {setting}=tiny."
-                ) from exc
-            kind = str(model.model.tts_model_type)
-            if kind not in kinds:
-                raise ModelLoadError(
-                    f"{setting}={spec!r} is a {MODEL_KINDS.get(kind, kind)} checkpoint; {setting} takes a {wanted} one"
-                    + ("" if kind != "base" else " (a Base checkpoint goes in TTS_CLONE_MODEL)")
-                )
-            engine = cls(model, settings, spec)
-        finally:
-            decoder_process.discard_spare()  # (none left when the engine adopted it)
+            model = Qwen3TTSModel.from_pretrained(source, **options)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"Could not load a Qwen3-TTS checkpoint from {source} ({type(exc).__name__}: {exc}). "
+                f"Check that the folder is a complete {wanted} checkpoint, or use {setting}=tiny."
+            ) from exc
+        kind = str(model.model.tts_model_type)
+        if kind not in kinds:
+            raise ModelLoadError(
+                f"{setting}={spec!r} is a {MODEL_KINDS.get(kind, kind)} checkpoint; {setting} takes a {wanted} one"
+                + ("" if kind != "base" else " (a Base checkpoint goes in TTS_CLONE_MODEL)")
+            )
+        engine = cls(model, settings, spec)
         logger.info(
             "loaded %s from %s on %s as %s (%s attention) in %.1f s; %d speakers, %d languages",
             spec,
