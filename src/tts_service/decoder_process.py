@@ -116,11 +116,9 @@ class DecoderProcess:
         self._spawned = time.monotonic()
         self._dropped.clear()  # the old child's states died with it
         weakref.finalize(self, _stop, process, conn)
-        # The weights are pickled and sent from a thread: start-up goes on while the child imports torch.
-        sender = threading.Thread(
-            target=_send_weights, args=(conn, self._decoder, process), name="decoder-weights", daemon=True
-        )
-        sender.start()
+        # The weights go over the socket from a thread: start-up goes on while the child imports torch.
+        payload = pickle.dumps(self._decoder, protocol=pickle.HIGHEST_PROTOCOL)
+        threading.Thread(target=_send_quietly, args=(conn, payload), name="decoder-weights", daemon=True).start()
 
     def wait_ready(self, attempts: int = _START_ATTEMPTS) -> None:
         """Block until the child has loaded its decoder, at most `_READY_TIMEOUT_S` from its spawn; a child
@@ -270,18 +268,6 @@ def _stop(process: subprocess.Popen | None, conn: Connection | None) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-
-
-def _send_weights(conn: Connection, decoder: torch.nn.Module, process: subprocess.Popen) -> None:
-    """Pickled on this thread (7 s at the released decoder's sizes on a 2-core EPYC, which start-up spends on
-    the rest meanwhile). A decoder that cannot be pickled kills its child, so start-up fails at once."""
-    try:
-        payload = pickle.dumps(decoder, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        logger.exception("the speech decoder could not be pickled for its process")
-        process.kill()
-        return
-    _send_quietly(conn, payload)
 
 
 def _send_quietly(conn: Connection, payload: bytes) -> None:
