@@ -218,7 +218,7 @@ def test_the_decoder_check_decodes_its_lengths_at_once_with_the_decoder_processs
     from tts_service.streaming_decoder import StreamingDecoder
 
     monkeypatch.setattr(module, "_decoder_verdicts", {})
-    monkeypatch.setattr(module.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(module, "_usable_cores", lambda: 4)
     seen: dict[int, tuple] = {}
     real = module._decoder_keeps_bits
 

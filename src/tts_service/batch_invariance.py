@@ -203,7 +203,7 @@ def decoder_batch_min_frames(
     def measure() -> int | None:
         # Each length on a thread of its own, as many at once as there are cores: at the released sizes this
         # check is the longest part of a first CPU start (75 to 95 s on a 2-core EPYC, one length after another)
-        workers = min(len(sizes), len(os.sched_getaffinity(0)))
+        workers = min(len(sizes), _usable_cores())
         with _measuring(threads), ThreadPoolExecutor(workers, thread_name_prefix="decoder-check") as pool:
             holds = dict(zip(sizes, pool.map(keeps_bits, sizes), strict=True))
         lowest = None
@@ -224,6 +224,13 @@ def decoder_batch_min_frames(
     )
     _decoder_verdicts[key] = lowest
     return lowest
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS has one, as on Linux)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _parameter_shapes(module: torch.nn.Module) -> tuple:
