@@ -1,8 +1,9 @@
 """Start-up checks' verdicts kept on disk (in TTS_CACHE_DIR), so that a restart on the same machine does not
 measure them again.
 
-Why: the batch-invariance checks (batch_invariance.py) take about 45 s at the released models' sizes on a
-2-core CPU, 42 s of it the speech decoder's, about as long as loading the model. Their verdicts are a
+Why: the batch-invariance checks (batch_invariance.py) take 50 to 60 s at the released models' sizes on a
+2-core CPU, most of it the speech decoder's (with its window lengths checked at once), longer than loading
+the model. Their verdicts are a
 property of the processor and of torch's build (its BLAS and oneDNN), not of the weights' values, so a
 verdict is kept under a key of everything it depends on: the check's arguments, this machine's processor and
 torch's build (`machine_fingerprint`), and the code that measures (`CHECK_SOURCES`). Any change to one of
