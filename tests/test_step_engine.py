@@ -4,6 +4,7 @@ other slot, the step compiles as one graph, failures stay with their requests.""
 
 from __future__ import annotations
 
+import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -17,8 +18,10 @@ from scripts.census import census
 from tests.company import row_zero_after_steps
 from tests.oracle import ORACLE_REQUESTS, reference
 from tts_service import frame_step as fs
+from tts_service import kv_memory
 from tts_service.engine import SynthesisRequest, TTSEngine
 from tts_service.invariance_plan import InvariancePlan
+from tts_service.kv_memory import KV_MEMORY
 from tts_service.sampling import Draws, SamplerPlan, draws_from, gumbel_noise
 from tts_service.settings import Settings
 
@@ -433,26 +436,72 @@ def test_a_cpu_kv_that_could_outgrow_the_memory_is_warned_of(
 ) -> None:
     """The service starts whatever its KV's size (it takes memory as it is written), but the log says when
     every slot filled would not fit beside the model, under a container's limit too (cgroup v2)."""
-    from tts_service import scheduler as scheduler_module
-
     (tmp_path / "memory.max").write_text("1000000000\n")
     (tmp_path / "memory.current").write_text("400000000\n")
-    assert scheduler_module.available_memory(tmp_path) == 600_000_000
+    assert kv_memory.available_memory(tmp_path) == 600_000_000
     (tmp_path / "memory.max").write_text("max\n")
-    assert scheduler_module.available_memory(tmp_path) > 600_000_000  # the machine's, without a limit
+    assert kv_memory.available_memory(tmp_path) > 600_000_000  # the machine's, without a limit
 
+    monkeypatch.setattr(KV_MEMORY, "limit", KV_MEMORY.limit)  # restored for the other engines of this session
     settings = Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu", max_batch_size=4)
-    for available, warned in ((2**40, False), (2**20, True)):
-        monkeypatch.setattr(scheduler_module, "available_memory", lambda available=available: available)
+    margin = kv_memory.MARGIN_BYTES
+    for available, warned in ((2**40, False), (margin + 2**20, True)):
+        monkeypatch.setattr(kv_memory, "available_memory", lambda available=available: available)
         caplog.clear()
-        with caplog.at_level("WARNING", logger="tts_service.scheduler"):
+        with caplog.at_level("WARNING", logger="tts_service.kv_memory"):
             engine = TTSEngine.load(settings)
         kv = 4 * fs.kv_bytes_per_slot(engine.scheduler.weights, engine.scheduler.max_len)
         messages = [r.getMessage() for r in caplog.records if "KV cache:" in r.getMessage()]
         assert bool(messages) is warned and kv > 2**20
+        assert KV_MEMORY.limit == available - max(margin, kv_memory.MARGIN_SHARE * available)
         if warned:
             assert f"4 slots of {engine.scheduler.max_len} positions would take {kv / 1e9:.1f} GB" in messages[0]
-            assert "lower TTS_MAX_BATCH_SIZE or TTS_MAX_NEW_TOKENS" in messages[0]
+            assert "waits while that would not fit" in messages[0]
+
+
+def test_kv_memory_claims_wait_beside_others_but_never_alone() -> None:
+    memory = kv_memory.KVMemory(limit=100)
+    assert memory.claim(60) and not memory.claim(50) and memory.claim(40)
+    memory.give_back(60)
+    memory.give_back(40)
+    assert memory.claimed == 0 and memory.claim(150)  # larger than the limit: it runs alone
+    assert not memory.claim(1)
+    memory.resize(150, 90)  # a request's next segment needs less
+    assert memory.claim(10) and memory.claimed == 100
+
+
+def test_requests_wait_for_cpu_kv_memory_and_keep_their_codes(
+    engine: TTSEngine, tiny_dir: Path, cache_dir: Path, references, monkeypatch, caplog
+) -> None:
+    """On the CPU a request claims its prompt and frame budget of KV memory as it joins (TTS_KV_MEMORY_GB);
+    while that would not fit beside the requests running, it waits. Four requests that batch four at a
+    time without a limit run two at a time under a limit that holds two and a half, one at a time under a
+    limit that holds less than one (rather than none ever), with qwen-tts's codes, and give it all back."""
+    request = REQUESTS[0]
+    unlimited = run_all(engine, [request] * 4, "kv-free")
+    assert [end.max_batch for end in unlimited] == [4] * 4
+
+    monkeypatch.setattr(KV_MEMORY, "limit", KV_MEMORY.limit)  # restored for the other engines of this session
+    scheduler = engine.scheduler
+    prompt = scheduler.prompts.build(request.text, request.speaker, request.language)
+    budget = engine.frame_budget(request.text)
+    need = fs.kv_pages_bytes(scheduler.weights, prompt.shape[0] + budget + 1)
+    assert need < fs.kv_bytes_per_slot(scheduler.weights, scheduler.max_len)  # a budget, not the whole slot
+    for share, most in ((2.5, 2), (0.5, 1)):
+        settings = Settings(
+            model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu", kv_memory_gb=share * need / 1e9
+        )
+        limited = TTSEngine.load(settings)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="tts_service.scheduler"):
+            ends = run_all(limited, [request] * 4, f"kv-{most}")
+        assert [end.error for end in ends] == [None] * 4
+        assert max(end.max_batch for end in ends) == most
+        for end in ends:
+            np.testing.assert_array_equal(end.codes, references[request.text])
+        assert KV_MEMORY.claimed == 0
+        waits = [r.getMessage() for r in caplog.records if "waits for KV memory" in r.getMessage()]
+        assert waits and f"it needs {need / 1e6:.0f} MB" in waits[0]
 
 
 def test_fewer_kernels_are_taken_on_a_gpu_in_half_precision_only() -> None:
@@ -480,6 +529,25 @@ def test_the_cpus_kv_cache_becomes_resident_only_where_it_is_written(engine: TTS
     assert all(t.data_ptr() % 64 == 0 for t in state.keys + state.values)
     assert not any(bool(t.any()) for t in state.keys[1:] + state.values)
     assert bool((state.keys[0][2] == 1.5).all()) and not bool(state.keys[0][:2].any())
+    if sys.platform == "linux":  # a first write takes a 4 kB page, never a 2 MB huge one
+        assert "nh" in _vm_flags(state.keys[0].data_ptr())
+    fs.release(state, 2)  # its request left: the slot's pages go back, and read as zeros
+    released = process.memory_info().rss - before
+    assert released < written - 0.9 * slot.numel() * slot.element_size(), f"{released / 2**20:.0f} MB still held"
+    assert not bool(state.keys[0].any())
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The kernel's flags for the mapping that holds `address` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            low, high = (int(part, 16) for part in head.split("-"))
+            inside = low <= address < high
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
 
 
 # ---- the frame function ---------------------------------------------------------------------------

@@ -274,6 +274,7 @@ class TTSEngine:
             fewer_kernels=settings.fewer_kernels,
             decode_attention=settings.decode_attention,
             verdicts=VerdictStore(settings.cache_dir / VERDICTS_FILE),
+            kv_memory_bytes=None if settings.kv_memory_gb is None else int(settings.kv_memory_gb * 1e9),
         )
 
     @classmethod

@@ -19,9 +19,11 @@ CUDA graph per batch size and compiles with `torch.compile(fullgraph=True)`.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import mmap
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -803,13 +805,41 @@ def untouched_zeros(*shape: int, dtype: torch.dtype) -> torch.Tensor:
     count = math.prod(shape)
     if count == 0:
         return torch.zeros(shape, dtype=dtype)
-    memory = mmap.mmap(-1, count * dtype.itemsize)
+    # private: a page only read (an idle row's keys) maps the kernel's one zero page; shared anonymous memory
+    # would allocate it, and keep it after MADV_DONTNEED
+    memory = mmap.mmap(-1, count * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # a first write must not take a 2 MB huge page (THP "always")
+        memory.madvise(mmap.MADV_NOHUGEPAGE)
     return torch.frombuffer(memory, dtype=dtype, count=count).view(shape)
+
+
+def return_pages(tensor: torch.Tensor) -> None:
+    """Give the whole pages inside a contiguous CPU tensor back to the kernel (MADV_DONTNEED): they read as
+    zeros again and take no memory until written. A left request's KV slot, so that the memory it holds
+    follows its requests (`kv_memory`); what a slot holds is never read before its next prefill writes it."""
+    if _LIBC is None or tensor.device.type != "cpu":
+        return
+    page = mmap.PAGESIZE
+    start = tensor.data_ptr()
+    first, end = -(-start // page) * page, (start + tensor.numel() * tensor.element_size()) // page * page
+    if end > first and _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(end - first), mmap.MADV_DONTNEED):
+        logger.warning("madvise(MADV_DONTNEED) failed: %s", os.strerror(ctypes.get_errno()))
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if os.name == "posix" and hasattr(mmap, "MADV_DONTNEED") else None
 
 
 def kv_bytes_per_slot(w: Weights, max_len: int) -> int:
     t = w.talker
     return 2 * len(t.layers) * t.kv_heads * max_len * t.head_dim * w.codec_head.element_size()
+
+
+def kv_pages_bytes(w: Weights, positions: int) -> int:
+    """The memory a slot's first `positions` positions take on the CPU: each layer's keys and values keep a
+    head's positions together, in whole pages."""
+    t = w.talker
+    run = -(-positions * t.head_dim * w.codec_head.element_size() // mmap.PAGESIZE) * mmap.PAGESIZE
+    return 2 * len(t.layers) * t.kv_heads * run
 
 
 # ---- prefill: joining requests ------------------------------------------------------------------
@@ -980,7 +1010,9 @@ def release(s: SlotState, slot: int) -> None:
     """A request left (or moved): its slot stops advancing and goes back to position 0. A free slot inside
     the step's window (a graph's batch bucket rounds the window up) is still computed as an idle row, and
     the Triton decode attention reads a row's keys up to its position: at its old one an idle row would
-    read all the keys its last request wrote, every step. Its cache is not touched; the next prefill resets
-    the rest."""
+    read all the keys its last request wrote, every step. On the CPU its cache's pages go back to the kernel
+    (`return_pages`); the next prefill resets the rest."""
     s.active[slot] = False
     s.position[slot] = 0
+    for cache in (*s.keys, *s.values):
+        return_pages(cache[slot])

@@ -28,17 +28,16 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import psutil
 import torch
 
 from tts_service import frame_step as fs
 from tts_service import fused_kernels
 from tts_service.chunk_decoder import STREAM, WHOLE_FILE, ChunkDecoder, Ending, Window
 from tts_service.invariance_plan import InvariancePlan
+from tts_service.kv_memory import KV_MEMORY, KVMemory
 from tts_service.prompt import PromptBuilder
 from tts_service.request_handle import Job, RequestEnd, RequestHandle
 from tts_service.sampling import SamplerPlan, SamplingParams
@@ -102,6 +101,8 @@ class _Row:
     steps: int = 0
     shared_steps: int = 0
     max_batch: int = 0
+    kv_claimed: int = 0  # bytes of CPU KV memory claimed for its current segment (kv_memory.py)
+    waited_for_memory: bool = False
 
     def __post_init__(self) -> None:
         if self.plan is None:
@@ -116,36 +117,6 @@ class _Launch:
     frames: Any  # host tensor [n, 16] (pinned on CUDA)
     done: Any  # host tensor [n]
     event: Any  # CUDA event recorded after the copy, or None
-
-
-def available_memory(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
-    """Bytes this process may still take: the machine's available memory, or less under a container's
-    memory limit (cgroup v2), which psutil does not see."""
-    available = psutil.virtual_memory().available
-    try:
-        limit = (cgroup / "memory.max").read_text().strip()
-        if limit != "max":
-            available = min(available, int(limit) - int((cgroup / "memory.current").read_text()))
-    except (OSError, ValueError):
-        pass
-    return available
-
-
-def warn_if_kv_may_outgrow_memory(slots: int, max_len: int, kv_bytes: int) -> None:
-    """The CPU's KV takes memory as requests write it (`fs.untouched_zeros`), so a service starts whatever
-    its size; say so when every slot filled to its last position would not fit in the memory available now
-    (what the loaded model left), rather than let a burst of long requests meet the OOM killer unwarned."""
-    available = available_memory()
-    if kv_bytes > available:
-        logger.warning(
-            "KV cache: %d slots of %d positions would take %.1f GB if every slot were filled, more than the "
-            "%.1f GB of memory available now; it takes memory as requests write it (a request's prompt and "
-            "frames), so lower TTS_MAX_BATCH_SIZE or TTS_MAX_NEW_TOKENS if that many long requests may run at once",
-            slots,
-            max_len,
-            kv_bytes / 1e9,
-            available / 1e9,
-        )
 
 
 class StepScheduler:
@@ -171,6 +142,7 @@ class StepScheduler:
         fewer_kernels: bool | None = None,
         decode_attention: Literal["triton", "sdpa"] = "triton",
         verdicts: VerdictStore | None = None,
+        kv_memory_bytes: int | None = None,
     ) -> None:
         self.wrapper = wrapper
         self.model = wrapper.model
@@ -243,8 +215,12 @@ class StepScheduler:
             self._use_triton_kernels(decode_attention == "triton")
         self.weights.sampler = SamplerPlan.of(self.sampling_params(0))
         self.state = fs.allocate_state(self.weights, slots, max_len)
+        # On the CPU a request claims its KV's memory as it joins (kv_memory.py); a GPU's is allocated whole.
+        self.kv_memory: KVMemory | None = None
         if not self.on_cuda:
-            warn_if_kv_may_outgrow_memory(slots, max_len, slots * fs.kv_bytes_per_slot(self.weights, max_len))
+            self.kv_memory = KV_MEMORY
+            full = slots * fs.kv_bytes_per_slot(self.weights, max_len)
+            self.kv_memory.set_limit(kv_memory_bytes, full, slots, max_len)
         self.step_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
         self.step_fn = fs.frame_step
         self.prefill_fn: Callable[..., None] = fs.prefill
@@ -422,6 +398,9 @@ class StepScheduler:
             except Exception as exc:  # a failing step ends the requests in it, never the thread
                 logger.exception("engine step failed; ending %d requests", len(self._rows))
                 self._fail_all(f"{type(exc).__name__}: {exc}")
+            if self._pending and not self._rows and self._in_flight is None:
+                with self._wake:  # the queue waits for KV memory that another engine of the process holds
+                    self._wake.wait(0.05)
 
     def _turn(self) -> None:
         clock = time.perf_counter
@@ -451,38 +430,47 @@ class StepScheduler:
 
     # ---- admission -------------------------------------------------------------------------------
     def _admit(self) -> None:
-        """Prefill, as one batch, the rows starting a segment: continuing rows first, then new requests."""
+        """Prefill, as one batch, the rows starting a segment: continuing rows first, then new requests, in
+        their order, while a slot is free and (on the CPU) their KV fits the memory left (`_claim`)."""
         joining = [row for row in self._rows if row.segment_done and not row.finished and row.slot >= 0]
-        with self._wake:
-            while self._pending and self._free:
-                row = self._pending.popleft()
-                if row.handle.cancelled.is_set():
-                    self._end(row, cancelled=True)
-                    continue
-                row.slot = heapq.heappop(self._free)
-                self._rows.append(row)
-                joining.append(row)
-        if not joining:
-            return
-        prompts, params, ready = [], [], []
-        for row in joining:
+        built: dict[_Row, torch.Tensor] = {}
+        ready = []
+        for row in joining:  # they hold their slots: their claims change, they never wait
             try:
-                job = row.job
-                prompt = self.prompts.build(
-                    job.segments[row.segment], job.speaker, job.language, job.instruct, job.voice
-                )
-                room = self.max_len - job.budgets[row.segment] - 2
-                if prompt.shape[0] > room:  # checked here, so that it fails alone, not its prefill batch
-                    raise ValueError(
-                        f"the prompt has {prompt.shape[0]} tokens; a KV slot has room for {room} beside this "
-                        "segment's frames (raise TTS_MAX_PROMPT_TOKENS)"
-                    )
-                prompts.append(prompt)
-                params.append(self.sampling_params(job.seed, row.segment))
+                built[row] = self._prompt(row)
+                need = self._kv_need(row, built[row])
+                if self.kv_memory is not None:
+                    self.kv_memory.resize(row.kv_claimed, need)
+                row.kv_claimed = need
                 ready.append(row)
             except Exception as exc:  # this request's prompt cannot be built: it fails alone
                 logger.exception("request %s: could not build its prompt", row.handle.request_id)
                 self._end(row, error=f"{type(exc).__name__}: {exc}")
+        while self._free:
+            with self._wake:  # only this thread takes rows off the queue; `submit` appends under the lock
+                row = self._pending[0] if self._pending else None
+            if row is None:
+                break
+            if row.handle.cancelled.is_set():
+                self._take_pending(row)
+                self._end(row, cancelled=True)
+                continue
+            try:
+                prompt = self._prompt(row)
+            except Exception as exc:
+                self._take_pending(row)
+                logger.exception("request %s: could not build its prompt", row.handle.request_id)
+                self._end(row, error=f"{type(exc).__name__}: {exc}")
+                continue
+            if not self._claim(row, self._kv_need(row, prompt)):
+                break  # it waits, and every request behind it, until KV memory is given back
+            self._take_pending(row)
+            row.slot = heapq.heappop(self._free)
+            self._rows.append(row)
+            built[row] = prompt
+            ready.append(row)
+        prompts = [built[row] for row in ready]
+        params = [self.sampling_params(row.job.seed, row.segment) for row in ready]
         if not ready:
             return
         if self.quick_start:
@@ -516,6 +504,45 @@ class StepScheduler:
             row.slots_used.append(row.slot)
             row.prompt_len = int(prompt.shape[0])
             row.samples = param.do_sample or param.sub_do_sample
+
+    def _take_pending(self, row: _Row) -> None:
+        with self._wake:
+            self._pending.remove(row)
+
+    def _prompt(self, row: _Row) -> torch.Tensor:
+        """The prompt of the row's current segment; it fails alone (not its prefill batch) if it cannot fit."""
+        job = row.job
+        prompt = self.prompts.build(job.segments[row.segment], job.speaker, job.language, job.instruct, job.voice)
+        room = self.max_len - job.budgets[row.segment] - 2
+        if prompt.shape[0] > room:
+            raise ValueError(
+                f"the prompt has {prompt.shape[0]} tokens; a KV slot has room for {room} beside this "
+                "segment's frames (raise TTS_MAX_PROMPT_TOKENS)"
+            )
+        return prompt
+
+    def _kv_need(self, row: _Row, prompt: torch.Tensor) -> int:
+        """The KV memory the row's segment may write: its prompt and its frame budget (0 on a GPU)."""
+        if self.kv_memory is None:
+            return 0
+        return fs.kv_pages_bytes(self.weights, min(self.max_len, prompt.shape[0] + row.job.budgets[row.segment] + 1))
+
+    def _claim(self, row: _Row, need: int) -> bool:
+        if self.kv_memory is None:
+            return True
+        if not self.kv_memory.claim(need):
+            if not row.waited_for_memory:
+                row.waited_for_memory = True
+                logger.info(
+                    "request %s waits for KV memory: it needs %.0f MB, and %.0f of %.0f MB are claimed",
+                    row.handle.request_id,
+                    need / 1e6,
+                    self.kv_memory.claimed / 1e6,
+                    self.kv_memory.limit / 1e6,
+                )
+            return False
+        row.kv_claimed = need
+        return True
 
     def _quick_start_fits(self, row: _Row) -> bool:
         """`quick_start_fits` for `row` now: the other streams' audio in hand, the recent steps' pace."""
@@ -717,6 +744,9 @@ class StepScheduler:
             fs.release(self.state, row.slot)
             heapq.heappush(self._free, row.slot)
             row.slot = -1
+        if self.kv_memory is not None:
+            self.kv_memory.give_back(row.kv_claimed)
+        row.kv_claimed = 0
         row.finished = row.retired = True
         self._handles.pop(row.handle.request_id, None)
         return RequestEnd(

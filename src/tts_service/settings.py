@@ -94,6 +94,13 @@ class Settings(BaseSettings):
         32, ge=1, le=256, description="Requests sharing each decode step (KV slots); more wait to join."
     )
     max_prompt_tokens: int = Field(1536, ge=64, description="KV room per slot for the prompt, beyond max_new_tokens.")
+    kv_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="On the CPU, the most memory the KV cache may take (all engines of a worker together): a "
+        "request claims its prompt and frame budget as it joins and waits while that would not fit. Unset: the "
+        "memory available once the models are loaded (a container's cgroup limit included), less 10% or 1 GB.",
+    )
     segment_chars: int = Field(
         400, ge=20, description="Longer texts are spoken as segments of at most this many characters."
     )
