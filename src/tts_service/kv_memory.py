@@ -58,7 +58,7 @@ class KVMemory:
             return True
 
     def resize(self, old: int, new: int) -> None:
-        """A request that holds its slot starts its next text segment: its claim changes without waiting."""
+        """A request that holds its slot claims more (its next text segment) without waiting."""
         with self._lock:
             self.claimed += new - old
 

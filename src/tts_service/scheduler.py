@@ -435,13 +435,10 @@ class StepScheduler:
         joining = [row for row in self._rows if row.segment_done and not row.finished and row.slot >= 0]
         built: dict[_Row, torch.Tensor] = {}
         ready = []
-        for row in joining:  # they hold their slots: their claims change, they never wait
+        for row in joining:  # they hold their slots: their claims grow if need be, they never wait
             try:
                 built[row] = self._prompt(row)
-                need = self._kv_need(row, built[row])
-                if self.kv_memory is not None:
-                    self.kv_memory.resize(row.kv_claimed, need)
-                row.kv_claimed = need
+                self._cover(row, self._kv_need(row, built[row]))
                 ready.append(row)
             except Exception as exc:  # this request's prompt cannot be built: it fails alone
                 logger.exception("request %s: could not build its prompt", row.handle.request_id)
@@ -478,6 +475,10 @@ class StepScheduler:
                 if row.segment == 0 and row.plan.streamed and self._quick_start_fits(row):
                     row.plan = row.plan.quick()
         groups = [[i] for i in range(len(ready))] if self.invariance.prefill_alone else [list(range(len(ready)))]
+        for group in groups:  # a batched prefill writes every row's keys up to the longest prompt's length
+            longest = max(int(prompts[i].shape[0]) for i in group)
+            for i in group:
+                self._cover(ready[i], self._kv_bytes(longest))
         prefilled = []
         for group in groups:
             try:
@@ -522,10 +523,19 @@ class StepScheduler:
         return prompt
 
     def _kv_need(self, row: _Row, prompt: torch.Tensor) -> int:
-        """The KV memory the row's segment may write: its prompt and its frame budget (0 on a GPU)."""
-        if self.kv_memory is None:
-            return 0
-        return fs.kv_pages_bytes(self.weights, min(self.max_len, prompt.shape[0] + row.job.budgets[row.segment] + 1))
+        """The KV memory the row's segment may write: its prompt and its frame budget."""
+        return self._kv_bytes(int(prompt.shape[0]) + row.job.budgets[row.segment] + 1)
+
+    def _kv_bytes(self, positions: int) -> int:
+        """What a slot's first `positions` positions hold on the CPU (0 on a GPU: its KV is allocated whole)."""
+        return 0 if self.kv_memory is None else fs.kv_pages_bytes(self.weights, min(self.max_len, positions))
+
+    def _cover(self, row: _Row, need: int) -> None:
+        """A row that holds its slot claims `need` without waiting, if that is more than it has claimed (what
+        its slot held stays there until it leaves): its next segment, a batched prefill's padding."""
+        if self.kv_memory is not None and need > row.kv_claimed:
+            self.kv_memory.resize(row.kv_claimed, need)
+            row.kv_claimed = need
 
     def _claim(self, row: _Row, need: int) -> bool:
         if self.kv_memory is None:
