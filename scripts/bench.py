@@ -10,6 +10,7 @@ Real-time factor (RTF) here is audio seconds per wall second: higher is better.
     python scripts/bench.py burst --model tiny --compile-step         # the same with the compiled frame step
     python scripts/bench.py service --url http://127.0.0.1:8000       # an already running service
     python scripts/bench.py startup --arch 1.7b --baseline /tmp/base  # seconds to /readyz, two checkouts
+    python scripts/bench.py kvmemory --arch 1.7b --baseline /tmp/base # CPU KV memory through a burst
 
 Each benchmark is a module of scripts/benchmarks/ whose `measure(args)` returns the figures and whose
 `report(result)` formats them as the markdown tables docs/PERFORMANCE.md records.
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tts_service.dev.tiny_checkpoint import ARCHS  # noqa: E402
 
-BENCHMARKS = ("engine", "service", "stream", "step", "burst", "startup")
+BENCHMARKS = ("engine", "service", "stream", "step", "burst", "startup", "kvmemory")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -86,6 +87,11 @@ def parser() -> argparse.ArgumentParser:
     startup.add_argument("--max-batch-size", type=int, default=32, help="TTS_MAX_BATCH_SIZE (KV slots)")
     startup.add_argument("--max-new-tokens", type=int, help="TTS_MAX_NEW_TOKENS (the KV's length); unset: default")
     startup.add_argument("--ready-timeout", type=float, default=900)
+    kvmemory = sub.choices["kvmemory"]
+    kvmemory.add_argument("--baseline", type=Path, help="another checkout of this repository, run first")
+    kvmemory.add_argument("--long-frames", type=int, default=300, help="the long request's frames (TTS_MAX_NEW_TOKENS)")
+    kvmemory.add_argument("--short-requests", type=int, default=3, help="short requests beside it")
+    kvmemory.add_argument("--kv-memory-gb", type=float, help="also run this tree with this TTS_KV_MEMORY_GB")
     service = sub.choices["service"]
     service.add_argument("--url", help="drive this running service instead of starting two")
     service.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])

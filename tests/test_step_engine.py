@@ -523,6 +523,7 @@ def test_the_cpus_kv_cache_becomes_resident_only_where_it_is_written(engine: TTS
     allocated = process.memory_info().rss - before
     assert allocated < 16 * 2**20, f"{allocated / 2**20:.0f} MB resident for an untouched cache"
     slot = state.keys[0][2]
+    mapped = _mapping(slot.data_ptr())[0] if sys.platform == "linux" else 0  # (one VMA may hold other KV too)
     slot.fill_(1.5)
     written = process.memory_info().rss - before
     assert written >= 0.9 * slot.numel() * slot.element_size(), "the written slot is resident"
@@ -533,9 +534,9 @@ def test_the_cpus_kv_cache_becomes_resident_only_where_it_is_written(engine: TTS
         return
     resident, flags = _mapping(slot.data_ptr())
     assert "nh" in flags  # a first write takes a 4 kB page, never a 2 MB huge one
-    assert resident == slot.numel() * slot.element_size()  # the written slot, nothing read
+    assert resident - mapped == slot.numel() * slot.element_size()  # the written slot, nothing read
     fs.release(state, 2)  # its request left: the slot's pages go back, and read as zeros
-    assert _mapping(slot.data_ptr())[0] == 0
+    assert _mapping(slot.data_ptr())[0] == mapped
     assert not bool(state.keys[0].any())
 
 
