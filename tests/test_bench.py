@@ -101,6 +101,19 @@ def test_startup_benchmark_smoke(tmp_path: Path) -> None:
     assert 0 < first["first_audio_s"] and 0 < restart["ready_s"] and 0.2 < first["resident_gb"] < 20
 
 
+def test_kv_memory_benchmark_smoke(tmp_path: Path) -> None:
+    """A burst on the tiny model, free and under a TTS_KV_MEMORY_GB smaller than any one request's claim: the
+    limited run steps one request at a time (never none), with the same frames and no errors."""
+    out = tmp_path / "kv.json"
+    args = ["kvmemory", "--cache-dir", str(tmp_path), "--long-frames", "12", "--short-requests", "2"]
+    stdout = run_bench(args + ["--kv-memory-gb", "0.00001"], out)
+    assert "| run | resident MB loaded | peak in the burst | held after it |" in stdout
+    free, limited = json.loads(out.read_text())["runs"]
+    assert (free["most_batch"], limited["most_batch"]) == (3, 1)
+    assert free["errors"] == limited["errors"] == [] and free["frames"] == limited["frames"]
+    assert limited["kv_claimed_at_most"] > 0
+
+
 def test_cpu_diagnostic_scripts_smoke(cache_dir: Path, tmp_path: Path) -> None:
     """The diagnostic scripts, briefly (their figures are in PERFORMANCE): gil_contention.py,
     burst_inprocess.py, join_soak.py, kernel_census.py, kernel_instructions.py, and bench_engine.py and

@@ -66,7 +66,7 @@ def report(result: dict[str, Any]) -> str:
             f"{r['loaded_mb']:.0f}",
             f"+{r['peak_mb'] - r['loaded_mb']:.0f}",
             f"+{r['after_mb'] - r['loaded_mb']:.0f}",
-            r["kv_at_peak_mb"],
+            "-" if r["kv_claimed_at_most"] is None else f"{r['kv_claimed_at_most'] / 2**20:.1f}",
             r["most_batch"],
             f"{r['burst_s']:.1f}",
             ", ".join(r["errors"]) or "none",
@@ -137,7 +137,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "loaded_mb": loaded / 2**20,
         "peak_mb": peak["rss"] / 2**20,
         "after_mb": after / 2**20,
-        "kv_at_peak_mb": f"{peak['kv'] / 2**20:.1f}" if claims is not None else "-",
+        "kv_claimed_at_most": peak["kv"] if claims is not None else None,  # bytes
         "most_batch": max(handle.end.max_batch for handle in handles),
         "frames": [handle.end.frames for handle in handles],
         "burst_s": burst,
