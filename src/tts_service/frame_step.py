@@ -803,7 +803,7 @@ def untouched_zeros(*shape: int, dtype: torch.dtype) -> torch.Tensor:
     (11.5 GB) took 21 s of every start on a 2-core EPYC, and kept that much memory resident before any
     request had used it; a slot's pages now become resident as its positions are written."""
     count = math.prod(shape)
-    if count == 0:
+    if count == 0 or os.name != "posix":  # (Windows' mmap takes no flags)
         return torch.zeros(shape, dtype=dtype)
     # private: a page only read (an idle row's keys) maps the kernel's one zero page; shared anonymous memory
     # would allocate it, and keep it after MADV_DONTNEED

@@ -101,8 +101,9 @@ class _Row:
     steps: int = 0
     shared_steps: int = 0
     max_batch: int = 0
-    kv_claimed: int = 0  # bytes of CPU KV memory claimed for its current segment (kv_memory.py)
+    kv_claimed: int = 0  # bytes of CPU KV memory claimed while it holds its slot (kv_memory.py)
     waited_for_memory: bool = False
+    prompt: torch.Tensor | None = None  # built while it waited for KV memory, kept for its next try
 
     def __post_init__(self) -> None:
         if self.plan is None:
@@ -453,14 +454,16 @@ class StepScheduler:
                 self._end(row, cancelled=True)
                 continue
             try:
-                prompt = self._prompt(row)
+                prompt = self._prompt(row) if row.prompt is None else row.prompt
             except Exception as exc:
                 self._take_pending(row)
                 logger.exception("request %s: could not build its prompt", row.handle.request_id)
                 self._end(row, error=f"{type(exc).__name__}: {exc}")
                 continue
             if not self._claim(row, self._kv_need(row, prompt)):
+                row.prompt = prompt
                 break  # it waits, and every request behind it, until KV memory is given back
+            row.prompt = None
             self._take_pending(row)
             row.slot = heapq.heappop(self._free)
             self._rows.append(row)
