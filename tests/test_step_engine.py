@@ -504,6 +504,32 @@ def test_requests_wait_for_cpu_kv_memory_and_keep_their_codes(
         assert waits and f"it needs {need / 1e6:.0f} MB" in waits[0]
 
 
+def test_a_batched_prefill_claims_the_kv_its_padding_writes(tiny_dir: Path, cache_dir: Path, monkeypatch) -> None:
+    """Without batch invariance the CPU prefills joining prompts as one batch, which writes every row's keys
+    up to the longest prompt: a short request beside a long prompt claims that much, not only its own."""
+    monkeypatch.setattr(KV_MEMORY, "limit", KV_MEMORY.limit)  # restored for the other engines of this session
+    settings = Settings(model=str(tiny_dir), cache_dir=cache_dir, greedy=True, device="cpu", batch_invariant=False)
+    engine = TTSEngine.load(settings)
+    scheduler = engine.scheduler
+    assert not scheduler.invariance.prefill_alone
+    long = SynthesisRequest(text="The gallery's east wing opens at nine, and its west at ten. " * 4, speaker="ryan")
+    short = SynthesisRequest(text="Hi.", speaker="ryan")
+    seen: list[tuple[int, list[tuple[int, int]]]] = []  # claimed, then each row's prompt and frame budget
+    scheduler.on_step = lambda batch: seen.append(
+        (KV_MEMORY.claimed, [(row.prompt_len, row.job.budgets[0]) for row in scheduler._rows])
+    )
+    with scheduler._wake:  # both wait before the loop looks: they join in one admission, one prefill
+        handles = [engine.submit(r, f"padded-{i}", stream=False) for i, r in enumerate((long, short))]
+    for handle in handles:
+        list(handle)
+    assert all(handle.end.error is None for handle in handles) and handles[1].end.max_batch == 2
+    claimed, [(long_prompt, long_budget), (short_prompt, short_budget)] = seen[0]
+    pages = lambda n: fs.kv_pages_bytes(scheduler.weights, n)  # noqa: E731
+    assert pages(short_prompt + short_budget + 1) < pages(long_prompt)  # the padding reaches past its own need
+    assert claimed == pages(long_prompt + long_budget + 1) + pages(long_prompt)
+    assert KV_MEMORY.claimed == 0
+
+
 def test_fewer_kernels_are_taken_on_a_gpu_in_half_precision_only() -> None:
     assert fs.fewer_kernels_for(torch.device("cuda", 0), torch.bfloat16)
     assert fs.fewer_kernels_for(torch.device("cuda"), torch.float16)
