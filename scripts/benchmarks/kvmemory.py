@@ -64,8 +64,8 @@ def report(result: dict[str, Any]) -> str:
         [
             r["run"],
             f"{r['loaded_mb']:.0f}",
-            f"+{r['peak_mb'] - r['loaded_mb']:.0f}",
-            f"+{r['after_mb'] - r['loaded_mb']:.0f}",
+            f"{r['peak_mb'] - r['loaded_mb']:+.0f}",
+            f"{r['after_mb'] - r['loaded_mb']:+.0f}",
             "-" if r["kv_claimed_at_most"] is None else f"{r['kv_claimed_at_most'] / 2**20:.1f}",
             r["most_batch"],
             f"{r['burst_s']:.1f}",
