@@ -103,7 +103,7 @@ class _Row:
     max_batch: int = 0
     kv_claimed: int = 0  # bytes of CPU KV memory claimed while it holds its slot (kv_memory.py)
     waited_for_memory: bool = False
-    prompt: torch.Tensor | None = None  # built while it waited for KV memory, kept for its next try
+    prompt: torch.Tensor | None = None  # its next segment's, from when it is built until its prefill
 
     def __post_init__(self) -> None:
         if self.plan is None:
@@ -434,12 +434,11 @@ class StepScheduler:
         """Prefill, as one batch, the rows starting a segment: continuing rows first, then new requests, in
         their order, while a slot is free and (on the CPU) their KV fits the memory left (`_claim`)."""
         joining = [row for row in self._rows if row.segment_done and not row.finished and row.slot >= 0]
-        built: dict[_Row, torch.Tensor] = {}
         ready = []
         for row in joining:  # they hold their slots: their claims grow if need be, they never wait
             try:
-                built[row] = self._prompt(row)
-                self._cover(row, self._kv_need(row, built[row]))
+                row.prompt = self._prompt(row)
+                self._cover(row, self._kv_need(row, row.prompt))
                 ready.append(row)
             except Exception as exc:  # this request's prompt cannot be built: it fails alone
                 logger.exception("request %s: could not build its prompt", row.handle.request_id)
@@ -454,22 +453,22 @@ class StepScheduler:
                 self._end(row, cancelled=True)
                 continue
             try:
-                prompt = self._prompt(row) if row.prompt is None else row.prompt
+                if row.prompt is None:  # (kept from an earlier try if it waited for KV memory)
+                    row.prompt = self._prompt(row)
             except Exception as exc:
                 self._take_pending(row)
                 logger.exception("request %s: could not build its prompt", row.handle.request_id)
                 self._end(row, error=f"{type(exc).__name__}: {exc}")
                 continue
-            if not self._claim(row, self._kv_need(row, prompt)):
-                row.prompt = prompt
+            if not self._claim(row, self._kv_need(row, row.prompt)):
                 break  # it waits, and every request behind it, until KV memory is given back
-            row.prompt = None
             self._take_pending(row)
             row.slot = heapq.heappop(self._free)
             self._rows.append(row)
-            built[row] = prompt
             ready.append(row)
-        prompts = [built[row] for row in ready]
+        prompts = [row.prompt for row in ready]
+        for row in ready:
+            row.prompt = None
         params = [self.sampling_params(row.job.seed, row.segment) for row in ready]
         if not ready:
             return
