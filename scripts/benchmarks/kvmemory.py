@@ -117,9 +117,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     def sample() -> None:
         while not stop.wait(0.1):
             peak["rss"] = max(peak["rss"], process.memory_info().rss)
-            if claims is not None:
-                peak["kv"] = max(peak["kv"], claims.claimed)
 
+    if claims is not None:  # read at every step, where a sampler could miss a short request's claim
+        engine.scheduler.on_step = lambda batch: peak.update(kv=max(peak["kv"], claims.claimed))
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     long = SynthesisRequest(text=LONG_TEXTS[0], speaker="ryan", language="english")
