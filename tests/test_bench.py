@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.conftest import REPO_ROOT, LiveServer
@@ -114,38 +115,45 @@ def test_kv_memory_benchmark_smoke(tmp_path: Path) -> None:
     assert limited["kv_claimed_at_most"] > 0
 
 
-def test_cpu_diagnostic_scripts_smoke(cache_dir: Path, tmp_path: Path) -> None:
+def test_cpu_diagnostic_scripts_smoke(tiny_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
     """The diagnostic scripts, briefly (their figures are in PERFORMANCE): gil_contention.py,
     burst_inprocess.py, join_soak.py, kernel_census.py, kernel_instructions.py, and bench_engine.py and
-    check_seed_replay.py (GPU checks, here on the CPU)."""
+    check_seed_replay.py (GPU checks, here on the CPU). Two run at a time, longest first: each keeps about
+    one core busy, and their figures are not asserted (the tiny checkpoint is built before, once)."""
     runs = {
-        "gil_contention.py": (
-            ["--batch", "2", "--steps", "3", "--repeat", "1"],
-            "| beside the decoder in its process |",
-        ),
-        "burst_inprocess.py": (["--repeat", "1", "--decoder", "none"], "Ratio one by one / together"),
-        "join_soak.py": (["--joins", "12", "--concurrency", "4", "--every", "4"], "Growth from 4 to 12 joins: rss_mb"),
+        # torch's kernels' SASS against ours (about 20 s and 0.7 GB of temporary disk)
+        "kernel_instructions.py": ([], "THE SAME ARITHMETIC"),
         "bench_engine.py": (
             ["--arch", "tiny", "--device", "cpu", "--frames", "8", "--no-plain", "--streams", "1", "2"]
             + ["--stagger-ms", "5", "--slots", "2", "--sampling", "--first-frames", "1", "quick", "--kernel-forms"]
             + ["--json", str(tmp_path / "engine.json")],
             "| graphs, quick start | 2 |",  # quick start needs batch invariance off: TTS_BATCH_INVARIANT below
         ),
+        "gil_contention.py": (
+            ["--batch", "2", "--steps", "3", "--repeat", "1"],
+            "| beside the decoder in its process |",
+        ),
         "kernel_census.py": (["--arch", "tiny"], "| fewer + Triton |"),
-        # torch's kernels' SASS against ours (about 20 s and 0.7 GB of temporary disk)
-        "kernel_instructions.py": ([], "THE SAME ARITHMETIC"),
         # the GPU kit's seed check; on the CPU a seed must replay the same bytes in any company
         "check_seed_replay.py": (["--model", "tiny", "--device", "cpu", "--frames", "24"], "ALL THE SAME BYTES"),
+        "join_soak.py": (["--joins", "12", "--concurrency", "4", "--every", "4"], "Growth from 4 to 12 joins: rss_mb"),
+        "burst_inprocess.py": (["--repeat", "1", "--decoder", "none"], "Ratio one by one / together"),
     }
-    for script, (args, expected) in runs.items():
-        result = subprocess.run(
-            [sys.executable, str(REPO_ROOT / "scripts" / script), *args, "--cache-dir", str(cache_dir)],
+
+    def run(script: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(REPO_ROOT / "scripts" / script), *runs[script][0], "--cache-dir", str(cache_dir)],
             capture_output=True,
             text=True,
             timeout=300,
             env=os.environ | {"TTS_BATCH_INVARIANT": "false"} if script == "bench_engine.py" else None,
         )
-        assert result.returncode == 0, result.stdout + result.stderr
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = dict(zip(runs, pool.map(run, runs), strict=True))
+    for script, (_, expected) in runs.items():
+        result = results[script]
+        assert result.returncode == 0, script + "\n" + result.stdout + result.stderr
         assert expected in result.stdout, result.stdout
         if script == "bench_engine.py":  # the two forms' codes agree in float32; the parts' bits are printed
             assert "| fewer kernels |" in result.stdout and result.stdout.count("| None |") == 1, result.stdout
