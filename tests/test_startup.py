@@ -94,3 +94,54 @@ def test_every_serving_process_freezes_its_start_up_objects(server: LiveServer) 
     # Each line names its process, and the decoder process's names the synthesizer worker it serves.
     assert pids["decoder process"][1] == pids["synthesizer"][0]
     assert len({pids[s][0] for s in pids}) == 3
+
+
+def test_a_model_that_does_not_fit_says_which_settings_make_it_fit(
+    tiny_dir: Path, cache_dir: Path, monkeypatch
+) -> None:
+    """Out of memory while loading, the error names the KV cache's size (its slot count and positions) and
+    the other models loaded, instead of torch's bare out-of-memory message; other failures pass unchanged."""
+    import torch
+
+    from tts_service import frame_step as fs
+    from tts_service import scheduler
+    from tts_service.engine import ModelLoadError, TTSEngine, import_qwen_tts
+    from tts_service.settings import Settings
+
+    slots, positions = 3, 64 + 1536
+    settings = Settings(model=str(tiny_dir), cache_dir=cache_dir, device="cpu", max_batch_size=slots, max_new_tokens=64)
+    real_allocate = scheduler.fs.allocate_state
+
+    def allocate(weights, *args):
+        measured.append(fs.kv_bytes_per_slot(weights, positions))  # the scheduler's own count of a slot
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 13.00 GiB.\nmore lines")
+
+    measured: list[int] = []
+    monkeypatch.setattr(scheduler.fs, "allocate_state", allocate)
+    with pytest.raises(ModelLoadError) as raised:
+        TTSEngine.load(settings)
+    message = str(raised.value)
+    assert message.startswith("TTS_MODEL ran out of memory while allocating its KV cache")
+    assert f"its KV cache takes 3 slots of {measured[0] / 1e6:,.0f} MB" in message
+    assert f"TTS_MAX_BATCH_SIZE (KV slots, now {slots})" in message
+    assert f"TTS_MAX_NEW_TOKENS + TTS_MAX_PROMPT_TOKENS (positions per slot, now {positions})" in message
+    assert "load fewer models" not in message
+    assert message.endswith("(OutOfMemoryError: CUDA out of memory. Tried to allocate 13.00 GiB.)")
+
+    monkeypatch.setattr(scheduler.fs, "allocate_state", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="^boom$"):  # not an out-of-memory error: as it was
+        TTSEngine.load(settings)
+    monkeypatch.setattr(scheduler.fs, "allocate_state", real_allocate)
+
+    def load_weights(*args, **kwargs):  # a CUDA library's error, raised from inside another
+        try:
+            raise RuntimeError("Triton Error [CUDA]: out of memory")
+        except RuntimeError as exc:
+            raise ValueError("while loading") from exc
+
+    monkeypatch.setattr(import_qwen_tts().Qwen3TTSModel, "from_pretrained", load_weights)
+    with pytest.raises(ModelLoadError) as raised:
+        TTSEngine.load(settings.model_copy(update={"clone_model": str(tiny_dir)}), "TTS_MODEL")
+    message = str(raised.value)
+    assert message.startswith("TTS_MODEL ran out of memory while loading its weights: lower TTS_MAX_BATCH_SIZE")
+    assert "or load fewer models (TTS_CLONE_MODEL also set)" in message and "its KV cache" not in message

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from tts_service import frame_step as fs
 from tts_service.codec import FRAME_RATE_HZ
 from tts_service.request_handle import Job, RequestHandle
 from tts_service.scheduler import StepScheduler
@@ -72,6 +73,46 @@ MODEL_KINDS = {"custom_voice": "CustomVoice", "voice_design": "VoiceDesign", "ba
 
 class ModelLoadError(RuntimeError):
     """The configured model cannot be loaded; the message says what to do."""
+
+
+def _out_of_memory(exc: BaseException | None) -> bool:
+    """torch's out-of-memory error, or a CUDA library's (Triton's, a graph's) in a RuntimeError, or one
+    whose cause is either."""
+    import torch
+
+    for _ in range(8):  # (the chain of causes, not a cycle)
+        if exc is None:
+            return False
+        if isinstance(exc, torch.OutOfMemoryError) or (
+            isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+        ):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def out_of_memory_error(
+    settings: Settings, setting: str, doing: str, kv_bytes: int | None, exc: BaseException
+) -> ModelLoadError:
+    """What to change when a model does not fit: a KV slot's size and count, and the other models loaded."""
+    import torch
+
+    where = "memory"
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        where = f"GPU memory ({free / 1e9:.1f} of {total / 1e9:.1f} GB free now)"
+    slots, positions = settings.max_batch_size, settings.max_new_tokens + settings.max_prompt_tokens
+    cache = ""
+    if kv_bytes is not None:
+        cache = f"its KV cache takes {slots} slots of {kv_bytes / 1e6:,.0f} MB ({slots * kv_bytes / 1e9:.1f} GB); "
+    others = [name for name, spec in settings.model_specs().items() if spec and name != setting]
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return ModelLoadError(
+        f"{setting} ran out of {where} while {doing}: {cache}lower TTS_MAX_BATCH_SIZE (KV slots, now {slots}) or "
+        f"TTS_MAX_NEW_TOKENS + TTS_MAX_PROMPT_TOKENS (positions per slot, now {positions})"
+        + (f", or load fewer models ({' and '.join(others)} also set)" if others else "")
+        + f". ({type(exc).__name__}: {first})"
+    )
 
 
 class UnknownVoiceError(ValueError):
@@ -294,6 +335,8 @@ class TTSEngine:
         try:
             model = Qwen3TTSModel.from_pretrained(source, **options)
         except Exception as exc:
+            if _out_of_memory(exc):
+                raise out_of_memory_error(settings, setting, "loading its weights", None, exc) from exc
             raise ModelLoadError(
                 f"Could not load a Qwen3-TTS checkpoint from {source} ({type(exc).__name__}: {exc}). "
                 f"Check that the folder is a complete {wanted} checkpoint, or use {setting}=tiny."
@@ -304,7 +347,14 @@ class TTSEngine:
                 f"{setting}={spec!r} is a {MODEL_KINDS.get(kind, kind)} checkpoint; {setting} takes a {wanted} one"
                 + ("" if kind != "base" else " (a Base checkpoint goes in TTS_CLONE_MODEL)")
             )
-        engine = cls(model, settings, spec)
+        kv_bytes = fs.talker_kv_bytes(model, settings.max_new_tokens + settings.max_prompt_tokens)
+        try:
+            engine = cls(model, settings, spec)
+        except Exception as exc:
+            if not _out_of_memory(exc):
+                raise
+            doing = "allocating its KV cache and capturing its CUDA graphs"
+            raise out_of_memory_error(settings, setting, doing, kv_bytes, exc) from exc
         logger.info(
             "loaded %s from %s on %s as %s (%s attention) in %.1f s; %d speakers, %d languages",
             spec,

@@ -26,6 +26,7 @@ import mmap
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -832,6 +833,14 @@ _LIBC = ctypes.CDLL(None, use_errno=True) if os.name == "posix" and hasattr(mmap
 def kv_bytes_per_slot(w: Weights, max_len: int) -> int:
     t = w.talker
     return 2 * len(t.layers) * t.kv_heads * max_len * t.head_dim * w.codec_head.element_size()
+
+
+def talker_kv_bytes(model: Any, positions: int) -> int:
+    """`kv_bytes_per_slot` from a loaded Qwen3TTSModel's talker config, before its weights are built."""
+    config = model.model.config.talker_config
+    head_dim = int(getattr(config, "head_dim", config.hidden_size // config.num_attention_heads))
+    size = model.model.talker.codec_head.weight.element_size()
+    return 2 * int(config.num_hidden_layers) * int(config.num_key_value_heads) * positions * head_dim * size
 
 
 def kv_pages_bytes(w: Weights, positions: int) -> int:
