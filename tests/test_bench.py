@@ -43,6 +43,21 @@ def test_service_benchmark_smoke(server: LiveServer, cache_dir: Path, tmp_path: 
     assert all(r["failures"] == 0 and len(r["latencies"]) == 4 for r in data["batched"])
 
 
+def test_mixed_load_script_smoke(server: LiveServer, tmp_path: Path) -> None:
+    """scripts/mixed_load.py, for a few seconds against the suite's server: every kind of request answered,
+    no failure, each process's memory read, the server ready after it and a seeded stream replaying."""
+    out = tmp_path / "mixed.json"
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "mixed_load.py"), "--url", server.url]
+    command += ["--pid", str(server.process.pid), "--rounds", "1", "--seconds", "6", "--clients", "4"]
+    result = subprocess.run(command + ["--json", str(out)], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0 and "NO FAILURES" in result.stdout, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    [only] = report["rounds"]
+    assert only["failures"] == [] and only["requests"] >= 6
+    assert {"qwen3_tts", "qwen3_tts_synthesizer", "decoder process"} <= set(only["resident_mb"])
+    assert report["ready_at_end"] and report["seeded_stream_replays"]
+
+
 def test_stream_benchmark_smoke(cache_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "stream.json"
     args = ["stream", "--concurrency", "1", "2", "--frames", "10", "--repeat", "1", "--cache-dir", str(cache_dir)]
