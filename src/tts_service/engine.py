@@ -99,8 +99,11 @@ def out_of_memory_error(
 
     where = "memory"
     if torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info()
-        where = f"GPU memory ({free / 1e9:.1f} of {total / 1e9:.1f} GB free now)"
+        try:
+            free, total = torch.cuda.mem_get_info()
+            where = f"GPU memory ({free / 1e9:.1f} of {total / 1e9:.1f} GB free now)"
+        except Exception:  # (a CUDA context an error left unusable: the message goes out all the same)
+            where = "GPU memory"
     slots, positions = settings.max_batch_size, settings.max_new_tokens + settings.max_prompt_tokens
     cache = ""
     if kv_bytes is not None:
@@ -353,7 +356,8 @@ class TTSEngine:
         except Exception as exc:
             if not _out_of_memory(exc):
                 raise
-            doing = "allocating its KV cache and capturing its CUDA graphs"
+            on_gpu = model.model.talker.codec_head.weight.device.type == "cuda"
+            doing = "allocating its KV cache" + (" and capturing its CUDA graphs" if on_gpu else "")
             raise out_of_memory_error(settings, setting, doing, kv_bytes, exc) from exc
         logger.info(
             "loaded %s from %s on %s as %s (%s attention) in %.1f s; %d speakers, %d languages",
