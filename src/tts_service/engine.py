@@ -350,12 +350,12 @@ class TTSEngine:
                 f"{setting}={spec!r} is a {MODEL_KINDS.get(kind, kind)} checkpoint; {setting} takes a {wanted} one"
                 + ("" if kind != "base" else " (a Base checkpoint goes in TTS_CLONE_MODEL)")
             )
-        kv_bytes = fs.talker_kv_bytes(model, settings.max_new_tokens + settings.max_prompt_tokens)
         try:
             engine = cls(model, settings, spec)
         except Exception as exc:
             if not _out_of_memory(exc):
                 raise
+            kv_bytes = fs.talker_kv_bytes(model, settings.max_new_tokens + settings.max_prompt_tokens)
             on_gpu = model.model.talker.codec_head.weight.device.type == "cuda"
             doing = "allocating its KV cache" + (" and capturing its CUDA graphs" if on_gpu else "")
             raise out_of_memory_error(settings, setting, doing, kv_bytes, exc) from exc

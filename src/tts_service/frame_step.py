@@ -830,9 +830,13 @@ def return_pages(tensor: torch.Tensor) -> None:
 _LIBC = ctypes.CDLL(None, use_errno=True) if os.name == "posix" and hasattr(mmap, "MADV_DONTNEED") else None
 
 
+def _kv_bytes(layers: int, kv_heads: int, head_dim: int, element_size: int, positions: int) -> int:
+    return 2 * layers * kv_heads * positions * head_dim * element_size
+
+
 def kv_bytes_per_slot(w: Weights, max_len: int) -> int:
     t = w.talker
-    return 2 * len(t.layers) * t.kv_heads * max_len * t.head_dim * w.codec_head.element_size()
+    return _kv_bytes(len(t.layers), t.kv_heads, t.head_dim, w.codec_head.element_size(), max_len)
 
 
 def talker_kv_bytes(model: Any, positions: int) -> int:
@@ -840,7 +844,7 @@ def talker_kv_bytes(model: Any, positions: int) -> int:
     config = model.model.config.talker_config
     head_dim = int(getattr(config, "head_dim", config.hidden_size // config.num_attention_heads))
     size = model.model.talker.codec_head.weight.element_size()
-    return 2 * int(config.num_hidden_layers) * int(config.num_key_value_heads) * positions * head_dim * size
+    return _kv_bytes(int(config.num_hidden_layers), int(config.num_key_value_heads), head_dim, size, positions)
 
 
 def kv_pages_bytes(w: Weights, positions: int) -> int:
