@@ -67,6 +67,10 @@ class Synthesizer:
     def __is_ready__(self) -> bool:
         return self.host.ready
 
+    @bentoml.on_shutdown
+    def close(self) -> None:
+        self.host.close()
+
     @bentoml.api
     async def synthesize_file(self, job: SynthesisJob) -> SynthesisOutcome:
         return await self.host.synthesize_file(job)

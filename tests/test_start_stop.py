@@ -8,6 +8,7 @@ slowed here with the test fault injector, as a large checkpoint would be.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -80,7 +81,25 @@ def test_readyz_answers_503_fast_while_loading_then_200_and_sigint_stops_everyth
     assert {status for status, _ in answers} <= {200, 503}, answers
     tree = psutil.Process(server.process.pid).children(recursive=True)
     assert any("tts_service.decoder_process" in " ".join(p.cmdline()) for p in tree), "no decoder process"
+    streaming, received = threading.Event(), []
+
+    def listen() -> None:  # a long stream, in progress when the signal comes
+        body = {"text": "A long line that keeps the engine busy for a while. " * 6, "speaker": "Ryan"}
+        try:
+            with httpx.stream("POST", f"{server.url}/v1/tts/stream", json=body, timeout=60) as response:
+                for chunk in response.iter_bytes():
+                    received.append(len(chunk))
+                    streaming.set()
+        except httpx.HTTPError:
+            pass
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    assert streaming.wait(60), server.log()[-3000:]
     assert stop_and_check(server, signal.SIGINT) < 10  # the decoder process (a grandchild) included
+    log = server.log()
+    # the synthesizer's engine was closed before its process exited, and nothing aborted
+    assert "Completed cleanup hook: close" in log and "terminate called" not in log, log[-3000:]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

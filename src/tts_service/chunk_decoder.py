@@ -51,6 +51,7 @@ STATEFUL_BATCH_MIN_FRAMES = 4
 # A stream's window with this much time in hand may wait for a batch (a batch of 8 small chunks takes
 # tens of milliseconds on a CPU).
 BATCH_SLACK_S = 0.1
+_LAST = 2  # `close`'s mark: after every unit of either class
 
 
 def stateful_batch_limit(frames: int, min_frames: int = STATEFUL_BATCH_MIN_FRAMES) -> int:
@@ -155,11 +156,25 @@ class ChunkDecoder:
                 self._last_key[item.handle] = key
         return key
 
+    def close(self, timeout_s: float = 10.0) -> bool:
+        """Decode what is queued, then stop the thread (joined: see `StepScheduler.close`). A worker process,
+        shared by the process's engines, is left running; it ends with this process. False if the thread
+        outlived `timeout_s`."""
+        thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return True
+        self._queue.put((_LAST, float("inf"), next(self._order), None))  # after every queued unit
+        thread.join(timeout_s)
+        return not thread.is_alive()
+
     def _run(self) -> None:
         if self.device.type == "cpu":
             torch.set_num_threads(1)  # OpenMP teams in a second thread are slow; one core each runs best
         while True:
-            self._process(self._with_companions(self._queue.get()))
+            entry = self._queue.get()
+            if entry[-1] is None:  # `close`
+                return
+            self._process(self._with_companions(entry))
 
     def _with_companions(self, entry: tuple[int, float, int, list[Window | Ending]]) -> list[Window | Ending]:
         """A stateful window's unit plus the queued stateful windows of the same length it can be decoded
@@ -185,8 +200,8 @@ class ChunkDecoder:
         now = time.perf_counter()
         due_by = float("inf") if first.deadline > now + BATCH_SLACK_S else max(first.deadline, now)
         for other in queued:
-            unit = other[-1]
-            window = unit[0]
+            unit = other[-1] or []  # None: `close`'s mark, which goes back
+            window = unit[0] if unit else None
             if (
                 len(taken) < limit
                 and len(unit) == 1

@@ -505,6 +505,11 @@ class TTSEngine:
     def cancel(self, request_id: str) -> bool:
         return self.scheduler.cancel(request_id)
 
+    def close(self, timeout_s: float = 10.0) -> bool:
+        """Stop the engine's threads before the process exits (`StepScheduler.close`): its requests end
+        with an error, later ones are refused. False if a thread outlived `timeout_s`."""
+        return self.scheduler.close(timeout_s)
+
     def synthesize(self, request: SynthesisRequest, request_id: str | None = None) -> SynthesisResult:
         """A whole request, blocking: the same stream as every route, drained (tests, benchmarks)."""
         handle = self.submit(request, request_id or f"sync-{time.monotonic_ns()}", stream=False)

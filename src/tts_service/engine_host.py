@@ -42,13 +42,14 @@ class EngineHost:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._engine: TTSEngine | None = None
+        self._engines: dict[str, TTSEngine] = {}  # each as soon as it has loaded, for `close`
         self._catalog: VoiceCatalog | None = None
         self._store_error = ""
         self._loaded = threading.Event()
         threading.Thread(target=self._load, name="model-load", daemon=True).start()
 
     def _load(self) -> None:
-        engines: dict[str, TTSEngine] = {}
+        engines = self._engines
         try:
             for setting, spec in self.settings.model_specs().items():
                 if spec:
@@ -71,6 +72,13 @@ class EngineHost:
         self._engine = engines["TTS_MODEL"]
         freeze_loaded_objects("synthesizer")
         self._loaded.set()
+
+    def close(self) -> None:
+        """On shutdown: stop the loaded engines' threads (`TTSEngine.close`), so that the interpreter's exit
+        does not abort on a thread inside a torch call. A load in progress is not waited for."""
+        for setting, engine in list(self._engines.items()):
+            if not engine.close():
+                logger.warning("%s's engine threads did not stop within 10 s", setting)
 
     @property
     def ready(self) -> bool:

@@ -18,12 +18,14 @@ invariance_plan.py.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import heapq
 import logging
 import secrets
 import statistics
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -47,6 +49,7 @@ from tts_service.verdict_store import VerdictStore
 logger = logging.getLogger(__name__)
 
 SEED_SPACE = 1 << 63  # seeds are non-negative int64
+ENGINE_CLOSED = "the engine was shut down"
 _SEGMENT_SEED_STRIDE = 0x9E3779B97F4A7C15  # each later segment of a long text draws from its own sequence
 
 
@@ -74,6 +77,17 @@ def rows_at(state: fs.SlotState, keys: int | Sequence[int]) -> Iterator[None]:
         yield
     finally:
         state.position.copy_(positions)
+
+
+_OPEN: weakref.WeakSet[StepScheduler] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_schedulers() -> None:
+    """Close every scheduler before the interpreter finalizes (atexit runs while daemon threads still run):
+    a script or test process that ends with an engine mid-step would otherwise abort (`StepScheduler.close`)."""
+    for scheduler in list(_OPEN):
+        scheduler.close(timeout_s=5.0)
 
 
 @dataclass(eq=False)  # rows are compared and hashed by identity
@@ -250,6 +264,8 @@ class StepScheduler:
         self._handles: dict[str, RequestHandle] = {}
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._closed = False  # set by `close`: the loop ends, and requests are refused
+        _OPEN.add(self)
         self._in_flight: _Launch | None = None
         self._host_buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._buffer_turn = 0
@@ -344,6 +360,9 @@ class StepScheduler:
     def submit(self, job: Job, request_id: str, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
         handle = RequestHandle(request_id, loop)
         with self._wake:
+            if self._closed:
+                handle.deliver_end(RequestEnd(0, False, 0, 0, 0, error=ENGINE_CLOSED))
+                return handle
             self._handles[request_id] = handle
             self._pending.append(_Row(job=job, handle=handle, lead_in=self._lead_in(job)))
             if self._thread is None or not self._thread.is_alive():
@@ -351,6 +370,23 @@ class StepScheduler:
                 self._thread.start()
             self._wake.notify()
         return handle
+
+    def close(self, timeout_s: float = 10.0) -> bool:
+        """Stop the loop and the decoder thread; requests queued or running end with `ENGINE_CLOSED`, and
+        later ones are refused with it. Their threads are joined, not left to die with the process: at exit
+        Python ends a daemon thread that is inside a torch call with pthread_exit, and that aborts the whole
+        process ("terminate called without an active exception"). False if a thread outlived `timeout_s`."""
+        started = time.monotonic()
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout_s)
+        if thread is None or not thread.is_alive():
+            self._end_all(ENGINE_CLOSED)  # a loop that never started leaves nothing; one that ended, nothing
+        decoder_done = self.decoder.close(max(0.0, timeout_s - (time.monotonic() - started)))
+        return decoder_done and (thread is None or not thread.is_alive())
 
     def cancel(self, request_id: str) -> bool:
         """Cancel a request by its id (e.g. its client hung up); False if it is not running."""
@@ -391,8 +427,10 @@ class StepScheduler:
             torch.set_num_threads(CPU_LOOP_THREADS)
         while True:
             with self._wake:
-                while not self._pending and not self._rows and self._in_flight is None:
+                while not self._closed and not self._pending and not self._rows and self._in_flight is None:
                     self._wake.wait()
+                if self._closed:
+                    break
             try:
                 with torch.inference_mode():
                     self._turn()
@@ -402,6 +440,7 @@ class StepScheduler:
             if self._pending and not self._rows and self._in_flight is None:
                 with self._wake:  # the queue waits for KV memory that another engine of the process holds
                     self._wake.wait(0.05)
+        self._end_all(ENGINE_CLOSED)
 
     def _turn(self) -> None:
         clock = time.perf_counter
@@ -818,6 +857,14 @@ class StepScheduler:
                 self._pending.remove(row)
         for row in waiting:
             self._end(row, cancelled=True)
+
+    def _end_all(self, error: str) -> None:
+        """On close: end every running and queued request."""
+        self._fail_all(error)
+        with self._wake:
+            waiting, self._pending = list(self._pending), deque()
+        for row in waiting:
+            self._end(row, error=error)
 
     def _fail_all(self, error: str) -> None:
         """After a failed step: end every request that was in it and start clean with the rest."""
