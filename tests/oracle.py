@@ -10,10 +10,27 @@ import torch
 from tts_service.engine import SynthesisRequest, TTSEngine
 
 
+_KNOWN: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
 def reference(engine: TTSEngine, request: SynthesisRequest, budget: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(codes [frames, 16], float32 audio) of qwen-tts generating this request alone, greedy, with at
-    most `budget` frames (the engine's text budget by default)."""
+    most `budget` frames (the engine's text budget by default). Kept per checkpoint, device and dtype (no
+    test changes a loaded model's weights), so engines loaded from one checkpoint share it: on the CPU the
+    real layer counts' take seconds each. A cloned voice's is not kept."""
     budget = engine.frame_budget(request.text) if budget is None else budget
+    weight = engine.model.model.talker.codec_head.weight
+    key = (engine.model_id, engine.kind, str(weight.device), weight.dtype, request, budget)
+    if request.voice is None and key in _KNOWN:
+        codes, audio = _KNOWN[key]
+        return codes.copy(), audio.copy()
+    codes, audio = _generate(engine, request, budget)
+    if request.voice is None:
+        _KNOWN[key] = codes.copy(), audio.copy()
+    return codes, audio
+
+
+def _generate(engine: TTSEngine, request: SynthesisRequest, budget: int) -> tuple[np.ndarray, np.ndarray]:
     tokenizer = engine.model.model.speech_tokenizer
     original = tokenizer.decode
     recorded: list[torch.Tensor] = []
