@@ -9,7 +9,6 @@ import torch
 
 from tts_service.engine import SynthesisRequest, TTSEngine
 
-
 _KNOWN: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
 
