@@ -365,7 +365,7 @@ def test_the_gpus_sampling_kernel_draws_the_fewer_forms_tokens(quiet_engine) -> 
         _restore(s, saved)
         forms = fs.with_fewer_kernels(w, True, triton=triton)
         with torch.inference_mode():
-            frames[triton] = torch.stack([fs.frame_step(forms, s, 3, 64, True)[0] for _ in range(3)])
+            frames[triton] = torch.stack([fs.frame_step(forms, s, 3, 64, True)[0] for _ in range(2)])
     assert torch.equal(frames[True], frames[False])
     assert not torch.equal(frames[False][:, 0], frames[False][:, 1])  # rows sampled differently
 
