@@ -14,7 +14,6 @@ from tts_service.app import build_app, field_choices
 from tts_service.audio import CONTENT_TYPES
 from tts_service.audio_responses import AUDIO_HEADERS, ERROR_HEADERS
 from tts_service.bentoml_fixes import AnswerInJson, keep_dependency_sessions, quiet_readiness_probe
-from tts_service.engine_host import EngineHost
 from tts_service.errors import ServiceError, error_response
 from tts_service.gateway import Gateway
 from tts_service.openai_api import SpeechRequest
@@ -62,6 +61,8 @@ class Synthesizer:
     a request joins the running batch at the next step and leaves when its audio is done."""
 
     def __init__(self) -> None:
+        from tts_service.engine_host import EngineHost  # torch and the model: this worker's only, not the front's
+
         self.host = EngineHost(settings)  # loads in the background
 
     def __is_ready__(self) -> bool:

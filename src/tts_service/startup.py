@@ -18,7 +18,7 @@ from typing import NoReturn
 
 import psutil
 
-from tts_service.engine import ModelLoadError, check_model_source
+from tts_service.model_source import ModelLoadError, check_model_source
 
 logger = logging.getLogger(__name__)
 STOP_SIGNAL = signal.SIGTERM
@@ -71,9 +71,9 @@ def configure_logging(level: str, process: str = "pid %(process)d") -> None:
 def freeze_loaded_objects(what: str) -> None:
     """Move every object alive after start-up (modules, torch, the model) out of the garbage collector's
     reach. Otherwise a full collection walks them all with the GIL held: about 270,000 objects and 100 to
-    150 ms in the front service (it stalled about the 11th request after a start by that long), 550,000
-    and 300 ms in the synthesizer (every stream of the engine loop at once). Collected first, so no
-    garbage is frozen."""
+    150 ms in the front service while it imported torch (it stalled about the 11th request after a start
+    by that long; 136,000 since), 550,000 and 300 ms in the synthesizer (every stream of the engine loop
+    at once). Collected first, so no garbage is frozen."""
     started = time.perf_counter()
     gc.collect()
     gc.freeze()
