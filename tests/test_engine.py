@@ -15,9 +15,9 @@ from tts_service.engine import (
     SynthesisRequest,
     TTSEngine,
     UnknownVoiceError,
-    check_model_source,
     frame_budget,
 )
+from tts_service.model_source import check_model_source
 from tts_service.settings import Settings
 
 

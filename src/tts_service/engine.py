@@ -12,14 +12,13 @@ import time
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tts_service import frame_step as fs
 from tts_service.codec import FRAME_RATE_HZ
-from tts_service.model_source import MODEL_SETTINGS, ModelLoadError, check_model_source, hub_error
+from tts_service.model_source import MODEL_SETTINGS, ModelLoadError, resolve_model_source
 from tts_service.request_handle import Job, RequestHandle
 from tts_service.scheduler import StepScheduler
 from tts_service.schemas import ModelInfo, SpeakerInfo
@@ -183,26 +182,6 @@ def frame_budget(text: str, ceiling: int) -> int:
 def estimated_frames(text: str) -> int:
     """`frame_budget` without a ceiling: whether a text fits one generation."""
     return frame_budget(text, 1 << 30)
-
-
-# The kinds of checkpoint each model setting accepts (the first is what `tiny` builds).
-def resolve_model_source(spec: str, cache_dir: Path, setting: str = "TTS_MODEL") -> str:
-    """Turn a model setting into a local checkpoint folder, building or downloading it if needed."""
-    spec = spec.strip()
-    if spec.lower() == "tiny":
-        from tts_service.dev.tiny_checkpoint import ensure_tiny_checkpoint  # a dev and test model only
-
-        return str(ensure_tiny_checkpoint(cache_dir, kind=MODEL_SETTINGS[setting][0]))
-    check_model_source(spec, reach_hub=False, setting=setting)  # snapshot_download below reports hub trouble
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return str(path)
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(spec)
-    except Exception as exc:  # network, auth, unknown repo: all mean the same to the operator
-        raise hub_error(spec, exc, setting) from exc
 
 
 def _torch_options(settings: Settings) -> dict[str, Any]:

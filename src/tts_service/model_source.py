@@ -1,5 +1,5 @@
-"""Which checkpoints the model settings may name, checked before any worker starts: no torch here, so the
-front service, which imports this through `startup.preflight`, never loads it."""
+"""Which checkpoints the model settings may name, checked before any worker starts, and where each one's
+folder is. No torch here: the front service imports this through `startup.preflight`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ class ModelLoadError(RuntimeError):
     """The configured model cannot be loaded; the message says what to do."""
 
 
+# The kinds of checkpoint each model setting accepts (the first is what `tiny` builds).
 MODEL_SETTINGS = {
     "TTS_MODEL": ("custom_voice", "voice_design"),
     "TTS_CLONE_MODEL": ("base",),
@@ -50,4 +51,23 @@ def check_model_source(spec: str, *, reach_hub: bool = True, setting: str = "TTS
     try:
         HfApi().model_info(spec, timeout=10)
     except Exception as exc:
+        raise hub_error(spec, exc, setting) from exc
+
+
+def resolve_model_source(spec: str, cache_dir: Path, setting: str = "TTS_MODEL") -> str:
+    """Turn a model setting into a local checkpoint folder, building or downloading it if needed."""
+    spec = spec.strip()
+    if spec.lower() == "tiny":
+        from tts_service.dev.tiny_checkpoint import ensure_tiny_checkpoint  # a dev and test model only
+
+        return str(ensure_tiny_checkpoint(cache_dir, kind=MODEL_SETTINGS[setting][0]))
+    check_model_source(spec, reach_hub=False, setting=setting)  # snapshot_download below reports hub trouble
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return str(path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(spec)
+    except Exception as exc:  # network, auth, unknown repo: all mean the same to the operator
         raise hub_error(spec, exc, setting) from exc
